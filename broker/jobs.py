@@ -1,0 +1,322 @@
+"""Job records in Redis: the single source of truth for what a job is and how far it got.
+
+A job is a spec (what to run) plus one small state record per frame. Progress, the job's own
+state and ETA are derived from the frame records, never from Celery results, so a redelivered,
+retried or cancelled chunk can never make the counts disagree with the files. Every state
+change is one Lua script, atomic on the server.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis
+
+PREFIX = "mlfarm"
+JOBS_INDEX = f"{PREFIX}:jobs"
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+FRAME_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def frames_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:frames"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class JobSpec:
+    """What to run. Stored as JSON; carries no pixel data."""
+
+    model: str
+    input: str
+    output: str
+    frames: list[int]
+    options: dict[str, Any] = field(default_factory=dict)
+    chunk: int = 4
+    priority: int = 50
+    queue: str = "gpu"
+    model_version: str = ""
+    name: str = ""
+    id: str = field(default_factory=new_job_id)
+    user: str = field(default_factory=getpass.getuser)
+    host: str = field(default_factory=socket.gethostname)
+    created: float = field(default_factory=time.time)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class FrameState:
+    frame: int
+    state: str
+    reason: str = ""
+    attempts: int = 0
+    worker: str = ""
+    started: float | None = None
+    ended: float | None = None
+
+
+@dataclass
+class JobStatus:
+    spec: JobSpec
+    state: str
+    counts: dict[str, int]
+    frames: list[FrameState]
+    started: float | None
+    ended: float | None
+
+    @property
+    def total(self) -> int:
+        return len(self.frames)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (DONE, FAILED, CANCELLED)
+
+    @property
+    def failed_frames(self) -> list[FrameState]:
+        return [f for f in self.frames if f.state == FAILED]
+
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        done = self.counts[DONE] + self.counts[FAILED]
+        if not self.started or done == 0 or self.finished:
+            return None
+        elapsed = (now or time.time()) - self.started
+        remaining = self.total - done - self.counts[CANCELLED]
+        return elapsed / done * remaining
+
+    def summary(self) -> str:
+        c = self.counts
+        line = f"job {self.spec.id} {self.state}: {c[DONE]}/{self.total} done, {c[FAILED]} failed"
+        if c[CANCELLED]:
+            line += f", {c[CANCELLED]} cancelled"
+        if c[QUEUED] or c[RUNNING]:
+            line += f", {c[RUNNING]} running, {c[QUEUED]} queued"
+        return line
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.spec.id,
+            "state": self.state,
+            "model": self.spec.model,
+            "total": self.total,
+            "counts": self.counts,
+            "started": self.started,
+            "ended": self.ended,
+            "eta_seconds": self.eta_seconds(),
+            "output": self.spec.output,
+            "failed": [{"frame": f.frame, "reason": f.reason, "attempts": f.attempts} for f in self.failed_frames],
+            "spec": asdict(self.spec),
+        }
+
+
+class JobNotFound(KeyError):
+    def __str__(self) -> str:
+        return f"no job {self.args[0]!r} (unknown id, or its record expired)"
+
+
+# --- Lua: every transition is atomic on the server ------------------------------------------
+# KEYS[1] job hash, KEYS[2] frames hash. Frame records are JSON objects.
+
+_START = """
+local cancelled = redis.call('HGET', KEYS[1], 'cancelled') == '1'
+local out = {}
+for i = 4, #ARGV do
+  local f = ARGV[i]
+  local raw = redis.call('HGET', KEYS[2], f)
+  if not raw then
+    out[#out + 1] = 'unknown'
+  else
+    local rec = cjson.decode(raw)
+    if rec.s == 'done' then
+      out[#out + 1] = 'skip'
+    elseif cancelled or rec.s == 'cancelled' then
+      rec.s = 'cancelled'
+      redis.call('HSET', KEYS[2], f, cjson.encode(rec))
+      out[#out + 1] = 'cancelled'
+    else
+      rec.s = 'running'
+      rec.a = (rec.a or 0) + 1
+      rec.w = ARGV[1]
+      rec.t0 = tonumber(ARGV[2])
+      rec.r = ''
+      redis.call('HSET', KEYS[2], f, cjson.encode(rec))
+      out[#out + 1] = 'run'
+    end
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return out
+"""
+
+_FINISH = """
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw then return 0 end
+local rec = cjson.decode(raw)
+if rec.s == 'done' and ARGV[2] ~= 'done' then return 0 end
+rec.s = ARGV[2]
+rec.r = ARGV[3]
+rec.w = ARGV[4]
+rec.t1 = tonumber(ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(rec))
+redis.call('HSET', KEYS[1], 'updated', ARGV[5])
+return 1
+"""
+
+_CANCEL = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[1], 'cancelled', '1')
+local n = 0
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  if rec.s == 'queued' then
+    rec.s = 'cancelled'
+    redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
+    n = n + 1
+  end
+end
+return n
+"""
+
+_REQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local wanted = {}
+for i = 2, #ARGV do wanted[ARGV[i]] = true end
+redis.call('HDEL', KEYS[1], 'cancelled')
+local out = {}
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  if wanted[rec.s] then
+    rec.s = 'queued'
+    rec.r = ''
+    redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
+    out[#out + 1] = all[i]
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return out
+"""
+
+
+class JobStore:
+    """Reads and changes job records. Safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, ttl: int = 30 * 86400):
+        self.r = client
+        self.ttl = ttl
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+        self._cancel = client.register_script(_CANCEL)
+        self._requeue = client.register_script(_REQUEUE)
+
+    # --- creating and reading ------------------------------------------------------------
+    def create(self, spec: JobSpec) -> None:
+        initial = json.dumps({"s": QUEUED, "a": 0})
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(job_key(spec.id), mapping={"spec": spec.to_json(), "updated": time.time()})
+        pipe.hset(frames_key(spec.id), mapping={str(f): initial for f in spec.frames})
+        pipe.expire(job_key(spec.id), self.ttl)
+        pipe.expire(frames_key(spec.id), self.ttl)
+        pipe.zadd(JOBS_INDEX, {spec.id: spec.created})
+        pipe.execute()
+
+    def spec(self, job_id: str) -> JobSpec:
+        raw = self.r.hget(job_key(job_id), "spec")
+        if raw is None:
+            raise JobNotFound(job_id)
+        return JobSpec.from_json(raw)
+
+    def status(self, job_id: str) -> JobStatus:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hgetall(job_key(job_id))
+        pipe.hgetall(frames_key(job_id))
+        job, raw_frames = pipe.execute()
+        if not job or "spec" not in job:
+            raise JobNotFound(job_id)
+        spec = JobSpec.from_json(job["spec"])
+        frames = []
+        for f in spec.frames:
+            rec = json.loads(raw_frames.get(str(f), '{"s": "queued"}'))
+            frames.append(FrameState(frame=f, state=rec.get("s", QUEUED), reason=rec.get("r", ""),
+                                     attempts=rec.get("a", 0), worker=rec.get("w", ""),
+                                     started=rec.get("t0"), ended=rec.get("t1")))
+        counts = {s: 0 for s in FRAME_STATES}
+        for fs in frames:
+            counts[fs.state] = counts.get(fs.state, 0) + 1
+        starts = [f.started for f in frames if f.started]
+        ends = [f.ended for f in frames if f.ended]
+        cancelled = job.get("cancelled") == "1"
+        if counts[QUEUED] or counts[RUNNING]:
+            state = "cancelling" if cancelled else (RUNNING if starts else QUEUED)
+        elif counts[FAILED]:
+            state = FAILED
+        elif counts[CANCELLED]:
+            state = CANCELLED
+        else:
+            state = DONE
+        finished = state in (DONE, FAILED, CANCELLED)
+        return JobStatus(spec=spec, state=state, counts=counts, frames=frames,
+                         started=min(starts) if starts else None,
+                         ended=max(ends) if ends and finished else None)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return self.r.hget(job_key(job_id), "cancelled") == "1"
+
+    def list_jobs(self, limit: int = 20) -> list[str]:
+        ids = self.r.zrevrange(JOBS_INDEX, 0, limit * 2)
+        alive = [i for i in ids if self.r.exists(job_key(i))]
+        stale = set(ids[: limit * 2]) - set(alive)
+        if stale:
+            self.r.zrem(JOBS_INDEX, *stale)
+        return alive[:limit]
+
+    # --- transitions -------------------------------------------------------------------
+    def start_frames(self, job_id: str, frames: list[int], worker: str) -> dict[int, str]:
+        """Claim frames for a worker. Returns per frame: run, skip (already done), cancelled, unknown."""
+        result = self._start(keys=[job_key(job_id), frames_key(job_id)],
+                             args=[worker, time.time(), self.ttl, *[str(f) for f in frames]])
+        return dict(zip(frames, result))
+
+    def finish_frame(self, job_id: str, frame: int, state: str, reason: str = "", worker: str = "") -> None:
+        if state not in (DONE, FAILED, CANCELLED):
+            raise ValueError(f"a frame cannot finish as {state!r}")
+        self._finish(keys=[job_key(job_id), frames_key(job_id)],
+                     args=[str(frame), state, reason, worker, time.time()])
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel what has not started; running frames stop at the next frame boundary."""
+        n = self._cancel(keys=[job_key(job_id), frames_key(job_id)])
+        if n < 0:
+            raise JobNotFound(job_id)
+        return n
+
+    def requeue(self, job_id: str, states: tuple[str, ...]) -> list[int]:
+        """Put frames in ``states`` back to queued; the caller enqueues their chunks."""
+        out = self._requeue(keys=[job_key(job_id), frames_key(job_id)], args=[self.ttl, *states])
+        if out == -1:
+            raise JobNotFound(job_id)
+        order = {f: i for i, f in enumerate(self.spec(job_id).frames)}
+        return sorted((int(f) for f in out), key=lambda f: order.get(f, f))

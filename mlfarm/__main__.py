@@ -1,0 +1,3 @@
+from mlfarm.cli import main
+
+main()

@@ -1,0 +1,294 @@
+"""The ``mlfarm`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mlfarm.settings import Settings, get_settings
+
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("mlfarm")
+
+
+class FarmError(click.ClickException):
+    """Any refusal or failure the user can act on: printed as one line, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        err_console.print(f"[red]error:[/red] {self.format_message()}", highlight=False)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except Exception as exc:  # pydantic's validation error names the bad variable
+        raise FarmError(f"bad configuration: {exc}") from None
+
+
+def _farm():
+    from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
+    from mlfarm.nuke_submit.client import Farm
+
+    try:
+        farm = Farm(_settings())
+        farm.redis.ping()
+        return farm
+    except (NoBrokerError, InsecureBrokerError) as exc:
+        raise FarmError(str(exc)) from None
+    except Exception as exc:
+        raise FarmError(f"cannot reach the farm's Redis: {exc}") from None
+
+
+def _status(farm: Any, job_id: str):
+    from mlfarm.broker.jobs import JobNotFound
+
+    try:
+        return farm.status(job_id)
+    except JobNotFound as exc:
+        raise FarmError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="WARNING", envvar="MLFARM_LOG_LEVEL", show_default=True,
+              help="Logging level for mlfarm's own messages.")
+def main(log_level: str) -> None:
+    """mlfarm: machine-learning inference on VFX shots, on a Celery/Redis render farm."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- running the farm ---------------------------------------------------------------------
+@main.command()
+@click.option("--workers", default=1, show_default=True, help="Local worker processes to start.")
+@click.option("--queues", default="interactive,gpu,cpu", show_default=True)
+@click.option("--concurrency", default=1, show_default=True, help="Processes per worker (1: solo pool).")
+def up(workers: int, queues: str, concurrency: int) -> None:
+    """Run a farm on this machine: embedded Redis (unless MLFARM_BROKER_URL is set) and workers.
+
+    Keeps running; Ctrl-C stops everything cleanly.
+    """
+    from mlfarm.broker.embedded import EmbeddedRedisError, running_embedded_url
+    from mlfarm.local_farm import LocalFarm
+
+    settings = _settings()
+    if not settings.broker_url and running_embedded_url(settings.embedded_state_file):
+        raise FarmError(f"an embedded farm is already running (state in {settings.embedded_state_file})")
+    farm = LocalFarm(settings, workers=workers, queues=queues, concurrency=concurrency)
+    try:
+        farm.start()
+    except EmbeddedRedisError as exc:
+        raise FarmError(str(exc)) from None
+    where = "embedded Redis on " + farm.url.split("@")[-1] if farm.redis else "broker from MLFARM_BROKER_URL"
+    console.print(f"mlfarm up: {where}, {workers} worker(s), storage {settings.storage_root}. Ctrl-C stops.")
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stopping and farm.alive():
+            time.sleep(0.2)
+    finally:
+        console.print("mlfarm up: stopping workers (running chunks finish or go back on the queue)...")
+        farm.stop()
+    if not stopping:
+        raise FarmError("a farm process exited unexpectedly; see the log above")
+
+
+@main.command()
+@click.option("--queues", default="interactive,gpu,cpu", show_default=True,
+              help="Queues to consume; interactive is always polled first.")
+@click.option("--gpu", type=int, default=None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES).")
+@click.option("--concurrency", default=1, show_default=True, help="1: one process (GPU layout); N: prefork.")
+@click.option("--name", default=None, help="Worker name as shown in Flower.")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(queues: str, gpu: int | None, concurrency: int, name: str | None, loglevel: str) -> None:
+    """Run one worker process that renders frames from the queues."""
+    from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
+    from mlfarm.worker.main import run_worker
+
+    try:
+        run_worker(_settings(), [q.strip() for q in queues.split(",") if q.strip()], concurrency, gpu, name,
+                   loglevel)
+    except (NoBrokerError, InsecureBrokerError, ValueError) as exc:
+        raise FarmError(str(exc)) from None
+
+
+# --- the catalog ---------------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--local", is_flag=True, help="Only this machine's model folders, not the farm's catalog.")
+def models(as_json: bool, local: bool) -> None:
+    """List the models: label, inputs/outputs, options with types, defaults and choices."""
+    from mlfarm.models.catalog import Catalog
+
+    if local:
+        catalog = Catalog.from_settings(_settings()).describe_all()
+    else:
+        try:
+            catalog = _farm().catalog()
+        except FarmError:
+            catalog = Catalog.from_settings(_settings()).describe_all()
+    if as_json:
+        click.echo(json.dumps(catalog, indent=2, sort_keys=True))
+        return
+    for name in sorted(catalog):
+        d = catalog[name]
+        table = Table(title=f"[bold]{name}[/bold] - {d['label']} (v{d['version']}, {d['device']})",
+                      title_justify="left", show_lines=False)
+        for col in ("option", "type", "default", "allowed"):
+            table.add_column(col)
+        for o in d["options"] + d["buttons"]:
+            allowed = ", ".join(o["choices"]) if "choices" in o else (
+                f"{o['min']} .. {o['max']}" if "min" in o else "")
+            kind = "button" if o in d["buttons"] else o["type"]
+            table.add_row(o["name"], kind, str(o["default"]), allowed)
+        console.print(table)
+        console.print(f"  inputs: {_planes(d['inputs'])}   outputs: {_planes(d['outputs'])}\n")
+
+
+def _planes(planes: dict[str, Any]) -> str:
+    return ", ".join(f"{k}({v if isinstance(v, int) else '.'.join(v)})" for k, v in planes.items())
+
+
+# --- jobs ----------------------------------------------------------------------------------
+@main.command()
+@click.option("--input", "input_", required=True, help="Input pattern, e.g. /plates/sh010/plate.####.exr")
+@click.option("--frames", required=True, help="e.g. 1001-1100, 1001-1100x2, 1,5,9-12")
+@click.option("--model", required=True)
+@click.option("--option", "options", multiple=True, help="NAME=VALUE, repeatable.")
+@click.option("--output", required=True, help="Output pattern under the storage root.")
+@click.option("--chunk", type=int, default=None, help="Frames per task.")
+@click.option("--priority", type=int, default=50, show_default=True, help="0-100, higher first.")
+@click.option("--name", default="", help="A name for the job (shown in status and Flower).")
+@click.option("--wait", is_flag=True, help="Follow the job; exit 0 only if every frame is done.")
+@click.option("--json", "as_json", is_flag=True)
+def submit(input_: str, frames: str, model: str, options: tuple[str, ...], output: str, chunk: int | None,
+           priority: int, name: str, wait: bool, as_json: bool) -> None:
+    """Submit a shot: one task per chunk of frames."""
+    from mlfarm.broker.frames import PatternError, parse_frames
+    from mlfarm.models.options import OptionError, parse_option_args
+    from mlfarm.nuke_submit.client import SubmitError
+
+    farm = _farm()
+    try:
+        spec = farm.submit(model, input_, output, parse_frames(frames), parse_option_args(options), chunk,
+                           priority, name)
+    except (SubmitError, OptionError, PatternError) as exc:
+        raise FarmError(str(exc)) from None
+    if not wait:
+        if as_json:
+            click.echo(json.dumps({"id": spec.id, "frames": len(spec.frames), "output": spec.output}))
+        else:
+            console.print(f"job {spec.id}: {len(spec.frames)} frames of {model} queued -> {spec.output}")
+        return
+    _wait_and_exit(farm, spec.id, as_json)
+
+
+def _wait_and_exit(farm: Any, job_id: str, as_json: bool) -> None:
+    from mlfarm.progress import follow
+
+    if as_json:
+        status = _status(farm, job_id)
+        while not status.finished:
+            time.sleep(0.5)
+            status = _status(farm, job_id)
+        click.echo(json.dumps(status.to_dict()))
+    else:
+        status = follow(lambda: _status(farm, job_id), err_console)
+        console.print(status.summary())
+        for fs in status.failed_frames:
+            console.print(f"  [red]{fs.reason}")
+    sys.exit(0 if status.state == "done" else 1)
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", is_flag=True, help="Live progress until the job ends.")
+def status(job_id: str | None, as_json: bool, watch: bool) -> None:
+    """A job's counts, progress, ETA and failed frames with reasons; no JOB lists recent jobs."""
+    from mlfarm.progress import status_table
+
+    farm = _farm()
+    if job_id is None:
+        jobs = farm.jobs()
+        if as_json:
+            click.echo(json.dumps([j.to_dict() for j in jobs]))
+            return
+        for j in jobs:
+            console.print(j.summary() + f"  [dim]{j.spec.model} -> {j.spec.output}")
+        return
+    if watch:
+        _wait_and_exit(farm, job_id, as_json)
+    st = _status(farm, job_id)
+    if as_json:
+        click.echo(json.dumps(st.to_dict()))
+    else:
+        console.print(status_table(st))
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Cancel a job: queued frames are dropped, running ones stop at the next frame."""
+    from mlfarm.broker.jobs import JobNotFound
+
+    try:
+        n = _farm().cancel(job_id)
+    except JobNotFound as exc:
+        raise FarmError(str(exc)) from None
+    console.print(f"job {job_id}: cancelled ({n} queued frames dropped)")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--failed", "failed_only", is_flag=True, help="Only failed frames (default: failed and cancelled).")
+@click.option("--wait", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def retry(job_id: str, failed_only: bool, wait: bool, as_json: bool) -> None:
+    """Requeue a job's failed frames; frames already done are not rendered again."""
+    from mlfarm.broker.frames import format_frames
+    from mlfarm.broker.jobs import JobNotFound
+
+    farm = _farm()
+    try:
+        frames = farm.retry(job_id, failed_only)
+    except JobNotFound as exc:
+        raise FarmError(str(exc)) from None
+    if as_json and not wait:
+        click.echo(json.dumps({"id": job_id, "requeued": frames}))
+    elif not as_json:
+        console.print(f"job {job_id}: requeued {len(frames)} frames {format_frames(frames) if frames else ''}")
+    if wait:
+        _wait_and_exit(farm, job_id, as_json)
+
+
+# --- the demo --------------------------------------------------------------------------------
+@main.command()
+@click.option("--frames", default=12, show_default=True)
+@click.option("--size", default="480x270", show_default=True, help="WIDTHxHEIGHT of the demo plate.")
+def demo(frames: int, size: str) -> None:
+    """Make a small EXR plate, blur it on the farm (starting one if needed), write a contact sheet."""
+    from mlfarm.demo import run_demo
+
+    width, height = (int(v) for v in size.lower().split("x"))
+    ok = run_demo(_settings(), console, frames, width, height)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

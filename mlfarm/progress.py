@@ -1,0 +1,55 @@
+"""Showing a job's progress in a terminal: a live bar with ETA, and a readable summary."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from mlfarm.broker.jobs import DONE, FAILED, JobStatus
+
+
+def follow(poll: Callable[[], JobStatus], console: Console, interval: float = 0.5,
+           timeout: float | None = None) -> JobStatus:
+    """Redraw a progress bar from the job record until the job ends (or ``timeout`` passes)."""
+    status = poll()
+    deadline = time.monotonic() + timeout if timeout else None
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("[red]{task.fields[failed]} failed"), TextColumn("{task.fields[state]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"{status.spec.model} {status.spec.id}", total=status.total, failed=0, state="")
+        while True:
+            c = status.counts
+            bar.update(task, completed=c[DONE] + c[FAILED], failed=c[FAILED], state=status.state)
+            if status.finished or (deadline and time.monotonic() > deadline):
+                return status
+            time.sleep(interval)
+            status = poll()
+
+
+def status_table(status: JobStatus) -> Table:
+    spec = status.spec
+    table = Table(title=status.summary(), show_header=False, title_justify="left")
+    table.add_row("model", f"{spec.model} {spec.model_version}".strip())
+    table.add_row("options", ", ".join(f"{k}={v}" for k, v in sorted(spec.options.items())) or "-")
+    table.add_row("input", spec.input)
+    table.add_row("output", spec.output)
+    table.add_row("submitted", f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(spec.created))} "
+                               f"by {spec.user}@{spec.host}")
+    eta = status.eta_seconds()
+    if eta is not None:
+        table.add_row("eta", f"{eta:.0f}s")
+    for fs in status.failed_frames:
+        table.add_row(f"[red]failed {fs.frame}", f"{fs.reason} (attempts: {fs.attempts})")
+    return table

@@ -1,0 +1,131 @@
+"""The one typed settings object for every mlfarm process.
+
+Values come, in order of precedence, from keyword arguments, ``MLFARM_*`` environment
+variables, a TOML file named by ``MLFARM_CONFIG`` (default ``~/.config/mlfarm/mlfarm.toml``),
+and the defaults below. Workers, the CLI, the gateway and Flower all read the same object so
+a farm is configured in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    return Path(os.environ.get(var) or Path.home() / fallback)
+
+
+def default_data_dir() -> Path:
+    return _xdg("XDG_DATA_HOME", ".local/share") / "mlfarm"
+
+
+def default_config_file() -> Path:
+    return Path(os.environ.get("MLFARM_CONFIG") or _xdg("XDG_CONFIG_HOME", ".config") / "mlfarm" / "mlfarm.toml")
+
+
+CHUNK_SLACK_S = 60
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
+
+    # --- broker -------------------------------------------------------------------------
+    broker_url: str | None = Field(
+        default=None,
+        description="redis://[:password@]host:port/db. Unset: use the embedded local Redis started by `mlfarm up`.",
+    )
+    data_dir: Path = Field(default_factory=default_data_dir, description="Embedded Redis data, state files.")
+    visibility_timeout: int = Field(
+        default=3900,
+        description="Seconds before an unacknowledged chunk (its worker died) is redelivered. "
+        "Must exceed the longest chunk, i.e. task_time_limit.",
+    )
+    result_expires: int = Field(default=86400, description="Seconds Celery keeps chunk results.")
+    job_ttl: int = Field(default=30 * 86400, description="Seconds a job record is kept after its last change.")
+
+    # --- storage and frame I/O ----------------------------------------------------------
+    storage_root: Path = Field(
+        default_factory=lambda: default_data_dir() / "storage",
+        description="Shared storage. Workers refuse to write anywhere else.",
+    )
+    exr_compression: str = Field(default="zip", description="EXR compression for outputs (zip, piz, dwaa, none...).")
+    exr_rgba_half: bool = Field(default=True, description="Write the rgba plane as half; data planes stay float.")
+    io_threads: int = Field(default=4, ge=1, description="Threads per worker reading and writing frames.")
+
+    # --- models ---------------------------------------------------------------------------
+    models_path: str = Field(default="", description="Extra model folders, separated by os.pathsep.")
+    model_cache_size: int = Field(default=2, ge=1, description="Loaded models a worker keeps warm.")
+
+    # --- tasks ---------------------------------------------------------------------------
+    default_chunk: int = Field(default=4, ge=1)
+    frame_time_limit: int = Field(
+        default=600, ge=1, description="Seconds one frame may take; a chunk's time limit scales with its frames."
+    )
+
+    # --- worker --------------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where GPU models run.")
+
+    # --- gateway / flower ---------------------------------------------------------------
+    gateway_port: int = 55555
+    flower_port: int = 5555
+    flower_basic_auth: str | None = Field(default=None, description="user:password for Flower.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, default_config_file()))
+
+    @field_validator("storage_root", "data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return Path(os.path.abspath(os.path.expanduser(value)))
+
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> Settings:
+        if self.max_chunk < 1:
+            raise ValueError(
+                f"MLFARM_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed one frame's time limit "
+                f"plus {CHUNK_SLACK_S}s (MLFARM_FRAME_TIME_LIMIT={self.frame_time_limit}s), or running chunks "
+                "would be delivered twice"
+            )
+        return self
+
+    def chunk_time_limit(self, frames: int) -> int:
+        """Hard limit for a chunk of ``frames`` frames; always below the visibility timeout."""
+        return self.frame_time_limit * frames + CHUNK_SLACK_S
+
+    @property
+    def max_chunk(self) -> int:
+        """The largest chunk whose time limit still ends before the broker would redeliver it."""
+        return (self.visibility_timeout - CHUNK_SLACK_S - 1) // self.frame_time_limit
+
+    @property
+    def model_dirs(self) -> list[Path]:
+        return [Path(p) for p in self.models_path.split(os.pathsep) if p.strip()]
+
+    @property
+    def embedded_state_file(self) -> Path:
+        return self.data_dir / "embedded.json"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,141 @@
+"""The submission client shared by ``mlfarm submit`` and the Nuke panel.
+
+Everything is checked before anything is queued: the model exists, every option has the right
+type, choice and range, the patterns expand, the output lies under the storage root and the
+chunk fits the broker's redelivery timeout. A refused submission leaves no trace on the farm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mlfarm.broker.celery_app import CHUNK_TASK, celery_priority, make_celery
+from mlfarm.broker.connection import broker_url, redis_client
+from mlfarm.broker.frames import PatternError, check_pattern, chunked, format_frames, frame_path
+from mlfarm.broker.jobs import CANCELLED, FAILED, JobSpec, JobStatus, JobStore
+from mlfarm.broker.registry import read_catalog
+from mlfarm.models.options import validate_options
+from mlfarm.worker.storage import StorageError, confined_path
+
+from mlfarm.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class SubmitError(ValueError):
+    """A submission refused before anything was queued; the message says what to change."""
+
+
+class Farm:
+    """A connection to one farm (its Redis) for submitting and following jobs."""
+
+    def __init__(self, settings: Settings | None = None, url: str | None = None):
+        self.settings = settings or get_settings()
+        self.url = url or broker_url(self.settings)
+        self.redis = redis_client(self.url)
+        self.store = JobStore(self.redis, self.settings.job_ttl)
+        self._app = None
+
+    @property
+    def app(self):
+        if self._app is None:
+            self._app = make_celery(self.settings, self.url)
+        return self._app
+
+    # --- catalog -----------------------------------------------------------------------
+    def catalog(self) -> dict[str, dict[str, Any]]:
+        """Models as the farm's workers published them; this machine's model folders fill gaps."""
+        published = read_catalog(self.redis)
+        try:
+            from mlfarm.models.catalog import Catalog
+        except ImportError:  # a thin client (Nuke) without the model plugins installed
+            return published
+        local = Catalog.from_settings(self.settings).describe_all()
+        return {**local, **published}
+
+    def describe(self, model: str) -> dict[str, Any]:
+        catalog = self.catalog()
+        if model not in catalog:
+            raise SubmitError("unknown model %r (available: %s)" % (model, ", ".join(sorted(catalog)) or "none"))
+        return catalog[model]
+
+    # --- submitting ----------------------------------------------------------------------
+    def check_output(self, pattern: str) -> None:
+        root = self.settings.storage_root
+        try:
+            confined_path(os.path.dirname(os.path.abspath(pattern)) or ".", root)
+        except StorageError as exc:
+            raise SubmitError(str(exc)) from None
+
+    def submit(self, model: str, input: str, output: str, frames: Sequence[int],
+               options: Mapping[str, Any] | None = None, chunk: int | None = None, priority: int = 50,
+               name: str = "") -> JobSpec:
+        desc = self.describe(model)
+        typed = validate_options(desc, dict(options or {}))
+        try:
+            check_pattern(input)
+            check_pattern(output)
+        except PatternError as exc:
+            raise SubmitError(str(exc)) from None
+        if not frames:
+            raise SubmitError("no frames to render")
+        if os.path.abspath(frame_path(input, frames[0])) == os.path.abspath(frame_path(output, frames[0])):
+            raise SubmitError("the output pattern %s would overwrite the input frames" % output)
+        self.check_output(output)
+        chunk = chunk or self.settings.default_chunk
+        if chunk < 1:
+            raise SubmitError("--chunk must be at least 1")
+        if chunk > self.settings.max_chunk:
+            raise SubmitError(
+                "a chunk of %d frames could outlast the broker's redelivery timeout (%ds at %ds a frame); "
+                "use --chunk %d or less, or raise MLFARM_VISIBILITY_TIMEOUT"
+                % (chunk, self.settings.visibility_timeout, self.settings.frame_time_limit, self.settings.max_chunk))
+        if not 0 <= priority <= 100:
+            raise SubmitError("priority must be between 0 and 100")
+        spec = JobSpec(model=model, input=os.path.abspath(input), output=os.path.abspath(output),
+                       frames=list(frames), options=typed, chunk=chunk, priority=priority,
+                       queue="cpu" if desc.get("device") == "cpu" else "gpu",
+                       model_version=str(desc.get("version", "")), name=name)
+        self.store.create(spec)
+        self._enqueue(spec, spec.frames)
+        log.info("job %s: %d frames of %s queued in %d chunks", spec.id, len(spec.frames), model,
+                 -(-len(spec.frames) // chunk))
+        return spec
+
+    def _enqueue(self, spec: JobSpec, frames: list[int]) -> int:
+        chunks = chunked(frames, spec.chunk)
+        with self.app.producer_or_acquire() as producer:
+            for c in chunks:
+                limit = self.settings.chunk_time_limit(len(c))
+                self.app.send_task(
+                    CHUNK_TASK,
+                    kwargs={"job_id": spec.id, "model": spec.model, "frames": format_frames(c)},
+                    queue=spec.queue,
+                    priority=celery_priority(spec.priority),
+                    time_limit=limit,
+                    soft_time_limit=max(1, limit - 30),
+                    producer=producer,
+                )
+        return len(chunks)
+
+    # --- following and changing jobs -----------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        return self.store.status(job_id)
+
+    def cancel(self, job_id: str) -> int:
+        return self.store.cancel(job_id)
+
+    def retry(self, job_id: str, failed_only: bool = False) -> list[int]:
+        """Requeue failed frames (and, unless ``failed_only``, cancelled ones); done frames stay."""
+        states = (FAILED,) if failed_only else (FAILED, CANCELLED)
+        frames = self.store.requeue(job_id, states)
+        if frames:
+            self._enqueue(self.store.spec(job_id), frames)
+        return frames
+
+    def jobs(self, limit: int = 20) -> list[JobStatus]:
+        return [self.store.status(j) for j in self.store.list_jobs(limit)]
+

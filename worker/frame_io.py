@@ -1,0 +1,146 @@
+"""Reading and writing frames with OpenImageIO.
+
+EXR stores channels sorted by name, so channels are always found by name, never by position.
+Outputs use the names Nuke itself writes: the first output plane is the main ``rgba`` layer
+(``R``, ``G``, ``B``, ``A``), every other plane is ``layer.channel``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import OpenImageIO as oiio
+
+from .storage import atomic_output
+
+RGBA = ("R", "G", "B", "A")
+_ALIASES = {
+    "R": ("r", "red", "rgba.r", "rgba.red"),
+    "G": ("g", "green", "rgba.g", "rgba.green"),
+    "B": ("b", "blue", "rgba.b", "rgba.blue"),
+    "A": ("a", "alpha", "rgba.a", "rgba.alpha"),
+}
+
+
+class FrameError(Exception):
+    """A frame that cannot be read or written; the message names the file and the cause."""
+
+
+@dataclass
+class Image:
+    pixels: np.ndarray  # H x W x C float32, top row first
+    channels: list[str]
+
+    def rgba(self, max_channels: int) -> np.ndarray:
+        """Up to ``max_channels`` of R, G, B, A in that order (by name), or a lone luminance."""
+        lower = [c.lower() for c in self.channels]
+        picked = []
+        for canonical in RGBA:
+            for alias in _ALIASES[canonical]:
+                if alias in lower:
+                    picked.append(lower.index(alias))
+                    break
+        if not picked:
+            for alias in ("y", "rgba.y"):
+                if alias in lower:
+                    picked = [lower.index(alias)]
+        if not picked:
+            raise FrameError(f"no R, G, B, A or Y channel among {', '.join(self.channels)}")
+        picked = picked[:max_channels]
+        if picked == list(range(len(picked))) and len(picked) == self.pixels.shape[2]:
+            return self.pixels
+        return np.ascontiguousarray(self.pixels[:, :, picked])
+
+
+def read_image(path: str, max_values: int = 1 << 30) -> Image:
+    """Read a whole frame as float32; any damage in the file is an error, never partial pixels."""
+    if not os.path.exists(path):
+        raise FrameError(f"{path}: file not found")
+    inp = oiio.ImageInput.open(path)
+    if inp is None:
+        raise FrameError(f"{path}: {oiio.geterror() or 'not a readable image'}")
+    try:
+        spec = inp.spec()
+        values = spec.width * spec.height * max(1, spec.nchannels)
+        if spec.width <= 0 or spec.height <= 0 or values > max_values:
+            raise FrameError(f"{path}: refusing an image of {spec.width}x{spec.height}x{spec.nchannels}")
+        pixels = inp.read_image(0, 0, 0, spec.nchannels, "float")
+        err = inp.geterror()
+        if pixels is None or err:
+            raise FrameError(f"{path}: {err or 'could not read pixels'}")
+        channels = list(spec.channelnames)
+    finally:
+        inp.close()
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    return Image(pixels=pixels, channels=channels)
+
+
+def channel_names(layer: str, spec: int | Sequence[str], n: int, main: bool) -> list[str]:
+    """EXR channel names for one output plane of ``n`` channels."""
+    if isinstance(spec, int):
+        names = list(RGBA[:n]) if n <= 4 else [f"c{i}" for i in range(n)]
+    else:
+        names = list(spec)
+        if len(names) != n:
+            raise FrameError(f"output plane {layer} declares channels {names} but the model returned {n}")
+    return names if main else [f"{layer}.{c}" for c in names]
+
+
+def assemble_planes(outputs: Mapping[str, int | Sequence[str]], images: Sequence[np.ndarray]
+                    ) -> tuple[np.ndarray, list[str], list[bool]]:
+    """Stack a model's output images into one EXR's pixels, channel names and float-ness.
+
+    The first declared plane becomes the main layer; data planes (all others) are kept in float
+    so ids and mattes stay exact.
+    """
+    if len(images) < len(outputs):
+        raise FrameError(f"the model returned {len(images)} images for {len(outputs)} output planes")
+    arrays, names, is_data = [], [], []
+    shape = None
+    for i, (layer, spec) in enumerate(outputs.items()):
+        img = np.asarray(images[i], dtype=np.float32)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if shape is None:
+            shape = img.shape[:2]
+        elif img.shape[:2] != shape:
+            raise FrameError(f"output plane {layer} is {img.shape[1]}x{img.shape[0]}, not {shape[1]}x{shape[0]}")
+        plane_names = channel_names(layer, spec, img.shape[2], main=(i == 0))
+        arrays.append(img)
+        names.extend(plane_names)
+        is_data.extend([i != 0] * len(plane_names))
+    return np.concatenate(arrays, axis=2), names, is_data
+
+
+def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, channels: Sequence[str],
+              data_channels: Sequence[bool], metadata: Mapping[str, Any], compression: str = "zip",
+              rgba_half: bool = True) -> None:
+    """Write an EXR atomically under the storage root, with mlfarm's header metadata."""
+    height, width, nch = pixels.shape
+    spec = oiio.ImageSpec(width, height, nch, "float")
+    spec.channelnames = tuple(channels)
+    if rgba_half:
+        spec.channelformats = tuple(oiio.FLOAT if data else oiio.HALF for data in data_channels)
+    spec.attribute("compression", compression)
+    for key, value in metadata.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            value = json.dumps(value, sort_keys=True)
+        spec.attribute(key, value)
+    with atomic_output(path, root) as tmp:
+        out = oiio.ImageOutput.create("openexr")
+        if out is None:
+            raise FrameError(f"{path}: {oiio.geterror()}")
+        if not out.open(str(tmp), spec):
+            raise FrameError(f"{path}: {out.geterror()}")
+        ok = out.write_image(np.ascontiguousarray(pixels, dtype=np.float32))
+        err = out.geterror()
+        out.close()
+        if not ok or err:
+            raise FrameError(f"{path}: {err or 'write failed'}")

@@ -1,0 +1,65 @@
+"""Starting a worker process: GPU pinning, queue order, pool choice, catalog publication."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from celery.signals import worker_ready
+from mlfarm.broker.celery_app import QUEUES, make_celery
+from mlfarm.broker.connection import broker_url, redis_client
+from mlfarm.broker.registry import publish_catalog
+from mlfarm.models.catalog import Catalog
+
+from mlfarm.settings import Settings
+
+from .gpu import pin_gpu
+from .tasks import register_tasks
+
+log = logging.getLogger(__name__)
+
+
+def ordered_queues(queues: list[str]) -> list[str]:
+    """Interactive first, then batch work: the broker is polled in this order."""
+    unknown = [q for q in queues if q not in QUEUES]
+    if unknown:
+        raise ValueError(f"unknown queue {', '.join(unknown)} (queues: {', '.join(QUEUES)})")
+    return sorted(set(queues), key=QUEUES.index)
+
+
+def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu: int | None = None,
+               name: str | None = None, loglevel: str = "INFO") -> None:
+    """Run a Celery worker in this process until it is told to stop (SIGTERM: warm shutdown).
+
+    One process per GPU with the ``solo`` pool is the GPU layout: the model and CUDA context live
+    in the process that consumes tasks. ``concurrency`` > 1 uses prefork children, each loading
+    models in itself after the fork; the parent never touches CUDA.
+    """
+    if gpu is not None:
+        pin_gpu(gpu)
+    hostname = name or f"mlfarm{'-gpu' + str(gpu) if gpu is not None else ''}@{socket.gethostname()}"
+    os.environ["MLFARM_WORKER_NAME"] = hostname
+    url = broker_url(settings)
+    app = make_celery(settings, url)
+    register_tasks(app)
+
+    @worker_ready.connect(weak=False)
+    def _publish(**_: object) -> None:
+        descriptions = Catalog.from_settings(settings).describe_all()
+        publish_catalog(redis_client(url), descriptions, hostname)
+        log.info("worker %s ready on queues %s with models %s", hostname, ",".join(queues),
+                 ", ".join(sorted(descriptions)))
+
+    argv = [
+        "worker",
+        f"--queues={','.join(ordered_queues(queues))}",
+        f"--pool={'solo' if concurrency == 1 else 'prefork'}",
+        f"--concurrency={concurrency}",
+        f"--hostname={hostname}",
+        f"--loglevel={loglevel}",
+        "--task-events",
+        "--without-mingle",
+        "--without-gossip",
+    ]
+    app.worker_main(argv)

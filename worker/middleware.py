@@ -1,0 +1,75 @@
+"""Cross-cutting concerns of running a chunk, in one place (like dramatiq's middleware).
+
+The chunk pipeline calls every middleware's hooks in order; logging and metrics live here rather
+than being sprinkled through the pipeline. Celery-level policy (retries on broker outages, time
+limits) is set once in ``worker.tasks``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import redis
+
+if TYPE_CHECKING:
+    from .pipeline import ChunkRun
+
+log = logging.getLogger("mlfarm.worker")
+
+
+class Middleware:
+    def before_chunk(self, run: ChunkRun) -> None:
+        pass
+
+    def after_frame(self, run: ChunkRun, frame: int, error: str | None) -> None:
+        pass
+
+    def after_chunk(self, run: ChunkRun) -> None:
+        pass
+
+
+class Logging(Middleware):
+    def before_chunk(self, run: ChunkRun) -> None:
+        log.info("job %s %s: frames %s", run.spec.id, run.spec.model, run.label)
+
+    def after_frame(self, run: ChunkRun, frame: int, error: str | None) -> None:
+        if error:
+            log.warning("job %s: %s", run.spec.id, error)
+
+    def after_chunk(self, run: ChunkRun) -> None:
+        r = run.result
+        stages = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(run.stage_seconds.items()))
+        log.info("job %s %s: %d done, %d failed, %d skipped, %d cancelled (%s)", run.spec.id, run.label,
+                 len(r.done), len(r.failed), len(r.skipped), len(r.cancelled), stages)
+
+
+@dataclass
+class Metrics(Middleware):
+    """Per-worker counters, published to Redis so wranglers can see throughput per worker."""
+
+    client: redis.Redis
+    worker: str
+    totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def after_chunk(self, run: ChunkRun) -> None:
+        r = run.result
+        self.totals["frames_done"] += len(r.done)
+        self.totals["frames_failed"] += len(r.failed)
+        self.totals["chunks"] += 1
+        for stage, seconds in run.stage_seconds.items():
+            self.totals[f"{stage}_seconds"] += seconds
+        try:
+            self.client.hset(f"mlfarm:worker:{self.worker}", mapping={
+                "updated": time.time(), "stats": json.dumps(self.totals)})
+            self.client.expire(f"mlfarm:worker:{self.worker}", 86400)
+        except redis.RedisError as exc:  # metrics must never fail a chunk
+            log.debug("could not publish worker metrics: %s", exc)
+
+
+def default_middleware(client: redis.Redis, worker: str) -> list[Middleware]:
+    return [Logging(), Metrics(client, worker)]

@@ -1,0 +1,204 @@
+"""Running one chunk of frames: read ahead, infer in batches, write behind.
+
+Reading the next frames and writing finished ones happen on a thread pool while the model works
+on the current batch (OpenImageIO releases the GIL while it decodes and encodes), so a GPU worker
+is not left waiting on EXR I/O. Each frame succeeds or fails on its own: a missing or corrupt
+frame is recorded with its reason and the rest of the chunk goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mlfarm.broker.frames import format_frames, frame_path
+from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
+from mlfarm.models.base import BaseModel
+
+from mlfarm.settings import Settings
+
+from .frame_io import FrameError, assemble_planes, read_image, write_exr
+from .middleware import Middleware
+from .model_cache import ModelCache
+
+
+@dataclass
+class ChunkResult:
+    done: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"done": format_frames(self.done), "failed": {str(k): v for k, v in self.failed.items()},
+                "skipped": format_frames(self.skipped), "cancelled": format_frames(self.cancelled)}
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for an artist: our own errors speak for themselves, others get their type."""
+    text = str(exc).strip()
+    if isinstance(exc, (FrameError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass
+class ChunkRun:
+    spec: JobSpec
+    frames: list[int]
+    worker: str
+    store: JobStore
+    settings: Settings
+    io: ThreadPoolExecutor
+    middleware: Sequence[Middleware] = ()
+    result: ChunkResult = field(default_factory=ChunkResult)
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
+
+    @property
+    def label(self) -> str:
+        return format_frames(self.frames)
+
+    # --- frame outcomes ----------------------------------------------------------------
+    def _finish(self, frame: int, error: str | None) -> None:
+        if error is None:
+            self.store.finish_frame(self.spec.id, frame, DONE, worker=self.worker)
+            self.result.done.append(frame)
+        else:
+            self.store.finish_frame(self.spec.id, frame, FAILED, error, worker=self.worker)
+            self.result.failed[frame] = error
+        for mw in self.middleware:
+            mw.after_frame(self, frame, error)
+
+    def _fail(self, frame: int, reason: str) -> None:
+        self._finish(frame, f"frame {frame}: {reason}")
+
+    # --- stages -------------------------------------------------------------------------
+    def _read(self, frame: int, channels: int) -> np.ndarray:
+        t = time.perf_counter()
+        image = read_image(frame_path(self.spec.input, frame))
+        pixels = image.rgba(channels)
+        self.stage_seconds["read"] += time.perf_counter() - t
+        return pixels
+
+    def _write(self, frame: int, model: BaseModel, outputs: list[Any]) -> None:
+        t = time.perf_counter()
+        try:
+            images = [o for o in outputs if isinstance(o, np.ndarray)]
+            objects = [o for o in outputs if not isinstance(o, np.ndarray)]
+            pixels, names, data = assemble_planes(model.outputs, images)
+            metadata: dict[str, Any] = {
+                "mlfarm/job": self.spec.id,
+                "mlfarm/model": self.spec.model,
+                "mlfarm/model_version": str(model.version),
+                "mlfarm/options": json.dumps(self.spec.options, sort_keys=True),
+                "mlfarm/source": frame_path(self.spec.input, frame),
+                "mlfarm/frame": int(frame),
+            }
+            if objects:
+                metadata["mlfarm/objects"] = json.dumps(objects, sort_keys=True, default=str)
+            write_exr(frame_path(self.spec.output, frame), self.settings.storage_root, pixels, names, data,
+                      metadata, self.settings.exr_compression, self.settings.exr_rgba_half)
+        except Exception as exc:
+            reason = describe_error(exc)
+            out_path = frame_path(self.spec.output, frame)
+            self._fail(frame, reason if out_path in reason else f"{out_path}: {reason}")
+            return
+        finally:
+            self.stage_seconds["write"] += time.perf_counter() - t
+        self._finish(frame, None)
+
+    def _infer(self, model: BaseModel, batch: list[tuple[int, np.ndarray]]) -> list[tuple[int, list[Any]]]:
+        """Infer a batch; if the batch fails, retry frame by frame so one bad frame fails alone."""
+        t = time.perf_counter()
+        try:
+            try:
+                outs = model.infer_batch([[pixels] for _, pixels in batch])
+                if len(outs) != len(batch):
+                    raise RuntimeError(f"infer_batch returned {len(outs)} results for {len(batch)} frames")
+                return [(f, list(o)) for (f, _), o in zip(batch, outs)]
+            except Exception:
+                if len(batch) == 1:
+                    raise
+            ok = []
+            for frame, pixels in batch:
+                try:
+                    ok.append((frame, list(model.infer_batch([[pixels]])[0])))
+                except Exception as exc:
+                    self._fail(frame, f"model {self.spec.model}: {describe_error(exc)}")
+            return ok
+        finally:
+            self.stage_seconds["infer"] += time.perf_counter() - t
+
+    # --- the chunk ------------------------------------------------------------------------
+    def run(self, cache: ModelCache) -> ChunkResult:
+        for mw in self.middleware:
+            mw.before_chunk(self)
+        claims = self.store.start_frames(self.spec.id, self.frames, self.worker)
+        todo = []
+        for f in self.frames:
+            state = claims.get(f)
+            if state == "run":
+                todo.append(f)
+            elif state == "skip":
+                self.result.skipped.append(f)
+            elif state == "cancelled":
+                self.result.cancelled.append(f)
+        if todo:
+            self._run_frames(cache, todo)
+        for mw in self.middleware:
+            mw.after_chunk(self)
+        return self.result
+
+    def _run_frames(self, cache: ModelCache, todo: list[int]) -> None:
+        try:
+            model = cache.get(self.spec.model)
+            model.set_options({k: v for k, v in self.spec.options.items() if k in model.options})
+            model.set_buttons({k: v for k, v in self.spec.options.items() if k in model.buttons})
+        except Exception as exc:
+            for f in todo:
+                self._fail(f, f"model {self.spec.model} could not be loaded: {describe_error(exc)}")
+            return
+        channels = next(iter(model.inputs.values()), 4) or 4
+        batch_size = max(1, int(model.batch_size))
+        lookahead = max(2 * batch_size, self.settings.io_threads)
+        waiting = deque(todo)
+        reads: deque[tuple[int, Future[np.ndarray]]] = deque()
+        writes: list[Future[None]] = []
+
+        def refill() -> None:
+            while waiting and len(reads) < lookahead:
+                f = waiting.popleft()
+                reads.append((f, self.io.submit(self._read, f, channels)))
+
+        refill()
+        while reads:
+            batch: list[tuple[int, np.ndarray]] = []
+            while reads and len(batch) < batch_size:
+                frame, fut = reads.popleft()
+                refill()
+                try:
+                    batch.append((frame, fut.result()))
+                except Exception as exc:
+                    self._fail(frame, describe_error(exc))
+            if not batch:
+                continue
+            if self.store.is_cancelled(self.spec.id):
+                self._cancel_rest([f for f, _ in batch] + [f for f, _ in reads] + list(waiting))
+                reads.clear()
+                waiting.clear()
+                break
+            for frame, outputs in self._infer(model, batch):
+                writes.append(self.io.submit(self._write, frame, model, outputs))
+        for w in writes:
+            w.result()
+
+    def _cancel_rest(self, frames: list[int]) -> None:
+        for f in frames:
+            self.store.finish_frame(self.spec.id, f, CANCELLED, "cancelled", worker=self.worker)
+            self.result.cancelled.append(f)

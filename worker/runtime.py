@@ -1,0 +1,58 @@
+"""What a worker process holds between chunks: settings, Redis, the model cache, I/O threads.
+
+Built lazily in the process that runs tasks (a prefork child, or the solo worker itself), never
+in a parent that forks, so each process has its own Redis sockets and CUDA context.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import redis
+from mlfarm.broker.connection import broker_url, redis_client
+from mlfarm.broker.jobs import JobStore
+from mlfarm.models.catalog import Catalog
+
+from mlfarm.settings import Settings, get_settings
+
+from .middleware import Middleware, default_middleware
+from .model_cache import ModelCache
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    client: redis.Redis
+    store: JobStore
+    catalog: Catalog
+    cache: ModelCache
+    io: ThreadPoolExecutor
+    middleware: list[Middleware]
+    worker: str
+
+
+def worker_name() -> str:
+    """Recorded on each frame: the Celery worker's name (set by `mlfarm worker`) and the process."""
+    return f"{os.environ.get('MLFARM_WORKER_NAME') or socket.gethostname()}:{os.getpid()}"
+
+
+@lru_cache(maxsize=1)
+def runtime() -> Runtime:
+    settings = get_settings()
+    client = redis_client(broker_url(settings))
+    catalog = Catalog.from_settings(settings)
+    name = worker_name()
+    return Runtime(
+        settings=settings,
+        client=client,
+        store=JobStore(client, settings.job_ttl),
+        catalog=catalog,
+        cache=ModelCache(catalog, settings.model_cache_size, settings.device),
+        io=ThreadPoolExecutor(settings.io_threads, thread_name_prefix="mlfarm-io"),
+        middleware=default_middleware(client, name),
+        worker=name,
+    )

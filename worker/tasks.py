@@ -1,0 +1,48 @@
+"""Celery tasks, and the policy that applies to all of them (retries, time limits) in one place."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from celery import Celery
+from mlfarm.broker.celery_app import CHUNK_TASK
+from mlfarm.broker.frames import format_frames, parse_frames
+
+from .pipeline import ChunkRun
+from .runtime import runtime
+
+log = logging.getLogger(__name__)
+
+#: Broker/Redis outages are retried with backoff; a frame's own failure is never retried
+#: automatically (it is recorded with its reason and retried on request with `mlfarm retry`).
+TASK_POLICY: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (redis.ConnectionError, redis.TimeoutError),
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 30,
+}
+
+
+class FramesFailed(Exception):
+    """Raised at the end of a chunk with failed frames, so Flower lists the chunk as failed."""
+
+
+def register_tasks(app: Celery) -> None:
+    @app.task(name=CHUNK_TASK, **TASK_POLICY)
+    def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:
+        """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``."""
+        rt = runtime()
+        run = ChunkRun(spec=rt.store.spec(job_id), frames=parse_frames(frames), worker=rt.worker,
+                       store=rt.store, settings=rt.settings, io=rt.io, middleware=rt.middleware)
+        result = run.run(rt.cache)
+        if result.failed:
+            reasons = "; ".join(result.failed[f] for f in sorted(result.failed))
+            raise FramesFailed(f"job {job_id}: {len(result.failed)} of {len(run.frames)} frames failed "
+                               f"({format_frames(sorted(result.failed))}): {reasons}")
+        return result.to_dict()
