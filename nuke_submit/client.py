@@ -18,9 +18,8 @@ from mlfarm.broker.frames import PatternError, check_pattern, chunked, format_fr
 from mlfarm.broker.jobs import CANCELLED, FAILED, JobSpec, JobStatus, JobStore
 from mlfarm.broker.registry import read_catalog
 from mlfarm.models.options import validate_options
-from mlfarm.worker.storage import StorageError, confined_path
-
 from mlfarm.settings import Settings, get_settings
+from mlfarm.worker.storage import StorageError, confined_path
 
 log = logging.getLogger(__name__)
 

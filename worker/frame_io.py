@@ -124,10 +124,12 @@ def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, chann
               rgba_half: bool = True) -> None:
     """Write an EXR atomically under the storage root, with mlfarm's header metadata."""
     height, width, nch = pixels.shape
-    spec = oiio.ImageSpec(width, height, nch, "float")
+    formats = [oiio.FLOAT if data or not rgba_half else oiio.HALF for data in data_channels]
+    # OIIO ignores per-channel formats that are all alike: then the spec's own format must say it.
+    spec = oiio.ImageSpec(width, height, nch, formats[0])
     spec.channelnames = tuple(channels)
-    if rgba_half:
-        spec.channelformats = tuple(oiio.FLOAT if data else oiio.HALF for data in data_channels)
+    if len(set(formats)) > 1:
+        spec.channelformats = tuple(oiio.TypeDesc(f) for f in formats)
     spec.attribute("compression", compression)
     for key, value in metadata.items():
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):

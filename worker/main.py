@@ -7,11 +7,11 @@ import os
 import socket
 
 from celery.signals import worker_ready
+
 from mlfarm.broker.celery_app import QUEUES, make_celery
 from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.registry import publish_catalog
 from mlfarm.models.catalog import Catalog
-
 from mlfarm.settings import Settings
 
 from .gpu import pin_gpu

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from mlfarm.broker.frames import format_frames, frame_path
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
 from mlfarm.models.base import BaseModel
-
 from mlfarm.settings import Settings
 
 from .frame_io import FrameError, assemble_planes, read_image, write_exr

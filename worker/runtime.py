@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import redis
+
 from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.jobs import JobStore
 from mlfarm.models.catalog import Catalog
-
 from mlfarm.settings import Settings, get_settings
 
 from .middleware import Middleware, default_middleware

@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+
 from mlfarm.broker.celery_app import CHUNK_TASK
 from mlfarm.broker.frames import format_frames, parse_frames
 

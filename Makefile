@@ -1,0 +1,29 @@
+# The two commands: `make demo` (set up, then run the demo) and `make test` (set up, then run every test).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch/torchvision pinned to releases that install from this project's known-good wheels (see constraints.txt)
+PIP_INSTALL := $(BIN)/pip install -c constraints.txt
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/mlfarm: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP_INSTALL) -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/mlfarm
+
+demo: setup
+	$(BIN)/mlfarm demo
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/bench_farm.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,190 @@
+"""Test fixtures: a real Redis server, real `mlfarm worker` processes, real EXR files.
+
+Nothing is faked: the session starts its own redis-server (the same embedded binary `mlfarm up`
+uses) on a free port with a password, and each test that needs a farm starts worker processes
+with `python -m mlfarm worker`, exactly as a farm host would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import OpenImageIO as oiio
+import pytest
+import redis
+
+from mlfarm.broker.embedded import EmbeddedRedis
+from mlfarm.settings import Settings
+
+TESTS = Path(__file__).resolve().parent
+PLUGINS = TESTS / "plugins"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+class WorkerProcess:
+    """One `mlfarm worker` process, with its log kept for the test to read."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str, name: str, concurrency: int = 1):
+        self.log_path = log_path
+        self.name = name
+        cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", queues, "--name", name,
+               "--concurrency", str(concurrency), "--loglevel", "INFO"]
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()}")
+            if f"{self.name} ready." in self.log():
+                return self
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready after {timeout}s:\n{self.log()}")
+
+    def wait_log(self, text: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not in worker log after {timeout}s:\n{self.log()}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{self.log()}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+class FarmHarness:
+    """A clean farm for one test: flushed Redis, a storage root, and workers on demand."""
+
+    def __init__(self, redis_url: str, root: Path):
+        self.url = redis_url
+        self.root = root
+        self.storage = root / "storage"
+        self.storage.mkdir()
+        self.data = root / "data"
+        self.workers: list[WorkerProcess] = []
+        self.env_overrides: dict[str, str] = {}
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")}
+        env.update({
+            "MLFARM_BROKER_URL": self.url,
+            "MLFARM_STORAGE_ROOT": str(self.storage),
+            "MLFARM_DATA_DIR": str(self.data),
+            "MLFARM_MODELS_PATH": str(PLUGINS),
+            "MLFARM_DEVICE": "cpu",
+            "MLFARM_CONFIG": str(self.root / "no-config.toml"),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.env_overrides)
+        return env
+
+    def settings(self, **overrides: object) -> Settings:
+        values: dict[str, object] = {"broker_url": self.url, "storage_root": self.storage,
+                                     "data_dir": self.data, "models_path": str(PLUGINS), "device": "cpu"}
+        for key, value in self.env_overrides.items():
+            values[key.removeprefix("MLFARM_").lower()] = value
+        values.update(overrides)
+        return Settings(**values)
+
+    def farm(self, **overrides: object):
+        from mlfarm.nuke_submit.client import Farm
+
+        return Farm(self.settings(**overrides), self.url)
+
+    def start_worker(self, queues: str = "interactive,gpu,cpu", concurrency: int = 1, wait: bool = True,
+                     name: str | None = None) -> WorkerProcess:
+        name = name or f"w{len(self.workers) + 1}@test"
+        w = WorkerProcess(self.env, self.root / f"{name.split('@')[0]}.log", queues, name, concurrency)
+        self.workers.append(w)
+        return w.wait_ready() if wait else w
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([sys.executable, "-m", "mlfarm", *args], env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"mlfarm {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def wait_job(self, job_id: str, timeout: float = 120):
+        farm = self.farm()
+        deadline = time.monotonic() + timeout
+        while True:
+            status = farm.status(job_id)
+            if status.finished:
+                return status
+            if time.monotonic() > deadline:
+                logs = "\n".join(w.log()[-3000:] for w in self.workers)
+                raise TimeoutError(f"job {job_id} still {status.summary()} after {timeout}s\n{logs}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+
+@pytest.fixture
+def farm(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[FarmHarness]:
+    redis.Redis.from_url(redis_server.url).flushall()
+    harness = FarmHarness(redis_server.url, tmp_path)
+    yield harness
+    harness.stop()
+
+
+# --- frames -------------------------------------------------------------------------------
+def sample_pixels(frame: int, width: int = 64, height: int = 48, channels: int = 4) -> np.ndarray:
+    """Deterministic, frame-dependent scene-linear pixels (HDR values included)."""
+    rng = np.random.default_rng(frame)
+    img = rng.random((height, width, channels), dtype=np.float32) * 2.0
+    if channels == 4:
+        img[..., 3] = rng.random((height, width), dtype=np.float32)
+    return img
+
+
+def write_exr(path: Path, pixels: np.ndarray, channels: tuple[str, ...] | None = None, half: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w, c = pixels.shape
+    spec = oiio.ImageSpec(w, h, c, oiio.HALF if half else oiio.FLOAT)
+    spec.channelnames = channels or ("R", "G", "B", "A")[:c]
+    out = oiio.ImageOutput.create(str(path))
+    assert out.open(str(path), spec), oiio.geterror()
+    assert out.write_image(pixels)
+    out.close()
+
+
+def make_plate(folder: Path, frames: range | list[int], **kw: int) -> str:
+    """EXR frames ``plate.####.exr`` with sample_pixels; returns the pattern."""
+    for f in frames:
+        write_exr(folder / f"plate.{f:04d}.exr", sample_pixels(f, **kw))
+    return str(folder / "plate.####.exr")
