@@ -40,6 +40,9 @@ def make_celery(settings: Settings | None = None, url: str | None = None) -> Cel
         "queue_order_strategy": "priority",
         "priority_steps": PRIORITY_STEPS,
         "sep": ":",
+        # Sweep for chunks whose worker died every restore_interval seconds (kombu's default is ~100s).
+        "unacked_restore_interval": settings.restore_interval,
+        "unacked_restore_throttle": 1,
     }
     app.conf.update(
         task_serializer="json",

@@ -15,8 +15,8 @@ from rich.table import Table
 
 from mlfarm.settings import Settings, get_settings
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # reasons and paths stay on one line when piped
+err_console = Console(stderr=True, soft_wrap=True)
 log = logging.getLogger("mlfarm")
 
 

@@ -34,9 +34,6 @@ def default_config_file() -> Path:
     return Path(os.environ.get("MLFARM_CONFIG") or _xdg("XDG_CONFIG_HOME", ".config") / "mlfarm" / "mlfarm.toml")
 
 
-CHUNK_SLACK_S = 60
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
 
@@ -73,6 +70,11 @@ class Settings(BaseSettings):
         default=600, ge=1, description="Seconds one frame may take; a chunk's time limit scales with its frames."
     )
 
+    chunk_slack: int = Field(default=60, ge=1, description="Seconds a chunk's time limit adds for model loading.")
+    restore_interval: int = Field(
+        default=10, ge=1, description="Seconds between a worker's sweeps for chunks of dead workers to redeliver."
+    )
+
     # --- worker --------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where GPU models run.")
 
@@ -80,6 +82,24 @@ class Settings(BaseSettings):
     gateway_port: int = 55555
     flower_port: int = 5555
     flower_basic_auth: str | None = Field(default=None, description="user:password for Flower.")
+
+    # --- submitting from Nuke (nuke_submit/) -----------------------------------------------
+    nuke_output_template: str = Field(
+        default="{shot}/ml/{model}/v{version:03d}/{shot}_{model}_v{version:03d}.####.exr",
+        description="Default output pattern, relative to the storage root; {shot}, {model}, {version} "
+        "(the first version with no frames on disk).",
+    )
+    nuke_render_template: str = Field(
+        default="{shot}/ml/_renders/{node}_{stamp}/{node}.####.exr",
+        description="Where a node that is not a Read of EXRs on shared storage is rendered before submitting; "
+        "relative to the storage root; {shot}, {node}, {stamp}.",
+    )
+    nuke_shared_roots: str = Field(
+        default="",
+        description="Folders besides the storage root that every worker sees at the same path, separated by "
+        "os.pathsep: Read nodes of EXR sequences there are read by the farm directly, not rendered first.",
+    )
+    nuke_poll_interval: float = Field(default=2.0, gt=0, description="Seconds between progress polls in Nuke.")
 
     @classmethod
     def settings_customise_sources(
@@ -102,23 +122,28 @@ class Settings(BaseSettings):
         if self.max_chunk < 1:
             raise ValueError(
                 f"MLFARM_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed one frame's time limit "
-                f"plus {CHUNK_SLACK_S}s (MLFARM_FRAME_TIME_LIMIT={self.frame_time_limit}s), or running chunks "
+                f"plus {self.chunk_slack}s (MLFARM_FRAME_TIME_LIMIT={self.frame_time_limit}s), or running chunks "
                 "would be delivered twice"
             )
         return self
 
     def chunk_time_limit(self, frames: int) -> int:
         """Hard limit for a chunk of ``frames`` frames; always below the visibility timeout."""
-        return self.frame_time_limit * frames + CHUNK_SLACK_S
+        return self.frame_time_limit * frames + self.chunk_slack
 
     @property
     def max_chunk(self) -> int:
         """The largest chunk whose time limit still ends before the broker would redeliver it."""
-        return (self.visibility_timeout - CHUNK_SLACK_S - 1) // self.frame_time_limit
+        return (self.visibility_timeout - self.chunk_slack - 1) // self.frame_time_limit
 
     @property
     def model_dirs(self) -> list[Path]:
         return [Path(p) for p in self.models_path.split(os.pathsep) if p.strip()]
+
+    @property
+    def nuke_read_roots(self) -> list[str]:
+        """Where the farm reads a Read node's frames directly: the storage root and the shared roots."""
+        return [str(self.storage_root)] + [p for p in self.nuke_shared_roots.split(os.pathsep) if p.strip()]
 
     @property
     def embedded_state_file(self) -> Path:

@@ -9,6 +9,7 @@ may also register models in the entry-point group ``mlfarm.models``. The model's
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import importlib.util
 import logging
@@ -70,7 +71,11 @@ def _folder_factory(name: str, folder: Path) -> Callable[[], type[BaseModel]]:
             root = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(_PLUGIN_PACKAGE, None))
             root.__path__ = []
             sys.modules[_PLUGIN_PACKAGE] = root
-        pkg_name = f"{_PLUGIN_PACKAGE}.{name}"
+        # One module name per folder, so two folders holding a model of the same name never collide.
+        digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:10]
+        pkg_name = f"{_PLUGIN_PACKAGE}.{name}_{digest}"
+        if f"{pkg_name}.model" in sys.modules:
+            return sys.modules[f"{pkg_name}.model"].Model
         spec = importlib.util.spec_from_file_location(
             pkg_name, folder / "__init__.py", submodule_search_locations=[str(folder)]
         )

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +29,37 @@ def confined_path(path: str | os.PathLike[str], root: str | os.PathLike[str]) ->
     return real
 
 
+HOST = socket.gethostname().replace("-", "_")
+STALE_AFTER_S = 3600
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def remove_stale_partials(final: Path) -> None:
+    """Remove temporaries a killed worker left beside ``final``.
+
+    They are hidden (dot-prefixed), so a Read node never sees them, but they waste space. One is
+    stale if its writer was on this host and is dead, or if it is older than an hour.
+    """
+    for tmp in final.parent.glob(f".{glob.escape(final.name)}.partial-*"):
+        host, _, rest = tmp.name.rpartition(".partial-")[2].partition("-")
+        pid = rest.partition("-")[0]
+        try:
+            dead_here = host == HOST and pid.isdigit() and not _pid_alive(int(pid))
+            if dead_here or time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path``; rename it into place only on success.
@@ -36,7 +70,8 @@ def atomic_output(path: str | os.PathLike[str], root: str | os.PathLike[str]) ->
     final = confined_path(path, root)
     final.parent.mkdir(parents=True, exist_ok=True)
     final = confined_path(final, root)  # the folders now exist: check again with them resolved
-    tmp = final.with_name(f".{final.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    remove_stale_partials(final)
+    tmp = final.with_name(f".{final.name}.partial-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

@@ -1,0 +1,79 @@
+"""A worker killed with SIGKILL mid-chunk: its frames are redelivered and finished elsewhere,
+and no partial EXR is ever visible at an output path."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlfarm.broker.frames import frame_path
+from mlfarm.worker.frame_io import read_image
+
+from conftest import make_plate, sample_pixels
+
+FAST_REDELIVERY = {
+    "MLFARM_FRAME_TIME_LIMIT": "3",
+    "MLFARM_CHUNK_SLACK": "2",
+    "MLFARM_VISIBILITY_TIMEOUT": "12",
+    "MLFARM_RESTORE_INTERVAL": "1",
+}
+
+
+class OutputWatcher(threading.Thread):
+    """Polls the output folder; every visible .exr must read back whole, every time."""
+
+    def __init__(self, folder: Path):
+        super().__init__(daemon=True)
+        self.folder = folder
+        self.bad: list[str] = []
+        self.checked = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if self.folder.exists():
+                for p in self.folder.glob("*.exr"):
+                    try:
+                        read_image(str(p))
+                        self.checked += 1
+                    except Exception as exc:
+                        self.bad.append(f"{p.name}: {exc}")
+            time.sleep(0.01)
+
+
+def test_killed_worker_chunk_is_redelivered_and_completed(farm):
+    farm.env_overrides.update(FAST_REDELIVERY)
+    frames = list(range(1, 10))
+    plate = make_plate(farm.storage / "plate", frames, width=320, height=180)
+    out_dir = farm.storage / "out"
+    out = str(out_dir / "o.####.exr")
+    victim = farm.start_worker(name="victim@test")
+    client = farm.farm()
+    watcher = OutputWatcher(out_dir)
+    watcher.start()
+    spec = client.submit("slow", plate, out, frames, {"seconds": 0.8}, chunk=3)
+    victim.wait_log(f"job {spec.id} slow: frames 1-3")
+    time.sleep(1.2)  # the first frame is written, the second is in the model
+    victim.kill()
+    killed_at = client.status(spec.id)
+    assert killed_at.counts["running"] >= 1, killed_at.summary()
+
+    rescuer = farm.start_worker(name="rescuer@test")
+    status = farm.wait_job(spec.id, timeout=90)
+    watcher.stop.set()
+    watcher.join()
+
+    assert status.state == "done", status.summary()
+    assert watcher.bad == [] and watcher.checked > 0
+    by_frame = {f.frame: f for f in status.frames}
+    assert by_frame[1].attempts == 1 and by_frame[1].worker.startswith("victim@test")
+    assert by_frame[2].attempts == 2 and by_frame[2].worker.startswith("rescuer@test")
+    assert "1 skipped" in rescuer.log()  # frame 1 was already done: not rendered twice
+    for f in frames:
+        got = read_image(frame_path(out, f)).rgba(4)
+        np.testing.assert_array_equal(got, sample_pixels(f, 320, 180).astype(np.float16).astype(np.float32))
+    assert sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) == [
+        f"o.{f:04d}.exr" for f in frames]
