@@ -290,5 +290,9 @@ def demo(frames: int, size: str) -> None:
     sys.exit(0 if ok else 1)
 
 
+from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402  (issue 3: the MLClient gateway)
+
+main.add_command(gateway_command)
+
 if __name__ == "__main__":
     main()

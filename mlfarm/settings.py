@@ -83,6 +83,26 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = Field(default=None, description="user:password for Flower.")
 
+    # --- MLClient gateway (issue #3; mlfarm/gateway) --------------------------------------
+    gateway_host: str = Field(
+        default="0.0.0.0",
+        description="Interface the gateway listens on. The MLClient protocol has no authentication: "
+        "use a studio-internal interface (127.0.0.1 for one workstation).",
+    )
+    gateway_max_body: int = Field(default=2 * 1024**3, ge=1, description="Largest request body accepted, bytes.")
+    gateway_client_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds a client may stay silent while sending its request."
+    )
+    gateway_max_clients: int = Field(default=32, ge=1, description="Connections served at once (threads).")
+    gateway_pickup_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds an inference request waits for a worker to take it."
+    )
+    gateway_script_models: str = Field(
+        default="",
+        description="Comma-separated model ids whose `PythonScript` objects the gateway forwards to Nuke "
+        "(which executes them). Empty: none are forwarded.",
+    )
+
     # --- submitting from Nuke (nuke_submit/) -----------------------------------------------
     nuke_output_template: str = Field(
         default="{shot}/ml/{model}/v{version:03d}/{shot}_{model}_v{version:03d}.####.exr",

@@ -11,6 +11,7 @@ from celery import Celery
 from mlfarm.broker.celery_app import CHUNK_TASK
 from mlfarm.broker.frames import format_frames, parse_frames
 
+from .interactive import register_interactive
 from .pipeline import ChunkRun
 from .runtime import runtime
 
@@ -35,6 +36,8 @@ class FramesFailed(Exception):
 
 
 def register_tasks(app: Celery) -> None:
+    register_interactive(app, TASK_POLICY)  # issue 3: frames from the MLClient gateway
+
     @app.task(name=CHUNK_TASK, **TASK_POLICY)
     def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:
         """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``."""

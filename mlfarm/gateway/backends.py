@@ -1,0 +1,130 @@
+"""Where the gateway's inference runs: on the farm's workers, or in its own process (``--local``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from mlfarm.broker.celery_app import INTERACTIVE_TASK, make_celery
+from mlfarm.broker.connection import broker_url, redis_client
+from mlfarm.broker.registry import read_catalog
+from mlfarm.models.catalog import Catalog
+from mlfarm.settings import Settings
+from mlfarm.worker.model_cache import ModelCache
+
+from .images import WireImage
+from .inference import run_model
+from .relay import DONE, TAKEN, Relay, raw_redis_client
+
+log = logging.getLogger(__name__)
+
+
+class InferenceFailed(RuntimeError):
+    """The request was valid but produced no result; the message is shown to the artist."""
+
+
+@dataclass
+class Result:
+    images: list[WireImage]
+    objects: list[Any] = field(default_factory=list)
+
+
+class Backend(Protocol):
+    def describe_all(self) -> dict[str, dict[str, Any]]: ...
+
+    def infer(self, model: str, options: dict[str, Any], images: list[WireImage]) -> Result: ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """Models run in the gateway's process, as the seed's server did on one workstation.
+
+    One lock per model: requests for different models run at once, requests for the same model
+    take turns (its options are set per request on the one warm instance). The cache is sized to
+    hold every model so that none is unloaded while another thread is using it.
+    """
+
+    def __init__(self, settings: Settings):
+        self.catalog = Catalog.from_settings(settings)
+        self.cache = ModelCache(self.catalog, max(1, len(self.catalog.names())), settings.device)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def describe_all(self) -> dict[str, dict[str, Any]]:
+        return self.catalog.describe_all()
+
+    def _lock(self, model: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(model, threading.Lock())
+
+    def infer(self, model: str, options: dict[str, Any], images: list[WireImage]) -> Result:
+        with self._lock(model):
+            try:
+                out, objects = run_model(self.cache.get(model), options, images)
+            except Exception as exc:
+                log.exception("model %s failed", model)
+                raise InferenceFailed(f"model {model} failed: {type(exc).__name__}: {exc}") from None
+        return Result(out, objects)
+
+    def close(self) -> None:
+        pass
+
+
+class FarmBackend:
+    """Requests go to the ``interactive`` queue, which every worker polls before batch work.
+
+    The gateway waits for a worker to take the request (``MLFARM_GATEWAY_PICKUP_TIMEOUT``), then
+    for its result (one frame's time limit). The catalog is the one workers publish.
+    """
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        url = broker_url(settings)
+        self.redis = redis_client(url)
+        self.pickup_timeout = settings.gateway_pickup_timeout
+        self.result_timeout = float(settings.frame_time_limit) + 30.0
+        self.relay = Relay(raw_redis_client(url, max(self.pickup_timeout, self.result_timeout) + 30.0))
+        self.celery = make_celery(settings, url)
+
+    def describe_all(self) -> dict[str, dict[str, Any]]:
+        return read_catalog(self.redis)
+
+    def infer(self, model: str, options: dict[str, Any], images: list[WireImage]) -> Result:
+        request_id = uuid.uuid4().hex
+        ttl = int(self.pickup_timeout) + 60
+        self.relay.put_request(request_id, images, ttl)
+        try:
+            self.celery.send_task(INTERACTIVE_TASK, args=[request_id, model, options], queue="interactive",
+                                  routing_key="interactive", priority=0, expires=self.pickup_timeout)
+            return self._await(request_id, model)
+        finally:
+            self.relay.forget(request_id)
+
+    def _await(self, request_id: str, model: str) -> Result:
+        signal = self.relay.wait(request_id, self.pickup_timeout)
+        if signal is None and self.relay.withdraw(request_id):
+            raise InferenceFailed(
+                f"no worker took the request for model {model} within {self.pickup_timeout:g}s: is a worker "
+                "running that consumes the 'interactive' queue (mlfarm worker --queues interactive,gpu), "
+                "and is it free?")
+        if signal is None:  # taken just as the pickup time ran out: its signal is on its way
+            signal = self.relay.wait(request_id, self.result_timeout)
+        worker = ""
+        if signal is not None and signal.startswith(TAKEN):
+            worker = signal[len(TAKEN):].decode(errors="replace").strip()
+            signal = self.relay.wait(request_id, self.result_timeout)
+        if signal != DONE:
+            raise InferenceFailed(f"worker {worker or '?'} took the request for model {model} but returned no "
+                                  f"result within {self.result_timeout:g}s")
+        reply = self.relay.take_reply(request_id)
+        if reply.error:
+            raise InferenceFailed(f"model {model} failed on worker {reply.worker or worker}: {reply.error}")
+        return Result(reply.images, reply.objects)
+
+    def close(self) -> None:
+        self.redis.close()
+        self.relay.client.close()

@@ -1,0 +1,49 @@
+"""One interactive frame through a warm model: the same code in a worker and in ``--local``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mlfarm.models.base import BaseModel
+
+from .images import WireImage
+
+
+class ModelOutputError(RuntimeError):
+    """The model returned something the MLClient protocol cannot carry."""
+
+
+def _plain(value: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays in a model's objects; anything else becomes text."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def run_model(model: BaseModel, options: Mapping[str, Any], images: Sequence[WireImage]
+              ) -> tuple[list[WireImage], list[Any]]:
+    """Decode, set every option (validated, defaults included), infer, encode.
+
+    Every option is set on each call because the cached model is shared with other requests and
+    chunks; the caller guarantees no other thread uses ``model`` meanwhile.
+    """
+    arrays = [img.to_array() for img in images]
+    model.set_options({k: v for k, v in options.items() if k in model.options})
+    model.set_buttons({k: v for k, v in options.items() if k in model.buttons})
+    outputs = model.infer_batch([arrays])
+    if len(outputs) != 1:
+        raise ModelOutputError(f"infer_batch returned {len(outputs)} results for 1 frame")
+    out_images, objects = [], []
+    for item in outputs[0]:
+        if isinstance(item, np.ndarray):
+            out_images.append(WireImage.from_array(item))
+        else:
+            objects.append(item)
+    if not out_images and not objects:
+        raise ModelOutputError("the model returned neither images nor objects")
+    # Objects cross Redis as JSON from a worker; --local normalises the same way so both agree.
+    return out_images, json.loads(json.dumps(objects, default=_plain))
