@@ -45,9 +45,14 @@ class Farm:
         return self._app
 
     # --- catalog -----------------------------------------------------------------------
-    def catalog(self) -> dict[str, dict[str, Any]]:
-        """Models as the farm's workers published them; this machine's model folders fill gaps."""
+    def catalog(self, include_local: bool = True) -> dict[str, dict[str, Any]]:
+        """Models as the farm's workers published them; this machine's model folders fill gaps.
+
+        Nuke passes ``include_local=False``: importing model plugins there could pull in torch.
+        """
         published = read_catalog(self.redis)
+        if not include_local:
+            return published
         try:
             from mlfarm.models.catalog import Catalog
         except ImportError:  # a thin client (Nuke) without the model plugins installed
@@ -55,8 +60,8 @@ class Farm:
         local = Catalog.from_settings(self.settings).describe_all()
         return {**local, **published}
 
-    def describe(self, model: str) -> dict[str, Any]:
-        catalog = self.catalog()
+    def describe(self, model: str, include_local: bool = True) -> dict[str, Any]:
+        catalog = self.catalog(include_local)
         if model not in catalog:
             raise SubmitError("unknown model %r (available: %s)" % (model, ", ".join(sorted(catalog)) or "none"))
         return catalog[model]
@@ -71,8 +76,8 @@ class Farm:
 
     def submit(self, model: str, input: str, output: str, frames: Sequence[int],
                options: Mapping[str, Any] | None = None, chunk: int | None = None, priority: int = 50,
-               name: str = "") -> JobSpec:
-        desc = self.describe(model)
+               name: str = "", include_local: bool = True) -> JobSpec:
+        desc = self.describe(model, include_local)
         typed = validate_options(desc, dict(options or {}))
         try:
             check_pattern(input)

@@ -1,0 +1,441 @@
+"""The thin layer that talks to Nuke: the submit panel, the results Read node, live progress.
+
+Every decision (frames, paths, names, colour, label text) is made by the pure modules beside this
+one; this module only reads and writes knobs, creates nodes and runs Nuke's own render for the
+render-first path. Nodes are touched on Nuke's main thread only: progress arrives from a polling
+thread through ``nuke.executeInMainThread``.
+
+The farm client (Celery, redis-py, pydantic-settings) is imported on first use, so the menu
+installs, and says what is missing, even where those are not installed for Nuke's Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import nuke
+
+from mlfarm.broker.frames import PatternError, check_pattern, parse_frames
+from mlfarm.models.options import OptionError, validate_options
+
+from .knobs import KnobSpec, option_knobs, options_from_knobs
+from .plan import (
+    FRAME_MODES,
+    PlanError,
+    check_frames_exist,
+    choose_frames,
+    farm_pattern,
+    frame_runs,
+    output_pattern,
+    reads_directly,
+    render_pattern,
+    shot_name,
+    write_channels,
+)
+from .results import Progress, failure_text, progress_label, read_settings
+from .watch import JobWatcher, Watchers
+
+log = logging.getLogger(__name__)
+
+#: Knobs mlfarm adds to a results Read (on its "ML Farm" tab); they travel with the saved script.
+JOB_KNOB = "mlfarm_job"
+FRAMES_KNOB = "mlfarm_frames"
+VERSION_KNOB = "mlfarm_version"
+FAILURES_KNOB = "mlfarm_failures"
+
+WATCHERS = Watchers()
+_shown_done = {}  # type: Dict[str, int]  # job id -> done count the Read was last reloaded for
+
+
+@dataclass
+class Submission:
+    job_id: str
+    spec: Any  # the client's JobSpec
+    read: Any  # the results Read node
+    rendered_first: bool
+    input: str
+
+
+# --- the farm ------------------------------------------------------------------------------------
+def connect():
+    """A ``Farm`` for the configured broker, checked to answer, or a PlanError saying what is wrong."""
+    try:
+        from .client import Farm
+    except ImportError as exc:
+        raise PlanError("the ML Farm client libraries are not installed for Nuke's Python (%s); "
+                        "see 'Nuke setup' in the mlfarm README" % exc) from None
+    try:
+        farm = Farm()
+        farm.redis.ping()
+    except Exception as exc:  # no broker configured, insecure URL, Redis down: all need the same fix
+        raise PlanError("cannot reach the farm: %s" % exc) from None
+    return farm
+
+
+def _user_error(exc: Exception) -> bool:
+    if isinstance(exc, (PlanError, PatternError, OptionError)):
+        return True
+    try:
+        from .client import SubmitError
+    except ImportError:
+        return False
+    return isinstance(exc, SubmitError)
+
+
+def _report(exc: Exception) -> None:
+    if _user_error(exc):
+        nuke.message("ML Farm: %s" % exc)
+    else:
+        log.exception("mlfarm: unexpected error")
+        nuke.message("ML Farm: unexpected error: %s: %s (details in the script editor)" % (type(exc).__name__, exc))
+
+
+# --- reading the node ------------------------------------------------------------------------------
+def _source_pattern(node: Any) -> Optional[str]:
+    """The farm pattern of a node that reads files (``None`` for any other node)."""
+    if node.knob("file") is None or node.Class() == "Write":
+        return None
+    return farm_pattern(nuke.filename(node) or node["file"].value())
+
+
+def _frames_arg(node: Any, frames: Union[None, str, Sequence[int]]) -> List[int]:
+    if frames is None:
+        return choose_frames("input", (node.firstFrame(), node.lastFrame()), _script_range())
+    if isinstance(frames, str):
+        try:
+            return parse_frames(frames)
+        except PatternError as exc:
+            raise PlanError(str(exc)) from None
+    out = [int(f) for f in frames]
+    if not out:
+        raise PlanError("no frames to render")
+    return out
+
+
+def _script_range() -> tuple:
+    root = nuke.root()
+    return int(root["first_frame"].value()), int(root["last_frame"].value())
+
+
+# --- submitting ------------------------------------------------------------------------------------
+def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
+           frames: Union[None, str, Sequence[int]] = None, chunk: Optional[int] = None, priority: int = 50,
+           output: Optional[str] = None, shot: Optional[str] = None, farm: Any = None,
+           watch: bool = True) -> Submission:
+    """Submit ``node``'s frames to the farm and create a Read node for the results.
+
+    ``frames``: None (the node's range), a string such as ``1001-1100x2``, or a list. A Read of EXRs
+    on shared storage is read by the farm directly; any other node is first rendered to EXR under the
+    storage root. Everything that can be checked is checked before rendering or queueing anything.
+    """
+    farm = farm or connect()
+    settings = farm.settings
+    description = farm.describe(model, include_local=False)
+    frame_list = _frames_arg(node, frames)
+    typed = validate_options(description, dict(options or {}))
+    source = _source_pattern(node)
+    shot = shot or shot_name(nuke.root().name(), source or "")
+    out = output or output_pattern(settings.nuke_output_template, str(settings.storage_root), shot, model)
+    try:
+        check_pattern(out)
+    except PatternError as exc:
+        raise PlanError(str(exc)) from None
+    farm.check_output(out)
+    if source is not None:
+        check_frames_exist(source, frame_list)
+    if source is not None and reads_directly(node.Class(), source, settings.nuke_read_roots):
+        input_pattern, rendered = source, False
+    else:
+        input_pattern, rendered = render_first(node, frame_list, shot, description, settings), True
+    spec = farm.submit(model, input_pattern, out, frame_list, typed, chunk, priority,
+                       name="%s %s" % (shot, node.name()), include_local=False)
+    read = create_results_read(node, spec, description, rendered)
+    if watch:
+        follow(read, farm)
+    return Submission(job_id=spec.id, spec=spec, read=read, rendered_first=rendered, input=input_pattern)
+
+
+def render_first(node: Any, frames: Sequence[int], shot: str, description: Dict[str, Any], settings: Any) -> str:
+    """Render ``node`` to scene-linear EXRs under the storage root with a temporary Write; returns the pattern."""
+    pattern = render_pattern(settings.nuke_render_template, str(settings.storage_root), shot, node.name())
+    folder = os.path.dirname(pattern)
+    os.makedirs(folder)  # new for every submission, so removing it on failure removes only our frames
+    write = nuke.nodes.Write()
+    try:
+        write.setInput(0, node)
+        for knob, value in (("file", pattern), ("file_type", "exr"), ("channels", write_channels(description)),
+                            ("raw", True), ("datatype", "32 bit float"), ("compression", "Zip (1 scanline)")):
+            write[knob].setValue(value)
+        started = time.time()
+        for first, last, step in frame_runs(frames):
+            nuke.execute(write, first, last, step)
+        log.info("mlfarm: rendered %d frames of %s in %.1fs", len(frames), node.name(), time.time() - started)
+        check_frames_exist(pattern, frames)
+    except Exception as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise PlanError("rendering %s to EXR for the farm failed, nothing was submitted: %s"
+                        % (node.name(), exc)) from None
+    finally:
+        nuke.delete(write)
+    return pattern
+
+
+def create_results_read(source: Any, spec: Any, description: Dict[str, Any], rendered_first: bool) -> Any:
+    """A Read beside ``source`` for the job's output, with its range, colour handling and label."""
+    is_read = source.Class() == "Read"
+    source_raw = bool(source["raw"].value()) if is_read and source.knob("raw") is not None else True
+    source_cs = source["colorspace"].value() if is_read and source.knob("colorspace") is not None else None
+    rs = read_settings(spec.id, spec.model, spec.model_version, spec.output, spec.frames, description,
+                       rendered_first, source_raw, source_cs)
+    read = nuke.nodes.Read()
+    read["file"].setValue(rs.file)
+    for knob in ("first", "origfirst"):
+        read[knob].setValue(rs.first)
+    for knob in ("last", "origlast"):
+        read[knob].setValue(rs.last)
+    read["raw"].setValue(rs.raw)
+    if rs.colorspace:
+        read["colorspace"].setValue(rs.colorspace)
+    read["on_error"].setValue("checkerboard")  # frames still rendering are obvious, not errors
+    read["label"].setValue(rs.label)
+    read.setName(rs.name)
+    read.setXYpos(source.xpos() + 150, source.ypos())
+    read.addKnob(nuke.Tab_Knob("mlfarm", "ML Farm"))
+    for name, label, value in ((JOB_KNOB, "job", rs.knobs[JOB_KNOB]),
+                               (FRAMES_KNOB, "frames", rs.knobs[FRAMES_KNOB]),
+                               (VERSION_KNOB, "model version", spec.model_version)):
+        k = nuke.String_Knob(name, label)
+        read.addKnob(k)
+        k.setValue(value)
+    read.addKnob(nuke.Text_Knob(FAILURES_KNOB, "failed frames", failure_text(())))
+    call = "import mlfarm.nuke_submit.nuke_ui as ui; ui.%s(nuke.thisNode())"
+    read.addKnob(nuke.PyScript_Knob("mlfarm_retry", "Retry failed", call % "retry_failed_command"))
+    read.addKnob(nuke.PyScript_Knob("mlfarm_refresh", "Refresh", call % "refresh_node_command"))
+    return read
+
+
+# --- progress --------------------------------------------------------------------------------------
+def apply_progress(read: Any, progress: Progress) -> None:
+    """Show a progress snapshot on the results Read (main thread only) and reload it when frames land."""
+    version = read[VERSION_KNOB].value() if read.knob(VERSION_KNOB) is not None else ""
+    read["label"].setValue(progress_label(progress, version))
+    read[FAILURES_KNOB].setValue(failure_text(progress.failures))
+    if progress.done > _shown_done.get(progress.job_id, 0):
+        _shown_done[progress.job_id] = progress.done
+        read["reload"].execute()
+
+
+def follow(read: Any, farm: Any) -> JobWatcher:
+    """Poll the job on a background thread; every change is applied on the main thread."""
+    job_id = read[JOB_KNOB].value()
+
+    def deliver(progress: Progress) -> None:
+        nuke.executeInMainThread(apply_progress, args=(read, progress))
+
+    watcher = JobWatcher(job_id, lambda: farm.status(job_id), deliver, interval=farm.settings.nuke_poll_interval)
+    return WATCHERS.start(watcher)
+
+
+def refresh_node(read: Any, farm: Any = None) -> Progress:
+    """Bring one results Read up to date now, and keep following it if its job is still running."""
+    farm = farm or connect()
+    job_id = read[JOB_KNOB].value()
+    progress = Progress.from_status(farm.status(job_id))
+    apply_progress(read, progress)
+    if not progress.finished and not WATCHERS.running(job_id):
+        follow(read, farm)
+    return progress
+
+
+def result_reads() -> List[Any]:
+    return [n for n in nuke.allNodes("Read") if n.knob(JOB_KNOB) is not None and n[JOB_KNOB].value()]
+
+
+def refresh_results(farm: Any = None) -> List[Progress]:
+    """Refresh every results Read in the script (after reopening it, or after a network hiccup)."""
+    farm = farm or connect()
+    out = []
+    for read in result_reads():
+        try:
+            out.append(refresh_node(read, farm))
+        except KeyError as exc:  # the job record expired
+            read["label"].setValue("mlfarm %s\n%s" % (read[JOB_KNOB].value(), exc))
+    return out
+
+
+def retry_failed(read: Any, farm: Any = None) -> List[int]:
+    """Requeue only the failed frames of a results Read's job and follow it again."""
+    farm = farm or connect()
+    job_id = read[JOB_KNOB].value()
+    frames = farm.retry(job_id, failed_only=True)
+    if frames:
+        refresh_node(read, farm)
+        if not WATCHERS.running(job_id):
+            follow(read, farm)
+    return frames
+
+
+# --- the panel ----------------------------------------------------------------------------------------
+def make_knob(spec: KnobSpec) -> Any:
+    """The Nuke knob for one model option."""
+    if spec.kind == "int":
+        knob = nuke.Int_Knob(spec.name, spec.label)
+    elif spec.kind == "float":
+        knob = nuke.Double_Knob(spec.name, spec.label)
+    elif spec.kind == "bool":
+        knob = nuke.Boolean_Knob(spec.name, spec.label)
+    elif spec.kind == "enum":
+        knob = nuke.Enumeration_Knob(spec.name, spec.label, list(spec.values))
+    else:
+        knob = nuke.String_Knob(spec.name, spec.label)
+    if spec.range is not None and spec.kind in ("int", "float"):
+        knob.setRange(spec.range[0], spec.range[1])
+    knob.setValue(spec.default)
+    return knob
+
+
+class SubmitPanel(nuke.PythonPanel):
+    """*ML Farm > Submit selected...*: model, its options, frames, chunk, priority, output."""
+
+    def __init__(self, node: Any, farm: Any):
+        nuke.PythonPanel.__init__(self, "ML Farm: submit %s" % node.name(), "uk.co.mlfarm.submit")
+        self.node = node
+        self.farm = farm
+        self.catalog = farm.catalog(include_local=False)
+        if not self.catalog:
+            raise PlanError("the farm has published no models yet: is a worker running? (mlfarm up / mlfarm worker)")
+        settings = farm.settings
+        source = _source_pattern(node)
+        self.input_range = (node.firstFrame(), node.lastFrame())
+        self.model = nuke.Enumeration_Knob("model", "model", sorted(self.catalog))
+        self.frame_mode = nuke.Enumeration_Knob("frame_range", "frame range", list(FRAME_MODES))
+        self.custom = nuke.String_Knob("custom_frames", "custom frames")
+        self.chunk = nuke.Int_Knob("chunk", "chunk size")
+        self.priority = nuke.Int_Knob("priority", "priority")
+        self.shot = nuke.String_Knob("shot", "shot")
+        self.output = nuke.File_Knob("output", "output")
+        for knob in (self.model, self.frame_mode, self.custom, self.chunk, self.priority, self.shot, self.output):
+            self.addKnob(knob)
+        self.addKnob(nuke.Text_Knob("options_divider", "model options"))
+        self.custom.setValue("%d-%d" % self.input_range)
+        self.chunk.setValue(settings.default_chunk)
+        self.priority.setValue(50)
+        self.shot.setValue(shot_name(nuke.root().name(), source or ""))
+        self.option_knobs = []  # type: List[Any]
+        self.specs = []  # type: List[KnobSpec]
+        self.rebuild_options()
+
+    def rebuild_options(self) -> None:
+        """Replace the option knobs with the chosen model's, and point the output at its next version."""
+        for knob in self.option_knobs:
+            self.removeKnob(knob)
+        self.specs = option_knobs(self.catalog[self.model.value()])
+        self.option_knobs = [make_knob(s) for s in self.specs]
+        for knob in self.option_knobs:
+            self.addKnob(knob)
+        self.update_output()
+
+    def update_output(self) -> None:
+        settings = self.farm.settings
+        self.output.setValue(output_pattern(settings.nuke_output_template, str(settings.storage_root),
+                                            self.shot.value(), self.model.value()))
+
+    def knobChanged(self, knob: Any) -> None:  # noqa: N802 - Nuke's callback name
+        name = knob.name()
+        if name == "model":
+            self.rebuild_options()
+        elif name == "shot":
+            self.update_output()
+        elif name == "frame_range":
+            self.custom.setEnabled(self.frame_mode.value() == "custom")
+
+    def frames(self) -> List[int]:
+        return choose_frames(self.frame_mode.value(), self.input_range, _script_range(), self.custom.value())
+
+    def options(self) -> Dict[str, Any]:
+        return options_from_knobs(self.specs, {k.name(): k.value() for k in self.option_knobs})
+
+    def submit(self, watch: bool = True) -> Submission:
+        return submit(self.node, self.model.value(), self.options(), self.frames(), int(self.chunk.value()),
+                      int(self.priority.value()), self.output.value(), self.shot.value(), self.farm, watch)
+
+
+# --- menu commands: each reports refusals with nuke.message instead of raising --------------------------
+def submit_selected() -> Optional[Submission]:
+    try:
+        node = nuke.selectedNode()
+    except ValueError:
+        nuke.message("ML Farm: select the node to submit first")
+        return None
+    try:
+        panel = SubmitPanel(node, connect())
+        if not panel.showModalDialog():
+            return None
+        return panel.submit()
+    except Exception as exc:
+        _report(exc)
+        return None
+
+
+def refresh_results_command() -> None:
+    try:
+        refresh_results()
+    except Exception as exc:
+        _report(exc)
+
+
+def refresh_node_command(read: Any) -> None:
+    try:
+        refresh_node(read)
+    except Exception as exc:
+        _report(exc)
+
+
+def retry_failed_command(read: Any) -> None:
+    try:
+        frames = retry_failed(read)
+        if not frames:
+            nuke.message("ML Farm: job %s has no failed frames" % read[JOB_KNOB].value())
+    except Exception as exc:
+        _report(exc)
+
+
+def retry_selected_command() -> None:
+    reads = [n for n in nuke.selectedNodes() if n.knob(JOB_KNOB) is not None]
+    if not reads:
+        nuke.message("ML Farm: select a results Read node (made by Submit selected...)")
+    for read in reads:
+        retry_failed_command(read)
+
+
+def settings_text(settings: Any, url: str) -> str:
+    from .plan import masked_url
+
+    lines = [
+        "broker: %s" % masked_url(url),
+        "storage root: %s" % settings.storage_root,
+        "shared roots read directly: %s" % (settings.nuke_shared_roots or "-"),
+        "output template: %s" % settings.nuke_output_template,
+        "progress poll: every %gs" % settings.nuke_poll_interval,
+        "",
+        "Change these with MLFARM_* environment variables or the settings file",
+        "(MLFARM_CONFIG, default ~/.config/mlfarm/mlfarm.toml), then restart Nuke.",
+    ]
+    return "\n".join(lines)
+
+
+def show_settings() -> None:
+    """*ML Farm > Settings...*: where this Nuke submits to, and whether the farm answers."""
+    try:
+        farm = connect()
+        models = sorted(farm.catalog(include_local=False))
+        text = settings_text(farm.settings, farm.url)
+        text += "\n\nfarm reachable; models: %s" % (", ".join(models) or "none published yet")
+    except Exception as exc:
+        text = "ML Farm: %s" % exc
+    nuke.message(text)

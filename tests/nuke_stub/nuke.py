@@ -1,0 +1,726 @@
+"""A small stand-in for Nuke's ``nuke`` module, following Nuke's documented Python API for just
+what mlfarm's Nuke layer calls. Tests put this folder on ``sys.path``; nothing else sees it.
+
+What it models, and how faithfully:
+- nodes with knobs (``value()/setValue()/getValue()``, ``knob()``, ``node[...]``), ``nuke.nodes.X()``,
+  ``createNode``, ``toNode``, ``selectedNode`` (ValueError when nothing is selected, as Nuke does),
+  ``allNodes``, ``delete``, ``root()`` with ``first_frame``/``last_frame``, ``filename``;
+- pixels: a Read reads its EXR frames with OpenImageIO, ``Grade`` multiplies, ``Constant`` is flat,
+  and ``execute()`` on a Write writes EXR frames with OpenImageIO;
+- threads: knobs may only be touched on the main thread (touching them elsewhere raises, where real
+  Nuke would misbehave); ``executeInMainThread`` queues the call until the test runs
+  ``process_events()``, like Nuke's event loop would;
+- ``message``, ``menu``, ``PythonPanel`` (``showModalDialog`` answers what the test set), and
+  ``scriptSaveAs``/``scriptOpen`` to a small JSON file so user knobs survive like in a .nk script.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+
+import numpy as np
+import OpenImageIO as oiio
+
+_MAIN = threading.main_thread()
+
+# --- what tests inspect ---------------------------------------------------------------------------
+messages: list[str] = []
+executed: list[tuple[str, int, int, int]] = []  # (write node name, first, last, incr)
+modal_answer = True  # what PythonPanel.showModalDialog() returns
+env = {"gui": True, "NukeVersionMajor": 15}
+
+_events: collections.deque = collections.deque()
+_nodes: list[Node] = []
+_this_node = None
+
+
+def reset() -> None:
+    """A new, empty script."""
+    global _root, _this_node, modal_answer
+    _nodes.clear()
+    messages.clear()
+    executed.clear()
+    _events.clear()
+    _menus.clear()
+    _root = Root()
+    _this_node = None
+    modal_answer = True
+
+
+def process_events(max_calls: int = 10000) -> int:
+    """Run the calls queued with executeInMainThread, as Nuke's event loop would; returns how many."""
+    _check_thread()
+    n = 0
+    while _events and n < max_calls:
+        call, args, kwargs = _events.popleft()
+        call(*args, **kwargs)
+        n += 1
+    return n
+
+
+def _check_thread() -> None:
+    if threading.current_thread() is not _MAIN:
+        raise RuntimeError("nuke stand-in: nodes and knobs may only be touched on the main thread "
+                           "(use nuke.executeInMainThread)")
+
+
+# --- knobs ---------------------------------------------------------------------------------------
+class Knob:
+    def __init__(self, name: str, label: str | None = None, value: object = ""):
+        self._name = name
+        self._label = label if label is not None else name
+        self._value = value
+        self._enabled = True
+        self._range = None
+        self.node = None
+
+    def name(self) -> str:
+        return self._name
+
+    def label(self) -> str:
+        return self._label
+
+    def Class(self) -> str:  # noqa: N802 - Nuke's spelling
+        return type(self).__name__
+
+    def value(self):
+        _check_thread()
+        return self._value
+
+    def getValue(self):  # noqa: N802
+        _check_thread()
+        return self._value
+
+    def setValue(self, value) -> bool:  # noqa: N802
+        _check_thread()
+        self._value = self._coerce(value)
+        return True
+
+    def _coerce(self, value):
+        return value
+
+    def setEnabled(self, enabled: bool) -> None:  # noqa: N802
+        self._enabled = bool(enabled)
+
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def setVisible(self, visible: bool) -> None:  # noqa: N802
+        pass
+
+    def setFlag(self, flag: int) -> None:  # noqa: N802
+        pass
+
+    def setRange(self, lo: float, hi: float) -> None:  # noqa: N802
+        self._range = (lo, hi)
+
+    def _state(self) -> dict:
+        return {"cls": type(self).__name__, "label": self._label, "value": self._value}
+
+
+class Int_Knob(Knob):  # noqa: N801 - Nuke's class names
+    def __init__(self, name: str, label: str | None = None):
+        super().__init__(name, label, 0)
+
+    def _coerce(self, value):
+        return int(value)
+
+
+class Double_Knob(Knob):  # noqa: N801
+    def __init__(self, name: str, label: str | None = None):
+        super().__init__(name, label, 0.0)
+
+    def _coerce(self, value):
+        return float(value)
+
+
+class Boolean_Knob(Knob):  # noqa: N801
+    def __init__(self, name: str, label: str | None = None, value: bool = False):
+        super().__init__(name, label, bool(value))
+
+    def _coerce(self, value):
+        return bool(value)
+
+    def getValue(self):  # noqa: N802 - Nuke returns 0.0/1.0 here
+        return float(super().getValue())
+
+
+class String_Knob(Knob):  # noqa: N801
+    def __init__(self, name: str, label: str | None = None, text: str = ""):
+        super().__init__(name, label, text)
+
+    def _coerce(self, value):
+        return str(value)
+
+
+class File_Knob(String_Knob):  # noqa: N801
+    pass
+
+
+class Text_Knob(String_Knob):  # noqa: N801
+    pass
+
+
+class Tab_Knob(Knob):  # noqa: N801
+    def __init__(self, name: str, label: str | None = None):
+        super().__init__(name, label, None)
+
+
+class Enumeration_Knob(Knob):  # noqa: N801
+    def __init__(self, name: str, label: str | None, values: list):
+        super().__init__(name, label, 0)
+        self._values = [str(v) for v in values]
+
+    def values(self) -> list[str]:
+        return list(self._values)
+
+    def setValues(self, values: list) -> None:  # noqa: N802
+        self._values = [str(v) for v in values]
+
+    def value(self) -> str:
+        _check_thread()
+        return self._values[self._value] if self._values else ""
+
+    def getValue(self) -> float:  # noqa: N802
+        _check_thread()
+        return float(self._value)
+
+    def _coerce(self, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            index = value
+        elif str(value) in self._values:
+            index = self._values.index(str(value))
+        else:
+            raise ValueError(f"{self._name}: {value!r} is not one of {self._values}")
+        if not 0 <= index < len(self._values):
+            raise ValueError(f"{self._name}: index {index} out of range")
+        return index
+
+    def _state(self) -> dict:
+        return dict(super()._state(), values=self._values)
+
+
+class PyScript_Knob(Knob):  # noqa: N801
+    def __init__(self, name: str, label: str | None = None, command: str = ""):
+        super().__init__(name, label, command)
+
+    def execute(self) -> None:
+        global _this_node
+        _check_thread()
+        previous, _this_node = _this_node, self.node
+        try:
+            exec(self._value, {"nuke": __import__("nuke")})
+        finally:
+            _this_node = previous
+
+
+class _ReloadButton(Knob):
+    """The Read node's built-in *Reload* button; counts presses so tests see reloads."""
+
+    def __init__(self):
+        super().__init__("reload", "Reload", None)
+        self.presses = 0
+
+    def execute(self) -> None:
+        _check_thread()
+        self.presses += 1
+
+
+_KNOB_CLASSES = {c.__name__: c for c in (Int_Knob, Double_Knob, Boolean_Knob, String_Knob, File_Knob, Text_Knob,
+                                         Tab_Knob, Enumeration_Knob, PyScript_Knob)}
+
+
+# --- nodes ---------------------------------------------------------------------------------------
+class Node:
+    _class = "Node"
+    _builtin: tuple = ()
+
+    def __init__(self):
+        self._knobs: dict[str, Knob] = {}
+        self._inputs: dict[int, Node] = {}
+        self._xy = [0, 0]
+        self._selected = False
+        for knob in (String_Knob("name"), String_Knob("label")) + tuple(self._builtin_knobs()):
+            self._add(knob)
+        self._knobs["name"]._value = _unique_name(self._class)
+
+    def _builtin_knobs(self) -> list[Knob]:
+        return []
+
+    def _add(self, knob: Knob) -> None:
+        knob.node = self
+        self._knobs[knob.name()] = knob
+
+    # identity
+    def Class(self) -> str:  # noqa: N802
+        return self._class
+
+    def name(self) -> str:
+        self._alive()
+        return self._knobs["name"]._value
+
+    def setName(self, name: str, uncollide: bool = True) -> None:  # noqa: N802
+        _check_thread()
+        self._knobs["name"]._value = _unique_name(name) if uncollide else name
+
+    def fullName(self) -> str:  # noqa: N802
+        return self.name()
+
+    def _alive(self) -> None:
+        if self not in _nodes:
+            raise ValueError("PythonObject not attached to a node")
+
+    # knobs
+    def knob(self, name: str):
+        return self._knobs.get(name)
+
+    def __getitem__(self, name: str) -> Knob:
+        self._alive()
+        if name not in self._knobs:
+            raise NameError(f"knob {name} does not exist")
+        return self._knobs[name]
+
+    def knobs(self) -> dict[str, Knob]:
+        return dict(self._knobs)
+
+    def addKnob(self, knob: Knob) -> None:  # noqa: N802
+        _check_thread()
+        self._add(knob)
+
+    def removeKnob(self, knob: Knob) -> None:  # noqa: N802
+        self._knobs.pop(knob.name(), None)
+
+    # graph
+    def input(self, i: int):
+        return self._inputs.get(i)
+
+    def setInput(self, i: int, node) -> bool:  # noqa: N802
+        _check_thread()
+        if node is None:
+            self._inputs.pop(i, None)
+        else:
+            self._inputs[i] = node
+        return True
+
+    def inputs(self) -> int:
+        return len(self._inputs)
+
+    def xpos(self) -> int:
+        return self._xy[0]
+
+    def ypos(self) -> int:
+        return self._xy[1]
+
+    def setXYpos(self, x: int, y: int) -> None:  # noqa: N802
+        self._xy = [int(x), int(y)]
+
+    def setSelected(self, selected: bool) -> None:  # noqa: N802
+        self._selected = bool(selected)
+
+    def isSelected(self) -> bool:  # noqa: N802
+        return self._selected
+
+    # frames and pixels
+    def firstFrame(self) -> int:  # noqa: N802
+        src = self.input(0)
+        return src.firstFrame() if src is not None else int(_root["first_frame"].value())
+
+    def lastFrame(self) -> int:  # noqa: N802
+        src = self.input(0)
+        return src.lastFrame() if src is not None else int(_root["last_frame"].value())
+
+    def pixels(self, frame: int) -> np.ndarray:
+        """This node's RGBA output for ``frame`` (stand-in only; Nuke computes this itself)."""
+        src = self.input(0)
+        if src is None:
+            raise RuntimeError(f"{self.name()}: no input")
+        return src.pixels(frame)
+
+    def channels(self) -> list[str]:
+        src = self.input(0)
+        return src.channels() if src is not None else ["rgba.red", "rgba.green", "rgba.blue", "rgba.alpha"]
+
+
+def _unique_name(base: str) -> str:
+    taken = {n._knobs["name"]._value for n in _nodes}
+    stem = base.rstrip("0123456789") or base
+    if base not in taken and base != stem:
+        return base
+    i = 1
+    while f"{stem}{i}" in taken:
+        i += 1
+    return f"{stem}{i}"
+
+
+def _channel_name(exr_name: str) -> str:
+    main = {"R": "rgba.red", "G": "rgba.green", "B": "rgba.blue", "A": "rgba.alpha"}
+    if exr_name in main:
+        return main[exr_name]
+    return exr_name if "." in exr_name else "other." + exr_name
+
+
+def _expand(pattern: str, frame: int) -> str:
+    from mlfarm.broker.frames import frame_path
+
+    return frame_path(pattern, frame)
+
+
+class Read(Node):
+    _class = "Read"
+
+    def _builtin_knobs(self) -> list[Knob]:
+        first, last = Int_Knob("first"), Int_Knob("last")
+        origfirst, origlast = Int_Knob("origfirst"), Int_Knob("origlast")
+        on_error = Enumeration_Knob("on_error", "missing frames", ["error", "black", "checkerboard", "nearest frame"])
+        colorspace = String_Knob("colorspace", "colorspace", "default")
+        return [File_Knob("file"), first, last, origfirst, origlast, Boolean_Knob("raw", "raw data"),
+                colorspace, on_error, _ReloadButton()]
+
+    def firstFrame(self) -> int:  # noqa: N802
+        return int(self["first"].value())
+
+    def lastFrame(self) -> int:  # noqa: N802
+        return int(self["last"].value())
+
+    def _frame_file(self, frame: int) -> str:
+        return _expand(filename(self), frame)
+
+    def pixels(self, frame: int) -> np.ndarray:
+        path = self._frame_file(frame)
+        inp = oiio.ImageInput.open(path)
+        if inp is None:
+            raise RuntimeError(f"Read {self.name()}: cannot open {path}: {oiio.geterror()}")
+        try:
+            spec = inp.spec()
+            px = np.asarray(inp.read_image(0, 0, 0, spec.nchannels, "float"), dtype=np.float32)
+            names = list(spec.channelnames)
+        finally:
+            inp.close()
+        h, w = px.shape[:2]
+        out = np.zeros((h, w, 4), np.float32)
+        for i, c in enumerate("RGBA"):
+            if c in names:
+                out[..., i] = px[..., names.index(c)]
+        return out
+
+    def channels(self) -> list[str]:
+        """Every channel of the file, as Nuke lists them: rgba.red..., then layer.channel."""
+        for f in range(self.firstFrame(), self.lastFrame() + 1):
+            path = self._frame_file(f)
+            if os.path.exists(path):
+                inp = oiio.ImageInput.open(path)
+                names = list(inp.spec().channelnames)
+                inp.close()
+                return [_channel_name(n) for n in names]
+        return []
+
+
+class Write(Node):
+    _class = "Write"
+
+    def _builtin_knobs(self) -> list[Knob]:
+        return [File_Knob("file"), String_Knob("file_type"), String_Knob("channels", text="rgb"),
+                Boolean_Knob("raw", "raw data"), String_Knob("colorspace", text="default"),
+                String_Knob("datatype", text="16 bit half"), String_Knob("compression", text="Zip (1 scanline)")]
+
+    def render(self, frame: int) -> None:
+        if self["file_type"].value() != "exr":
+            raise RuntimeError("stand-in Write renders EXR only, not {!r}".format(self["file_type"].value()))
+        names = {"rgba": ("R", "G", "B", "A"), "rgb": ("R", "G", "B"), "alpha": ("A",)}[self["channels"].value()]
+        px = self.pixels(frame)
+        px = px[..., [("RGBA").index(n) for n in names]]
+        path = _expand(filename(self), frame)
+        fmt = oiio.FLOAT if self["datatype"].value() == "32 bit float" else oiio.HALF
+        spec = oiio.ImageSpec(px.shape[1], px.shape[0], len(names), fmt)
+        spec.channelnames = names
+        out = oiio.ImageOutput.create(path)
+        if out is None or not out.open(path, spec):
+            raise RuntimeError(f"Write {self.name()}: cannot write {path}: {oiio.geterror()}")
+        out.write_image(np.ascontiguousarray(px))
+        out.close()
+
+
+class Grade(Node):
+    _class = "Grade"
+
+    def _builtin_knobs(self) -> list[Knob]:
+        multiply = Double_Knob("multiply")
+        multiply._value = 1.0
+        return [multiply]
+
+    def pixels(self, frame: int) -> np.ndarray:
+        px = super().pixels(frame).copy()
+        px[..., :3] *= float(self["multiply"].value())
+        return px
+
+
+class Constant(Node):
+    _class = "Constant"
+
+    def _builtin_knobs(self) -> list[Knob]:
+        return [String_Knob("color", text="0.18 0.18 0.18 1"), String_Knob("format", text="32 24")]
+
+    def pixels(self, frame: int) -> np.ndarray:
+        w, h = (int(v) for v in self["format"].value().split())
+        colour = [float(v) for v in self["color"].value().split()]
+        return np.tile(np.asarray(colour, np.float32), (h, w, 1))
+
+
+class Root(Node):
+    _class = "Root"
+
+    def __init__(self):
+        super().__init__()
+        self._knobs["name"]._value = "Root"
+
+    def _builtin_knobs(self) -> list[Knob]:
+        first, last = Int_Knob("first_frame"), Int_Knob("last_frame")
+        first._value, last._value = 1, 100
+        return [first, last]
+
+    def name(self) -> str:
+        """The script's path, or "Root" while the script is unsaved (as Nuke answers)."""
+        return self._knobs["name"]._value
+
+    def _alive(self) -> None:
+        pass
+
+
+_NODE_CLASSES = {c._class: c for c in (Read, Write, Grade, Constant)}
+_root = Root()
+
+
+class _Nodes:
+    """``nuke.nodes.Read(file=..., first=...)``: create a node with knob values, not in the panel."""
+
+    def __getattr__(self, cls: str):
+        def make(**knobs):
+            return _create(cls, knobs)
+
+        return make
+
+
+nodes = _Nodes()
+
+
+def _create(cls: str, knobs: dict) -> Node:
+    _check_thread()
+    node = _NODE_CLASSES.get(cls, type(cls, (Node,), {"_class": cls}))()
+    _nodes.append(node)
+    for k, v in knobs.items():
+        if k == "name":
+            node.setName(v)
+        else:
+            node[k].setValue(v)
+    return node
+
+
+def createNode(node: str, args: str = "", inpanel: bool = True) -> Node:  # noqa: N802
+    created = _create(node, {})
+    selected = [n for n in _nodes if n.isSelected()]
+    if selected:
+        created.setInput(0, selected[0])
+    for n in _nodes:
+        n.setSelected(n is created)
+    return created
+
+
+def toNode(name: str):  # noqa: N802
+    for n in _nodes:
+        if n._knobs["name"]._value == name:
+            return n
+    return None
+
+
+def allNodes(filter: str | None = None, group=None) -> list[Node]:  # noqa: N802, A002 - Nuke's signature
+    return [n for n in _nodes if filter is None or n.Class() == filter]
+
+
+def selectedNode() -> Node:  # noqa: N802
+    selected = [n for n in _nodes if n.isSelected()]
+    if not selected:
+        raise ValueError("no node selected")
+    return selected[-1]
+
+
+def selectedNodes() -> list[Node]:  # noqa: N802
+    return [n for n in _nodes if n.isSelected()]
+
+
+def delete(node: Node) -> None:
+    _check_thread()
+    _nodes.remove(node)
+    for n in _nodes:
+        for i, src in list(n._inputs.items()):
+            if src is node:
+                del n._inputs[i]
+
+
+def root() -> Root:
+    return _root
+
+
+def thisNode():  # noqa: N802
+    return _this_node
+
+
+def filename(node: Node) -> str:
+    """The file knob with expressions evaluated and the frame pattern kept (no expressions here)."""
+    return node["file"].value()
+
+
+def execute(node, start: int, end: int, incr: int = 1, views=None, continueOnError: bool = False) -> None:  # noqa: N803
+    _check_thread()
+    if isinstance(node, str):
+        node = toNode(node)
+    if node.Class() != "Write":
+        raise RuntimeError(f"execute: {node.name()} is not a Write")
+    executed.append((node.name(), int(start), int(end), int(incr)))
+    for f in range(int(start), int(end) + 1, int(incr)):
+        node.render(f)
+
+
+def executeInMainThread(call, args=(), kwargs=None) -> None:  # noqa: N802
+    if not isinstance(args, tuple):
+        args = (args,)
+    _events.append((call, args, kwargs or {}))
+
+
+def message(prompt: str) -> None:
+    messages.append(str(prompt))
+
+
+def tprint(*values) -> None:
+    print(*values)
+
+
+_plugin_paths: list[str] = []
+
+
+def pluginAddPath(path: str) -> None:  # noqa: N802
+    import sys
+
+    _plugin_paths.append(path)
+    sys.path.insert(0, path)
+
+
+# --- menus ---------------------------------------------------------------------------------------
+class MenuItem:
+    def __init__(self, name: str, command=None):
+        self._name = name
+        self.command = command
+
+    def name(self) -> str:
+        return self._name
+
+    def invoke(self):
+        return self.command() if callable(self.command) else exec(self.command, {"nuke": __import__("nuke")})
+
+
+class Menu(MenuItem):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._items: dict[str, MenuItem] = {}
+
+    def addMenu(self, name: str, **kw) -> Menu:  # noqa: N802
+        item = self._items.get(name)
+        if not isinstance(item, Menu):
+            item = self._items[name] = Menu(name)
+        return item
+
+    def addCommand(self, name: str, command=None, shortcut: str = "", icon: str = "", **kw) -> MenuItem:  # noqa: N802
+        item = self._items[name] = MenuItem(name, command)
+        return item
+
+    def findItem(self, name: str):  # noqa: N802
+        head, _, rest = name.partition("/")
+        item = self._items.get(head)
+        return item.findItem(rest) if rest and isinstance(item, Menu) else item
+
+    def items(self) -> list[MenuItem]:
+        return list(self._items.values())
+
+
+_menus: dict[str, Menu] = {}
+
+
+def menu(name: str) -> Menu:
+    return _menus.setdefault(name, Menu(name))
+
+
+# --- panels --------------------------------------------------------------------------------------
+class PythonPanel:
+    def __init__(self, title: str = "", id: str = "", scrollable: bool = True):  # noqa: A002
+        self._title = title
+        self._knobs: dict[str, Knob] = {}
+
+    def addKnob(self, knob: Knob) -> None:  # noqa: N802
+        self._knobs[knob.name()] = knob
+
+    def removeKnob(self, knob: Knob) -> None:  # noqa: N802
+        self._knobs.pop(knob.name(), None)
+
+    def knobs(self) -> dict[str, Knob]:
+        return dict(self._knobs)
+
+    def knobChanged(self, knob: Knob) -> None:  # noqa: N802
+        pass
+
+    def showModalDialog(self) -> bool:  # noqa: N802
+        return modal_answer
+
+
+def user_sets(panel: PythonPanel, knob: str, value) -> None:
+    """What an artist's edit does: set the knob, then Nuke calls the panel's knobChanged."""
+    k = panel.knobs()[knob]
+    k.setValue(value)
+    panel.knobChanged(k)
+
+
+# --- scripts -------------------------------------------------------------------------------------
+def scriptSaveAs(filename: str, overwrite: int = -1) -> None:  # noqa: N802
+    _check_thread()
+    doc = {"root": {k: v._value for k, v in _root._knobs.items()}, "nodes": []}
+    for n in _nodes:
+        doc["nodes"].append({
+            "class": n.Class(), "xy": n._xy, "selected": n._selected,
+            "inputs": {str(i): src.name() for i, src in n._inputs.items()},
+            "knobs": {k: v._state() for k, v in n._knobs.items() if not isinstance(v, _ReloadButton)},
+        })
+    _root._knobs["name"]._value = filename
+    doc["root"]["name"] = filename
+    with open(filename, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, ensure_ascii=False)
+
+
+def scriptSave(filename: str | None = None) -> None:  # noqa: N802
+    scriptSaveAs(filename or _root.name())
+
+
+def scriptOpen(filename: str) -> None:  # noqa: N802
+    reset()
+    with open(filename, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    for k, v in doc["root"].items():
+        _root._knobs[k]._value = v
+    made = []
+    for rec in doc["nodes"]:
+        node = _NODE_CLASSES.get(rec["class"], type(rec["class"], (Node,), {"_class": rec["class"]}))()
+        _nodes.append(node)
+        for name, state in rec["knobs"].items():
+            knob = node.knob(name)
+            if knob is None:
+                cls = _KNOB_CLASSES[state["cls"]]
+                args = (state["values"],) if cls is Enumeration_Knob else ()
+                knob = cls(name, state["label"], *args)
+                node._add(knob)
+            knob._value = state["value"]
+        node._xy = rec["xy"]
+        node._selected = rec["selected"]
+        made.append((node, rec["inputs"]))
+    for node, inputs in made:
+        for i, src in inputs.items():
+            node._inputs[int(i)] = toNode(src)

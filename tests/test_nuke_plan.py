@@ -1,0 +1,220 @@
+"""The pure parts of submitting from Nuke: frames, patterns, paths, names, Read settings, labels, knobs.
+
+None of this needs Nuke or a farm; the Nuke layer only copies these decisions onto nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from mlfarm.models.catalog import Catalog, discover
+from mlfarm.nuke_submit.knobs import PREFIX, option_knobs, options_from_knobs
+from mlfarm.nuke_submit.plan import (
+    PlanError,
+    check_frames_exist,
+    choose_frames,
+    farm_pattern,
+    frame_runs,
+    masked_url,
+    missing_frames,
+    output_pattern,
+    reads_directly,
+    render_pattern,
+    shot_name,
+    write_channels,
+)
+from mlfarm.nuke_submit.results import MAX_LISTED_FAILURES, Progress, failure_text, progress_label, read_settings
+from mlfarm.settings import Settings
+
+from conftest import PLUGINS
+
+TEMPLATE = Settings.model_fields["nuke_output_template"].default
+RENDER_TEMPLATE = Settings.model_fields["nuke_render_template"].default
+BLUR = {"name": "blur", "outputs": {"rgba": 4}, "inputs": {"image": 4}}
+MATTE = {"name": "matte", "outputs": {"matte": ["m"]}, "inputs": {"image": 3}}
+
+
+# --- frames ------------------------------------------------------------------------------------
+def test_frame_range_choices():
+    assert choose_frames("input", (1001, 1004), (1, 100)) == [1001, 1002, 1003, 1004]
+    assert choose_frames("script", (1001, 1004), (1, 3)) == [1, 2, 3]
+    frames = choose_frames("custom", (0, 0), (0, 0), "1001-1100x2")
+    assert frames[:3] == [1001, 1003, 1005] and frames[-1] == 1099 and len(frames) == 50
+    assert choose_frames("custom", (0, 0), (0, 0), "1010, 1001-1003") == [1010, 1001, 1002, 1003]
+
+
+@pytest.mark.parametrize("text, why", [("1001-", "bad frame range"), ("1100-1001", "comes after"),
+                                       ("1001-1010x0", "at least 1"), ("", "empty")])
+def test_bad_custom_ranges_are_refused_with_the_reason(text, why):
+    with pytest.raises(PlanError, match=why):
+        choose_frames("custom", (1, 1), (1, 1), text)
+
+
+def test_other_frame_choices_are_refused():
+    with pytest.raises(PlanError, match="ends before it starts"):
+        choose_frames("input", (10, 5), (1, 1))
+    with pytest.raises(PlanError, match="unknown frame range choice"):
+        choose_frames("shot", (1, 1), (1, 1))
+
+
+def test_frame_runs_cover_the_frames_in_order_for_execute():
+    frames = [1, 2, 3, 5, 7, 9, 20]
+    runs = frame_runs(frames)
+    assert runs == [(1, 3, 1), (5, 9, 2), (20, 20, 1)]
+    assert [f for a, b, s in runs for f in range(a, b + 1, s)] == frames
+
+
+# --- input patterns --------------------------------------------------------------------------------
+@pytest.mark.parametrize("knob, expected", [
+    ("/plates/sh010/plate.####.exr 1001-1100", "/plates/sh010/plate.####.exr"),
+    ("/plates/sh010/plate.%04d.exr", "/plates/sh010/plate.%04d.exr"),
+    ("/mnt/ström plates/sh 010/plate.%04d.exr 1-10", "/mnt/ström plates/sh 010/plate.%04d.exr"),
+    ("/mnt/ström plates/sh 010/plate.#####.exr", "/mnt/ström plates/sh 010/plate.#####.exr"),
+])
+def test_nuke_file_knob_values_become_farm_patterns(knob, expected):
+    assert farm_pattern(knob) == expected
+
+
+@pytest.mark.parametrize("knob, why", [
+    ("/plates/sh010/plate.%V.####.exr", "stereo view patterns"),
+    ("/plates/sh010/plate_%v.%04d.exr", "stereo view patterns"),
+    ("/plates/sh010/plate.exr", "no frame number token"),
+    ("plates/plate.####.exr", "relative path"),
+    ("", "no file path"),
+])
+def test_unusable_patterns_are_refused_clearly(knob, why):
+    with pytest.raises(PlanError, match=why):
+        farm_pattern(knob)
+
+
+def test_missing_input_frames_are_listed_before_submit(tmp_path):
+    folder = tmp_path / "plätes mit leerzeichen"
+    folder.mkdir()
+    for f in (1001, 1002, 1004, 1008):
+        (folder / f"plate.{f:04d}.exr").write_bytes(b"x")
+    pattern = str(folder / "plate.%04d.exr")
+    assert missing_frames(pattern, range(1001, 1009)) == [1003, 1005, 1006, 1007]
+    with pytest.raises(PlanError) as info:
+        check_frames_exist(pattern, list(range(1001, 1009)))
+    assert "4 of 8 input frames are missing: 1003,1005-1007" in str(info.value)
+    assert "plätes mit leerzeichen" in str(info.value)
+    check_frames_exist(pattern, [1001, 1002, 1004])  # all there: no error
+
+
+def test_only_exr_reads_on_shared_storage_are_read_directly(tmp_path):
+    root, shared, elsewhere = tmp_path / "storage", tmp_path / "plates", tmp_path / "storage2"
+    for d in (root, shared, elsewhere):
+        d.mkdir()
+    roots = [str(root), str(shared)]
+    assert reads_directly("Read", str(root / "sh 010" / "p.####.exr"), roots)
+    assert reads_directly("Read", str(shared / "p.%04d.EXR"), roots)
+    assert not reads_directly("Read", str(root / "p.####.jpg"), roots)  # Nuke converts it first
+    assert not reads_directly("Grade", str(root / "p.####.exr"), roots)
+    assert not reads_directly("Read", str(elsewhere / "p.####.exr"), roots)  # a prefix is not a parent
+    (root / "link").symlink_to(tmp_path / "storage2")
+    assert not reads_directly("Read", str(root / "link" / "p.####.exr"), roots)  # resolved, it leads out
+
+
+# --- names and output folders --------------------------------------------------------------------------
+def test_shot_names():
+    assert shot_name("/jobs/show/sh010_comp_v003.nk") == "sh010_comp"
+    assert shot_name("/jobs/show/Szene ä 12.v7.nk") == "Szene ä 12"
+    assert shot_name("Root", "/plates/sh020/plate.####.exr") == "sh020"
+    assert shot_name("", "") == "untitled"
+
+
+def test_output_versions_never_mix_with_earlier_frames(tmp_path):
+    root = tmp_path / "störage root"
+    first = output_pattern(TEMPLATE, str(root), "sh 010", "blur")
+    assert first == str(root / "sh 010" / "ml" / "blur" / "v001" / "sh 010_blur_v001.####.exr")
+    assert output_pattern(TEMPLATE, str(root), "sh 010", "blur") == first  # nothing written yet
+    os.makedirs(os.path.dirname(first))
+    assert output_pattern(TEMPLATE, str(root), "sh 010", "blur") == first  # an empty folder is free
+    Path(os.path.dirname(first), ".sh 010_blur_v001.1001.exr.partial-h-1-ab").write_bytes(b"")
+    second = output_pattern(TEMPLATE, str(root), "sh 010", "blur")
+    assert second.endswith(os.path.join("v002", "sh 010_blur_v002.####.exr"))
+    assert output_pattern(TEMPLATE, str(root), "sh 010", "blur", version=7).endswith("v007.####.exr")
+    assert os.sep + "a_b" + os.sep in output_pattern(TEMPLATE, str(root), "a/b", "blur")  # no sneaking out
+
+
+@pytest.mark.parametrize("template, why", [("{shot}/{model}.exr", "no frame number token"),
+                                           ("{shot}/{take}.####.exr", "take")])
+def test_bad_output_templates_are_refused(tmp_path, template, why):
+    with pytest.raises(PlanError, match=why):
+        output_pattern(template, str(tmp_path), "sh010", "blur")
+
+
+def test_render_first_gets_a_new_folder_each_time(tmp_path):
+    a = render_pattern(RENDER_TEMPLATE, str(tmp_path), "sh010", "Grade1")
+    b = render_pattern(RENDER_TEMPLATE, str(tmp_path), "sh010", "Grade1")
+    assert a != b and os.path.dirname(a) != os.path.dirname(b)
+    assert a.startswith(str(tmp_path / "sh010" / "ml" / "_renders" / "Grade1_")) and a.endswith("Grade1.####.exr")
+
+
+def test_small_helpers():
+    assert masked_url("redis://:s3cret@farm:6379/0") == "redis://:***@farm:6379/0"
+    assert masked_url("redis://user:pw@farm/0") == "redis://user:***@farm/0"
+    assert masked_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert write_channels(BLUR) == "rgba" and write_channels(MATTE) == "rgb"
+
+
+# --- the results Read -------------------------------------------------------------------------------
+def test_results_read_settings_after_render_first_are_raw():
+    rs = read_settings("abc123", "blur", "2", "/st/sh010/ml/blur/v003/sh010_blur_v003.####.exr",
+                       [1001, 1003, 1010], BLUR, rendered_first=True, source_raw=False, source_colorspace="sRGB")
+    assert rs.file == "/st/sh010/ml/blur/v003/sh010_blur_v003.%04d.exr"
+    assert (rs.first, rs.last) == (1001, 1010)
+    assert rs.raw is True and rs.colorspace is None
+    assert rs.name == "ML_blur_v003"
+    assert rs.label.splitlines() == ["mlfarm abc123", "blur v2", "0/3 done [queued]"]
+    assert rs.knobs == {"mlfarm_job": "abc123", "mlfarm_frames": "1001,1003,1010"}
+
+
+def test_results_read_colour_follows_the_plate_for_images_and_stays_raw_for_data():
+    colour = read_settings("j", "blur", "2", "/o/x.####.exr", [1], BLUR, False, False, "ACES - ACEScg")
+    assert (colour.raw, colour.colorspace) == (False, "ACES - ACEScg")
+    raw_plate = read_settings("j", "blur", "2", "/o/x.####.exr", [1], BLUR, False, True, "ACES - ACEScg")
+    assert (raw_plate.raw, raw_plate.colorspace) == (True, None)
+    data = read_settings("j", "matte", "1", "/o/x.####.exr", [1], MATTE, False, False, "sRGB")
+    assert (data.raw, data.colorspace) == (True, None)
+
+
+def test_progress_label_and_failure_text():
+    p = Progress(job_id="j1", model="blur", state="running", total=10, done=6, failed=2, running=1, queued=1,
+                 failures=((1003, "frame 1003: /p/plate.1003.exr: file not found"), (1005, "boom")))
+    label = progress_label(p, "2")
+    assert label.splitlines() == ["mlfarm j1", "blur v2", "6/10 done, 2 failed [running]", "failed: 1003,1005"]
+    assert failure_text(p.failures).splitlines() == ["1003: frame 1003: /p/plate.1003.exr: file not found",
+                                                     "1005: boom"]
+    many = tuple((f, "r") for f in range(MAX_LISTED_FAILURES + 5))
+    assert failure_text(many).splitlines()[-1] == "... and 5 more"
+    assert failure_text(()) == "no failed frames"
+    assert "farm unreachable: x" in progress_label(Progress("j", "m", "unknown", 0, error="farm unreachable: x"))
+
+
+# --- knobs from the catalog ----------------------------------------------------------------------------
+def test_option_knobs_follow_the_published_description():
+    desc = Catalog(discover([PLUGINS])).entry("slow").describe()
+    specs = option_knobs(desc)
+    kinds = {s.option: (s.kind, s.default) for s in specs}
+    assert kinds == {"seconds": ("float", 0.5), "gain": ("float", 1.0), "mode": ("enum", "copy"),
+                     "label": ("string", "x"), "flag": ("bool", False)}
+    by_option = {s.option: s for s in specs}
+    assert by_option["mode"].values == ("copy", "invert")
+    assert by_option["seconds"].range == (0.0, 30.0)
+    assert by_option["flag"].button and all(s.name == PREFIX + s.option for s in specs)
+    values = {"opt_seconds": 2, "opt_mode": "invert", "opt_flag": 1.0, "opt_label": "é x"}
+    assert options_from_knobs(specs, values) == {"seconds": 2, "mode": "invert", "flag": True, "label": "é x"}
+
+
+def test_int_knobs_hand_back_ints_and_unknown_types_are_refused():
+    desc = {"name": "m", "options": [{"name": "n", "type": "int", "default": 3, "min": 0, "max": 9}], "buttons": []}
+    specs = option_knobs(desc)
+    assert specs[0].kind == "int" and specs[0].range == (0, 9)
+    got = options_from_knobs(specs, {"opt_n": 4.0})
+    assert got == {"n": 4} and type(got["n"]) is int
+    with pytest.raises(ValueError, match="unknown type"):
+        option_knobs({"name": "m", "options": [{"name": "x", "type": "tensor", "default": 0}]})

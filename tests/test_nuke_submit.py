@@ -1,0 +1,310 @@
+"""Submitting from Nuke, end to end: the Nuke layer against a stand-in ``nuke`` module, with a real
+farm (real Redis, real worker processes, real EXR files).
+
+The stand-in (tests/nuke_stub/nuke.py) follows Nuke's documented API for what mlfarm calls, and
+refuses knob access off the main thread, so progress must arrive through executeInMainThread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlfarm.broker.frames import frame_path, to_printf
+from mlfarm.nuke_submit.plan import PlanError
+from mlfarm.settings import get_settings
+from mlfarm.worker.frame_io import read_image
+
+from conftest import TESTS, make_plate, sample_pixels, write_exr
+
+STUB = TESTS / "nuke_stub"
+HALF = dict(rtol=1e-3, atol=1e-3)  # outputs' rgba is stored as half
+
+
+@pytest.fixture
+def nuke(monkeypatch):
+    monkeypatch.syspath_prepend(str(STUB))
+    import nuke as stub
+
+    stub.reset()
+    yield stub
+    from mlfarm.nuke_submit import nuke_ui
+
+    nuke_ui.WATCHERS.stop_all()
+    stub.reset()
+
+
+@pytest.fixture
+def ui(nuke):
+    from mlfarm.nuke_submit import nuke_ui
+
+    return nuke_ui
+
+
+@pytest.fixture
+def farm_env(farm, monkeypatch):
+    """The farm's settings in this process's environment, for code that connects on its own (menu commands)."""
+    for key in [k for k in os.environ if k.startswith("MLFARM_")]:
+        monkeypatch.delenv(key)
+    for key, value in farm.env.items():
+        if key.startswith("MLFARM_"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFARM_NUKE_POLL_INTERVAL", "0.1")
+    get_settings.cache_clear()
+    yield farm
+    get_settings.cache_clear()
+
+
+def pump(nuke, done, timeout=90.0, seen=None):
+    """Run Nuke's main-thread queue until ``done()``; ``seen`` collects the label after each delivery."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if nuke.process_events() and seen is not None:
+            seen.append(seen_label(nuke))
+        if done():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not done after {timeout}s; labels: {seen}")
+        time.sleep(0.02)
+
+
+def seen_label(nuke):
+    reads = [n for n in nuke.allNodes("Read") if n.knob("mlfarm_job") is not None]
+    return reads[-1]["label"].value() if reads else ""
+
+
+def done_count(label: str) -> int:
+    return int(label.splitlines()[2].split("/")[0])
+
+
+def test_submit_a_read_on_shared_storage_creates_a_results_read_that_follows_the_job(farm, nuke, ui):
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    frames = list(range(1001, 1007))
+    plate = make_plate(farm.storage / "plätes" / "sh 010", frames)
+    nuke.root()["name"].setValue("/jobs/show/sh010_comp_v003.nk")
+    source = nuke.nodes.Read(file=to_printf(plate), first=1001, last=1006, raw=False, colorspace="ACES - ACEScg")
+    source.setXYpos(100, 200)
+
+    sub = ui.submit(source, "slow", {"seconds": 0.25, "mode": "invert"}, chunk=2, farm=f)
+
+    assert not sub.rendered_first and sub.input == to_printf(plate)
+    expected_out = str(farm.storage / "sh010_comp" / "ml" / "slow" / "v001" / "sh010_comp_slow_v001.####.exr")
+    assert sub.spec.output == expected_out and sub.spec.frames == frames
+    read = sub.read
+    assert read.Class() == "Read" and read.name() == "ML_slow_v001"
+    assert read["file"].value() == to_printf(expected_out)
+    assert (read["first"].value(), read["last"].value()) == (1001, 1006)
+    assert (read["origfirst"].value(), read["origlast"].value()) == (1001, 1006)
+    assert read["raw"].value() is False and read["colorspace"].value() == "ACES - ACEScg"  # as the plate
+    assert (read.xpos(), read.ypos()) == (250, 200)
+    assert read["mlfarm_job"].value() == sub.job_id
+    assert read["label"].value().splitlines()[:2] == [f"mlfarm {sub.job_id}", "slow v1"]
+
+    labels = []
+    pump(nuke, lambda: "[done]" in read["label"].value(), seen=labels)
+    assert read["label"].value().splitlines()[2] == "6/6 done [done]"
+    assert any(0 < done_count(lab) < 6 for lab in labels), labels  # progress shown while it ran
+    assert read["reload"].presses >= 2  # reloaded as frames landed, not only at the end
+    assert read["mlfarm_failures"].value() == "no failed frames"
+    assert {"rgba.red", "rgba.alpha", "extra.id"} <= set(read.channels())  # every layer is in the menu
+    for fr in (1001, 1006):
+        np.testing.assert_allclose(read.pixels(fr)[..., :3], 1.0 - sample_pixels(fr)[..., :3], **HALF)
+
+
+def test_panel_renders_a_non_read_node_first_then_submits(farm, nuke, ui):
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    local = farm.root / "local plates"  # not on the farm's storage: workers cannot read it
+    plate = make_plate(local, range(1001, 1006))
+    read = nuke.nodes.Read(file=plate, first=1001, last=1005)
+    grade = nuke.nodes.Grade(multiply=2.0)
+    grade.setInput(0, read)
+
+    panel = ui.SubmitPanel(grade, f)
+    published = sorted(f.catalog(include_local=False))
+    assert panel.model.values() == published and {"blur", "passthrough", "slow"} <= set(published)
+    nuke.user_sets(panel, "model", "slow")
+    knobs = panel.knobs()
+    assert knobs["opt_mode"].values() == ["copy", "invert"] and knobs["opt_seconds"].value() == 0.5
+    assert "/slow/v001/" in panel.output.value()
+    nuke.user_sets(panel, "model", "passthrough")  # the option knobs follow the model
+    assert not [k for k in panel.knobs() if k.startswith("opt_")]
+    assert "/passthrough/v001/" in panel.output.value()
+    nuke.user_sets(panel, "frame_range", "custom")
+    nuke.user_sets(panel, "custom_frames", "1001-1005x2")
+    assert panel.frames() == [1001, 1003, 1005]
+    nuke.user_sets(panel, "chunk", 2)
+
+    sub = panel.submit()
+
+    assert sub.rendered_first
+    assert nuke.executed == [(nuke.executed[0][0], 1001, 1005, 2)]
+    assert nuke.allNodes("Write") == []  # the temporary Write is gone
+    renders = farm.storage / "untitled" / "ml" / "_renders"
+    assert Path(sub.input).parent.parent == renders
+    rendered = read_image(frame_path(sub.input, 1003))
+    assert rendered.channels == ["R", "G", "B", "A"] and rendered.pixels.dtype == np.float32
+    assert sorted(os.listdir(Path(sub.input).parent)) == ["Grade1.1001.exr", "Grade1.1003.exr", "Grade1.1005.exr"]
+    assert sub.read["raw"].value() is True  # rendered raw, read back raw
+    assert (sub.read["first"].value(), sub.read["last"].value()) == (1001, 1005)
+
+    pump(nuke, lambda: "[done]" in sub.read["label"].value())
+    assert sub.read["label"].value().splitlines()[2] == "3/3 done [done]"
+    expected = sample_pixels(1005)
+    expected[..., :3] *= 2.0
+    np.testing.assert_allclose(sub.read.pixels(1005), expected, **HALF)
+
+    # Missing frames of a Read are reported before anything is rendered or queued...
+    os.remove(frame_path(plate, 1004))
+    before = len(f.jobs())
+    with pytest.raises(PlanError, match="1 of 5 input frames are missing: 1004"):
+        ui.submit(read, "passthrough", frames="1001-1005", farm=f, watch=False)
+    assert len(nuke.executed) == 1 and len(f.jobs()) == before
+    # ...and a render that fails further down says so, queues nothing and leaves no partial render behind.
+    with pytest.raises(PlanError, match="rendering Grade1 to EXR for the farm failed, nothing was submitted: .*1004"):
+        ui.submit(grade, "passthrough", frames="1001-1005", farm=f, watch=False)
+    assert len(f.jobs()) == before and nuke.allNodes("Write") == []
+    assert sorted(os.listdir(renders)) == [Path(sub.input).parent.name]
+
+
+def test_failed_frames_show_with_reasons_and_retry_reruns_only_those(farm_env, nuke, ui):
+    farm = farm_env
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    plate = make_plate(farm.storage / "plates", range(1001, 1007))
+    for bad in (1002, 1005):
+        Path(frame_path(plate, bad)).write_bytes(b"not an exr")
+    source = nuke.nodes.Read(file=plate, first=1001, last=1006)
+    sub = ui.submit(source, "passthrough", farm=f)
+    read = sub.read
+    pump(nuke, lambda: "[failed]" in read["label"].value())
+    lines = read["label"].value().splitlines()
+    assert lines[2:] == ["4/6 done, 2 failed [failed]", "failed: 1002,1005"]
+    failures = read["mlfarm_failures"].value().splitlines()
+    assert [line.split(":")[0] for line in failures] == ["1002", "1005"]
+    assert frame_path(plate, 1002) in failures[0]
+    kept = {fr: os.stat(frame_path(sub.spec.output, fr)).st_mtime_ns for fr in (1001, 1003, 1004, 1006)}
+
+    for bad in (1002, 1005):  # the artist fixes the plate, then presses Retry failed on the node
+        write_exr(Path(frame_path(plate, bad)), sample_pixels(bad))
+    read["mlfarm_retry"].execute()
+    pump(nuke, lambda: "[done]" in read["label"].value())
+    assert read["label"].value().splitlines()[2] == "6/6 done [done]"
+    assert read["mlfarm_failures"].value() == "no failed frames"
+    status = f.status(sub.job_id)
+    assert {fs.frame: fs.attempts for fs in status.frames} == {1001: 1, 1002: 2, 1003: 1, 1004: 1, 1005: 2, 1006: 1}
+    assert {fr: os.stat(frame_path(sub.spec.output, fr)).st_mtime_ns for fr in kept} == kept
+    np.testing.assert_allclose(read.pixels(1005), sample_pixels(1005), **HALF)
+
+    read["mlfarm_retry"].execute()  # nothing left to retry: said so, nothing queued
+    assert nuke.messages[-1] == f"ML Farm: job {sub.job_id} has no failed frames"
+
+
+def test_menu_commands_refuse_bad_input_with_a_message_and_queue_nothing(farm_env, nuke, ui):
+    farm = farm_env
+    farm.start_worker()
+    from mlfarm.nuke_submit import menu
+
+    install = Path(ui.__file__).parent / "nuke_path"
+    exec(compile((install / "menu.py").read_text(), str(install / "menu.py"), "exec"), {})
+    bar = nuke.menu("Nuke")
+    assert [i.name() for i in bar.findItem(menu.MENU).items()] == [
+        "Submit selected...", "Refresh results", "Retry failed (selected results)", "Settings..."]
+
+    bar.findItem("ML Farm/Submit selected...").invoke()
+    assert nuke.messages[-1] == "ML Farm: select the node to submit first"
+
+    stereo = nuke.nodes.Read(file=str(farm.storage / "st" / "plate.%V.%04d.exr"), first=1, last=3)
+    stereo.setSelected(True)
+    assert ui.submit_selected() is None
+    assert "stereo view patterns (%V/%v) are not supported" in nuke.messages[-1]
+
+    stereo.setSelected(False)
+    plate = make_plate(farm.storage / "plates", [1001, 1002, 1005])
+    gappy = nuke.nodes.Read(file=plate, first=1001, last=1005)
+    gappy.setSelected(True)
+    nuke.modal_answer = True
+    assert ui.submit_selected() is None
+    assert nuke.messages[-1].startswith("ML Farm: 2 of 5 input frames are missing: 1003,1004")
+    assert farm.farm().jobs() == []
+
+    bar.findItem("ML Farm/Settings...").invoke()
+    text = nuke.messages[-1]
+    password = farm.url.split("@")[0].rsplit(":", 1)[1]
+    assert password not in text and ":***@" in text
+    assert f"storage root: {farm.storage}" in text
+    assert "models: " + ", ".join(sorted(farm.farm().catalog(include_local=False))) in text
+
+
+def test_refresh_results_reattaches_after_reopening_and_says_when_the_farm_is_unreachable(farm, nuke, ui, tmp_path):
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    plate = make_plate(farm.storage / "plates", range(1, 5))
+    source = nuke.nodes.Read(file=plate, first=1, last=4)
+    sub = ui.submit(source, "slow", {"seconds": 0.4}, chunk=1, farm=f, watch=False)
+    script = tmp_path / "shot script ä.nk"
+    name = sub.read.name()
+    nuke.scriptSaveAs(str(script))
+    nuke.scriptOpen(str(script))  # as after a restart: no watcher, the node from the file
+    with pytest.raises(ValueError):
+        sub.read.name()  # the old node object is gone, as in Nuke
+    read = nuke.toNode(name)
+    assert read is not None and read["mlfarm_job"].value() == sub.job_id
+
+    ui.refresh_results(f)
+    assert ui.WATCHERS.running(sub.job_id) or "[done]" in read["label"].value()
+    pump(nuke, lambda: "[done]" in read["label"].value())
+    assert read["label"].value().splitlines()[2] == "4/4 done [done]"
+
+    from mlfarm.nuke_submit.client import Farm
+
+    down = Farm(farm.settings(nuke_poll_interval=0.1), url="redis://127.0.0.1:9/0")
+    ui.follow(read, down)
+    pump(nuke, lambda: "farm unreachable" in read["label"].value(), timeout=60)
+
+
+def test_headless_entry_point_opens_submits_waits_and_saves(farm, nuke, tmp_path, capsys):
+    farm.start_worker()
+    from mlfarm.nuke_submit import headless, nuke_ui
+
+    f = farm.farm(nuke_poll_interval=0.1)
+    plate = make_plate(farm.storage / "plates", range(1001, 1004))
+    nuke.nodes.Read(file=plate, first=1001, last=1003)
+    script = tmp_path / "sh 020_comp_v001.nk"
+    nuke.scriptSaveAs(str(script))
+    nuke.reset()
+
+    code = headless.main([str(script), "--node", "Read1", "--model", "blur", "--option", "kernel_size=2",
+                          "--frames", "1001-1003", "--wait", "--save", "--json"], farm=f)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and out["state"] == "done" and out["failed"] == [] and not out["rendered_first"]
+    expected_out = farm.storage / "sh 020_comp" / "ml" / "blur" / "v001" / "sh 020_comp_blur_v001.####.exr"
+    assert out["output"] == str(expected_out)
+    assert f.status(out["id"]).spec.options == {"kernel_size": 2}
+
+    nuke.scriptOpen(str(script))  # the saved script holds the results Read, finished
+    read = nuke.toNode(out["read"])
+    assert read["mlfarm_job"].value() == out["id"] and "3/3 done [done]" in read["label"].value()
+    assert not nuke_ui.WATCHERS.running(out["id"])  # headless polls in its own thread, starts no watcher
+
+    code = headless.main(["--node", "Read1", "--model", "nope", "--frames", "1001"], farm=f)
+    assert code == 2 and "unknown model 'nope'" in capsys.readouterr().err
+    code = headless.main(["--node", "Nope1", "--model", "blur"], farm=f)
+    assert code == 2 and "no node named Nope1" in capsys.readouterr().err
+
+
+def test_the_nuke_path_init_puts_the_client_folder_on_the_path(nuke, tmp_path, monkeypatch):
+    site = tmp_path / "mlfarm site"
+    site.mkdir()
+    monkeypatch.setenv("MLFARM_NUKE_SITE", str(site))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    init = Path(__file__).resolve().parent.parent / "nuke_submit" / "nuke_path" / "init.py"
+    exec(compile(init.read_text(), str(init), "exec"), {})
+    assert sys.path[0] == str(site)
