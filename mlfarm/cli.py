@@ -112,15 +112,24 @@ def up(workers: int, queues: str, concurrency: int) -> None:
 @click.option("--queues", default="interactive,gpu,cpu", show_default=True,
               help="Queues to consume; interactive is always polled first.")
 @click.option("--gpu", type=int, default=None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES).")
+@click.option("--gpus", default=None, help="One supervised worker process per GPU: 'all' (every visible GPU) or "
+              "ids like 0,1. Each is pinned with CUDA_VISIBLE_DEVICES and restarted if it dies.")
 @click.option("--concurrency", default=1, show_default=True, help="1: one process (GPU layout); N: prefork.")
-@click.option("--name", default=None, help="Worker name as shown in Flower.")
+@click.option("--name", default=None, help="Worker name as shown in Flower (with --gpus: may hold {gpu}).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str, gpu: int | None, concurrency: int, name: str | None, loglevel: str) -> None:
+def worker(queues: str, gpu: int | None, gpus: str | None, concurrency: int, name: str | None,
+           loglevel: str) -> None:
     """Run one worker process that renders frames from the queues."""
     from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
     from mlfarm.worker.main import run_worker
 
     try:
+        if gpus is not None:
+            from mlfarm.worker.supervisor import run_gpu_workers
+
+            if gpu is not None:
+                raise ValueError("use --gpu N (this process on one GPU) or --gpus (one process per GPU), not both")
+            sys.exit(run_gpu_workers(_settings(), gpus, queues, concurrency, name, loglevel))
         run_worker(_settings(), [q.strip() for q in queues.split(",") if q.strip()], concurrency, gpu, name,
                    loglevel)
     except (NoBrokerError, InsecureBrokerError, ValueError) as exc:
@@ -290,8 +299,10 @@ def demo(frames: int, size: str) -> None:
     sys.exit(0 if ok else 1)
 
 
+from mlfarm.flower_monitor import flower_command  # noqa: E402  (issue 5: Flower for the farm)
 from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402  (issue 3: the MLClient gateway)
 
+main.add_command(flower_command)
 main.add_command(gateway_command)
 
 if __name__ == "__main__":

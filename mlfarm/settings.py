@@ -83,6 +83,23 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = Field(default=None, description="user:password for Flower.")
 
+    # --- deploying a GPU farm: Flower and the per-GPU worker supervisor (issue 5) ----------
+    flower_address: str = Field(
+        default="",
+        description="Address Flower listens on. Empty: 0.0.0.0 when MLFARM_FLOWER_BASIC_AUTH is set; without "
+        "auth, 127.0.0.1 for a farm on this machine, and a farm elsewhere is refused.",
+    )
+    flower_persistent: bool = Field(
+        default=True, description="Keep Flower's task history across restarts, in DATA_DIR/flower/."
+    )
+    flower_save_interval: int = Field(
+        default=60, ge=0, description="Seconds between saves of Flower's history (0: only when it stops)."
+    )
+    supervisor_max_restart_delay: float = Field(
+        default=60.0, gt=0, description="`mlfarm worker --gpus`: longest wait before restarting a child that "
+        "keeps dying (the wait doubles from 1 s while it dies within a minute of starting)."
+    )
+
     # --- MLClient gateway (issue #3; mlfarm/gateway) --------------------------------------
     gateway_host: str = Field(
         default="0.0.0.0",

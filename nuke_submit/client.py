@@ -24,6 +24,12 @@ from mlfarm.worker.storage import StorageError, confined_path
 log = logging.getLogger(__name__)
 
 
+def chunk_kwargsrepr(spec: JobSpec, kwargs: Mapping[str, Any]) -> str:
+    """How a chunk reads in Flower and worker logs: its kwargs plus the job's name (shot and node
+    when submitted from Nuke), so a wrangler can tell whose frames these are. Never options or pixels."""
+    return repr(dict(kwargs, name=spec.name)) if spec.name else repr(kwargs)
+
+
 class SubmitError(ValueError):
     """A submission refused before anything was queued; the message says what to change."""
 
@@ -114,9 +120,11 @@ class Farm:
         with self.app.producer_or_acquire() as producer:
             for c in chunks:
                 limit = self.settings.chunk_time_limit(len(c))
+                kwargs = {"job_id": spec.id, "model": spec.model, "frames": format_frames(c)}
                 self.app.send_task(
                     CHUNK_TASK,
-                    kwargs={"job_id": spec.id, "model": spec.model, "frames": format_frames(c)},
+                    kwargs=kwargs,
+                    kwargsrepr=chunk_kwargsrepr(spec, kwargs),
                     queue=spec.queue,
                     priority=celery_priority(spec.priority),
                     time_limit=limit,

@@ -1,0 +1,258 @@
+"""`mlfarm worker --gpus`: one real worker process per GPU, pinned, restarted when killed, and stopped
+together with a warm shutdown that loses no frame. This machine has no GPU: the GPU list is given
+explicitly and MLFARM_DEVICE=cpu lets the pinned workers render on the CPU."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlfarm.broker.frames import frame_path
+from mlfarm.worker.supervisor import (
+    REFUSED_EXIT,
+    Child,
+    GpuSpecError,
+    Supervisor,
+    child_name,
+    parse_gpus,
+    visible_gpus,
+)
+
+from conftest import make_plate
+
+FAST_REDELIVERY = {  # a chunk whose worker was SIGKILLed is redelivered within seconds, not an hour
+    "MLFARM_FRAME_TIME_LIMIT": "3",
+    "MLFARM_CHUNK_SLACK": "2",
+    "MLFARM_VISIBILITY_TIMEOUT": "12",
+    "MLFARM_RESTORE_INTERVAL": "1",
+}
+STARTED = re.compile(r"supervisor: started (\S+) on GPU (\S+) \(pid (\d+)\)")
+
+
+class SupervisorProcess:
+    """`python -m mlfarm worker --gpus ...` with its (and its children's) output in one log."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *args: str):
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlfarm", "worker", *args], env=env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, predicate, what: str, timeout: float = 90):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = predicate()
+            if result:
+                return result
+            if self.proc.poll() is not None:
+                raise AssertionError(f"supervisor exited {self.proc.returncode} waiting for {what}:\n{self.log()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"no {what} after {timeout}s:\n{self.log()}")
+
+    def started(self) -> list[tuple[str, str, int]]:
+        return [(m[1], m[2], int(m[3])) for m in STARTED.finditer(self.log())]
+
+    def wait_ready(self, name: str, times: int = 1) -> None:
+        self.wait_for(lambda: self.log().count(f"{name} ready.") >= times, f"{name} ready x{times}")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode(errors="replace").partition("=")[::2] for item in raw if b"=" in item)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}").exists() \
+        else "X"
+    return state not in ("Z", "X")
+
+
+@pytest.fixture
+def supervisors(farm):
+    started: list[SupervisorProcess] = []
+
+    def start(*args: str) -> SupervisorProcess:
+        s = SupervisorProcess(farm.env, farm.root / f"supervisor{len(started)}.log", *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, supervisors):
+    farm.env_overrides.update(FAST_REDELIVERY)
+    host = "farmhost"
+    sup = supervisors("--gpus", "0,1", "--name", "render-gpu{gpu}@" + host)
+    for gpu in ("0", "1"):
+        sup.wait_ready(f"render-gpu{gpu}@{host}")
+    children = {gpu: (name, pid) for name, gpu, pid in sup.started()}
+    assert sorted(children) == ["0", "1"]
+    for gpu, (name, pid) in children.items():
+        env = proc_environ(pid)
+        assert env["CUDA_VISIBLE_DEVICES"] == gpu
+        assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        assert name == f"render-gpu{gpu}@{host}"
+        assert f"PPid:\t{sup.proc.pid}\n" in Path(f"/proc/{pid}/status").read_text()
+
+    frames = list(range(1, 9))
+    plate = make_plate(farm.storage / "plate", frames)
+    out = str(farm.storage / "out" / "o.####.exr")
+    client = farm.farm()
+    spec = client.submit("slow", plate, out, frames, {"seconds": 0.7}, chunk=2, name="sh020 Read3")
+    victim_name, victim_pid = children["0"]
+
+    def victim_busy():
+        st = client.status(spec.id)
+        return [f.frame for f in st.frames if f.state == "running" and f.worker.startswith(victim_name)]
+
+    killed_frames = sup.wait_for(victim_busy, "a frame running on GPU 0's worker")
+    os.kill(victim_pid, signal.SIGKILL)
+    sup.wait_for(lambda: "killed by SIGKILL; restarting it" in sup.log(), "restart notice")
+    sup.wait_ready(victim_name, times=2)
+    restarted = [pid for name, gpu, pid in sup.started() if gpu == "0"]
+    assert len(restarted) == 2 and restarted[1] != victim_pid and not alive(victim_pid)
+    assert proc_environ(restarted[1])["CUDA_VISIBLE_DEVICES"] == "0"
+    assert alive(children["1"][1])  # the other GPU's worker was left alone
+
+    status = farm.wait_job(spec.id, timeout=120)
+    assert status.state == "done", status.summary()
+    assert all(Path(frame_path(out, f)).is_file() for f in frames)
+    workers = {f.worker.split(":")[0] for f in status.frames}
+    assert workers == {"render-gpu0@farmhost", "render-gpu1@farmhost"}, workers
+    by_frame = {f.frame: f for f in status.frames}
+    for f in killed_frames:  # the chunk killed with its worker was redelivered and rendered again
+        assert by_frame[f].attempts == 2 and not by_frame[f].worker.endswith(f":{victim_pid}"), by_frame[f]
+
+    assert sup.stop() == 0
+    for pid in [restarted[1], children["1"][1]]:
+        assert not alive(pid)
+
+
+def test_sigterm_stops_every_worker_warm_and_loses_no_frame(farm, supervisors):
+    sup = supervisors("--gpus", "0,1")
+    host = os.uname().nodename
+    for gpu in ("0", "1"):
+        sup.wait_ready(f"mlfarm-gpu{gpu}@{host}")
+    pids = [pid for _, _, pid in sup.started()]
+
+    frames = list(range(1, 13))
+    plate = make_plate(farm.storage / "plate", frames)
+    out = str(farm.storage / "out" / "o.####.exr")
+    client = farm.farm()
+    spec = client.submit("slow", plate, out, frames, {"seconds": 0.5}, chunk=2)
+
+    def two_running():
+        st = client.status(spec.id)
+        running = [f for f in st.frames if f.state == "running"]
+        return running if len({f.worker for f in running}) == 2 else None
+
+    running = sup.wait_for(two_running, "both workers rendering")
+    in_flight = {f.frame for f in running}
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.proc.wait(60) == 0, sup.log()
+    assert not any(alive(pid) for pid in pids)
+    assert "warm shutdown" in sup.log()
+
+    after = client.status(spec.id)
+    states = {f.frame: f.state for f in after.frames}
+    assert "running" not in states.values(), after.summary()
+    # Warm: a chunk running at SIGTERM is finished, not abandoned (its frames are done now).
+    assert all(states[f] == "done" for f in in_flight), (in_flight, states)
+    assert "queued" in states.values()  # the rest stayed on the queue for whoever comes next
+
+    farm.start_worker()
+    status = farm.wait_job(spec.id, timeout=120)
+    assert status.state == "done", status.summary()
+    assert all(f.attempts == 1 for f in status.frames), [(f.frame, f.attempts) for f in status.frames]
+    assert all(Path(frame_path(out, f)).is_file() for f in frames)
+
+
+# --- the rules, without workers ------------------------------------------------------------------
+def test_gpu_lists_and_names():
+    assert parse_gpus("0,1", {}) == ["0", "1"]
+    assert parse_gpus("all", {"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-8a1b-22,-1,3"}) == ["GPU-8a1b-22"]
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    with pytest.raises(GpuSpecError, match="no GPU is visible"):
+        parse_gpus("all", {"CUDA_VISIBLE_DEVICES": "-1"})
+    with pytest.raises(GpuSpecError, match="listed twice"):
+        parse_gpus("0,1,0", {})
+    with pytest.raises(GpuSpecError, match="bad: 0 1"):
+        parse_gpus("0 1", {})
+    assert child_name(None, "3", 0, True, "h") == "mlfarm-gpu3@h"
+    assert child_name("r-{gpu}@h", "GPU-8a1b", 1, True) == "r-1@h"
+    assert child_name("gpu5@h", "0", 0, False) == "gpu5@h"  # a container owning host GPU 5 sees it as 0
+    with pytest.raises(GpuSpecError, match=r"\{gpu\}"):
+        child_name("render@h", "0", 0, True)
+
+
+def test_cli_refuses_bad_gpu_options_before_starting_anything(farm):
+    for args, message in [
+        (("--gpus", "0,0"), "listed twice"),
+        (("--gpus", "0", "--gpu", "1"), "not both"),
+        (("--gpus", "0,1", "--name", "render@x"), "{gpu}"),
+        (("--gpus", "0", "--queues", "gpu,nope"), "unknown queue nope"),
+    ]:
+        proc = farm.cli("worker", *args, timeout=60)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "started" not in proc.stderr
+    farm.env_overrides["CUDA_VISIBLE_DEVICES"] = ""
+    proc = farm.cli("worker", "--gpus", "all", timeout=60)
+    assert proc.returncode == 2 and "no GPU is visible" in proc.stderr, proc.stderr
+
+
+def _child(code: str, gpu: str) -> Child:
+    return Child(gpu=gpu, name=f"t{gpu}", argv=[sys.executable, "-c", code], env=dict(os.environ))
+
+
+def test_a_child_that_refuses_its_configuration_stops_the_rest():
+    sleeper = _child("import time; time.sleep(60)", "0")
+    refuser = _child("import sys, time; time.sleep(0.5); sys.exit(2)", "1")
+    t0 = time.monotonic()
+    assert Supervisor([sleeper, refuser]).run() == REFUSED_EXIT
+    assert time.monotonic() - t0 < 30
+    assert refuser.starts == 1 and sleeper.starts == 1  # refused: not restarted
+    assert not alive(sleeper.pids[0])
+
+
+def test_a_child_that_exits_cleanly_is_not_restarted_but_a_crashed_one_is():
+    clean = _child("pass", "0")
+    crasher = _child("import os, sys; sys.exit(0 if os.path.exists(os.environ['MARK']) else "
+                     "(open(os.environ['MARK'], 'w') and 1))", "1")
+    mark = Path(f"/tmp/mlfarm-supervisor-test-{os.getpid()}")
+    mark.unlink(missing_ok=True)
+    crasher.env["MARK"] = str(mark)
+    try:
+        assert Supervisor([clean, crasher]).run() == 0
+    finally:
+        mark.unlink(missing_ok=True)
+    assert clean.starts == 1  # exit 0: asked to shut down (e.g. from Flower), left down
+    assert crasher.starts == 2  # exit 1: restarted once, then it exited cleanly

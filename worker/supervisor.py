@@ -1,0 +1,294 @@
+"""`mlfarm worker --gpus`: one worker process per GPU, kept alive, stopped together.
+
+A GPU worker is one process with the solo pool holding one CUDA context (see ``run_worker``), so
+a multi-GPU host runs one such process per card. The supervisor never imports torch or touches
+CUDA itself: it counts GPUs with ``nvidia-smi`` (or ``torch`` in a throwaway subprocess) and pins
+each child with ``CUDA_VISIBLE_DEVICES`` before the child starts.
+
+Children run in their own session, so a terminal's Ctrl-C reaches only the supervisor, which then
+forwards exactly one signal: the first SIGTERM/SIGINT is passed on as SIGTERM (Celery's warm
+shutdown: a running chunk finishes, queued ones stay queued), a second as SIGQUIT (cold shutdown:
+running chunks are abandoned unacknowledged and the broker redelivers them). If the supervisor is
+killed outright, each child gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``), so no orphan
+keeps a GPU busy. Either way a chunk is finished or redelivered, never lost: tasks are acked late.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from mlfarm.broker.connection import broker_url
+from mlfarm.settings import Settings
+
+from .main import ordered_queues
+
+log = logging.getLogger(__name__)
+
+#: `mlfarm worker` exits 2 when it refuses its configuration: restarting it cannot help.
+REFUSED_EXIT = 2
+#: A child that ran this long before dying is considered healthy again: its restart wait resets.
+STABLE_AFTER_S = 60.0
+FIRST_RESTART_DELAY_S = 1.0
+POLL_S = 0.2
+
+_GPU_ID = re.compile(r"^(\d+|GPU-[0-9a-fA-F-]+|MIG-[0-9a-zA-Z/-]+)$")
+_PR_SET_PDEATHSIG = 1
+
+
+class GpuSpecError(ValueError):
+    """A ``--gpus`` value that names no usable GPU; the message says what to pass instead."""
+
+
+# --- which GPUs ------------------------------------------------------------------------------
+def _nvidia_smi_indices() -> list[str] | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("nvidia-smi failed (%s); asking torch instead", exc)
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
+
+
+def _torch_indices() -> list[str]:
+    """Counted by torch in a child process, so CUDA is never initialised in the supervisor."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                             check=True).stdout
+        return [str(i) for i in range(int(out.strip().splitlines()[-1]))]
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        log.warning("could not count GPUs with torch: %s", exc)
+        return []
+
+
+def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
+    """The GPUs this process may use, as ids that pin one of them when put in CUDA_VISIBLE_DEVICES.
+
+    An inherited CUDA_VISIBLE_DEVICES (a scheduler's, or a container's) is respected: its entries
+    are the visible GPUs. Otherwise nvidia-smi's indices, which follow PCI bus order; children get
+    CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA numbers the cards the same way.
+    """
+    env = os.environ if env is None else env
+    inherited = env.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:
+        ids: list[str] = []
+        for token in (t.strip() for t in inherited.split(",")):
+            if not token or token.startswith("-"):
+                break  # CUDA stops at the first invalid entry; "-1" and "" hide every GPU
+            ids.append(token)
+        return ids
+    found = _nvidia_smi_indices()
+    return found if found is not None else _torch_indices()
+
+
+def parse_gpus(spec: str, env: dict[str, str] | None = None) -> list[str]:
+    """``all`` or a comma-separated list of GPU ids (indices, GPU-/MIG- UUIDs) -> the ids."""
+    spec = spec.strip()
+    if spec.lower() == "all":
+        ids = visible_gpus(env)
+        if not ids:
+            raise GpuSpecError(
+                "--gpus all: no GPU is visible here (nvidia-smi and torch found none, or CUDA_VISIBLE_DEVICES "
+                "hides them). Check the NVIDIA driver / container GPU reservation, or name GPUs with --gpus 0,1")
+        return ids
+    ids = [t.strip() for t in spec.split(",")]
+    bad = [t for t in ids if not _GPU_ID.match(t)]
+    if bad or not ids:
+        raise GpuSpecError(f"--gpus {spec!r}: expected 'all' or GPU ids like 0,1 (bad: {', '.join(bad) or 'empty'})")
+    dupes = sorted({t for t in ids if ids.count(t) > 1})
+    if dupes:
+        raise GpuSpecError(f"--gpus {spec!r}: GPU {', '.join(dupes)} listed twice; one worker process per GPU")
+    return ids
+
+
+def child_name(template: str | None, gpu: str, position: int, many: bool, host: str | None = None) -> str:
+    """The Celery worker name for one GPU's process, as Flower shows it.
+
+    Default ``mlfarm-gpu<N>@<host>``. A given ``--name`` is used as is for a single GPU (a
+    container that owns one card names it after the host's card), and must hold ``{gpu}`` when
+    several processes would otherwise share it.
+    """
+    label = gpu if gpu.isdigit() else str(position)
+    host = host or socket.gethostname()
+    if not template:
+        return f"mlfarm-gpu{label}@{host}"
+    if "{gpu}" in template:
+        return template.replace("{gpu}", label)
+    if many:
+        raise GpuSpecError(f"--name {template!r} with several GPUs: put {{gpu}} in it, e.g. render-gpu{{gpu}}@{host}")
+    return template
+
+
+# --- the children ----------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM (warm shutdown) when the supervisor dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the signal forwarding still stops children
+        pass
+
+
+@dataclass
+class Child:
+    gpu: str
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    delay: float = FIRST_RESTART_DELAY_S
+    retired: bool = False
+    starts: int = 0
+    pids: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.started = time.monotonic()
+        self.restart_at = None
+        self.starts += 1
+        self.pids.append(self.proc.pid)
+        log.info("supervisor: started %s on GPU %s (pid %d)", self.name, self.gpu, self.proc.pid)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class Supervisor:
+    """Runs one child per GPU until told to stop; see the module docstring for the signal rules."""
+
+    def __init__(self, children: list[Child], max_restart_delay: float = 60.0):
+        self.children = children
+        self.max_restart_delay = max_restart_delay
+        self.signals_received = 0
+        self.fatal: str | None = None
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals_received += 1
+
+    def run(self) -> int:
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._supervise()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _supervise(self) -> int:
+        for child in self.children:
+            child.start()
+        forwarded = 0
+        while True:
+            if self.signals_received > forwarded:
+                forwarded = self.signals_received
+                self._forward(signal.SIGTERM if forwarded == 1 else signal.SIGQUIT)
+            stopping = forwarded > 0 or self.fatal is not None
+            now = time.monotonic()
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    self._exited(child, child.proc.returncode, stopping, now)
+                    stopping = forwarded > 0 or self.fatal is not None
+                if not stopping and child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                    child.start()
+            if all(c.proc is None for c in self.children) and (
+                    stopping or all(c.retired for c in self.children)):
+                break
+            time.sleep(POLL_S)
+        if self.fatal:
+            log.error("supervisor: %s", self.fatal)
+            return REFUSED_EXIT
+        log.info("supervisor: all workers stopped")
+        return 0
+
+    def _forward(self, sig: int) -> None:
+        how = "warm shutdown: running chunks finish" if sig == signal.SIGTERM else \
+            "cold shutdown: running chunks go back to the queue"
+        log.info("supervisor: stopping %d worker(s) (%s)", len(self.children), how)
+        for child in self.children:
+            child.restart_at = None
+            child.signal(sig)
+
+    def _exited(self, child: Child, code: int, stopping: bool, now: float) -> None:
+        pid = child.proc.pid if child.proc else -1
+        child.proc = None
+        what = f"{child.name} (GPU {child.gpu}, pid {pid}) {describe_exit(code)}"
+        if stopping:
+            log.log(logging.INFO if code == 0 else logging.WARNING, "supervisor: %s", what)
+            return
+        if code == 0:
+            child.retired = True
+            log.warning("supervisor: %s: it was asked to shut down, not restarting it", what)
+            return
+        if code == REFUSED_EXIT:
+            self.fatal = f"{what}: it refused its configuration (see its message above); stopping all workers"
+            self._forward(signal.SIGTERM)
+            return
+        if now - child.started >= STABLE_AFTER_S:
+            child.delay = FIRST_RESTART_DELAY_S
+        wait = child.delay
+        child.delay = min(child.delay * 2, self.max_restart_delay)
+        child.restart_at = now + wait
+        log.warning("supervisor: %s; restarting it in %.0f s", what, wait)
+
+
+def build_children(gpus: list[str], worker_args: list[str], name_template: str | None,
+                   env: dict[str, str] | None = None) -> list[Child]:
+    """One child per GPU: ``python -m mlfarm worker <worker_args> --name <name>`` pinned to it."""
+    base = dict(os.environ if env is None else env)
+    base.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    base.setdefault("MLFARM_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
+    children = []
+    for position, gpu in enumerate(gpus):
+        name = child_name(name_template, gpu, position, len(gpus) > 1)
+        argv = [sys.executable, "-m", "mlfarm", "worker", *worker_args, "--name", name]
+        children.append(Child(gpu=gpu, name=name, argv=argv, env={**base, "CUDA_VISIBLE_DEVICES": gpu}))
+    names = [c.name for c in children]
+    if len(set(names)) != len(names):
+        raise GpuSpecError(f"worker names would repeat ({', '.join(names)}): give --name a {{gpu}} placeholder")
+    return children
+
+
+def run_gpu_workers(settings: Settings, gpus_spec: str, queues: str, concurrency: int = 1,
+                    name_template: str | None = None, loglevel: str = "INFO") -> int:
+    """Start one ``mlfarm worker`` per GPU in ``gpus_spec`` and supervise them; returns the exit status.
+
+    The broker and queues are checked here first, so a bad configuration is one clear error
+    rather than the same refusal from every child.
+    """
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)  # the few lifecycle lines are what a wrangler reads in `docker logs`
+    broker_url(settings)
+    ordered = ordered_queues([q.strip() for q in queues.split(",") if q.strip()])
+    worker_args = ["--queues", ",".join(ordered), "--concurrency", str(concurrency), "--loglevel", loglevel]
+    children = build_children(parse_gpus(gpus_spec), worker_args, name_template)
+    log.info("supervisor: one worker per GPU: %s", ", ".join(f"{c.name}=GPU {c.gpu}" for c in children))
+    return Supervisor(children, settings.supervisor_max_restart_delay).run()
