@@ -1,0 +1,128 @@
+"""The MLClient gateway on the farm: a real gateway process, real Redis, real worker processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import mlclient as mc
+import numpy as np
+import pytest
+import redis
+from gateway_harness import MODELS_PATH, GatewayProcess, direct_model
+
+from conftest import make_plate, sample_pixels
+
+
+@pytest.fixture
+def gateway_farm(farm):
+    """The farm harness with the gateway test models on every process's model path."""
+    farm.env_overrides["MLFARM_MODELS_PATH"] = MODELS_PATH
+    farm.env_overrides["MLFARM_GATEWAY_SCRIPT_MODELS"] = "scripted"
+    started: list[GatewayProcess] = []
+
+    def start_gateway() -> GatewayProcess:
+        gw = GatewayProcess(farm.env, farm.root / f"gateway{len(started)}.log", local=False)
+        started.append(gw)
+        return gw.wait_ready()
+
+    farm.start_gateway = start_gateway
+    yield farm
+    for gw in started:
+        gw.stop()
+
+
+def test_inference_on_a_worker_is_pixel_exact_and_leaves_nothing_in_redis(gateway_farm):
+    worker = gateway_farm.start_worker(queues="interactive,gpu,cpu")
+    gw = gateway_farm.start_gateway()
+
+    names = {m.name for m in mc.info(gw.port).r1.models}
+    assert {"blur", "slow", "rowmark", "scripted"} <= names  # the catalog the worker published
+
+    image = sample_pixels(11, 120, 68, 3)
+    reply = mc.infer(gw.port, mc.model_from_info(gw.port, "blur"), [image], kernel_size=4)
+    assert not reply.HasField("error"), reply.error.msg
+    model = direct_model("blur")
+    model.set_options({"kernel_size": 4})
+    np.testing.assert_array_equal(mc.decode_image(reply.r2.images[0]), model.inference([image])[0])
+    worker.wait_log("mlfarm.interactive")
+
+    marked = mc.infer(gw.port, mc.model_from_info(gw.port, "rowmark"), [image[:20, :30]], step=0.5)
+    expected = image[:20, :30] + np.arange(20, dtype=np.float32)[:, None, None] * np.float32(0.5)
+    np.testing.assert_array_equal(mc.decode_image(marked.r2.images[0]), expected)
+    assert {o.name for o in marked.r2.objects} == {"rows", "detections"}  # PythonScript dropped
+
+    scripted = mc.infer(gw.port, mc.model_from_info(gw.port, "scripted"), [image[:4, :4]])
+    assert scripted.r2.objects[0].values[0].string_attributes[0].values[0] == "print('scripted')"
+
+    raw = redis.Redis.from_url(gateway_farm.url)
+    assert raw.keys("mlfarm:gw:*") == []
+
+
+def test_no_worker_on_the_interactive_queue_gives_a_clear_error(gateway_farm):
+    gateway_farm.env_overrides["MLFARM_GATEWAY_PICKUP_TIMEOUT"] = "3"
+    gateway_farm.start_worker(queues="gpu,cpu")  # publishes the catalog, never takes interactive work
+    gw = gateway_farm.start_gateway()
+    started = time.monotonic()
+    reply = mc.infer(gw.port, mc.model_from_info(gw.port, "blur"), [sample_pixels(1, 16, 16, 3)])
+    waited = time.monotonic() - started
+    assert "no worker took the request for model blur within 3s" in reply.error.msg
+    assert 2.5 < waited < 15
+    assert redis.Redis.from_url(gateway_farm.url).keys("mlfarm:gw:*") == []
+    assert gw.alive()
+
+
+def test_interactive_request_is_answered_while_a_long_batch_job_fills_the_queue(gateway_farm):
+    gateway_farm.start_worker(queues="interactive,gpu,cpu")
+    gw = gateway_farm.start_gateway()
+    frames = list(range(1, 41))
+    plate = make_plate(gateway_farm.storage / "plates", frames, width=16, height=16)
+    f = gateway_farm.farm()
+    job = f.submit("slow", plate, str(gateway_farm.storage / "out" / "slow.####.exr"), frames,
+                   {"seconds": "0.5"}, chunk=1)  # 40 chunks, ~20 s of batch work on one worker
+    deadline = time.monotonic() + 60
+    while f.status(job.id).counts.get("done", 0) < 1:
+        assert time.monotonic() < deadline, f.status(job.id).summary()
+        time.sleep(0.1)
+
+    image = sample_pixels(4, 64, 36, 3)
+    started = time.monotonic()
+    reply = mc.infer(gw.port, mc.model_from_info(gw.port, "blur"), [image], kernel_size=2)
+    latency = time.monotonic() - started
+    status = f.status(job.id)
+
+    assert not reply.HasField("error"), reply.error.msg
+    model = direct_model("blur")
+    model.set_options({"kernel_size": 2})
+    np.testing.assert_array_equal(mc.decode_image(reply.r2.images[0]), model.inference([image])[0])
+    assert latency < 5.0, f"interactive frame took {latency:.1f}s behind the batch job"
+    assert not status.finished and status.counts.get("queued", 0) >= 20, status.summary()
+    f.cancel(job.id)
+
+
+def test_concurrent_clients_through_workers(gateway_farm):
+    gateway_farm.start_worker(queues="interactive,gpu,cpu")
+    gateway_farm.start_worker(queues="interactive,gpu,cpu")
+    gw = gateway_farm.start_gateway()
+    model_msg = mc.model_from_info(gw.port, "blur")
+    images = [sample_pixels(200 + i, 48, 32, 3) for i in range(8)]
+    replies: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        try:
+            replies[i] = mc.infer(gw.port, model_msg, [images[i]], kernel_size=1 + i % 4)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    direct = direct_model("blur")
+    for i in range(8):
+        assert not replies[i].HasField("error"), replies[i].error.msg
+        direct.set_options({"kernel_size": 1 + i % 4})
+        np.testing.assert_array_equal(mc.decode_image(replies[i].r2.images[0]), direct.inference([images[i]])[0])
