@@ -64,7 +64,8 @@ def make_celery(settings: Settings | None = None, url: str | None = None) -> Cel
         task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="cpu",
         task_default_priority=celery_priority(50),
-        task_track_started=True,
+        # No STARTED write per task: Flower gets it from events, progress comes from job records.
+        task_track_started=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
         worker_hijack_root_logger=False,

@@ -16,6 +16,10 @@ from typing import Any
 from .options import Choice, describe_options, option_spec
 
 
+class InputError(ValueError):
+    """A frame this model cannot take (e.g. too few channels); the message is the artist's reason."""
+
+
 class BaseModel:
     def __init__(self) -> None:
         self.name = "Base model"
@@ -29,6 +33,7 @@ class BaseModel:
         self.device = "gpu"  # "gpu": runs on CUDA where there is one (and on CPU otherwise); "cpu"
         self.batch_size = 1  # frames handed to infer_batch at once
         self.torch_device = "cpu"  # set by load()
+        self.sidecar_json = False  # True: non-image results are also written as <frame>.json beside each frame
 
     # --- the seed's surface -------------------------------------------------------------
     def get_options(self) -> dict[str, Any]:
@@ -75,6 +80,33 @@ class BaseModel:
 
     def unload(self) -> None:
         """Called when the worker's model cache evicts this model: free GPU memory."""
+
+    def check_ready(self, settings: Any) -> str | None:
+        """Why this model cannot run with its current options under ``settings`` (the asking process's
+        mlfarm settings), e.g. its weights file is missing.
+
+        Called before anything is queued (by the submission client, where it has the model) and by
+        the worker before a chunk, so a missing requirement is one clear refusal, not a crash in the
+        middle of a job. Must stay cheap: no torch import, no loading. ``None`` means ready.
+        """
+        return None
+
+    def preprocess(self, image_list: list[Any]) -> Any:
+        """Per frame, on the worker's I/O threads, right after the frame is read.
+
+        Its result is what ``infer_batch`` receives for the frame, so a GPU model can, for example,
+        copy pixels into pinned memory here while the network works on the previous batch.
+        """
+        return image_list
+
+    def postprocess(self, outputs: list[Any]) -> list[Any]:
+        """Per frame, on the worker's I/O threads, before the frame is written.
+
+        Turns what ``infer_batch`` returned for one frame into output images (one per output plane,
+        in order) optionally followed by non-image results, e.g. by waiting for an asynchronous
+        device-to-host copy and expanding compact results on the CPU in parallel with the GPU.
+        """
+        return outputs
 
     def infer_batch(self, batch: list[list[Any]]) -> list[list[Any]]:
         """Several frames at once; override to run them through the network together.

@@ -165,15 +165,31 @@ def test_a_pickled_message_is_refused_and_not_executed(farm):
 
 
 def test_stale_partials_of_dead_writers_are_removed(tmp_path):
-    from mlfarm.worker.storage import HOST, atomic_output
+    from mlfarm.worker.storage import HOST, atomic_output, remove_stale_partials
 
-    final = tmp_path / "o.0001.exr"
     dead = tmp_path / f".o.0001.exr.partial-{HOST}-999999999-abcd"
     alive = tmp_path / f".o.0001.exr.partial-{HOST}-{os.getpid()}-abcd"
     other = tmp_path / ".o.0002.exr.partial-otherhost-1-abcd"
-    for p in (dead, alive, other):
+    old = tmp_path / ".o.0003.exr.partial-otherhost-1-abcd"
+    for p in (dead, alive, other, old):
         p.write_bytes(b"half")
-    with atomic_output(final, tmp_path) as tmp:
+    os.utime(old, (0, 0))
+    assert remove_stale_partials(tmp_path) == 2
+    assert not dead.exists() and not old.exists() and alive.exists() and other.exists()
+    with atomic_output(tmp_path / "o.0001.exr", tmp_path) as tmp:
         tmp.write_bytes(b"whole")
-    assert final.read_bytes() == b"whole"
-    assert not dead.exists() and alive.exists() and other.exists()
+    assert (tmp_path / "o.0001.exr").read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, "o.0001.exr"])
+
+
+def test_a_new_chunk_cleans_up_after_a_dead_writer(farm):
+    from mlfarm.worker.storage import HOST
+
+    farm.start_worker()
+    plate = make_plate(farm.storage / "plate", [1])
+    (farm.storage / "out").mkdir()
+    leftover = farm.storage / "out" / f".o.0001.exr.partial-{HOST}-999999999-dead"
+    leftover.write_bytes(b"half an exr")
+    spec = farm.farm().submit("passthrough", plate, str(farm.storage / "out" / "o.####.exr"), [1])
+    assert farm.wait_job(spec.id).state == "done"
+    assert sorted(p.name for p in (farm.storage / "out").iterdir()) == ["o.0001.exr"]

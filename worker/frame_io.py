@@ -146,3 +146,15 @@ def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, chann
         out.close()
         if not ok or err:
             raise FrameError(f"{path}: {err or 'write failed'}")
+
+
+def sidecar_path(frame_file: str) -> str:
+    """The JSON file that travels beside one output frame: ``shot.1001.exr`` -> ``shot.1001.json``."""
+    return os.path.splitext(frame_file)[0] + ".json"
+
+
+def write_json(path: str, root: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically under the storage root (a reader never sees half a file)."""
+    text = json.dumps(data, sort_keys=True, indent=1, default=str)
+    with atomic_output(path, root) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -54,7 +54,9 @@ class Metrics(Middleware):
 
     client: redis.Redis
     worker: str
+    publish_every: float = 2.0  # seconds: one Redis write per interval, not per chunk
     totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _published: float = 0.0
 
     def after_chunk(self, run: ChunkRun) -> None:
         r = run.result
@@ -63,10 +65,14 @@ class Metrics(Middleware):
         self.totals["chunks"] += 1
         for stage, seconds in run.stage_seconds.items():
             self.totals[f"{stage}_seconds"] += seconds
+        now = time.monotonic()
+        if now - self._published < self.publish_every:
+            return
+        self._published = now
+        key = f"mlfarm:worker:{self.worker}"
         try:
-            self.client.hset(f"mlfarm:worker:{self.worker}", mapping={
-                "updated": time.time(), "stats": json.dumps(self.totals)})
-            self.client.expire(f"mlfarm:worker:{self.worker}", 86400)
+            self.client.pipeline(transaction=False).hset(key, mapping={
+                "updated": time.time(), "stats": json.dumps(self.totals)}).expire(key, 86400).execute()
         except redis.RedisError as exc:  # metrics must never fail a chunk
             log.debug("could not publish worker metrics: %s", exc)
 

@@ -14,18 +14,20 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mlfarm.broker.frames import format_frames, frame_path
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
-from mlfarm.models.base import BaseModel
+from mlfarm.models.base import BaseModel, InputError
 from mlfarm.settings import Settings
 
-from .frame_io import FrameError, assemble_planes, read_image, write_exr
+from .frame_io import FrameError, assemble_planes, read_image, sidecar_path, write_exr, write_json
 from .middleware import Middleware
 from .model_cache import ModelCache
+from .storage import remove_stale_partials
 
 
 @dataclass
@@ -43,7 +45,7 @@ class ChunkResult:
 def describe_error(exc: BaseException) -> str:
     """A one-line reason for an artist: our own errors speak for themselves, others get their type."""
     text = str(exc).strip()
-    if isinstance(exc, (FrameError, OSError)) and text:
+    if isinstance(exc, (FrameError, OSError, InputError)) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -79,16 +81,19 @@ class ChunkRun:
         self._finish(frame, f"frame {frame}: {reason}")
 
     # --- stages -------------------------------------------------------------------------
-    def _read(self, frame: int, channels: int) -> np.ndarray:
+    def _read(self, frame: int, channels: int, model: BaseModel) -> Any:
+        """Read a frame and run the model's ``preprocess`` on it, both on an I/O thread."""
         t = time.perf_counter()
-        image = read_image(frame_path(self.spec.input, frame))
-        pixels = image.rgba(channels)
-        self.stage_seconds["read"] += time.perf_counter() - t
-        return pixels
+        try:
+            image = read_image(frame_path(self.spec.input, frame))
+            return model.preprocess([image.rgba(channels)])
+        finally:
+            self.stage_seconds["read"] += time.perf_counter() - t
 
     def _write(self, frame: int, model: BaseModel, outputs: list[Any]) -> None:
         t = time.perf_counter()
         try:
+            outputs = model.postprocess(outputs)
             images = [o for o in outputs if isinstance(o, np.ndarray)]
             objects = [o for o in outputs if not isinstance(o, np.ndarray)]
             pixels, names, data = assemble_planes(model.outputs, images)
@@ -102,6 +107,10 @@ class ChunkRun:
             }
             if objects:
                 metadata["mlfarm/objects"] = json.dumps(objects, sort_keys=True, default=str)
+                if model.sidecar_json:  # written first: once the EXR appears, its sidecar is there too
+                    write_json(sidecar_path(frame_path(self.spec.output, frame)), self.settings.storage_root,
+                               {"job": self.spec.id, "model": self.spec.model, "frame": int(frame),
+                                "source": frame_path(self.spec.input, frame), "objects": objects})
             write_exr(frame_path(self.spec.output, frame), self.settings.storage_root, pixels, names, data,
                       metadata, self.settings.exr_compression, self.settings.exr_rgba_half)
         except Exception as exc:
@@ -113,12 +122,12 @@ class ChunkRun:
             self.stage_seconds["write"] += time.perf_counter() - t
         self._finish(frame, None)
 
-    def _infer(self, model: BaseModel, batch: list[tuple[int, np.ndarray]]) -> list[tuple[int, list[Any]]]:
+    def _infer(self, model: BaseModel, batch: list[tuple[int, Any]]) -> list[tuple[int, list[Any]]]:
         """Infer a batch; if the batch fails, retry frame by frame so one bad frame fails alone."""
         t = time.perf_counter()
         try:
             try:
-                outs = model.infer_batch([[pixels] for _, pixels in batch])
+                outs = model.infer_batch([item for _, item in batch])
                 if len(outs) != len(batch):
                     raise RuntimeError(f"infer_batch returned {len(outs)} results for {len(batch)} frames")
                 return [(f, list(o)) for (f, _), o in zip(batch, outs)]
@@ -126,9 +135,9 @@ class ChunkRun:
                 if len(batch) == 1:
                     raise
             ok = []
-            for frame, pixels in batch:
+            for frame, item in batch:
                 try:
-                    ok.append((frame, list(model.infer_batch([[pixels]])[0])))
+                    ok.append((frame, list(model.infer_batch([item])[0])))
                 except Exception as exc:
                     self._fail(frame, f"model {self.spec.model}: {describe_error(exc)}")
             return ok
@@ -150,6 +159,7 @@ class ChunkRun:
             elif state == "cancelled":
                 self.result.cancelled.append(f)
         if todo:
+            remove_stale_partials(Path(frame_path(self.spec.output, todo[0])).parent)
             self._run_frames(cache, todo)
         for mw in self.middleware:
             mw.after_chunk(self)
@@ -164,21 +174,27 @@ class ChunkRun:
             for f in todo:
                 self._fail(f, f"model {self.spec.model} could not be loaded: {describe_error(exc)}")
             return
+        not_ready = model.check_ready(self.settings)
+        if not_ready:
+            for f in todo:
+                self._fail(f, f"model {self.spec.model}: {not_ready}")
+            return
         channels = next(iter(model.inputs.values()), 4) or 4
         batch_size = max(1, int(model.batch_size))
         lookahead = max(2 * batch_size, self.settings.io_threads)
         waiting = deque(todo)
-        reads: deque[tuple[int, Future[np.ndarray]]] = deque()
+        reads: deque[tuple[int, Future[Any]]] = deque()
         writes: list[Future[None]] = []
 
         def refill() -> None:
             while waiting and len(reads) < lookahead:
                 f = waiting.popleft()
-                reads.append((f, self.io.submit(self._read, f, channels)))
+                reads.append((f, self.io.submit(self._read, f, channels, model)))
 
         refill()
+        checked_cancel = False
         while reads:
-            batch: list[tuple[int, np.ndarray]] = []
+            batch: list[tuple[int, Any]] = []
             while reads and len(batch) < batch_size:
                 frame, fut = reads.popleft()
                 refill()
@@ -188,11 +204,13 @@ class ChunkRun:
                     self._fail(frame, describe_error(exc))
             if not batch:
                 continue
-            if self.store.is_cancelled(self.spec.id):
+            # start_frames already saw the cancel flag for the first batch; later batches look again.
+            if checked_cancel and self.store.is_cancelled(self.spec.id):
                 self._cancel_rest([f for f, _ in batch] + [f for f, _ in reads] + list(waiting))
                 reads.clear()
                 waiting.clear()
                 break
+            checked_cancel = True
             for frame, outputs in self._infer(model, batch):
                 writes.append(self.io.submit(self._write, frame, model, outputs))
         for w in writes:

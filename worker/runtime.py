@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import redis
 
 from mlfarm.broker.connection import broker_url, redis_client
-from mlfarm.broker.jobs import JobStore
+from mlfarm.broker.jobs import JobSpec, JobStore
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings, get_settings
 
@@ -33,6 +34,16 @@ class Runtime:
     io: ThreadPoolExecutor
     middleware: list[Middleware]
     worker: str
+    _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
+
+    def spec(self, job_id: str) -> JobSpec:
+        """A job's spec, fetched once per process: specs never change after submission."""
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = self._specs[job_id] = self.store.spec(job_id)
+            while len(self._specs) > 256:
+                self._specs.popitem(last=False)
+        return spec
 
 
 def worker_name() -> str:

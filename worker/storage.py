@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import secrets
 import socket
@@ -43,21 +42,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(final: Path) -> None:
-    """Remove temporaries a killed worker left beside ``final``.
+def remove_stale_partials(folder: Path) -> int:
+    """Remove temporaries that killed workers left in ``folder``; returns how many.
 
     They are hidden (dot-prefixed), so a Read node never sees them, but they waste space. One is
-    stale if its writer was on this host and is dead, or if it is older than an hour.
+    stale if its writer was on this host and is dead, or if it is older than an hour. Called once
+    per chunk, not per frame: a folder listing per frame would grow with the shot.
     """
-    for tmp in final.parent.glob(f".{glob.escape(final.name)}.partial-*"):
-        host, _, rest = tmp.name.rpartition(".partial-")[2].partition("-")
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if not (entry.name.startswith(".") and ".partial-" in entry.name):
+            continue
+        host, _, rest = entry.name.rpartition(".partial-")[2].partition("-")
         pid = rest.partition("-")[0]
         try:
             dead_here = host == HOST and pid.isdigit() and not _pid_alive(int(pid))
-            if dead_here or time.time() - tmp.stat().st_mtime > STALE_AFTER_S:
-                tmp.unlink()
+            if dead_here or time.time() - entry.stat().st_mtime > STALE_AFTER_S:
+                os.unlink(entry.path)
+                removed += 1
         except FileNotFoundError:
             pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -70,7 +79,6 @@ def atomic_output(path: str | os.PathLike[str], root: str | os.PathLike[str]) ->
     final = confined_path(path, root)
     final.parent.mkdir(parents=True, exist_ok=True)
     final = confined_path(final, root)  # the folders now exist: check again with them resolved
-    remove_stale_partials(final)
     tmp = final.with_name(f".{final.name}.partial-{HOST}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         yield tmp

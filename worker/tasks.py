@@ -28,6 +28,9 @@ TASK_POLICY: dict[str, Any] = {
     "retry_backoff_max": 60,
     "retry_jitter": True,
     "max_retries": 30,
+    # Progress lives in the job records; a stored result per chunk would only cost a Redis write.
+    # Flower still shows each chunk's outcome, from the worker's events.
+    "ignore_result": True,
 }
 
 
@@ -42,7 +45,7 @@ def register_tasks(app: Celery) -> None:
     def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:
         """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``."""
         rt = runtime()
-        run = ChunkRun(spec=rt.store.spec(job_id), frames=parse_frames(frames), worker=rt.worker,
+        run = ChunkRun(spec=rt.spec(job_id), frames=parse_frames(frames), worker=rt.worker,
                        store=rt.store, settings=rt.settings, io=rt.io, middleware=rt.middleware)
         result = run.run(rt.cache)
         if result.failed:
