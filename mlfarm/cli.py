@@ -304,6 +304,9 @@ from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402  (issue 
 
 main.add_command(flower_command)
 main.add_command(gateway_command)
+from mlfarm.fetch_cli import models_group  # noqa: E402
+
+main.add_command(models_group(models))  # issue 8: `mlfarm models fetch NAME` under the listing
 
 if __name__ == "__main__":
     main()

@@ -138,6 +138,19 @@ class Settings(BaseSettings):
     )
     nuke_poll_interval: float = Field(default=2.0, gt=0, description="Seconds between progress polls in Nuke.")
 
+    # --- model weights and Mask R-CNN (issue 8, models/builtin/mrcnn) ------------------------
+    weights_dir: Path = Field(
+        default_factory=lambda: default_data_dir() / "weights",
+        description="Model weight files (e.g. Mask R-CNN's COCO state dicts), looked for before a model's own "
+        "folder; `mlfarm models fetch NAME` downloads into it. Nothing is downloaded at run time.",
+    )
+    mrcnn_precision: Literal["fp32", "tf32", "fp16"] = Field(
+        default="tf32",
+        description="Mask R-CNN arithmetic on CUDA: fp32, tf32 (TF32 matmuls and convolutions) or fp16 (autocast). "
+        "Chosen by measurement (benchmarks/bench_mrcnn.py); CPU always runs fp32.",
+    )
+    mrcnn_channels_last: bool = Field(default=False, description="Mask R-CNN backbone in channels_last on CUDA.")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -149,7 +162,7 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, default_config_file()))
 
-    @field_validator("storage_root", "data_dir")
+    @field_validator("storage_root", "data_dir", "weights_dir")
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return Path(os.path.abspath(os.path.expanduser(value)))

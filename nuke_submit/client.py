@@ -73,6 +73,26 @@ class Farm:
         return catalog[model]
 
     # --- submitting ----------------------------------------------------------------------
+    def check_ready(self, model: str, options: Mapping[str, Any]) -> None:
+        """Ask the model itself, where this machine has it, whether it can run (e.g. has its weights).
+
+        Workers ask the same question before each chunk and fail the frames with the same reason,
+        which covers a client (Nuke) that has no model folders.
+        """
+        try:
+            from mlfarm.models.catalog import Catalog
+        except ImportError:
+            return
+        catalog = Catalog.from_settings(self.settings)
+        if model not in catalog.entries:
+            return
+        instance = catalog.entry(model).create()
+        instance.set_options({k: v for k, v in options.items() if k in instance.options})
+        instance.set_buttons({k: v for k, v in options.items() if k in instance.buttons})
+        reason = instance.check_ready(self.settings)
+        if reason:
+            raise SubmitError("model %s: %s" % (model, reason))
+
     def check_output(self, pattern: str) -> None:
         root = self.settings.storage_root
         try:
@@ -85,6 +105,8 @@ class Farm:
                name: str = "", include_local: bool = True) -> JobSpec:
         desc = self.describe(model, include_local)
         typed = validate_options(desc, dict(options or {}))
+        if include_local:
+            self.check_ready(model, typed)
         try:
             check_pattern(input)
             check_pattern(output)

@@ -1,0 +1,47 @@
+"""Class labels on the visualisation: small text patches drawn on the host after the GPU work.
+
+A label is a few hundred pixels, so drawing it on the I/O thread that writes the frame costs
+nothing the GPU would notice, and keeps glyph rendering (Pillow's built-in font) off the device.
+As the seed drew them: green background above the box's top-left corner, grey text.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from mlfarm.models.colour import srgb_to_linear
+
+BACKGROUND = srgb_to_linear(np.array([0.0, 1.0, 0.0], dtype=np.float32), np)
+TEXT = srgb_to_linear(np.array([0.86, 0.86, 0.86], dtype=np.float32), np)
+
+
+@lru_cache(maxsize=8)
+def _font(pixels: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=pixels)
+
+
+@lru_cache(maxsize=512)
+def text_coverage(text: str, font_scale: float) -> np.ndarray:
+    """h x w coverage in [0, 1] of ``text`` set at the seed's ``font_scale`` (0.35: about 11 pixels)."""
+    font = _font(max(6, round(30 * font_scale)))
+    left, top, right, bottom = font.getbbox(text)
+    canvas = Image.new("L", (max(1, right - left + 2), max(1, bottom - top + 2)), 0)
+    ImageDraw.Draw(canvas).text((1 - left, 1 - top), text, fill=255, font=font)
+    return np.asarray(canvas, dtype=np.float32) / 255.0
+
+
+def draw_labels(rgb: np.ndarray, detections: list[dict], font_scale: float) -> None:
+    """Draw ``label score`` for each detection onto the H x W x 3 scene-linear image, in place."""
+    height, width = rgb.shape[:2]
+    for det in detections:
+        cover = text_coverage(f"{det['label']} {det['score']:.2f}", float(font_scale))
+        h, w = cover.shape
+        x0 = int(np.clip(round(det["box"][0]), 0, max(0, width - 1)))
+        y0 = int(round(det["box"][1])) - h
+        y0 = int(np.clip(y0 if y0 >= 0 else round(det["box"][1]), 0, max(0, height - 1)))
+        patch = cover[: height - y0, : width - x0, None]
+        region = rgb[y0: y0 + patch.shape[0], x0: x0 + patch.shape[1]]
+        region[...] = BACKGROUND * (1 - patch) + TEXT * patch

@@ -1,0 +1,241 @@
+"""Mask R-CNN instance segmentation: torchvision's ``maskrcnn_resnet50_fpn`` (or ``_v2``), COCO classes.
+
+Output planes, one EXR per frame: ``rgba`` (the seed's visualisation, or with ``binary_masks`` the
+binary mask image; alpha is the union of kept instances), ``matte.A`` (that union), ``instance.id``
+(0 background, 1..N best score first), ``class.id`` (COCO id) and ``score.value``. The detections
+(id, class id, label, score, box, visible pixels) go into the EXR header and a ``.json`` sidecar.
+
+The fast path: frames are copied into pinned memory on the I/O threads (``preprocess``), a batch
+goes up to the GPU, is converted to sRGB there and runs through the network together; masks are
+pasted and every plane composed on the GPU, and only the rgba plane (half) and the id plane
+(int16) come back, asynchronously. ``postprocess``, on an I/O thread again, waits for that copy,
+expands class and score planes from the id plane and draws the class labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mlfarm.models import BaseModel, Choice, InputError
+
+from .coco import COCO_CATEGORIES, parse_classes
+from .weights import ARCHITECTURES, WeightsError, find_weights, missing_message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """One frame's results on their way to the host: pinned buffers filled by an async copy."""
+
+    ready: Any  # a CUDA event, or None when everything ran on the CPU
+    rgba: Any  # H x W x 4 tensor (half or float)
+    ids: Any  # H x W tensor (int16 or int32)
+    boxes: Any
+    labels: Any
+    scores: Any
+    pixels: Any
+
+
+class Model(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.name = "Mask R-CNN (COCO instances)"
+        self.version = "1"
+        self.architecture = Choice("maskrcnn_resnet50_fpn", tuple(ARCHITECTURES))
+        self.thresh = 0.7
+        self.show_box = True
+        self.show_class = True
+        self.alpha = 0.4
+        self.show_border = True
+        self.border_thick = 2
+        self.bbox_thick = 1
+        self.font_scale = 0.35
+        self.binary_masks = False
+        self.classes = ""
+        self.max_detections = 100
+        self.min_size = 800
+        self.max_size = 1333
+        self.options = ("architecture", "thresh", "show_box", "show_class", "alpha", "show_border", "border_thick",
+                        "bbox_thick", "font_scale", "binary_masks", "classes", "max_detections", "min_size",
+                        "max_size")
+        self.option_ranges = {"thresh": (0.0, 1.0), "alpha": (0.0, 1.0), "border_thick": (1, 64),
+                              "bbox_thick": (1, 64), "font_scale": (0.1, 5.0), "max_detections": (1, 1000),
+                              "min_size": (32, 4096), "max_size": (32, 8192)}
+        self.inputs = {"image": 3}
+        self.outputs = {"rgba": 4, "matte": ("A",), "instance": ("id",), "class": ("id",), "score": ("value",)}
+        self.device = "gpu"
+        self.batch_size = 4
+        self.sidecar_json = True
+        self._nets: dict[str, Any] = {}
+
+    # --- before anything runs ----------------------------------------------------------------
+    def _weights_dir(self):
+        from mlfarm.settings import get_settings
+
+        return get_settings().weights_dir
+
+    def check_ready(self, settings: Any) -> str | None:
+        try:
+            parse_classes(self.classes)
+        except ValueError as exc:
+            return f"option classes: {exc}"
+        if int(self.max_size) < int(self.min_size):
+            return f"max_size ({self.max_size}) must not be below min_size ({self.min_size})"
+        arch = self.architecture.value
+        if find_weights(arch, settings.weights_dir) is None:
+            return missing_message(arch, settings.weights_dir)
+        return None
+
+    def load(self, device: str) -> None:
+        import torch
+
+        from mlfarm.settings import get_settings
+
+        self.torch = torch
+        self.torch_device = device
+        settings = get_settings()
+        self.autocast = None
+        self.channels_last = False
+        self.half_rgba = bool(settings.exr_rgba_half)
+        if device.startswith("cuda"):
+            torch.cuda.init()
+            tf32 = settings.mrcnn_precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = True
+            self.autocast = torch.float16 if settings.mrcnn_precision == "fp16" else None
+            self.channels_last = bool(settings.mrcnn_channels_last)
+        from . import compose
+
+        self.colours = torch.from_numpy(compose.palette()).to(device)
+
+    def unload(self) -> None:
+        self._nets.clear()
+
+    def _network(self):
+        """The network for the chosen architecture, built from its weights file on first use."""
+        arch = self.architecture.value
+        if arch not in self._nets:
+            from .network import build
+
+            path = find_weights(arch, self._weights_dir())
+            if path is None:
+                raise WeightsError(missing_message(arch, self._weights_dir()))
+            log.info("loading %s weights from %s", arch, path)
+            net = build(arch, path).to(self.torch_device)
+            if self.channels_last:
+                net.backbone.to(memory_format=self.torch.channels_last)
+            self._nets[arch] = net
+        return self._nets[arch]
+
+    # --- per frame, on the I/O threads -------------------------------------------------------
+    def preprocess(self, image_list: list[Any]) -> Any:
+        img = image_list[0]
+        channels = 1 if img.ndim == 2 else img.shape[2]
+        if channels < 3:
+            raise InputError(f"Mask R-CNN needs R, G and B channels; this frame has {channels} channel"
+                             f"{'s' if channels != 1 else ''} (a greyscale frame must be shuffled to RGB first)")
+        rgb = img[:, :, :3]
+        torch = self.torch
+        if self.torch_device.startswith("cuda"):
+            pinned = torch.empty(rgb.shape, dtype=torch.float32, pin_memory=True)
+            np.copyto(pinned.numpy(), rgb)
+            return pinned
+        return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))
+
+    def postprocess(self, outputs: list[Any]) -> list[Any]:
+        pending = outputs[0]
+        if not isinstance(pending, Pending):
+            return outputs
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        from .compose import lookup_planes
+
+        rgba = pending.rgba.numpy().astype(np.float32)
+        ids = pending.ids.numpy().astype(np.int32)
+        labels = pending.labels.numpy().astype(np.int64)
+        scores = pending.scores.numpy().astype(np.float32)
+        boxes = pending.boxes.numpy().astype(np.float32)
+        pixels = pending.pixels.numpy().astype(np.int64)
+        detections = [
+            {"id": i + 1, "class_id": int(labels[i]), "label": COCO_CATEGORIES[int(labels[i])],
+             "score": float(scores[i]), "box": [float(v) for v in boxes[i]], "pixels": int(pixels[i])}
+            for i in range(len(labels))
+        ]
+        if self.show_class and not self.binary_masks and detections:
+            from .labels import draw_labels
+
+            draw_labels(rgba[:, :, :3], detections, self.font_scale)
+        matte, class_id, score = lookup_planes(ids, labels, scores)
+        height, width = ids.shape
+        return [rgba, matte, ids.astype(np.float32), class_id, score,
+                {"detections": detections, "width": width, "height": height,
+                 "architecture": self.architecture.value}]
+
+    # --- a batch, on the worker's main thread --------------------------------------------------
+    def inference(self, image_list: list[Any]) -> list[Any]:
+        return self.postprocess(self.infer_batch([self.preprocess(image_list)])[0])
+
+    def infer_batch(self, batch: list[Any]) -> list[list[Any]]:
+        from mlfarm.models.colour import linear_to_srgb
+
+        from . import network
+
+        torch = self.torch
+        net = self._network()
+        keep = parse_classes(self.classes)
+        # With a class filter the network must not stop at max_detections of other classes.
+        network.configure(net, self.min_size, self.max_size, self.thresh,
+                          self.max_detections if keep is None else max(100, int(self.max_detections)))
+        with torch.inference_mode():
+            linear = [t.to(self.torch_device, non_blocking=True) for t in batch]
+            srgb = [linear_to_srgb(x, torch) for x in linear]
+            found = network.run(net, [s.clamp(0, 1).permute(2, 0, 1) for s in srgb], self.channels_last,
+                                self.autocast)
+            return [[self._compose(lin, s, det, keep)] for lin, s, det in zip(linear, srgb, found)]
+
+    def _compose(self, linear: Any, srgb: Any, det: dict[str, Any], keep: frozenset[int] | None) -> Pending:
+        from mlfarm.models.colour import srgb_to_linear
+
+        from . import compose
+
+        torch = self.torch
+        height, width = linear.shape[:2]
+        idx = compose.select(det["scores"], det["labels"], float(self.thresh), keep, int(self.max_detections))
+        boxes, labels, scores = det["boxes"][idx], det["labels"][idx], det["scores"][idx]
+        masks = compose.paste_masks(det["masks"][idx], boxes, height, width) >= 0.5
+        ids = compose.instance_ids(masks)
+        del masks
+        pixels = torch.bincount(ids.flatten().long(), minlength=len(idx) + 1)[1:]
+        fg = (ids > 0)[..., None].to(linear.dtype)
+        if self.binary_masks:
+            rgb = fg.expand(-1, -1, 3)
+        else:
+            picture, changed = compose.visualise(srgb, ids, boxes, float(self.alpha), bool(self.show_border),
+                                                 int(self.border_thick), bool(self.show_box),
+                                                 int(self.bbox_thick), self.colours)
+            rgb = torch.where(changed[..., None], srgb_to_linear(picture, torch), linear)
+        rgba = torch.cat([rgb, fg], dim=2)
+        if self.half_rgba:
+            rgba = rgba.half()
+        ids = ids.to(torch.int16) if len(idx) < 32767 else ids
+        return self._to_host(rgba, ids, boxes, labels, scores, pixels)
+
+    def _to_host(self, *tensors: Any) -> Pending:
+        """Start copying to pinned host memory without waiting; ``postprocess`` waits on the event."""
+        torch = self.torch
+        if not self.torch_device.startswith("cuda"):
+            return Pending(None, *(t.clone() for t in tensors))
+        host = []
+        for t in tensors:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            buf.copy_(t, non_blocking=True)
+            host.append(buf)
+        ready = torch.cuda.Event()
+        ready.record()
+        return Pending(ready, *host)

@@ -1,0 +1,179 @@
+"""Mask R-CNN's plane composition, checked exactly against detections built by hand (no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mlfarm.models.catalog import Catalog, discover
+
+from conftest import sample_pixels
+
+
+@pytest.fixture(scope="module")
+def mrcnn():
+    model = Catalog(discover()).entry("mrcnn").create()
+    model.load("cpu")
+    return model
+
+
+@pytest.fixture(scope="module")
+def compose(mrcnn):
+    import importlib
+
+    return importlib.import_module(type(mrcnn).__module__.rsplit(".", 1)[0] + ".compose")
+
+
+def detections(boxes, labels, scores, cells=28):
+    """Detections whose masks fill their whole box, so the pasted masks are exactly the boxes."""
+    n = len(boxes)
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "scores": torch.tensor(scores, dtype=torch.float32),
+            "masks": torch.ones(n, cells, cells)}
+
+
+def painted_ids(boxes, order, height, width):
+    """The expected instance.id plane, painted the slow obvious way: worst instance first, best last."""
+    ids = np.zeros((height, width), np.int32)
+    for rank in reversed(range(len(order))):
+        x0, y0, x1, y1 = (int(v) for v in boxes[order[rank]])
+        ids[y0:y1, x0:x1] = rank + 1
+    return ids
+
+
+def run(model, image, det, **options):
+    model.set_options({"thresh": 0.5, "classes": "", "max_detections": 100, "binary_masks": False, **options})
+    from mlfarm.models.builtin.mrcnn.coco import parse_classes  # the installed copy: same code
+
+    lin = torch.from_numpy(image[:, :, :3].copy())
+    from mlfarm.models.colour import linear_to_srgb
+
+    pending = model._compose(lin, linear_to_srgb(lin, torch), det, parse_classes(model.classes))
+    return model.postprocess([pending])
+
+
+BOXES = [[2, 3, 20, 15], [10, 8, 30, 25], [40, 30, 60, 45], [0, 0, 8, 8], [50, 2, 63, 12]]
+LABELS = [1, 3, 1, 18, 3]
+SCORES = [0.9, 0.95, 0.6, 0.4, 0.8]
+
+
+def test_paste_of_a_full_mask_is_exactly_its_box(compose):
+    boxes = torch.tensor([[3.0, 5.0, 17.0, 11.0], [0.0, 0.0, 64.0, 48.0]])
+    pasted = compose.paste_masks(torch.ones(2, 28, 28), boxes, 48, 64) >= 0.5
+    for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+        expected = np.zeros((48, 64), bool)
+        expected[y0:y1, x0:x1] = True
+        np.testing.assert_array_equal(pasted[i].numpy(), expected)
+
+
+def test_paste_follows_the_mask_inside_the_box(compose):
+    mask = torch.zeros(1, 28, 28)
+    mask[0, :, :14] = 1.0  # left half of the box
+    pasted = compose.paste_masks(mask, torch.tensor([[8.0, 4.0, 36.0, 32.0]]), 40, 48)[0] >= 0.5
+    expected = np.zeros((40, 48), bool)
+    expected[4:32, 8:22] = True
+    np.testing.assert_array_equal(pasted.numpy(), expected)
+
+
+def test_select_obeys_threshold_classes_and_limit_best_first(compose):
+    scores = torch.tensor(SCORES)
+    labels = torch.tensor(LABELS)
+    assert compose.select(scores, labels, 0.5, None, 100).tolist() == [1, 0, 4, 2]
+    assert compose.select(scores, labels, 0.5, {3}, 100).tolist() == [1, 4]
+    assert compose.select(scores, labels, 0.0, None, 2).tolist() == [1, 0]
+    assert compose.select(scores, labels, 0.99, None, 100).tolist() == []
+    tied = torch.tensor([0.7, 0.7, 0.7])
+    assert compose.select(tied, torch.tensor([1, 1, 1]), 0.5, None, 100).tolist() == [0, 1, 2]
+
+
+def test_every_plane_agrees_with_the_detections(mrcnn):
+    image = sample_pixels(7)
+    out = run(mrcnn, image, detections(BOXES, LABELS, SCORES), thresh=0.5)
+    rgba, matte, inst, cls, score, meta = out
+    order = [1, 0, 4, 2]  # scores >= 0.5, best first
+    expected = painted_ids(BOXES, order, 48, 64)
+    np.testing.assert_array_equal(inst, expected.astype(np.float32))
+    np.testing.assert_array_equal(matte, (expected > 0).astype(np.float32))
+    np.testing.assert_array_equal(cls, np.array([0] + [LABELS[i] for i in order], np.float32)[expected])
+    np.testing.assert_array_equal(score, np.array([0] + [SCORES[i] for i in order], np.float32)[expected])
+    np.testing.assert_array_equal(rgba[:, :, 3], matte)
+    dets = meta["detections"]
+    assert [d["id"] for d in dets] == [1, 2, 3, 4]
+    assert [d["class_id"] for d in dets] == [LABELS[i] for i in order]
+    assert [d["label"] for d in dets] == ["car", "person", "car", "person"]
+    assert [d["score"] for d in dets] == [float(np.float32(SCORES[i])) for i in order]
+    assert [d["box"] for d in dets] == [[float(v) for v in BOXES[i]] for i in order]
+    assert [d["pixels"] for d in dets] == [int((expected == k).sum()) for k in (1, 2, 3, 4)]
+    assert (meta["width"], meta["height"]) == (64, 48)
+
+
+def test_class_filter_and_limit_reach_every_plane(mrcnn):
+    out = run(mrcnn, sample_pixels(3), detections(BOXES, LABELS, SCORES), thresh=0.0, classes="car, dog",
+              max_detections=2)
+    _, matte, inst, cls, _, meta = out
+    order = [1, 4]  # cars (3) and the dog (18, score 0.4) ranked by score, limited to two
+    expected = painted_ids(BOXES, order, 48, 64)
+    np.testing.assert_array_equal(inst, expected.astype(np.float32))
+    np.testing.assert_array_equal(matte, (expected > 0).astype(np.float32))
+    assert set(np.unique(cls)) == {0.0, 3.0}
+    assert [d["class_id"] for d in meta["detections"]] == [3, 3]
+
+
+def test_no_detections_gives_empty_planes_and_the_untouched_image(mrcnn):
+    image = sample_pixels(11)
+    rgba, matte, inst, cls, score, meta = run(mrcnn, image, detections(BOXES, LABELS, SCORES), thresh=0.99)
+    assert meta["detections"] == []
+    for plane in (matte, inst, cls, score, rgba[:, :, 3]):
+        assert plane.shape == (48, 64) and not plane.any()
+    np.testing.assert_array_equal(rgba[:, :, :3], image[:, :, :3].astype(np.float16).astype(np.float32))
+
+
+def test_binary_masks_is_the_matte_in_every_channel(mrcnn):
+    rgba, matte, *_ = run(mrcnn, sample_pixels(5), detections(BOXES, LABELS, SCORES), binary_masks=True)
+    for c in range(4):
+        np.testing.assert_array_equal(rgba[:, :, c], matte)
+
+
+def test_visualisation_tints_instances_and_leaves_the_rest_alone(mrcnn, compose):
+    image = sample_pixels(9)
+    rgba, matte, inst, *_ = run(mrcnn, image, detections(BOXES, LABELS, SCORES), show_box=False,
+                                show_border=False, show_class=False, alpha=0.5)
+    outside = matte == 0
+    half = image[:, :, :3].astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(rgba[:, :, :3][outside], half[outside])
+    assert not np.isclose(rgba[:, :, :3][~outside], half[~outside], rtol=1e-2).all(axis=1).any()
+
+
+def test_borders_lie_inside_instances_at_id_changes(compose):
+    ids = torch.zeros(12, 12, dtype=torch.int32)
+    ids[2:8, 2:8] = 1
+    ids[4:10, 6:11] = 2
+    border = compose.border_mask(ids, 1).numpy()
+    a = ids.numpy()
+    expected = np.zeros_like(border)
+    for y in range(12):
+        for x in range(12):
+            if a[y, x]:
+                hood = a[max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+                expected[y, x] = (hood != a[y, x]).any()
+    np.testing.assert_array_equal(border, expected)
+
+
+def test_box_outlines_are_drawn_inside_the_box(compose):
+    outline = compose.box_outlines(torch.tensor([[2.0, 3.0, 9.0, 8.0]]), 12, 12, 2).numpy()
+    expected = np.zeros((12, 12), bool)
+    expected[3:8, 2:9] = True
+    expected[5:6, 4:7] = False
+    np.testing.assert_array_equal(outline, expected)
+
+
+def test_class_labels_are_drawn_above_their_box(mrcnn):
+    image = sample_pixels(2, width=128, height=96)
+    det = detections([[20, 40, 100, 90]], [1], [0.9])
+    with_label = run(mrcnn, image, det, show_class=True, show_box=False, show_border=False)[0]
+    without = run(mrcnn, image, det, show_class=False, show_box=False, show_border=False)[0]
+    changed = np.argwhere((with_label != without).any(axis=2))
+    assert len(changed) > 20
+    assert changed[:, 0].max() < 40 and changed[:, 1].min() >= 20  # above the box, from its left edge

@@ -1,0 +1,157 @@
+"""Mask R-CNN: weights from a file, the refusal without them, and whole jobs through a real worker.
+
+The checkpoint is torchvision's architecture with random weights, saved the way torchvision's
+published COCO file is (no BatchNorm batch counters), so the loading code is the real one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import OpenImageIO as oiio
+import pytest
+import torch
+
+from mlfarm.broker.frames import frame_path
+from mlfarm.models.builtin.mrcnn.weights import ARCHITECTURES, WeightsError
+from mlfarm.nuke_submit.client import SubmitError
+from mlfarm.worker.frame_io import read_image, sidecar_path
+
+from conftest import make_plate, sample_pixels, write_exr
+
+V1 = "maskrcnn_resnet50_fpn"
+SMALL = {"min_size": 64, "max_size": 96, "thresh": 0.0, "max_detections": 6}
+
+
+@pytest.fixture(scope="module")
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torchvision
+
+    torch.manual_seed(8)
+    net = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    folder = tmp_path_factory.mktemp("weights")
+    torch.save(state, folder / ARCHITECTURES[V1][0])
+    return folder
+
+
+def test_file_names_are_torchvisions_published_ones():
+    import torchvision.models.detection as detection
+
+    for arch, (name, enum_name) in ARCHITECTURES.items():
+        assert Path(getattr(detection, enum_name).COCO_V1.url).name == name, arch
+
+
+def test_weights_load_exactly_from_the_file(weights_dir):
+    from mlfarm.models.builtin.mrcnn.network import build
+
+    saved = torch.load(weights_dir / ARCHITECTURES[V1][0], weights_only=True)
+    net = build(V1, weights_dir / ARCHITECTURES[V1][0])
+    loaded = net.state_dict()
+    assert not net.training
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_weights_for_another_architecture_are_refused_clearly(weights_dir, tmp_path):
+    from mlfarm.models.builtin.mrcnn.network import build
+
+    wrong = tmp_path / ARCHITECTURES["maskrcnn_resnet50_fpn_v2"][0]
+    wrong.write_bytes((weights_dir / ARCHITECTURES[V1][0]).read_bytes())
+    with pytest.raises(WeightsError, match="does not fit maskrcnn_resnet50_fpn_v2"):
+        build("maskrcnn_resnet50_fpn_v2", wrong)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read the weights file"):
+        build(V1, junk)
+
+
+def test_submit_without_weights_is_refused_and_queues_nothing(farm, tmp_path):
+    plate = make_plate(farm.storage / "plates", [1, 2], width=32, height=24)
+    empty = tmp_path / "no-weights"
+    client = farm.farm(weights_dir=empty)
+    with pytest.raises(SubmitError) as refused:
+        client.submit("mrcnn", plate, str(farm.storage / "out" / "m.####.exr"), [1, 2])
+    message = str(refused.value)
+    assert str(empty / ARCHITECTURES[V1][0]) in message
+    assert "mlfarm models fetch mrcnn" in message
+    assert client.jobs() == []
+    with pytest.raises(SubmitError, match="unknown COCO class 'persn'"):
+        farm.farm(weights_dir=empty).submit("mrcnn", plate, str(farm.storage / "o" / "m.####.exr"), [1],
+                                            {"classes": "person, persn"})
+
+
+def planes(path: str) -> dict[str, np.ndarray]:
+    image = read_image(path)
+    return {name: image.pixels[:, :, i] for i, name in enumerate(image.channels)}
+
+
+def test_job_through_a_worker_writes_consistent_planes_and_sidecars(farm, weights_dir):
+    farm.env_overrides["MLFARM_WEIGHTS_DIR"] = str(weights_dir)
+    worker = farm.start_worker()
+    frames = [1, 2, 3, 4, 5]
+    plate = make_plate(farm.storage / "plates", frames)
+    write_exr(farm.storage / "plates" / "plate.0004.exr", sample_pixels(4)[:, :, :1], ("Y",))  # greyscale
+    out = str(farm.storage / "sh010" / "mrcnn" / "sh010_mrcnn.####.exr")
+    spec = farm.farm().submit("mrcnn", plate, out, frames, SMALL, chunk=5)
+    status = farm.wait_job(spec.id, timeout=240)
+    assert status.counts["done"] == 4 and status.counts["failed"] == 1, status.summary()
+    reason = status.failed_frames[0].reason
+    assert "Mask R-CNN needs R, G and B channels; this frame has 1 channel" in reason, reason
+    assert not Path(frame_path(out, 4)).exists() and not Path(sidecar_path(frame_path(out, 4))).exists()
+
+    for f in (1, 2, 3, 5):
+        path = frame_path(out, f)
+        p = planes(path)
+        assert sorted(p) == sorted(["R", "G", "B", "A", "matte.A", "instance.id", "class.id", "score.value"])
+        spec_ = oiio.ImageInput.open(path)
+        header = json.loads(spec_.spec().getattribute("mlfarm/objects"))
+        formats = [str(t) for t in spec_.spec().channelformats]
+        names = list(spec_.spec().channelnames)
+        spec_.close()
+        assert all(formats[names.index(n)] == "float" for n in ("instance.id", "class.id", "score.value"))
+        sidecar = json.loads(Path(sidecar_path(path)).read_text())
+        assert sidecar["objects"] == header and sidecar["frame"] == f and sidecar["job"] == spec.id
+        dets = header[0]["detections"]
+        assert 1 <= len(dets) <= SMALL["max_detections"]
+        assert [d["id"] for d in dets] == list(range(1, len(dets) + 1))
+        assert [d["score"] for d in dets] == sorted((d["score"] for d in dets), reverse=True)
+        ids = p["instance.id"].astype(np.int64)
+        assert set(np.unique(ids)) <= set(range(len(dets) + 1))
+        np.testing.assert_array_equal(p["matte.A"], (ids > 0).astype(np.float32))
+        np.testing.assert_array_equal(p["A"], p["matte.A"])
+        classes = np.array([0] + [d["class_id"] for d in dets], np.float32)
+        scores = np.array([0] + [d["score"] for d in dets], np.float32)
+        np.testing.assert_array_equal(p["class.id"], classes[ids])
+        np.testing.assert_array_equal(p["score.value"], scores[ids])
+        assert [d["pixels"] for d in dets] == [int((ids == d["id"]).sum()) for d in dets]
+    assert "loading maskrcnn_resnet50_fpn weights from" in worker.log()
+
+
+def test_zero_detections_and_a_worker_without_weights(farm, weights_dir, tmp_path):
+    farm.env_overrides["MLFARM_WEIGHTS_DIR"] = str(weights_dir)
+    farm.start_worker()
+    plate = make_plate(farm.storage / "plates", [1, 2])
+    out = str(farm.storage / "none" / "m.####.exr")
+    spec = farm.farm().submit("mrcnn", plate, out, [1, 2], {**SMALL, "thresh": 1.0})
+    status = farm.wait_job(spec.id, timeout=240)
+    assert status.state == "done", status.summary()
+    for f in (1, 2):
+        p = planes(frame_path(out, f))
+        assert not any(p[n].any() for n in ("A", "matte.A", "instance.id", "class.id", "score.value"))
+        assert json.loads(Path(sidecar_path(frame_path(out, f))).read_text())["objects"][0]["detections"] == []
+    farm.stop()
+
+    # A client without the model folder (Nuke) cannot check; the worker refuses with the same reason.
+    empty = tmp_path / "empty"
+    farm.env_overrides["MLFARM_WEIGHTS_DIR"] = str(empty)
+    farm.start_worker(name="w9@test")
+    spec = farm.farm().submit("mrcnn", plate, str(farm.storage / "nw" / "m.####.exr"), [1, 2], SMALL,
+                              include_local=False)
+    status = farm.wait_job(spec.id, timeout=120)
+    assert status.counts["failed"] == 2
+    for fs in status.failed_frames:
+        assert f"no weights for maskrcnn_resnet50_fpn: looked for {empty / ARCHITECTURES[V1][0]}" in fs.reason
+        assert "mlfarm models fetch mrcnn" in fs.reason
