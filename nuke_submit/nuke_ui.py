@@ -230,12 +230,19 @@ def apply_progress(read: Any, progress: Progress) -> None:
         read["reload"].execute()
 
 
+def _apply_or_stop(read: Any, progress: Progress) -> None:
+    try:
+        apply_progress(read, progress)
+    except ValueError:  # Nuke's answer for a node that was deleted: nothing left to show progress on
+        WATCHERS.stop(progress.job_id)
+
+
 def follow(read: Any, farm: Any) -> JobWatcher:
     """Poll the job on a background thread; every change is applied on the main thread."""
     job_id = read[JOB_KNOB].value()
 
     def deliver(progress: Progress) -> None:
-        nuke.executeInMainThread(apply_progress, args=(read, progress))
+        nuke.executeInMainThread(_apply_or_stop, args=(read, progress))
 
     watcher = JobWatcher(job_id, lambda: farm.status(job_id), deliver, interval=farm.settings.nuke_poll_interval)
     return WATCHERS.start(watcher)
@@ -323,6 +330,7 @@ class SubmitPanel(nuke.PythonPanel):
             self.addKnob(knob)
         self.addKnob(nuke.Text_Knob("options_divider", "model options"))
         self.custom.setValue("%d-%d" % self.input_range)
+        self.custom.setEnabled(False)  # until the frame range is "custom"
         self.chunk.setValue(settings.default_chunk)
         self.priority.setValue(50)
         self.shot.setValue(shot_name(nuke.root().name(), source or ""))

@@ -78,6 +78,12 @@ class Watchers:
         watcher.start()
         return watcher
 
+    def stop(self, job_id: str) -> None:
+        with self._lock:
+            watcher = self._by_job.pop(job_id, None)
+        if watcher is not None:
+            watcher.stop()
+
     def get(self, job_id: str) -> Optional[JobWatcher]:
         with self._lock:
             return self._by_job.get(job_id)

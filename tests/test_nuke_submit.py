@@ -137,7 +137,9 @@ def test_panel_renders_a_non_read_node_first_then_submits(farm, nuke, ui):
     nuke.user_sets(panel, "model", "passthrough")  # the option knobs follow the model
     assert not [k for k in panel.knobs() if k.startswith("opt_")]
     assert "/passthrough/v001/" in panel.output.value()
+    assert not panel.custom.enabled()
     nuke.user_sets(panel, "frame_range", "custom")
+    assert panel.custom.enabled()
     nuke.user_sets(panel, "custom_frames", "1001-1005x2")
     assert panel.frames() == [1001, 1003, 1005]
     nuke.user_sets(panel, "chunk", 2)
@@ -262,6 +264,12 @@ def test_refresh_results_reattaches_after_reopening_and_says_when_the_farm_is_un
     assert ui.WATCHERS.running(sub.job_id) or "[done]" in read["label"].value()
     pump(nuke, lambda: "[done]" in read["label"].value())
     assert read["label"].value().splitlines()[2] == "4/4 done [done]"
+
+    # A results Read deleted while its job runs: its watcher stops instead of failing on every poll.
+    doomed = ui.submit(nuke.toNode("Read1"), "slow", {"seconds": 0.5}, chunk=1, farm=f)
+    nuke.delete(doomed.read)
+    pump(nuke, lambda: not ui.WATCHERS.running(doomed.job_id), timeout=30)
+    assert not f.status(doomed.job_id).finished
 
     from mlfarm.nuke_submit.client import Farm
 

@@ -1,0 +1,141 @@
+"""Nuke 13 bundles Python 3.7: the Nuke-side modules must import and work there, not just on 3.11.
+
+Runs the code under a real Python 3.7 interpreter where one is installed (pyenv's, or python3.7 on
+PATH); skipped, saying so, where none is.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def python37() -> str | None:
+    """A Python 3.7 that really runs (a pyenv shim on PATH may not)."""
+    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.7*/bin/python3.7")))
+    candidates += [p for p in [shutil.which("python3.7")] if p]
+    for py in candidates:
+        try:
+            ok = subprocess.run([py, "-c", "import sys; assert sys.version_info[:2] == (3, 7)"],
+                                capture_output=True, timeout=30).returncode == 0
+        except OSError:
+            ok = False
+        if ok:
+            return py
+    return None
+
+
+#: Everything `import mlfarm.nuke_submit.client` pulls in from this repository, plus the Nuke layer.
+CLIENT_CHAIN = ["nuke_submit/*.py", "nuke_submit/nuke_path/*.py", "broker/*.py", "models/options.py",
+                "models/base.py", "models/__init__.py", "mlfarm/settings.py", "worker/storage.py", "worker/__init__.py"]
+
+SMOKE = textwrap.dedent('''
+    import sys, threading
+    assert sys.version_info[:2] == (3, 7), sys.version
+    import nuke  # the tiny import-only stand-in below
+    from mlfarm.nuke_submit import headless, knobs, menu, nuke_ui, plan, results, watch
+    from mlfarm.nuke_submit.plan import PlanError
+    assert plan.choose_frames("custom", (0, 0), (0, 0), "1001-1010x3") == [1001, 1004, 1007, 1010]
+    assert plan.frame_runs([1, 2, 3, 7]) == [(1, 3, 1), (7, 7, 1)]
+    try:
+        plan.farm_pattern("/p/plate.%V.####.exr")
+        raise SystemExit("%V accepted")
+    except PlanError as exc:
+        assert "stereo" in str(exc)
+    out = plan.output_pattern("{shot}/ml/{model}/v{version:03d}/{shot}_{model}_v{version:03d}.####.exr",
+                              sys.argv[1], "sh 010 \u00e4", "blur")
+    assert out.endswith("v001/sh 010 \u00e4_blur_v001.####.exr"), out
+    rs = results.read_settings("j", "blur", "2", out, [5, 7], {"outputs": {"rgba": 4}}, True)
+    assert rs.file.endswith("%04d.exr") and (rs.first, rs.last) == (5, 7) and rs.raw
+    desc = {"name": "m", "options": [{"name": "mode", "type": "choice", "default": "a", "choices": ["a", "b"]}],
+            "buttons": [{"name": "go", "type": "bool", "default": False}]}
+    specs = knobs.option_knobs(desc)
+    assert knobs.options_from_knobs(specs, {"opt_mode": "b", "opt_go": 1.0}) == {"mode": "b", "go": True}
+    got = []
+    done = threading.Event()
+
+    class Status:
+        class spec:
+            id, model = "j", "m"
+        state, total, counts, failed_frames = "done", 1, {"done": 1}, []
+
+    w = watch.JobWatcher("j", lambda: Status, lambda p: (got.append(p), done.set()), interval=0.01)
+    w.start()
+    assert done.wait(5) and got[0].done == 1
+    print("ok")
+''')
+
+FAKE_NUKE = "class PythonPanel(object):\n    pass\n"
+
+
+@pytest.mark.skipif(python37() is None, reason="no Python 3.7 interpreter here (Nuke 13's Python)")
+def test_nuke_side_modules_compile_and_work_on_python_37(tmp_path):
+    py = python37()
+    files = sorted({p for pattern in CLIENT_CHAIN for p in glob.glob(str(REPO / pattern))})
+    assert len(files) > 15
+    compile_all = "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec')\n"
+    proc = subprocess.run([py, "-B", "-c", compile_all, *files], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+    # The installed layout: repository folders under the one `mlfarm` package name.
+    pkg = tmp_path / "site" / "mlfarm"
+    pkg.mkdir(parents=True)
+    shutil.copy(REPO / "mlfarm" / "__init__.py", pkg / "__init__.py")
+    for name in ("nuke_submit", "broker", "models", "worker"):
+        (pkg / name).symlink_to(REPO / name)
+    fake = tmp_path / "fake_nuke"
+    fake.mkdir()
+    (fake / "nuke.py").write_text(FAKE_NUKE)
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(fake)]),
+           "PYTHONIOENCODING": "utf-8", "LANG": "C.UTF-8"}
+    proc = subprocess.run([py, "-B", "-c", SMOKE, str(tmp_path / "root")], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+CLIENT_ON_NUKE_PYTHON = textwrap.dedent('''
+    import json, sys, time
+    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.nuke_submit import plan, results
+    heavy = [m for m in ("torch", "numpy", "OpenImageIO") if m in sys.modules]
+    farm = Farm()
+    catalog = farm.catalog(include_local=False)
+    s = farm.settings
+    out = plan.output_pattern(s.nuke_output_template, str(s.storage_root), "sh010", "passthrough")
+    spec = farm.submit("passthrough", sys.argv[1], out, [1, 2, 3], {}, 2, include_local=False)
+    while not farm.status(spec.id).finished:
+        time.sleep(0.1)
+    p = results.Progress.from_status(farm.status(spec.id))
+    print(json.dumps({"version": list(sys.version_info[:2]), "heavy": heavy, "models": sorted(catalog),
+                      "output": out, "label": results.progress_label(p)}))
+''')
+
+
+@pytest.mark.skipif(not (os.environ.get("MLFARM_TEST_NUKE_PYTHON") and os.environ.get("MLFARM_TEST_NUKE_SITE")),
+                    reason="set MLFARM_TEST_NUKE_PYTHON and MLFARM_TEST_NUKE_SITE (a folder filled as the README's "
+                           "Nuke setup says) to submit with Nuke's Python")
+def test_the_client_installed_as_the_readme_says_submits_from_another_python(farm, tmp_path):
+    """The README's install lines, checked: the client folder alone (no torch, numpy, OIIO) submits a job."""
+    from conftest import make_plate
+
+    farm.start_worker()
+    plate = make_plate(farm.storage / "plates", range(1, 4))
+    env = {k: v for k, v in farm.env.items() if k != "MLFARM_MODELS_PATH"}
+    env["PYTHONPATH"] = os.environ["MLFARM_TEST_NUKE_SITE"]
+    proc = subprocess.run([os.environ["MLFARM_TEST_NUKE_PYTHON"], "-B", "-c", CLIENT_ON_NUKE_PYTHON, plate],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == [] and "passthrough" in got["models"]
+    assert got["label"].splitlines()[2] == "3/3 done [done]"
+    assert all(os.path.exists(got["output"].replace("####", f"{f:04d}")) for f in (1, 2, 3))
+    print("client ran on Python {}.{}".format(*got["version"]))
