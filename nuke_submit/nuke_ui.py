@@ -97,8 +97,8 @@ def _report(exc: Exception) -> None:
 
 # --- reading the node ------------------------------------------------------------------------------
 def _source_pattern(node: Any) -> Optional[str]:
-    """The farm pattern of a node that reads files (``None`` for any other node)."""
-    if node.knob("file") is None or node.Class() == "Write":
+    """The farm pattern of a Read node's frames (``None`` for any other node: it is rendered first)."""
+    if node.Class() != "Read":
         return None
     return farm_pattern(nuke.filename(node) or node["file"].value())
 

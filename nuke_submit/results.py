@@ -84,7 +84,9 @@ def result_colour(description: Mapping[str, Any], rendered_first: bool,
     """
     if rendered_first or not main_plane_is_colour(description):
         return True, None
-    return bool(source_raw), (None if source_raw else source_colorspace)
+    if source_raw or not source_colorspace or source_colorspace.startswith("default"):
+        return bool(source_raw), None  # "default (...)" follows the file type, the same for both Reads
+    return False, source_colorspace
 
 
 def node_name(model: str, output: str) -> str:

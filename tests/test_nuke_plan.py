@@ -178,6 +178,8 @@ def test_results_read_colour_follows_the_plate_for_images_and_stays_raw_for_data
     assert (colour.raw, colour.colorspace) == (False, "ACES - ACEScg")
     raw_plate = read_settings("j", "blur", "2", "/o/x.####.exr", [1], BLUR, False, True, "ACES - ACEScg")
     assert (raw_plate.raw, raw_plate.colorspace) == (True, None)
+    default = read_settings("j", "blur", "2", "/o/x.####.exr", [1], BLUR, False, False, "default (linear)")
+    assert (default.raw, default.colorspace) == (False, None)  # left at the new Read's own default
     data = read_settings("j", "matte", "1", "/o/x.####.exr", [1], MATTE, False, False, "sRGB")
     assert (data.raw, data.colorspace) == (True, None)
 
