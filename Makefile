@@ -20,6 +20,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check .
+	sh compose/ensure-docker-compose.sh
 	$(BIN)/python -m pytest
 
 bench: setup
