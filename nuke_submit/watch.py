@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from .results import Progress
 
 log = logging.getLogger(__name__)
+
+#: The share of one core all of a Nuke session's watchers together may spend polling. Reading a job's
+#: status grows with its frames (about 4 ms for 1,000 frames, 55 ms for 10,000: bench_nuke_poll.py),
+#: so big jobs, or many, are polled less often than the configured interval instead of slowing Nuke.
+POLL_CPU_BUDGET = 0.05
+
+
+def next_wait(interval: float, poll_seconds: float, watchers: int, budget: float = POLL_CPU_BUDGET) -> float:
+    """Seconds until the next poll: the interval, stretched so ``watchers`` polls like this one stay in budget."""
+    return max(interval, poll_seconds * max(1, watchers) / budget)
 
 
 class JobWatcher(threading.Thread):
@@ -31,6 +42,8 @@ class JobWatcher(threading.Thread):
         self.max_backoff = max_backoff
         self._stop_event = threading.Event()
         self.last = None  # type: Optional[Progress]
+        self.peers = lambda: 1  # how many watchers are polling (set by Watchers)
+        self.last_wait = interval
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -42,14 +55,16 @@ class JobWatcher(threading.Thread):
     def run(self) -> None:
         wait = self.interval
         while not self._stop_event.is_set():
+            started = time.perf_counter()
             try:
                 progress = Progress.from_status(self._poll())
-                wait = self.interval
+                wait = next_wait(self.interval, time.perf_counter() - started, self.peers())
             except Exception as exc:  # the farm's Redis unreachable, the record expired...
                 log.warning("mlfarm: following job %s: %s", self.job_id, exc)
                 base = self.last or Progress(job_id=self.job_id, model="", state="unknown", total=0)
                 progress = replace(base, error="farm unreachable: %s" % exc)
                 wait = min(self.max_backoff, wait * 2)
+            self.last_wait = wait
             if progress != self.last:
                 self.last = progress
                 try:
@@ -75,6 +90,7 @@ class Watchers:
             if old is not None:
                 old.stop()
             self._by_job[watcher.job_id] = watcher
+        watcher.peers = self.count
         watcher.start()
         return watcher
 
@@ -83,6 +99,10 @@ class Watchers:
             watcher = self._by_job.pop(job_id, None)
         if watcher is not None:
             watcher.stop()
+
+    def count(self) -> int:
+        with self._lock:
+            return sum(1 for w in self._by_job.values() if w.is_alive())
 
     def get(self, job_id: str) -> Optional[JobWatcher]:
         with self._lock:

@@ -27,6 +27,7 @@ from mlfarm.nuke_submit.plan import (
     write_channels,
 )
 from mlfarm.nuke_submit.results import MAX_LISTED_FAILURES, Progress, failure_text, progress_label, read_settings
+from mlfarm.nuke_submit.watch import POLL_CPU_BUDGET, next_wait
 from mlfarm.settings import Settings
 
 from conftest import PLUGINS
@@ -220,3 +221,9 @@ def test_int_knobs_hand_back_ints_and_unknown_types_are_refused():
     assert got == {"n": 4} and type(got["n"]) is int
     with pytest.raises(ValueError, match="unknown type"):
         option_knobs({"name": "m", "options": [{"name": "x", "type": "tensor", "default": 0}]})
+
+
+def test_polls_are_spaced_so_following_jobs_stays_within_budget():
+    assert next_wait(2.0, 0.0004, 20) == 2.0  # a 100-frame job: the configured interval
+    assert next_wait(2.0, 0.05, 20) == pytest.approx(0.05 * 20 / POLL_CPU_BUDGET)  # 20 jobs of 10,000 frames
+    assert next_wait(0.1, 0.01, 0) == pytest.approx(0.01 / POLL_CPU_BUDGET)  # no peers counted: itself
