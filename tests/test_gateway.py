@@ -260,3 +260,38 @@ def test_a_slow_request_does_not_hold_up_other_clients(gateway):
     t.join(30)
     assert not blur.HasField("error")
     assert done["blur"] - started < 2.5 < done["slow"] - started
+
+
+def test_a_request_in_unusual_but_valid_wire_order_is_read_as_protobuf_reads_it(gateway):
+    """r2 sent in two pieces (protobuf merges them), the image's fields out of order and its
+    pixels given twice (the last value wins): the gateway's pixel cutting must agree."""
+    image = sample_pixels(8, 20, 12, 3)
+    full = mc.inference_request(mc.model_from_info(gateway.port, "rowmark"), [image], step=3.0)
+    img = full.r2.images[0]
+
+    def field(number: int, payload: bytes) -> bytes:
+        return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
+
+    def number(field_number: int, value: int) -> bytes:
+        return bytes([field_number << 3]) + _varint(value)
+
+    image_fields = (field(4, b"stale pixels") + number(3, img.channels) + number(2, img.height)
+                    + field(4, img.image) + number(1, img.width))
+    raw = number(1, 1) + field(3, field(1, full.r2.model.SerializeToString())) + field(3, field(2, image_fields))
+    check = mc.MSG["RequestWrapper"]()
+    check.ParseFromString(raw)  # what protobuf itself makes of these bytes
+    assert check.r2.model.name == "rowmark" and check.r2.images[0].image == img.image
+
+    reply = mc.parse_reply(mc.exchange(gateway.port, mc.frame(raw)))
+    assert not reply.HasField("error"), reply.error.msg
+    expected = image + np.arange(12, dtype=np.float32)[:, None, None] * np.float32(3.0)
+    np.testing.assert_array_equal(mc.decode_image(reply.r2.images[0]), expected)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)

@@ -16,6 +16,7 @@ from mlfarm.models.options import OptionError, coerce
 
 from . import mlserver_pb2 as pb
 from .images import WireImage
+from .wire import WireError, split_pixels, varint
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +33,15 @@ class RequestError(ValueError):
     """A request the gateway refuses; the message is what the artist reads in Nuke."""
 
 
-def parse_request(body: bytes | bytearray | memoryview) -> pb.RequestWrapper:
+def parse_request(body: bytes | bytearray | memoryview) -> tuple[pb.RequestWrapper, list[memoryview]]:
+    """The request without pixels, and each image's pixel bytes (views into ``body``, in order)."""
     request = pb.RequestWrapper()
     try:
-        request.ParseFromString(body)
-    except (DecodeError, ValueError) as exc:
+        rest, pixels = split_pixels(body)
+        request.ParseFromString(rest)
+    except (DecodeError, WireError, ValueError) as exc:
         raise RequestError(f"the request is not a valid mlserver.RequestWrapper message ({exc})") from None
-    return request
+    return request, pixels
 
 
 def error_reply(message: str) -> pb.RespondWrapper:
@@ -137,7 +140,8 @@ def request_options(desc: Mapping[str, Any], model: pb.Model) -> dict[str, Any]:
     return options
 
 
-def request_images(desc: Mapping[str, Any], request: pb.RequestWrapper) -> list[WireImage]:
+def request_images(desc: Mapping[str, Any], request: pb.RequestWrapper, pixels: Sequence[memoryview]
+                   ) -> list[WireImage]:
     """The request's images, checked against the model's inputs.
 
     An input declared with N channels accepts 1 to N channels, as the farm's frame reader does:
@@ -149,8 +153,8 @@ def request_images(desc: Mapping[str, Any], request: pb.RequestWrapper) -> list[
         names = ", ".join(f"{n} ({c} channels)" for n, c in inputs)
         raise RequestError(f"model {desc['name']} takes {len(inputs)} image(s) ({names}); the request has {len(sent)}")
     images = []
-    for (name, channels), msg in zip(inputs, sent):
-        img = WireImage(msg.width, msg.height, msg.channels, msg.image)
+    for (name, channels), msg, data in zip(inputs, sent, pixels):
+        img = WireImage(msg.width, msg.height, msg.channels, data)
         img.check(f"image for input {name!r}")
         if img.channels > int(channels):
             raise RequestError(f"model {desc['name']}: input {name!r} takes at most {channels} channels; "
@@ -198,20 +202,20 @@ def _object(name: str, value: Any) -> pb.FieldValuePairAttrib:
 
 
 def inference_reply(model: str, images: Sequence[WireImage], objects: Sequence[Any],
-                    script_models: Iterable[str]) -> pb.RespondWrapper:
-    """Images and objects for the node. Each key of a dict the model returned becomes one object.
+                    script_models: Iterable[str]) -> list[bytes | bytearray | memoryview]:
+    """The serialized ``RespondWrapper`` for a result, as pieces to send one after another.
 
-    ``PythonScript`` objects are executed by the node inside Nuke, so they are forwarded only
-    from models on the allow-list (``MLFARM_GATEWAY_SCRIPT_MODELS``); from others they are
-    dropped with a warning in the gateway's log.
+    Each key of a dict the model returned becomes one object. ``PythonScript`` objects are
+    executed by the node inside Nuke, so they are forwarded only from models on the allow-list
+    (``MLFARM_GATEWAY_SCRIPT_MODELS``); from others they are dropped with a warning in the log.
+
+    The pixel bytes are framed by hand rather than copied into a message: a 1080p frame would
+    otherwise be copied three more times (into the message, out of it, into one buffer). The
+    framing is plain protobuf wire format: length-delimited ``Image`` entries of field 2 of
+    ``RespondInference``, itself field 3 of ``RespondWrapper``.
     """
     allowed = model in set(script_models)
-    reply = pb.RespondWrapper(info=True)
-    r2 = reply.r2
-    for img in images:
-        data = img.data if isinstance(img.data, bytes) else bytes(img.data)
-        r2.images.add(width=img.width, height=img.height, channels=img.channels, image=data)
-    r2.num_images = len(images)
+    rest = pb.RespondInference(num_images=len(images))
     for item in objects:
         named = item.items() if isinstance(item, dict) else [("result", item)]
         for name, value in named:
@@ -219,6 +223,17 @@ def inference_reply(model: str, images: Sequence[WireImage], objects: Sequence[A
                 log.warning("dropped a %s object from model %s: it is not in MLFARM_GATEWAY_SCRIPT_MODELS",
                             PYTHON_SCRIPT, model)
                 continue
-            r2.objects.append(_object(str(name), value))
-    r2.num_objects = len(r2.objects)
-    return reply
+            rest.objects.append(_object(str(name), value))
+    rest.num_objects = len(rest.objects)
+    pieces: list[bytes | bytearray | memoryview] = []
+    r2_length = 0
+    for img in images:
+        head = pb.Image(width=img.width, height=img.height, channels=img.channels).SerializeToString()
+        head += b"\x22" + varint(len(img.data))  # field 4 (image), length-delimited
+        entry = b"\x12" + varint(len(head) + len(img.data)) + head  # RespondInference field 2 (images)
+        pieces += [entry, img.data]
+        r2_length += len(entry) + len(img.data)
+    small = rest.SerializeToString()
+    r2_length += len(small)
+    wrapper = pb.RespondWrapper(info=True).SerializeToString() + b"\x1a" + varint(r2_length)  # field 3 (r2)
+    return [wrapper + small, *pieces]

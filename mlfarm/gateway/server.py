@@ -97,9 +97,13 @@ def parse_header(header: bytes, max_body: int) -> int:
     return length
 
 
-def encode_reply(reply: pb.RespondWrapper) -> tuple[bytes, bytes]:
-    body = reply.SerializeToString()
-    return f"{HEADER_BYTES + len(body):0{HEADER_BYTES}d}".encode("ascii"), body
+Body = list[bytes | bytearray | memoryview]
+
+
+def frame_reply(body: Body) -> Body:
+    """The reply's pieces behind the 12-byte header that holds 12 + the body's length."""
+    length = sum(len(piece) for piece in body)
+    return [f"{HEADER_BYTES + length:0{HEADER_BYTES}d}".encode("ascii"), *body]
 
 
 class Gateway:
@@ -155,25 +159,34 @@ class Gateway:
                 body = _recv_exact(conn, parse_header(bytes(header), self.config.max_body), "request body")
             except ClientError as exc:
                 log.warning("client %s:%s: %s", peer[0], peer[1], exc)
-                self._send(conn, error_reply(str(exc)))
+                self._send(conn, [error_reply(str(exc)).SerializeToString()])
                 self._drain(conn)
                 return
-            reply = self.respond(body)
+            reply, error = self.respond(body)
             del body
             self._send(conn, reply)
-            log.info("client %s:%s: %s in %.1f ms", peer[0], peer[1],
-                     "error: " + reply.error.msg if reply.HasField("error") else "ok",
+            log.info("client %s:%s: %s in %.1f ms", peer[0], peer[1], f"error: {error}" if error else "ok",
                      (time.perf_counter() - started) * 1000)
         except Exception:  # a broken socket or a bug: this connection ends, the gateway goes on
             log.exception("client %s:%s: connection failed", peer[0], peer[1])
         finally:
             conn.close()
 
-    def _send(self, conn: socket.socket, reply: pb.RespondWrapper) -> None:
-        header, body = encode_reply(reply)
+    def _send(self, conn: socket.socket, body: Body) -> None:
+        pieces = frame_reply(body)
         try:
-            conn.sendall(header)
-            conn.sendall(body)
+            # The header and the small pieces go out together; pixel pieces without a copy.
+            pending = bytearray()
+            for piece in pieces:
+                if len(piece) < 65536:
+                    pending += piece
+                    continue
+                if pending:
+                    conn.sendall(pending)
+                    pending = bytearray()
+                conn.sendall(piece)
+            if pending:
+                conn.sendall(pending)
         except OSError as exc:
             log.warning("could not send the reply: %s", exc)
 
@@ -191,29 +204,29 @@ class Gateway:
             pass
 
     # --- one request --------------------------------------------------------------------------
-    def respond(self, body: bytes | bytearray) -> pb.RespondWrapper:
-        """The reply to one request body; never raises."""
+    def respond(self, body: bytes | bytearray) -> tuple[Body, str | None]:
+        """The serialized reply to one request body, and its error message if it is one; never raises."""
         try:
-            request = parse_request(body)
+            request, pixels = parse_request(body)
             if request.HasField("r2"):
-                return self._inference(request)
+                return self._inference(request, pixels), None
             if request.HasField("r1") or request.info:
-                return info_reply(self.backend.describe_all())
+                return [info_reply(self.backend.describe_all()).SerializeToString()], None
             raise RequestError("the request has neither an info (r1) nor an inference (r2) part")
         except (RequestError, ImageError, InferenceFailed) as exc:
-            return error_reply(str(exc))
+            message = str(exc)
         except Exception as exc:
             log.exception("request failed")
-            return error_reply(f"gateway error: {type(exc).__name__}: {exc}")
+            message = f"gateway error: {type(exc).__name__}: {exc}"
+        return [error_reply(message).SerializeToString()], message
 
-    def _inference(self, request: pb.RequestWrapper) -> pb.RespondWrapper:
+    def _inference(self, request: pb.RequestWrapper, pixels: list[memoryview]) -> Body:
         name = requested_model(request)
         descriptions = self.backend.describe_all()
         desc = descriptions.get(name)
         if desc is None:
             raise RequestError(f"unknown model {name!r} (available: {', '.join(sorted(descriptions)) or 'none'})")
         options = request_options(desc, request.r2.model)
-        images = request_images(desc, request)
-        request.Clear()  # the images now live in `images`; free the parsed copy early
+        images = request_images(desc, request, pixels)
         result = self.backend.infer(name, options, images)
         return inference_reply(name, result.images, result.objects, self.config.script_models)
