@@ -95,9 +95,10 @@ def flower_env(farm):
 
 
 def chunk_tasks(flower: FlowerProcess, job_id: str) -> dict[str, dict]:
-    code, body = flower.get("/api/tasks?taskname=mlfarm.chunk")
+    """One job's chunks, found the way the README tells wranglers to: search ``kwargs:job_id=ID``."""
+    code, body = flower.get(f"/api/tasks?taskname=mlfarm.chunk&search=kwargs:job_id={job_id}")
     assert code == 200, body
-    return {uuid: t for uuid, t in json.loads(body).items() if job_id in (t.get("kwargs") or "")}
+    return json.loads(body)
 
 
 def test_flower_needs_auth_lists_the_jobs_chunks_readably_and_counts_them(flower_env):
@@ -125,6 +126,7 @@ def test_flower_needs_auth_lists_the_jobs_chunks_readably_and_counts_them(flower
                 break
             assert time.monotonic() < deadline, f"Flower shows {tasks}\n{flower.log()[-3000:]}"
             time.sleep(0.5)
+        assert chunk_tasks(flower, "0" * 12) == {}  # the search does filter
         shown = sorted(ast.literal_eval(t["kwargs"])["frames"] for t in tasks.values())
         assert shown == [format_frames(frames[:2]), format_frames(frames[2:])]
         for t in tasks.values():

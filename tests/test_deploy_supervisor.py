@@ -125,15 +125,19 @@ def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, superviso
     plate = make_plate(farm.storage / "plate", frames)
     out = str(farm.storage / "out" / "o.####.exr")
     client = farm.farm()
-    spec = client.submit("slow", plate, out, frames, {"seconds": 0.7}, chunk=2, name="sh020 Read3")
+    spec = client.submit("slow", plate, out, frames, {"seconds": 1.5}, chunk=2, name="sh020 Read3")
     victim_name, victim_pid = children["0"]
 
     def victim_busy():
         st = client.status(spec.id)
-        return [f.frame for f in st.frames if f.state == "running" and f.worker.startswith(victim_name)]
+        return any(f.state == "running" and f.worker.startswith(victim_name) for f in st.frames)
 
-    killed_frames = sup.wait_for(victim_busy, "a frame running on GPU 0's worker")
+    sup.wait_for(victim_busy, "a frame running on GPU 0's worker")
     os.kill(victim_pid, signal.SIGKILL)
+    # What the dead worker left "running" is what it was rendering when it died.
+    killed_frames = [f.frame for f in client.status(spec.id).frames
+                     if f.state == "running" and f.worker.endswith(f":{victim_pid}")]
+    assert killed_frames, client.status(spec.id).frames
     sup.wait_for(lambda: "killed by SIGKILL; restarting it" in sup.log(), "restart notice")
     sup.wait_ready(victim_name, times=2)
     restarted = [pid for name, gpu, pid in sup.started() if gpu == "0"]
@@ -150,9 +154,14 @@ def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, superviso
     for f in killed_frames:  # the chunk killed with its worker was redelivered and rendered again
         assert by_frame[f].attempts == 2 and not by_frame[f].worker.endswith(f":{victim_pid}"), by_frame[f]
 
+    # Shut down from Flower (a remote-control broadcast): a clean exit, so it stays down.
+    client.app.control.shutdown(destination=["render-gpu1@farmhost"])
+    sup.wait_for(lambda: "asked to shut down, not restarting it" in sup.log(), "clean-exit notice")
+    time.sleep(1.5)
+    assert not alive(children["1"][1]) and len(sup.started()) == 3 and sup.proc.poll() is None
+
     assert sup.stop() == 0
-    for pid in [restarted[1], children["1"][1]]:
-        assert not alive(pid)
+    assert not alive(restarted[1])
 
 
 def test_sigterm_stops_every_worker_warm_and_loses_no_frame(farm, supervisors):
