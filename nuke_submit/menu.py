@@ -1,4 +1,5 @@
-"""The **ML Farm** menu in Nuke's menu bar; called from ``menu.py`` on ``NUKE_PATH``."""
+"""The **ML Farm** menu in Nuke's menu bar, and the script-load hook that resumes following jobs;
+called from ``menu.py`` on ``NUKE_PATH``."""
 
 from __future__ import annotations
 
@@ -18,4 +19,6 @@ def install() -> Any:
     menu.addCommand("Refresh results", nuke_ui.refresh_results_command)
     menu.addCommand("Retry failed (selected results)", nuke_ui.retry_selected_command)
     menu.addCommand("Settings...", nuke_ui.show_settings)
+    nuke.removeOnScriptLoad(nuke_ui.refresh_on_script_load)
+    nuke.addOnScriptLoad(nuke_ui.refresh_on_script_load)  # results Reads pick their jobs up again
     return menu

@@ -390,6 +390,16 @@ def submit_selected() -> Optional[Submission]:
         return None
 
 
+def refresh_on_script_load() -> None:
+    """Registered with ``nuke.addOnScriptLoad``: follow an opened script's jobs again, without pop-ups."""
+    if not result_reads():
+        return
+    try:
+        refresh_results()
+    except Exception as exc:  # a farm that is down must not nag at every script open
+        log.warning("mlfarm: results not refreshed after opening the script: %s", exc)
+
+
 def refresh_results_command() -> None:
     try:
         refresh_results()

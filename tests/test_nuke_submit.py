@@ -70,8 +70,16 @@ def pump(nuke, done, timeout=90.0, seen=None):
         if done():
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"not done after {timeout}s; labels: {seen}")
+            watchers = {j: (w.is_alive(), w.last, w.last_wait) for j, w in ui_watchers()._by_job.items()}
+            raise TimeoutError(f"not done after {timeout}s; labels seen: {seen}; now: {seen_label(nuke)!r}; "
+                               f"watchers: {watchers}")
         time.sleep(0.02)
+
+
+def ui_watchers():
+    from mlfarm.nuke_submit.nuke_ui import WATCHERS
+
+    return WATCHERS
 
 
 def seen_label(nuke):
@@ -242,6 +250,17 @@ def test_menu_commands_refuse_bad_input_with_a_message_and_queue_nothing(farm_en
     password = farm.url.split("@")[0].rsplit(":", 1)[1]
     assert password not in text and ":***@" in text
     assert f"storage root: {farm.storage}" in text
+
+    # Reopening a script: the hook the menu installed follows its results Reads again, by itself.
+    gappy.setSelected(False)
+    src = nuke.nodes.Read(file=make_plate(farm.storage / "full", [1, 2, 3]), first=1, last=3)
+    sub = ui.submit(src, "slow", {"seconds": 1.0}, chunk=1, farm=farm.farm(), watch=False)
+    name = sub.read.name()
+    nuke.scriptSaveAs(str(farm.root / "reopened.nk"))
+    nuke.scriptOpen(str(farm.root / "reopened.nk"))
+    assert ui.WATCHERS.running(sub.job_id)
+    read = nuke.toNode(name)
+    pump(nuke, lambda: "[done]" in read["label"].value())
     assert "models: " + ", ".join(sorted(farm.farm().catalog(include_local=False))) in text
 
 

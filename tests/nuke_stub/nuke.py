@@ -38,16 +38,36 @@ _this_node = None
 
 
 def reset() -> None:
-    """A new, empty script."""
-    global _root, _this_node, modal_answer
-    _nodes.clear()
+    """A new Nuke session: an empty script, no menus, callbacks or messages."""
+    global modal_answer
+    scriptClear()
     messages.clear()
     executed.clear()
     _events.clear()
     _menus.clear()
+    _on_script_load.clear()
+    modal_answer = True
+
+
+def scriptClear() -> None:  # noqa: N802
+    """An empty script (menus, callbacks and queued events stay, as in Nuke)."""
+    global _root, _this_node
+    _nodes.clear()
     _root = Root()
     _this_node = None
-    modal_answer = True
+
+
+_on_script_load: list = []
+
+
+def addOnScriptLoad(call, args=(), kwargs=None, nodeClass="Root") -> None:  # noqa: N802, N803
+    _on_script_load.append((call, tuple(args), kwargs or {}))
+
+
+def removeOnScriptLoad(call, args=(), kwargs=None, nodeClass="Root") -> None:  # noqa: N802, N803
+    entry = (call, tuple(args), kwargs or {})
+    if entry in _on_script_load:
+        _on_script_load.remove(entry)
 
 
 def process_events(max_calls: int = 10000) -> int:
@@ -701,7 +721,7 @@ def scriptSave(filename: str | None = None) -> None:  # noqa: N802
 
 
 def scriptOpen(filename: str) -> None:  # noqa: N802
-    reset()
+    scriptClear()
     with open(filename, encoding="utf-8") as fh:
         doc = json.load(fh)
     for k, v in doc["root"].items():
@@ -724,3 +744,5 @@ def scriptOpen(filename: str) -> None:  # noqa: N802
     for node, inputs in made:
         for i, src in inputs.items():
             node._inputs[int(i)] = toNode(src)
+    for call, args, kwargs in list(_on_script_load):
+        call(*args, **kwargs)
