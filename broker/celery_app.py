@@ -17,6 +17,7 @@ from .connection import broker_url
 
 CHUNK_TASK = "mlfarm.chunk"
 INTERACTIVE_TASK = "mlfarm.interactive"
+TRAIN_TASK = "mlfarm.train"  # issue 6: one training run, on the train queue
 
 #: Queues in the order a worker polls them: interactive requests first, then batch work.
 QUEUES = ("interactive", "gpu", "cpu", "train")
@@ -43,6 +44,11 @@ def make_celery(settings: Settings | None = None, url: str | None = None) -> Cel
         # Sweep for chunks whose worker died every restore_interval seconds (kombu's default is ~100s).
         "unacked_restore_interval": settings.restore_interval,
         "unacked_restore_throttle": 1,
+        # A broker that vanishes without closing the socket (failover, NAT) must not hang a worker.
+        "socket_timeout": 30,
+        "socket_connect_timeout": 10,
+        "socket_keepalive": True,
+        "health_check_interval": 25,
     }
     app.conf.update(
         task_serializer="json",
@@ -57,6 +63,10 @@ def make_celery(settings: Settings | None = None, url: str | None = None) -> Cel
         broker_transport_options=transport,
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         broker_connection_retry_on_startup=True,
+        # A chunk that retries (say, Redis restarted under it) republishes itself: keep trying for
+        # about a minute rather than dropping the message while the broker comes back.
+        task_publish_retry_policy={"max_retries": 30, "interval_start": 0.5, "interval_step": 0.5,
+                                   "interval_max": 3.0},
         broker_connection_max_retries=None,
         result_expires=settings.result_expires,
         task_time_limit=settings.chunk_time_limit(1),

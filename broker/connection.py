@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 from urllib.parse import urlparse
 
 import redis
@@ -56,14 +58,23 @@ def broker_url(settings: Settings) -> str:
     return url
 
 
-def redis_client(url: str, timeout: float = 10.0) -> redis.Redis:
-    """A client for job records that rides out short Redis outages with backoff."""
+def redis_client(url: str, timeout: float = 10.0, patient: bool = False, role: str = "client") -> redis.Redis:
+    """A client for job records.
+
+    Submitters fail fast (a few retries, about a second) so an artist hears at once that the farm
+    is unreachable; workers are ``patient`` and ride out a Redis restart or a short outage (about a
+    minute of retries with backoff) instead of failing the frames they are rendering. The
+    connection is named ``mlfarm-<role>:<host>:<pid>`` so `CLIENT LIST` tells a wrangler who is who.
+    """
+    backoff = ExponentialBackoff(cap=5.0, base=0.1) if patient else ExponentialBackoff(cap=1.0, base=0.05)
     return redis.Redis.from_url(
         url,
         decode_responses=True,
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
+        socket_keepalive=True,
         health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+        retry=Retry(backoff, retries=16 if patient else 4),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        client_name=f"mlfarm-{role}:{socket.gethostname()}:{os.getpid()}",
     )

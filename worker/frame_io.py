@@ -30,6 +30,9 @@ _ALIASES = {
 class FrameError(Exception):
     """A frame that cannot be read or written; the message names the file and the cause."""
 
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))  # one line: it is shown in status tables and Nuke
+
 
 @dataclass
 class Image:
@@ -140,12 +143,50 @@ def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, chann
         if out is None:
             raise FrameError(f"{path}: {oiio.geterror()}")
         if not out.open(str(tmp), spec):
-            raise FrameError(f"{path}: {out.geterror()}")
+            raise FrameError(f"{path}: {_write_failure(out.geterror(), tmp, pixels.nbytes)}")
         ok = out.write_image(np.ascontiguousarray(pixels, dtype=np.float32))
+        # close() writes the last chunks and the offset table: its failure (a full disk) matters too.
+        ok = out.close() and ok
         err = out.geterror()
-        out.close()
         if not ok or err:
-            raise FrameError(f"{path}: {err or 'write failed'}")
+            raise FrameError(f"{path}: {_write_failure(err or 'write failed', tmp, pixels.nbytes)}")
+        _check_complete(path, tmp, pixels.nbytes)
+
+
+def _check_complete(path: str, tmp: os.PathLike[str], nbytes: int) -> None:
+    """Read the written file's last scanline back before it is renamed into place.
+
+    OpenEXR writes chunks in order and the offset table last; on a full disk it can report success
+    for a file whose tail never reached the disk. Decoding the last chunk catches that for the
+    price of one chunk, so a truncated EXR is never published under the output name.
+    """
+    inp = oiio.ImageInput.open(os.fspath(tmp))
+    ok = inp is not None
+    if ok:
+        spec = inp.spec()
+        ok = inp.read_scanline(spec.y + spec.height - 1, 0, "float") is not None and not inp.geterror()
+        inp.close()
+    if not ok:
+        raise FrameError(f"{path}: {_write_failure('the written file is incomplete', tmp, nbytes)}")
+
+
+def _write_failure(message: str, tmp: os.PathLike[str], nbytes: int) -> str:
+    """OpenEXR's message loses errno; say what a wrangler needs: the disk is full, or read-only.
+
+    The hidden temporary's name is no use to an artist, so it is left out.
+    """
+    message = message.replace(f'"{os.fspath(tmp)}"', "the output").replace(os.fspath(tmp), "the output")
+    folder = os.path.dirname(os.fspath(tmp))
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return message
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        return f"No space left on device ({free // 1024} KiB free in {folder}): {message}"
+    if st.f_flag & os.ST_RDONLY:
+        return f"Read-only file system ({folder}): {message}"
+    return message
 
 
 def sidecar_path(frame_file: str) -> str:

@@ -54,7 +54,7 @@ def worker_name() -> str:
 @lru_cache(maxsize=1)
 def runtime() -> Runtime:
     settings = get_settings()
-    client = redis_client(broker_url(settings))
+    client = redis_client(broker_url(settings), patient=True, role="worker")
     catalog = Catalog.from_settings(settings)
     name = worker_name()
     return Runtime(

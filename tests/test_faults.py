@@ -1,0 +1,257 @@
+"""Faults a wrangler meets: Redis restarted or gone for a while, storage read-only or full,
+corrupt plates, workers killed over and over. The goal in every case: nothing lost, nothing corrupt,
+every failure with a reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import FarmHarness, make_plate, sample_pixels, write_exr
+
+from mlfarm.broker.embedded import EmbeddedRedis, free_port
+from mlfarm.broker.frames import frame_path
+from mlfarm.worker.frame_io import read_image
+
+
+class RestartableRedis:
+    """A real redis-server we can stop and start again on the same port, password and AOF."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.password = "faults-" + os.urandom(6).hex()
+        self.server: EmbeddedRedis | None = None
+
+    def start(self) -> None:
+        self.server = EmbeddedRedis.start(self.folder, port=self.port, password=self.password)
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.stop()
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+def own_farm(tmp_path: Path) -> Iterator[tuple[FarmHarness, RestartableRedis]]:
+    server = RestartableRedis(tmp_path / "redis")
+    server.start()
+    harness = FarmHarness(server.url, tmp_path)
+    yield harness, server
+    harness.stop()
+    server.stop()
+
+
+def wait_done_at_least(harness: FarmHarness, job_id: str, n: int, timeout: float = 60) -> None:
+    farm = harness.farm()
+    deadline = time.monotonic() + timeout
+    while farm.status(job_id).counts["done"] < n:
+        assert time.monotonic() < deadline, farm.status(job_id).summary()
+        time.sleep(0.05)
+
+
+def assert_outputs_whole(out: str, frames: list[int], **kw: int) -> None:
+    folder = Path(out).parent
+    visible = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    assert visible == sorted(Path(frame_path(out, f)).name for f in frames)
+    for f in frames:
+        got = read_image(frame_path(out, f)).rgba(4)
+        np.testing.assert_array_equal(got, sample_pixels(f, **kw).astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("outage_s", [2, 30])
+def test_redis_restart_or_outage_mid_job_loses_nothing(own_farm, outage_s):
+    harness, server = own_farm
+    harness.start_worker(name="a@faults")
+    harness.start_worker(name="b@faults")
+    frames = list(range(1, 41))
+    plate = make_plate(harness.storage / "plate", frames)
+    out = str(harness.storage / "out" / "o.####.exr")
+    spec = harness.farm().submit("slow", plate, out, frames, {"seconds": 0.1}, chunk=2)
+    watcher = subprocess.Popen([sys.executable, "-m", "mlfarm", "status", spec.id, "--watch", "--json"],
+                               env=harness.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = harness.farm().redis
+    deadline = time.monotonic() + 60
+    while not any(c["name"].endswith(f":{watcher.pid}") for c in client.client_list()):
+        assert time.monotonic() < deadline and watcher.poll() is None, watcher.communicate()
+        time.sleep(0.05)
+    wait_done_at_least(harness, spec.id, 6)
+    server.stop()  # SIGTERM: Redis flushes its AOF, as a restart by a wrangler or systemd would
+    if outage_s > 5:
+        # While the farm is gone, a submission fails fast and says why.
+        t = time.monotonic()
+        proc = harness.cli("submit", "--input", plate, "--frames", "1", "--model", "slow",
+                           "--output", str(harness.storage / "o2" / "o.####.exr"))
+        assert proc.returncode == 2
+        assert "cannot reach the farm's Redis" in proc.stderr
+        assert time.monotonic() - t < 15
+    time.sleep(outage_s)
+    server.start()
+    status = harness.wait_job(spec.id, timeout=180)
+    assert status.state == "done", status.summary()
+    assert status.counts["done"] == 40
+    assert_outputs_whole(out, frames)
+    for w in harness.workers:
+        assert w.proc.poll() is None, f"worker {w.name} died:\n{w.log()[-3000:]}"
+    stdout, stderr = watcher.communicate(timeout=60)
+    assert watcher.returncode == 0, stderr
+    assert json.loads(stdout)["counts"]["done"] == 40
+    if outage_s > 5:
+        assert "farm unreachable" in stderr
+
+
+def _mount(*args: str) -> None:
+    proc = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"this machine cannot mount test filesystems (needs root): {proc.stderr.strip()}")
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    mounted: list[Path] = []
+    yield mounted
+    for m in reversed(mounted):
+        subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+def test_read_only_storage_fails_frames_with_the_reason(farm, mounts):
+    farm.start_worker()
+    plate = make_plate(farm.storage / "plate", [1, 2])
+    target = farm.storage / "ro"
+    target.mkdir()
+    _mount("--bind", str(target), str(target))
+    mounts.append(target)
+    _mount("-o", "remount,ro,bind", str(target))
+    spec = farm.farm().submit("passthrough", plate, str(target / "shot" / "o.####.exr"), [1, 2])
+    status = farm.wait_job(spec.id)
+    assert status.state == "failed" and status.counts["failed"] == 2
+    assert all("Read-only file system" in f.reason for f in status.failed_frames), status.failed_frames
+    assert list(target.iterdir()) == []
+
+
+def test_full_storage_fails_frames_and_leaves_nothing_corrupt(farm, mounts):
+    farm.start_worker()
+    frames = list(range(1, 11))
+    plate = make_plate(farm.storage / "plate", frames, width=96, height=96)
+    target = farm.storage / "small"
+    target.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=160k", "tmpfs", str(target))
+    mounts.append(target)
+    out = str(target / "o.####.exr")
+    spec = farm.farm().submit("passthrough", plate, out, frames, chunk=5)
+    status = farm.wait_job(spec.id)
+    assert status.state == "failed"
+    assert 0 < status.counts["done"] < 10, status.summary()
+    assert all("No space left on device" in f.reason for f in status.failed_frames), status.failed_frames
+    done = [f.frame for f in status.frames if f.state == "done"]
+    assert sorted(p.name for p in target.iterdir()) == sorted(Path(frame_path(out, f)).name for f in done)
+    for f in done:
+        read_image(frame_path(out, f))  # every file that exists is whole
+
+
+# --- corrupt plates --------------------------------------------------------------------------
+def _header_end(data: bytes) -> int:
+    """Offset just past an EXR header's attribute list (its terminating null byte)."""
+    i = 8
+    while data[i] != 0:
+        name_end = data.index(b"\0", i)
+        type_end = data.index(b"\0", name_end + 1)
+        size = struct.unpack_from("<i", data, type_end + 1)[0]
+        i = type_end + 5 + size
+    return i + 1
+
+
+def corrupt_variants(path: Path, n: int, rng: random.Random) -> list[str]:
+    good = path.read_bytes()
+    start = _header_end(good)
+    kinds = []
+    for i in range(n):
+        kind = ["truncated", "bitflip", "empty", "png", "huge"][i % 5]
+        data = bytearray(good)
+        if kind == "truncated":
+            data = data[: rng.randrange(start + 8, len(data) - 1)]
+        elif kind == "bitflip":
+            for _ in range(16):
+                pos = rng.randrange(start + 8 * 48, len(data))  # compressed pixel chunks, past the offsets
+                data[pos] ^= 1 << rng.randrange(8)
+        elif kind == "empty":
+            data = bytearray()
+        elif kind == "png":
+            data = bytearray(b"\x89PNG\r\n\x1a\n" + bytes(rng.randrange(256) for _ in range(200)))
+        else:
+            key = b"dataWindow\0box2i\0"
+            at = data.index(key) + len(key) + 4
+            struct.pack_into("<iiii", data, at, 0, 0, 199_999, 199_999)
+        path.with_name(f"bad.{i + 1:04d}.exr").write_bytes(bytes(data))
+        kinds.append(kind)
+    return kinds
+
+
+def test_a_hundred_corrupt_inputs_fail_with_reasons_and_workers_stay_healthy(farm):
+    worker = farm.start_worker()
+    folder = farm.storage / "bad"
+    write_exr(folder / "good.exr", sample_pixels(1, 64, 48), half=True)
+    kinds = corrupt_variants(folder / "good.exr", 100, random.Random(7))
+    rss_before = psutil.Process(worker.proc.pid).memory_info().rss
+    client = farm.farm()
+    spec = client.submit("passthrough", str(folder / "bad.####.exr"), str(farm.storage / "out" / "o.####.exr"),
+                         list(range(1, 101)), chunk=5)
+    status = farm.wait_job(spec.id, timeout=240)
+    bitflips_read = [f.frame for f in status.frames if f.state == "done"]
+    # Flipped bits in zip-compressed chunks are caught by the decompressor; all must be refused.
+    assert status.counts["failed"] == 100, (status.summary(), bitflips_read)
+    for fs in status.failed_frames:
+        kind = kinds[fs.frame - 1]
+        assert fs.reason.startswith(f"frame {fs.frame}: {frame_path(spec.input, fs.frame)}: "), fs.reason
+        assert len(fs.reason) > len(f"frame {fs.frame}: {frame_path(spec.input, fs.frame)}: ") + 5
+        assert "\n" not in fs.reason
+        if kind == "huge":  # OpenImageIO's own size limit, or ours, names the absurd size
+            assert "200000x200000" in fs.reason
+    assert worker.proc.poll() is None
+    rss_after = psutil.Process(worker.proc.pid).memory_info().rss
+    assert rss_after - rss_before < 300 * 2**20, (rss_before, rss_after)
+    # And the same worker still renders good frames.
+    plate = make_plate(farm.storage / "plate", [1, 2])
+    spec = client.submit("passthrough", plate, str(farm.storage / "ok" / "o.####.exr"), [1, 2])
+    assert farm.wait_job(spec.id).state == "done"
+
+
+# --- workers killed again and again ----------------------------------------------------------
+def test_workers_killed_repeatedly_during_a_500_frame_job(farm):
+    farm.env_overrides.update({"MLFARM_FRAME_TIME_LIMIT": "3", "MLFARM_CHUNK_SLACK": "2",
+                               "MLFARM_VISIBILITY_TIMEOUT": "12", "MLFARM_RESTORE_INTERVAL": "1"})
+    frames = list(range(1, 501))
+    plate = make_plate(farm.storage / "plate", frames, width=16, height=16)
+    out = str(farm.storage / "out" / "o.####.exr")
+    farm.start_worker(name="k1@faults")
+    farm.start_worker(name="k2@faults")
+    spec = farm.farm().submit("slow", plate, out, frames, {"seconds": 0.01}, chunk=3)
+    rng = random.Random(3)
+    kills = 0
+    for round_ in range(6):
+        time.sleep(rng.uniform(0.5, 1.5))
+        if farm.farm().status(spec.id).finished:
+            break
+        victim = next(w for w in farm.workers if w.proc.poll() is None)
+        victim.kill()
+        kills += 1
+        farm.start_worker(name=f"r{round_}@faults")
+    status = farm.wait_job(spec.id, timeout=240)
+    assert kills >= 3
+    assert status.state == "done", status.summary()
+    assert status.counts["done"] == 500
+    assert all(f.state == "done" and f.attempts >= 1 for f in status.frames)
+    assert_outputs_whole(out, frames, width=16, height=16)
