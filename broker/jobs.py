@@ -51,6 +51,7 @@ class JobSpec:
     queue: str = "gpu"
     model_version: str = ""
     name: str = ""
+    kind: str = "render"  # "train": frames are epochs, one task trains them all (issue 6)
     id: str = field(default_factory=new_job_id)
     user: str = field(default_factory=getpass.getuser)
     host: str = field(default_factory=socket.gethostname)
@@ -83,6 +84,7 @@ class JobStatus:
     frames: list[FrameState]
     started: float | None
     ended: float | None
+    progress: dict[str, Any] = field(default_factory=dict)  # a training job's step, loss... (issue 6)
 
     @property
     def total(self) -> int:
@@ -106,11 +108,16 @@ class JobStatus:
 
     def summary(self) -> str:
         c = self.counts
-        line = f"job {self.spec.id} {self.state}: {c[DONE]}/{self.total} done, {c[FAILED]} failed"
+        unit = " epochs" if self.spec.kind == "train" else ""
+        line = f"job {self.spec.id} {self.state}: {c[DONE]}/{self.total}{unit} done, {c[FAILED]} failed"
         if c[CANCELLED]:
             line += f", {c[CANCELLED]} cancelled"
         if c[QUEUED] or c[RUNNING]:
             line += f", {c[RUNNING]} running, {c[QUEUED]} queued"
+        if self.progress.get("total_steps"):
+            line += f"; step {self.progress.get('step', 0)}/{self.progress['total_steps']}"
+            if self.progress.get("loss") is not None:
+                line += f", loss {self.progress['loss']:.4g}"
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +133,7 @@ class JobStatus:
             "output": self.spec.output,
             "failed": [{"frame": f.frame, "reason": f.reason, "attempts": f.attempts} for f in self.failed_frames],
             "spec": asdict(self.spec),
+            "progress": self.progress,
         }
 
 
@@ -280,7 +288,14 @@ class JobStore:
         finished = state in (DONE, FAILED, CANCELLED)
         return JobStatus(spec=spec, state=state, counts=counts, frames=frames,
                          started=min(starts) if starts else None,
-                         ended=max(ends) if ends and finished else None)
+                         ended=max(ends) if ends and finished else None,
+                         progress=json.loads(job.get("progress") or "{}"))
+
+    def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
+        """Record how far a training job is (step, loss...); shown by status beside the epoch counts."""
+        self.r.pipeline(transaction=True).hset(job_key(job_id), mapping={
+            "progress": json.dumps(progress, sort_keys=True), "updated": time.time()}).expire(
+            job_key(job_id), self.ttl).execute()
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.r.hget(job_key(job_id), "cancelled") == "1"

@@ -70,7 +70,7 @@ def main(log_level: str) -> None:
 # --- running the farm ---------------------------------------------------------------------
 @main.command()
 @click.option("--workers", default=1, show_default=True, help="Local worker processes to start.")
-@click.option("--queues", default="interactive,gpu,cpu", show_default=True)
+@click.option("--queues", default="interactive,gpu,cpu,train", show_default=True)
 @click.option("--concurrency", default=1, show_default=True, help="Processes per worker (1: solo pool).")
 def up(workers: int, queues: str, concurrency: int) -> None:
     """Run a farm on this machine: embedded Redis (unless MLFARM_BROKER_URL is set) and workers.
@@ -307,6 +307,9 @@ main.add_command(gateway_command)
 from mlfarm.fetch_cli import models_group  # noqa: E402
 
 main.add_command(models_group(models))  # issue 8: `mlfarm models fetch NAME` under the listing
+from mlfarm.train_cli import train_command  # noqa: E402
+
+main.add_command(train_command)  # issue 6: training on the farm
 
 if __name__ == "__main__":
     main()

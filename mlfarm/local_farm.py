@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class LocalFarm:
-    def __init__(self, settings: Settings, workers: int = 1, queues: str = "interactive,gpu,cpu",
+    def __init__(self, settings: Settings, workers: int = 1, queues: str = "interactive,gpu,cpu,train",
                  concurrency: int = 1, log_file: Path | None = None):
         self.settings = settings
         self.n_workers = workers

@@ -26,16 +26,30 @@ def follow(poll: Callable[[], JobStatus], console: Console, interval: float = 0.
     deadline = time.monotonic() + timeout if timeout else None
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("[red]{task.fields[failed]} failed"), TextColumn("{task.fields[state]}"),
+               TextColumn("{task.fields[note]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(f"{status.spec.model} {status.spec.id}", total=status.total, failed=0, state="")
+        task = bar.add_task(f"{status.spec.model} {status.spec.id}", total=status.total, failed=0, state="", note="")
         while True:
             c = status.counts
-            bar.update(task, completed=c[DONE] + c[FAILED], failed=c[FAILED], state=status.state)
+            bar.update(task, completed=c[DONE] + c[FAILED], failed=c[FAILED], state=status.state,
+                       note=progress_note(status))
             if status.finished or (deadline and time.monotonic() > deadline):
                 return status
             time.sleep(interval)
             status = poll()
+
+
+def progress_note(status: JobStatus) -> str:
+    """A training job's step and loss (issue 6); empty for a render job."""
+    p = status.progress
+    if not p.get("total_steps"):
+        return ""
+    note = f"step {p.get('step', 0)}/{p['total_steps']}"
+    for key, label in (("loss", "loss"), ("val_loss", "val loss"), ("val_accuracy", "val accuracy")):
+        if p.get(key) is not None:
+            note += f", {label} {p[key]:.4g}"
+    return note
 
 
 def status_table(status: JobStatus) -> Table:
@@ -47,6 +61,8 @@ def status_table(status: JobStatus) -> Table:
     table.add_row("output", spec.output)
     table.add_row("submitted", f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(spec.created))} "
                                f"by {spec.user}@{spec.host}")
+    if status.progress:
+        table.add_row("progress", progress_note(status) or "-")
     eta = status.eta_seconds()
     if eta is not None:
         table.add_row("eta", f"{eta:.0f}s")

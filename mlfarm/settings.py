@@ -151,6 +151,27 @@ class Settings(BaseSettings):
     )
     mrcnn_channels_last: bool = Field(default=False, description="Mask R-CNN backbone in channels_last on CUDA.")
 
+    # --- training on the farm (issue 6, models/training, worker/train_task.py) ---------------
+    train_time_limit: int = Field(
+        default=7 * 86400, ge=1,
+        description="Seconds one training task may run. Then it writes a checkpoint and stops, its remaining "
+        "epochs fail with the reason, and `mlfarm retry JOB` resumes from that checkpoint.",
+    )
+    train_checkpoint_interval: int = Field(
+        default=600, ge=1, description="Seconds between checkpoints inside an epoch (one is also written at the "
+        "end of every epoch, and before any stop).",
+    )
+    train_keep_checkpoints: int = Field(default=5, ge=1, description="Newest checkpoints kept per run.")
+    train_threads: int = Field(
+        default=0, ge=0, description="CPU threads a training task uses (0: torch's default, every core).",
+    )
+
+    @property
+    def train_heartbeat(self) -> float:
+        """Seconds between a trainer's heartbeats; a quarter of the visibility timeout, so a running
+        training task is never redelivered, while one whose worker died is, after the timeout."""
+        return max(0.5, min(30.0, self.visibility_timeout / 4))
+
     @classmethod
     def settings_customise_sources(
         cls,

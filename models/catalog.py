@@ -46,6 +46,7 @@ class ModelEntry:
     origin: str
     _factory: Callable[[], type[BaseModel]]
     _cls: type[BaseModel] | None = field(default=None, repr=False)
+    live: bool = False  # its description changes on disk (a trained run's checkpoints): never cached
 
     @property
     def cls(self) -> type[BaseModel]:
@@ -118,24 +119,35 @@ def discover(extra_dirs: Iterable[Path] = (), include_entry_points: bool = True)
 class Catalog:
     """The models one process can run, with cached descriptions."""
 
-    def __init__(self, entries: dict[str, ModelEntry]):
+    def __init__(self, entries: dict[str, ModelEntry], rescan: Callable[[], dict[str, ModelEntry]] | None = None):
         self.entries = entries
         self._descriptions: dict[str, dict[str, Any]] = {}
+        self._rescan = rescan  # finds models that appear while the process runs (trained runs)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Catalog:
-        return cls(discover(settings.model_dirs))
+        from .training.trained import trained_entries  # issue 6: runs under <storage>/trained/
+
+        def trained() -> dict[str, ModelEntry]:
+            return trained_entries(settings.storage_root)
+
+        plugins = discover(settings.model_dirs)
+        return cls({**trained(), **plugins}, rescan=lambda: {**trained(), **plugins})
 
     def names(self) -> list[str]:
         return sorted(self.entries)
 
     def entry(self, name: str) -> ModelEntry:
+        if name not in self.entries and self._rescan is not None:
+            self.entries = {**self._rescan(), **self.entries}
         try:
             return self.entries[name]
         except KeyError:
             raise UnknownModel(name, self.entries) from None
 
     def describe(self, name: str) -> dict[str, Any]:
+        if self.entry(name).live:
+            return self.entry(name).describe()
         if name not in self._descriptions:
             self._descriptions[name] = self.entry(name).describe()
         return self._descriptions[name]

@@ -138,6 +138,10 @@ class Farm:
         return spec
 
     def _enqueue(self, spec: JobSpec, frames: list[int]) -> int:
+        if spec.kind == "train":  # issue 6: one task trains the epochs left, from the newest checkpoint
+            from mlfarm.models.training.submit import enqueue_training
+
+            return enqueue_training(self.app, self.settings, spec)
         chunks = chunked(frames, spec.chunk)
         with self.app.producer_or_acquire() as producer:
             for c in chunks:

@@ -14,6 +14,7 @@ from mlfarm.broker.frames import format_frames, parse_frames
 from .interactive import register_interactive
 from .pipeline import ChunkRun
 from .runtime import runtime
+from .train_task import register_training
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class FramesFailed(Exception):
 
 def register_tasks(app: Celery) -> None:
     register_interactive(app, TASK_POLICY)  # issue 3: frames from the MLClient gateway
+    register_training(app, TASK_POLICY)  # issue 6: training runs on the train queue
 
     @app.task(name=CHUNK_TASK, **TASK_POLICY)
     def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:
