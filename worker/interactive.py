@@ -8,6 +8,7 @@ from, and go back through, Redis (see :mod:`mlfarm.gateway.relay`).
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -33,6 +34,7 @@ def _relay() -> Relay:
 
 def serve_request(request_id: str, model: str, options: dict[str, Any]) -> str:
     rt, relay = runtime(), _relay()
+    started = time.perf_counter()
     images = relay.take_request(request_id, rt.worker)
     if images is None:
         log.info("interactive request %s: the gateway no longer waits for it; skipped", request_id)
@@ -45,6 +47,8 @@ def serve_request(request_id: str, model: str, options: dict[str, Any]) -> str:
         log.warning("interactive request %s (%s) failed: %s", request_id, model, exc)
         reply = RelayReply(error=describe_error(exc), worker=rt.worker)
     relay.put_reply(request_id, reply)
+    log.info("interactive request %s (%s): %s in %.1f ms", request_id, model, reply.error or "done",
+             (time.perf_counter() - started) * 1000)
     return "failed" if reply.error else "done"
 
 

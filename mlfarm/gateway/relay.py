@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
+from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from .images import WireImage
@@ -34,6 +35,8 @@ PREFIX = "mlfarm:gw:"
 PART_BYTES = 256 * 1024 * 1024
 #: Seconds a reply waits in Redis for the gateway to collect it (it is already waiting).
 REPLY_TTL = 120
+#: Values larger than this are sent by the Python packer without being copied.
+_PACK_CUTOFF = 6000
 TAKEN = b"taken"
 DONE = b"done"
 
@@ -53,11 +56,16 @@ return #ARGV - 1
 def raw_redis_client(url: str, timeout: float) -> redis.Redis:
     """A binary-safe client (pixels are bytes; the job store's client decodes to str).
 
-    ``timeout`` must exceed the longest BLPOP the caller makes: it bounds every socket read.
+    Replies are parsed by hiredis (4x faster than redis-py's own parser on a 25 MB frame), but
+    commands are packed by redis-py's Python packer, which sends large values as they are,
+    where hiredis's packer copies them into one buffer first (measured: a 25 MB write took
+    ~23 ms this way, ~76 ms with hiredis packing). ``timeout`` must exceed the longest BLPOP
+    the caller makes: it bounds every socket read.
     """
     return redis.Redis.from_url(
         url,
         decode_responses=False,
+        command_packer=PythonRespSerializer(_PACK_CUTOFF, Encoder("utf-8", "strict", False).encode),
         socket_connect_timeout=10,
         socket_timeout=timeout,
         health_check_interval=30,
