@@ -152,8 +152,13 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
         input_pattern, rendered = source, False
     else:
         input_pattern, rendered = render_first(node, frame_list, shot, description, settings), True
-    spec = farm.submit(model, input_pattern, out, frame_list, typed, chunk, priority,
-                       name="%s %s" % (shot, node.name()), include_local=False)
+    try:
+        spec = farm.submit(model, input_pattern, out, frame_list, typed, chunk, priority,
+                           name="%s %s" % (shot, node.name()), include_local=False)
+    except Exception:
+        if rendered:  # refused (e.g. the chunk size): the render made for it goes too
+            shutil.rmtree(os.path.dirname(input_pattern), ignore_errors=True)
+        raise
     read = create_results_read(node, spec, description, rendered)
     if watch:
         follow(read, farm)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from mlfarm.broker.frames import frame_path, to_printf
+from mlfarm.nuke_submit.client import SubmitError
 from mlfarm.nuke_submit.plan import PlanError
 from mlfarm.settings import get_settings
 from mlfarm.worker.frame_io import read_image
@@ -181,6 +182,11 @@ def test_panel_renders_a_non_read_node_first_then_submits(farm, nuke, ui):
     with pytest.raises(PlanError, match="rendering Grade1 to EXR for the farm failed, nothing was submitted: .*1004"):
         ui.submit(grade, "passthrough", frames="1001-1005", farm=f, watch=False)
     assert len(f.jobs()) == before and nuke.allNodes("Write") == []
+    assert sorted(os.listdir(renders)) == [Path(sub.input).parent.name]
+    # A submission the farm refuses after the render (here: the chunk size) removes that render too.
+    with pytest.raises(SubmitError, match="could outlast the broker's redelivery timeout"):
+        ui.submit(grade, "passthrough", frames="1001-1003", chunk=10000, farm=f, watch=False)
+    assert len(nuke.executed) == 3 and len(f.jobs()) == before
     assert sorted(os.listdir(renders)) == [Path(sub.input).parent.name]
 
 
