@@ -189,6 +189,8 @@ def check_workers(config: dict, env: dict[str, str]) -> None:
         assert s["environment"]["MLFARM_STORAGE_ROOT"] == storage
         assert (storage, storage, False) in volumes(s), "shared storage at the same path inside and out"
         assert (env["MODELS_DIR"], "/opt/mlfarm/models", True) in volumes(s), "models mounted read-only"
+        weights = s["environment"]["MLFARM_WEIGHTS_DIR"]
+        assert (env["WEIGHTS_DIR"], weights, True) in volumes(s), "weights mounted read-only where looked for"
     assert len(set(gpus)) == len(gpus) and len(set(names)) == len(names)
 
 
