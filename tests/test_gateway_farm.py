@@ -126,3 +126,33 @@ def test_concurrent_clients_through_workers(gateway_farm):
         assert not replies[i].HasField("error"), replies[i].error.msg
         direct.set_options({"kernel_size": 1 + i % 4})
         np.testing.assert_array_equal(mc.decode_image(replies[i].r2.images[0]), direct.inference([images[i]])[0])
+
+
+def test_relay_splits_large_images_and_keeps_pixels_out_of_the_append_only_file(redis_server, monkeypatch):
+    """Frames cross Redis in parts (a Redis value holds at most 512 MB) and, being transient,
+    are never written to the AOF; the small signals and a plain SET are, as a control."""
+    from mlfarm.gateway import relay as relay_module
+    from mlfarm.gateway.images import WireImage
+    from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
+
+    monkeypatch.setattr(relay_module, "PART_BYTES", 1000)
+    r = Relay(raw_redis_client(redis_server.url, 10))
+    marker = b"PIXELMARKER-" * 400  # 4800 bytes: 5 parts
+    image = WireImage(40, 10, 3, marker)
+    r.put_request("aoftest", [image, WireImage(1, 1, 1, b"\x00\x00\x80?")], ttl=60)
+    assert r.client.llen(Relay.key("aoftest", "in")) == 1 + 5 + 1
+    got = r.take_request("aoftest", "w1@test")
+    assert [(i.width, i.height, i.channels, bytes(i.data)) for i in got] == [
+        (40, 10, 3, marker), (1, 1, 1, b"\x00\x00\x80?")]
+    assert r.take_request("aoftest", "w1@test") is None  # taken once only
+    r.put_reply("aoftest", RelayReply(images=[image], objects=[{"n": 1}], worker="w1@test"))
+    assert r.wait("aoftest", 1) == b"taken w1@test" and r.wait("aoftest", 1) == b"done"
+    reply = r.take_reply("aoftest")
+    assert bytes(reply.images[0].data) == marker and reply.objects == [{"n": 1}]
+
+    r.client.set("control", b"CONTROLMARKER")
+    time.sleep(1.5)  # appendfsync everysec
+    aof = b"".join(p.read_bytes() for p in redis_server.data_dir.rglob("*") if p.is_file() and "aof" in p.name)
+    assert b"CONTROLMARKER" in aof
+    assert b"PIXELMARKER" not in aof
+    r.client.delete("control")

@@ -5,7 +5,9 @@ go in Redis lists with a TTL under ``mlfarm:gw:<id>:*``. A frame is tens of mega
 farm's Redis usually persists with an append-only file: written plainly, every frame would be
 appended to that file (measured: a 25 MB SET takes ~170 ms with AOF against ~9 ms without). The
 pixels are transient, so they are written from a Lua script that turns propagation off
-(``redis.set_repl(redis.REPL_NONE)``): they live in memory only, never in the AOF or on replicas.
+(``redis.set_repl(redis.REPL_NONE)``): they live in memory only and are not appended to the AOF
+or sent to replicas (an AOF rewrite while a frame is in flight snapshots it like any key; it
+expires or is deleted seconds later).
 
 Keys of one request ``<id>``:
 ``:in``    the request: a JSON header, then the image bytes (each image in parts of at most
