@@ -1,4 +1,12 @@
 """Everything that runs inside Nuke, and the submission client it shares with the CLI.
 
-Keep imports here light: Nuke's own Python imports this package.
+Keep imports here light: Nuke's own Python (3.7 and up) imports this package.
+
+- ``client.py``: ``Farm``, the submission client (also behind ``mlfarm submit``).
+- Pure, tested without Nuke: ``plan.py`` (frames, patterns, paths, output versions), ``results.py``
+  (the results Read's settings, progress label, failures), ``knobs.py`` (option knobs from the
+  catalog), ``watch.py`` (polling off Nuke's main thread).
+- Touching ``nuke``, kept thin: ``nuke_ui.py`` (panel, ``submit()``, results Read, progress, retry),
+  ``menu.py`` (the ML Farm menu), ``headless.py`` (``nuke -t`` entry point), ``nuke_path/`` (the
+  folder to add to ``NUKE_PATH``).
 """

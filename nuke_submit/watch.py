@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 #: so big jobs, or many, are polled less often than the configured interval instead of slowing Nuke.
 POLL_CPU_BUDGET = 0.05
 
+#: The longest a label may go without a poll, whatever the budget says.
+MAX_WAIT = 30.0
 
-def next_wait(interval: float, poll_seconds: float, watchers: int, budget: float = POLL_CPU_BUDGET) -> float:
-    """Seconds until the next poll: the interval, stretched so ``watchers`` polls like this one stay in budget."""
-    return max(interval, poll_seconds * max(1, watchers) / budget)
+
+def next_wait(interval: float, poll_cpu_seconds: float, watchers: int, budget: float = POLL_CPU_BUDGET) -> float:
+    """Seconds until the next poll: the interval, stretched so ``watchers`` polls costing this much CPU
+    stay in budget, but never beyond MAX_WAIT (or the interval, if that is longer)."""
+    return max(interval, min(MAX_WAIT, poll_cpu_seconds * max(1, watchers) / budget))
 
 
 class JobWatcher(threading.Thread):
@@ -55,10 +59,11 @@ class JobWatcher(threading.Thread):
     def run(self) -> None:
         wait = self.interval
         while not self._stop_event.is_set():
-            started = time.perf_counter()
+            # CPU time of this thread, not wall time: waiting on Redis or for a busy machine costs Nuke nothing.
+            started = time.thread_time()
             try:
                 progress = Progress.from_status(self._poll())
-                wait = next_wait(self.interval, time.perf_counter() - started, self.peers())
+                wait = next_wait(self.interval, time.thread_time() - started, self.peers())
             except Exception as exc:  # the farm's Redis unreachable, the record expired...
                 log.warning("mlfarm: following job %s: %s", self.job_id, exc)
                 base = self.last or Progress(job_id=self.job_id, model="", state="unknown", total=0)

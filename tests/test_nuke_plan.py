@@ -27,7 +27,7 @@ from mlfarm.nuke_submit.plan import (
     write_channels,
 )
 from mlfarm.nuke_submit.results import MAX_LISTED_FAILURES, Progress, failure_text, progress_label, read_settings
-from mlfarm.nuke_submit.watch import POLL_CPU_BUDGET, next_wait
+from mlfarm.nuke_submit.watch import MAX_WAIT, POLL_CPU_BUDGET, next_wait
 from mlfarm.settings import Settings
 
 from conftest import PLUGINS
@@ -227,3 +227,5 @@ def test_polls_are_spaced_so_following_jobs_stays_within_budget():
     assert next_wait(2.0, 0.0004, 20) == 2.0  # a 100-frame job: the configured interval
     assert next_wait(2.0, 0.05, 20) == pytest.approx(0.05 * 20 / POLL_CPU_BUDGET)  # 20 jobs of 10,000 frames
     assert next_wait(0.1, 0.01, 0) == pytest.approx(0.01 / POLL_CPU_BUDGET)  # no peers counted: itself
+    assert next_wait(2.0, 10.0, 50) == MAX_WAIT  # labels never go stale for longer than this
+    assert next_wait(45.0, 10.0, 50) == 45.0  # a configured interval above the cap is kept
