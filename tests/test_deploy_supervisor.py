@@ -265,3 +265,19 @@ def test_a_child_that_exits_cleanly_is_not_restarted_but_a_crashed_one_is():
         mark.unlink(missing_ok=True)
     assert clean.starts == 1  # exit 0: asked to shut down (e.g. from Flower), left down
     assert crasher.starts == 2  # exit 1: restarted once, then it exited cleanly
+
+
+def test_workers_stop_when_the_supervisor_is_killed_outright(farm, supervisors):
+    sup = supervisors("--gpus", "3", "--name", "lone@farmhost")
+    sup.wait_ready("lone@farmhost")
+    ((_, gpu, pid),) = sup.started()
+    assert gpu == "3" and proc_environ(pid)["CUDA_VISIBLE_DEVICES"] == "3"
+    sup.proc.kill()  # SIGKILL: no chance to forward anything
+    sup.proc.wait()
+    deadline = time.monotonic() + 30
+    while alive(pid):  # the kernel sent it SIGTERM (PR_SET_PDEATHSIG): a warm shutdown, no orphan
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"worker {pid} outlived its supervisor:\n{sup.log()}")
+        time.sleep(0.1)
+    assert "Warm shutdown" in sup.log() or "warm shutdown" in sup.log().lower(), sup.log()[-2000:]

@@ -134,13 +134,19 @@ def child_name(template: str | None, gpu: str, position: int, many: bool, host: 
 
 
 # --- the children ----------------------------------------------------------------------------
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM (warm shutdown) when the supervisor dies."""
+def _pdeathsig_hook():
+    """A pre-exec hook giving the child SIGTERM (warm shutdown) when the supervisor dies; Linux only.
+
+    libc's prctl is looked up here, in the parent, so the forked child only makes the call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None  # elsewhere the signal forwarding alone stops the children
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the signal forwarding still stops children
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    term = int(signal.SIGTERM)
+    return lambda: prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0)
 
 
 @dataclass
@@ -159,7 +165,7 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                     preexec_fn=_pdeathsig_hook())
         self.started = time.monotonic()
         self.restart_at = None
         self.starts += 1
