@@ -12,8 +12,11 @@ import json
 import time
 from pathlib import Path
 
+import mlclient as mc
 import numpy as np
 import OpenImageIO as oiio
+from gateway_harness import GatewayProcess
+from training_data import colour_transform, make_classify_data, make_img2img_data, textured, warm_or_cool
 
 from mlfarm.broker.frames import frame_path
 from mlfarm.models.training.logs import read_log
@@ -22,7 +25,6 @@ from mlfarm.models.training.submit import submit_training
 from mlfarm.worker.frame_io import read_image
 
 from conftest import write_exr
-from training_data import colour_transform, make_classify_data, make_img2img_data, textured, warm_or_cool
 
 TRAIN_QUEUES = "interactive,gpu,cpu,train"
 ONE_THREAD = {"MLFARM_TRAIN_THREADS": "1"}  # two shared cores: one torch thread per trainer
@@ -100,6 +102,19 @@ def test_classify_job_writes_label_and_scores_into_the_exr_header(farm) -> None:
         np.testing.assert_allclose(read_image(frame_path(out, f)).rgba(3),
                                    read_image(str(plates / f"shot.{f:04d}.exr")).rgba(3), atol=1e-3)  # half
 
+    # Interactively, through the MLClient gateway: the trainer published the model to the farm's catalog.
+    gateway = GatewayProcess(farm.env, farm.root / "gateway.log", local=False).wait_ready()
+    try:
+        assert "tone" in {m.name for m in mc.info(gateway.port).r1.models}
+        image = warm_or_cool(600, True, size=80)
+        reply = mc.infer(gateway.port, mc.model_from_info(gateway.port, "tone"), [image])
+        assert not reply.HasField("error"), reply.error.msg
+        objects = {o.name: o for o in reply.r2.objects}
+        assert objects["label"].values[0].string_attributes[0].values[0] == "warm"
+        np.testing.assert_array_equal(mc.decode_image(reply.r2.images[0]), image)
+    finally:
+        gateway.stop()
+
 
 def test_refused_submissions_name_the_problem_and_queue_nothing(farm) -> None:
     data = make_img2img_data(farm.root / "data", n_train=2, n_val=0)
@@ -171,3 +186,46 @@ def test_long_run_is_not_redelivered_and_a_killed_trainer_is_resumed_elsewhere(f
     log_steps = steps(run_dir(farm.storage, "durable"))
     assert log_steps == list(range(1, log_steps[-1] + 1)) and log_steps[-1] > killed_at
     assert "resuming from step" in second.log()
+
+
+def test_warm_shutdown_checkpoints_and_hands_the_run_on(farm) -> None:
+    """SIGTERM: the trainer checkpoints, puts its task back, and the worker exits without finishing the run."""
+    farm.env_overrides.update(ONE_THREAD)
+    first = farm.start_worker(queues="train", name="first@test")
+    data = make_img2img_data(farm.root / "data", n_val=0)
+    client = farm.farm()
+    config = TrainConfig(name="handover", template="img2img", data=str(data), epochs=300, batch=4, lr=1e-3,
+                         crop=64, seed=8, crops_per_image=2, features=8)
+    spec = submit_training(client, config)
+    deadline = time.monotonic() + 60
+    while client.status(spec.id).progress.get("step", 0) < 3:
+        assert time.monotonic() < deadline, first.log()[-3000:]
+        time.sleep(0.2)
+    started = time.monotonic()
+    first.stop(timeout=60)
+    assert first.proc.returncode == 0 and time.monotonic() - started < 30
+    folder = run_dir(farm.storage, "handover")
+    stopped_at = list_checkpoints(folder)[-1][0]
+    assert stopped_at >= 3 and steps(folder)[-1] == stopped_at  # checkpointed exactly where it stopped
+    assert "back on the queue" in first.log()
+
+    second = farm.start_worker(queues="train", name="second@test")
+    second.wait_log(f"resuming from step {stopped_at}")
+    client.cancel(spec.id)
+    assert farm.wait_job(spec.id, timeout=60).state == "cancelled"
+
+
+def test_time_limit_stops_with_a_checkpoint_and_says_how_to_resume(farm) -> None:
+    farm.env_overrides.update({**ONE_THREAD, "MLFARM_TRAIN_TIME_LIMIT": "3"})
+    farm.start_worker(queues=TRAIN_QUEUES)
+    data = make_img2img_data(farm.root / "data", n_val=0)
+    config = TrainConfig(name="limited", template="img2img", data=str(data), epochs=500, batch=4, lr=1e-3, crop=64,
+                         seed=9, crops_per_image=2, features=8)
+    spec = submit_training(farm.farm(), config)
+    status = farm.wait_job(spec.id, timeout=120)
+    assert status.state == "failed"
+    stopped_at = list_checkpoints(run_dir(farm.storage, "limited"))[-1][0]
+    reasons = {fs.reason for fs in status.failed_frames}
+    assert reasons == {f"time limit of 3s reached at step {stopped_at} (checkpoint step-{stopped_at:08d}.safetensors); "
+                       f"`mlfarm retry {spec.id}` resumes from it"}
+    assert status.counts["done"] == stopped_at // 2 and status.progress["step"] == stopped_at

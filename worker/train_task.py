@@ -60,14 +60,14 @@ class FarmHooks(Hooks):
         self._reported = 0.0
         self._asked = 0.0
 
-    def _report(self, progress: Progress, **extra: Any) -> None:
+    def report(self, progress: Progress, **extra: Any) -> None:
         self.store.set_progress(self.spec.id, {**progress.to_dict(), "worker": self.rt.worker, **extra})
         self._reported = time.monotonic()
 
     def resumed(self, progress: Progress) -> None:
         for epoch in sorted(e for e in self.epochs if e <= progress.epoch):
             self.store.finish_frame(self.spec.id, epoch, DONE, worker=self.rt.worker)
-        self._report(progress)
+        self.report(progress)
 
     def epoch_starting(self, epoch: int) -> bool:
         if epoch not in self.epochs:
@@ -76,10 +76,10 @@ class FarmHooks(Hooks):
 
     def step_done(self, progress: Progress) -> None:
         if time.monotonic() - self._reported >= 1.0:
-            self._report(progress)
+            self.report(progress)
 
     def epoch_done(self, progress: Progress) -> None:
-        self._report(progress)
+        self.report(progress)
         if progress.epoch in self.epochs:
             self.store.finish_frame(self.spec.id, progress.epoch, DONE, worker=self.rt.worker)
         try:  # the new checkpoint becomes a choice in every submitter's catalog (Nuke, the gateway)
@@ -193,6 +193,7 @@ def run_training(job_id: str, delivery_tag: str | None) -> str:
             with _threads(settings.train_threads):
                 progress = trainer.run()
         except Stopped as stop:
+            hooks.report(stop.progress, stopped=stop.reason)
             return _stopped(rt, spec, stop)
         except Exception as exc:
             reason = f"training {config.name} failed: {describe_error(exc)}"
