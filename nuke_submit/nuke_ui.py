@@ -34,6 +34,7 @@ from .plan import (
     output_pattern,
     reads_directly,
     render_pattern,
+    reserve_output,
     shot_name,
     write_channels,
 )
@@ -159,6 +160,7 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
         if rendered:  # refused (e.g. the chunk size): the render made for it goes too
             shutil.rmtree(os.path.dirname(input_pattern), ignore_errors=True)
         raise
+    reserve_output(out, spec.id)
     read = create_results_read(node, spec, description, rendered)
     if watch:
         follow(read, farm)

@@ -182,6 +182,22 @@ def output_pattern(template: str, root: str, shot: str, model: str, version: Opt
     raise PlanError("no free output version under %s" % root)
 
 
+def reserve_output(pattern: str, job_id: str) -> str:
+    """Mark an output version as taken by a job before any of its frames land.
+
+    Without it, a second submission made while the first job is still queued would pick the same
+    version and the two jobs would overwrite each other. The marker is a hidden, empty file beside
+    the frames (Read nodes ignore it); returns its path.
+    """
+    folder = os.path.dirname(pattern)
+    prefix = _FRAME_TOKEN.split(os.path.basename(pattern), 1)[0]
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, ".%smlfarm-job-%s" % (prefix, job_id))
+    with open(marker, "a"):
+        pass
+    return marker
+
+
 def render_pattern(template: str, root: str, shot: str, node: str) -> str:
     """Where the render-first path writes a node's frames: a new folder for every submission."""
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)

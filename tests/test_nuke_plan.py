@@ -23,6 +23,7 @@ from mlfarm.nuke_submit.plan import (
     output_pattern,
     reads_directly,
     render_pattern,
+    reserve_output,
     shot_name,
     write_channels,
 )
@@ -138,6 +139,9 @@ def test_output_versions_never_mix_with_earlier_frames(tmp_path):
     second = output_pattern(TEMPLATE, str(root), "sh 010", "blur")
     assert second.endswith(os.path.join("v002", "sh 010_blur_v002.####.exr"))
     assert output_pattern(TEMPLATE, str(root), "sh 010", "blur", version=7).endswith("v007.####.exr")
+    marker = reserve_output(second, "job42")  # submitted, no frame landed yet: the version is taken all the same
+    assert os.path.basename(marker) == ".sh 010_blur_v002.mlfarm-job-job42"
+    assert output_pattern(TEMPLATE, str(root), "sh 010", "blur").endswith("v003.####.exr")
     assert os.sep + "a_b" + os.sep in output_pattern(TEMPLATE, str(root), "a/b", "blur")  # no sneaking out
 
 

@@ -116,6 +116,13 @@ def test_submit_a_read_on_shared_storage_creates_a_results_read_that_follows_the
     assert read["mlfarm_job"].value() == sub.job_id
     assert read["label"].value().splitlines()[:2] == [f"mlfarm {sub.job_id}", "slow v1"]
 
+    again = ui.submit(source, "passthrough", frames="1001", farm=f, watch=False)  # while the first still runs
+    assert "/passthrough/v001/" in again.spec.output
+    third = ui.submit(source, "slow", {"seconds": 0}, frames="1001", farm=f, watch=False)
+    assert third.spec.output == expected_out.replace("v001", "v002")  # never the running job's folder
+    nuke.delete(again.read)
+    nuke.delete(third.read)
+
     labels = []
     pump(nuke, lambda: "[done]" in read["label"].value(), seen=labels)
     assert read["label"].value().splitlines()[2] == "6/6 done [done]"
