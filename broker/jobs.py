@@ -20,6 +20,7 @@ import redis
 
 PREFIX = "mlfarm"
 JOBS_INDEX = f"{PREFIX}:jobs"
+ACTIVE_JOBS = f"{PREFIX}:jobs:active"  # jobs that may still have frames to render (broker/reconcile.py)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FRAME_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
@@ -210,7 +211,7 @@ return n
 _REQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local wanted = {}
-for i = 2, #ARGV do wanted[ARGV[i]] = true end
+for i = 3, #ARGV do wanted[ARGV[i]] = true end
 redis.call('HDEL', KEYS[1], 'cancelled')
 local out = {}
 local all = redis.call('HGETALL', KEYS[2])
@@ -219,12 +220,32 @@ for i = 1, #all, 2 do
   if wanted[rec.s] then
     rec.s = 'queued'
     rec.r = ''
+    rec.q = tonumber(ARGV[2])
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     out[#out + 1] = all[i]
   end
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+return out
+"""
+
+# Frames whose chunk message was lost (see broker/reconcile.py): back to queued, unless they
+# finished meanwhile. KEYS as above; ARGV[1] now, ARGV[2..] frames.
+_RECLAIM = """
+local out = {}
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', KEYS[2], ARGV[i])
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.s == 'queued' or rec.s == 'running' then
+      rec.s = 'queued'
+      rec.q = tonumber(ARGV[1])
+      redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
+      out[#out + 1] = ARGV[i]
+    end
+  end
+end
 return out
 """
 
@@ -239,16 +260,18 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
+        self._reclaim = client.register_script(_RECLAIM)
 
     # --- creating and reading ------------------------------------------------------------
     def create(self, spec: JobSpec) -> None:
-        initial = json.dumps({"s": QUEUED, "a": 0})
+        initial = json.dumps({"s": QUEUED, "a": 0, "q": time.time()})
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(job_key(spec.id), mapping={"spec": spec.to_json(), "updated": time.time()})
         pipe.hset(frames_key(spec.id), mapping={str(f): initial for f in spec.frames})
         pipe.expire(job_key(spec.id), self.ttl)
         pipe.expire(frames_key(spec.id), self.ttl)
         pipe.zadd(JOBS_INDEX, {spec.id: spec.created})
+        pipe.sadd(ACTIVE_JOBS, spec.id)
         pipe.execute()
 
     def spec(self, job_id: str) -> JobSpec:
@@ -328,10 +351,21 @@ class JobStore:
             raise JobNotFound(job_id)
         return n
 
+    def frame_records(self, job_id: str) -> dict[int, dict[str, Any]]:
+        """The raw per-frame records (state ``s``, queued-at ``q``, started ``t0``...)."""
+        return {int(f): json.loads(raw) for f, raw in self.r.hgetall(frames_key(job_id)).items()}
+
+    def reclaim(self, job_id: str, frames: list[int]) -> list[int]:
+        """Mark frames whose messages were lost as queued again; returns those it changed."""
+        out = self._reclaim(keys=[job_key(job_id), frames_key(job_id)], args=[time.time(), *map(str, frames)])
+        return sorted(int(f) for f in out)
+
     def requeue(self, job_id: str, states: tuple[str, ...]) -> list[int]:
         """Put frames in ``states`` back to queued; the caller enqueues their chunks."""
-        out = self._requeue(keys=[job_key(job_id), frames_key(job_id)], args=[self.ttl, *states])
+        out = self._requeue(keys=[job_key(job_id), frames_key(job_id)], args=[self.ttl, time.time(), *states])
         if out == -1:
             raise JobNotFound(job_id)
+        if out:
+            self.r.sadd(ACTIVE_JOBS, job_id)
         order = {f: i for i, f in enumerate(self.spec(job_id).frames)}
         return sorted((int(f) for f in out), key=lambda f: order.get(f, f))

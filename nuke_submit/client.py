@@ -12,9 +12,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mlfarm.broker.celery_app import CHUNK_TASK, celery_priority, make_celery
+from mlfarm.broker.celery_app import make_celery
 from mlfarm.broker.connection import broker_url, redis_client
-from mlfarm.broker.frames import PatternError, check_pattern, chunked, format_frames, frame_path
+from mlfarm.broker.dispatch import enqueue
+from mlfarm.broker.frames import PatternError, check_pattern, frame_path
 from mlfarm.broker.jobs import CANCELLED, FAILED, JobSpec, JobStatus, JobStore
 from mlfarm.broker.registry import read_catalog
 from mlfarm.models.options import validate_options
@@ -22,12 +23,6 @@ from mlfarm.settings import Settings, get_settings
 from mlfarm.worker.storage import StorageError, confined_path
 
 log = logging.getLogger(__name__)
-
-
-def chunk_kwargsrepr(spec: JobSpec, kwargs: Mapping[str, Any]) -> str:
-    """How a chunk reads in Flower and worker logs: its kwargs plus the job's name (shot and node
-    when submitted from Nuke), so a wrangler can tell whose frames these are. Never options or pixels."""
-    return repr(dict(kwargs, name=spec.name)) if spec.name else repr(kwargs)
 
 
 class SubmitError(ValueError):
@@ -138,26 +133,7 @@ class Farm:
         return spec
 
     def _enqueue(self, spec: JobSpec, frames: list[int]) -> int:
-        if spec.kind == "train":  # issue 6: one task trains the epochs left, from the newest checkpoint
-            from mlfarm.models.training.submit import enqueue_training
-
-            return enqueue_training(self.app, self.settings, spec)
-        chunks = chunked(frames, spec.chunk)
-        with self.app.producer_or_acquire() as producer:
-            for c in chunks:
-                limit = self.settings.chunk_time_limit(len(c))
-                kwargs = {"job_id": spec.id, "model": spec.model, "frames": format_frames(c)}
-                self.app.send_task(
-                    CHUNK_TASK,
-                    kwargs=kwargs,
-                    kwargsrepr=chunk_kwargsrepr(spec, kwargs),
-                    queue=spec.queue,
-                    priority=celery_priority(spec.priority),
-                    time_limit=limit,
-                    soft_time_limit=max(1, limit - 30),
-                    producer=producer,
-                )
-        return len(chunks)
+        return enqueue(self.app, self.settings, spec, frames)
 
     # --- following and changing jobs -----------------------------------------------------
     def status(self, job_id: str) -> JobStatus:

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import FarmHarness, make_plate, sample_pixels, write_exr
 
 from mlfarm.broker.embedded import EmbeddedRedis, free_port
 from mlfarm.broker.frames import frame_path
 from mlfarm.worker.frame_io import read_image
+
+from conftest import FarmHarness, make_plate, sample_pixels, write_exr
 
 
 class RestartableRedis:
@@ -255,3 +256,25 @@ def test_workers_killed_repeatedly_during_a_500_frame_job(farm):
     assert status.counts["done"] == 500
     assert all(f.state == "done" and f.attempts >= 1 for f in status.frames)
     assert_outputs_whole(out, frames, width=16, height=16)
+
+
+def test_frames_whose_message_was_lost_are_queued_again_and_nothing_is_doubled(farm):
+    """A chunk message lost by the broker (Redis died between BRPOP and kombu's unacked write)
+    leaves frames queued forever unless someone notices: the workers' reconciler does."""
+    from mlfarm.broker.jobs import JobSpec
+
+    farm.env_overrides.update({"MLFARM_RECONCILE_GRACE": "1", "MLFARM_RECONCILE_INTERVAL": "2"})
+    client = farm.farm()
+    plate = make_plate(farm.storage / "plate", range(1, 7))
+    lost = JobSpec(model="passthrough", input=plate, output=str(farm.storage / "lost" / "o.####.exr"),
+                   frames=[1, 2, 3], queue="cpu")
+    client.store.create(lost)  # the record exists, its messages never reached a queue
+    backlog = client.submit("passthrough", plate, str(farm.storage / "backlog" / "o.####.exr"), [4, 5, 6],
+                            chunk=1)
+    time.sleep(1.5)  # both are now older than the grace; only the first is uncovered
+    worker = farm.start_worker()
+    assert farm.wait_job(lost.id, timeout=60).state == "done"
+    assert farm.wait_job(backlog.id).state == "done"
+    assert all(f.attempts == 1 for f in client.status(backlog.id).frames)
+    worker.wait_log(f"job {lost.id}: frames 1,2,3 had no chunk message")
+    assert worker.log().count("had no chunk message") == 1  # the backlog job's queued messages counted

@@ -15,6 +15,8 @@ from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
 from .gpu import pin_gpu
+from .reconciler import Reconciler
+from .reconciler import install as install_reconciler
 from .tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     url = broker_url(settings)
     app = make_celery(settings, url)
     register_tasks(app)
+    install_reconciler(app, Reconciler(app, settings, url, hostname))
 
     @worker_ready.connect(weak=False)
     def _publish(**_: object) -> None:

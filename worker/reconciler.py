@@ -1,0 +1,70 @@
+"""The worker side of broker/reconcile.py: a background thread in each worker's main process.
+
+It looks for lost frames every ``MLFARM_RECONCILE_INTERVAL`` seconds and a few seconds after every
+(re)connection to the broker, when a message may just have been lost. A Redis lock lets only one
+worker of the farm do it at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+from celery import Celery, bootsteps
+
+from mlfarm.broker.connection import redis_client
+from mlfarm.broker.jobs import JobStore
+from mlfarm.broker.reconcile import reconcile
+from mlfarm.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCK = "mlfarm:reconcile:lock"
+
+
+class Reconciler(threading.Thread):
+    def __init__(self, app: Celery, settings: Settings, url: str, name: str):
+        super().__init__(daemon=True, name="mlfarm-reconciler")
+        self.app = app
+        self.settings = settings
+        self.url = url
+        self.owner = name
+        self._wake = threading.Event()
+
+    def kick(self) -> None:
+        """Look soon: the broker connection was just (re)made."""
+        self._wake.set()
+
+    def run(self) -> None:
+        client = redis_client(self.url, role="reconciler")
+        store = JobStore(client, self.settings.job_ttl)
+        while True:
+            woken = self._wake.wait(self.settings.reconcile_interval)
+            if woken:
+                self._wake.clear()
+                self._wake.wait(5.0)  # let the reconnect settle; a second kick changes nothing
+                self._wake.clear()
+            try:
+                if client.set(LOCK, self.owner, nx=True, ex=max(30, self.settings.reconcile_interval // 2)):
+                    requeued = reconcile(self.app, self.settings, client, store)
+                    if requeued:
+                        log.warning("reconciler on %s requeued lost frames: %s", self.owner, requeued)
+            except redis.RedisError as exc:  # the broker is away; the next reconnect kicks us again
+                log.info("reconciler: %s", exc)
+            except Exception:
+                log.exception("reconciler failed; it will try again")
+
+
+def install(app: Celery, reconciler: Reconciler) -> None:
+    """Start the reconciler with the worker and kick it on every broker (re)connection."""
+
+    class ReconcileOnConnect(bootsteps.StartStopStep):
+        requires = {"celery.worker.consumer.tasks:Tasks"}
+
+        def start(self, consumer: object) -> None:
+            if not reconciler.is_alive():
+                reconciler.start()
+            reconciler.kick()
+
+    app.steps["consumer"].add(ReconcileOnConnect)
