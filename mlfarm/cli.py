@@ -207,17 +207,40 @@ def submit(input_: str, frames: str, model: str, options: tuple[str, ...], outpu
     _wait_and_exit(farm, spec.id, as_json)
 
 
+def _patient_poll(farm: Any, job_id: str):
+    """A status poll that waits out a Redis outage (the job goes on without us) instead of dying."""
+    import redis
+
+    last = [_status(farm, job_id)]
+    outage = [False]
+
+    def poll():
+        try:
+            last[0] = _status(farm, job_id)
+            if outage[0]:
+                err_console.print("[green]farm reachable again")
+            outage[0] = False
+        except redis.RedisError as exc:
+            if not outage[0]:
+                err_console.print(f"[yellow]farm unreachable ({exc}); still waiting for job {job_id}")
+            outage[0] = True
+        return last[0]
+
+    return poll
+
+
 def _wait_and_exit(farm: Any, job_id: str, as_json: bool) -> None:
     from mlfarm.progress import follow
 
+    poll = _patient_poll(farm, job_id)
     if as_json:
-        status = _status(farm, job_id)
+        status = poll()
         while not status.finished:
             time.sleep(0.5)
-            status = _status(farm, job_id)
+            status = poll()
         click.echo(json.dumps(status.to_dict()))
     else:
-        status = follow(lambda: _status(farm, job_id), err_console)
+        status = follow(poll, err_console)
         console.print(status.summary())
         for fs in status.failed_frames:
             console.print(f"  [red]{fs.reason}")
@@ -300,10 +323,10 @@ def demo(frames: int, size: str) -> None:
 
 
 from mlfarm.flower_monitor import flower_command  # noqa: E402  (issue 5: Flower for the farm)
-from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402  (issue 3: the MLClient gateway)
+from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402
 
 main.add_command(flower_command)
-main.add_command(gateway_command)
+main.add_command(gateway_command)  # issue 3: the MLClient gateway
 from mlfarm.fetch_cli import models_group  # noqa: E402
 
 main.add_command(models_group(models))  # issue 8: `mlfarm models fetch NAME` under the listing

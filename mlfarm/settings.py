@@ -67,10 +67,18 @@ class Settings(BaseSettings):
     # --- tasks ---------------------------------------------------------------------------
     default_chunk: int = Field(default=4, ge=1)
     frame_time_limit: int = Field(
-        default=600, ge=1, description="Seconds one frame may take; a chunk's time limit scales with its frames."
+        default=300, ge=1, description="Seconds one frame may take; a chunk's time limit scales with its frames."
     )
 
     chunk_slack: int = Field(default=60, ge=1, description="Seconds a chunk's time limit adds for model loading.")
+    reconcile_interval: int = Field(
+        default=300, ge=1, description="Seconds between a worker's checks for frames whose chunk message the "
+        "broker lost (also run after every reconnect to Redis).",
+    )
+    reconcile_grace: float = Field(
+        default=30.0, gt=0, description="Seconds a frame must have been queued or running, uncovered by any "
+        "message, before the reconciler queues it again.",
+    )
     restore_interval: int = Field(
         default=10, ge=1, description="Seconds between a worker's sweeps for chunks of dead workers to redeliver."
     )
@@ -82,23 +90,6 @@ class Settings(BaseSettings):
     gateway_port: int = 55555
     flower_port: int = 5555
     flower_basic_auth: str | None = Field(default=None, description="user:password for Flower.")
-
-    # --- deploying a GPU farm: Flower and the per-GPU worker supervisor (issue 5) ----------
-    flower_address: str = Field(
-        default="",
-        description="Address Flower listens on. Empty: 0.0.0.0 when MLFARM_FLOWER_BASIC_AUTH is set; without "
-        "auth, 127.0.0.1 for a farm on this machine, and a farm elsewhere is refused.",
-    )
-    flower_persistent: bool = Field(
-        default=True, description="Keep Flower's task history across restarts, in DATA_DIR/flower/."
-    )
-    flower_save_interval: int = Field(
-        default=60, ge=0, description="Seconds between saves of Flower's history (0: only when it stops)."
-    )
-    supervisor_max_restart_delay: float = Field(
-        default=60.0, gt=0, description="`mlfarm worker --gpus`: longest wait before restarting a child that "
-        "keeps dying (the wait doubles from 1 s while it dies within a minute of starting)."
-    )
 
     # --- MLClient gateway (issue #3; mlfarm/gateway) --------------------------------------
     gateway_host: str = Field(
@@ -118,6 +109,23 @@ class Settings(BaseSettings):
         default="",
         description="Comma-separated model ids whose `PythonScript` objects the gateway forwards to Nuke "
         "(which executes them). Empty: none are forwarded.",
+    )
+
+    # --- deploying a GPU farm: Flower and the per-GPU worker supervisor (issue 5) ----------
+    flower_address: str = Field(
+        default="",
+        description="Address Flower listens on. Empty: 0.0.0.0 when MLFARM_FLOWER_BASIC_AUTH is set; without "
+        "auth, 127.0.0.1 for a farm on this machine, and a farm elsewhere is refused.",
+    )
+    flower_persistent: bool = Field(
+        default=True, description="Keep Flower's task history across restarts, in DATA_DIR/flower/."
+    )
+    flower_save_interval: int = Field(
+        default=60, ge=0, description="Seconds between saves of Flower's history (0: only when it stops)."
+    )
+    supervisor_max_restart_delay: float = Field(
+        default=60.0, gt=0, description="`mlfarm worker --gpus`: longest wait before restarting a child that "
+        "keeps dying (the wait doubles from 1 s while it dies within a minute of starting)."
     )
 
     # --- submitting from Nuke (nuke_submit/) -----------------------------------------------
