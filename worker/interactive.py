@@ -39,6 +39,7 @@ def serve_request(request_id: str, model: str, options: dict[str, Any]) -> str:
     if images is None:
         log.info("interactive request %s: the gateway no longer waits for it; skipped", request_id)
         return "withdrawn"
+    taken = time.perf_counter()
     reply = RelayReply(worker=rt.worker)
     try:
         checked = validate_options(rt.catalog.describe(model), options)
@@ -46,9 +47,11 @@ def serve_request(request_id: str, model: str, options: dict[str, Any]) -> str:
     except Exception as exc:  # the artist gets the reason; the worker goes on
         log.warning("interactive request %s (%s) failed: %s", request_id, model, exc)
         reply = RelayReply(error=describe_error(exc), worker=rt.worker)
+    inferred = time.perf_counter()
     relay.put_reply(request_id, reply)
-    log.info("interactive request %s (%s): %s in %.1f ms", request_id, model, reply.error or "done",
-             (time.perf_counter() - started) * 1000)
+    log.info("interactive request %s (%s): %s; take %.1f, model %.1f, reply %.1f ms", request_id, model,
+             reply.error or "done", (taken - started) * 1000, (inferred - taken) * 1000,
+             (time.perf_counter() - inferred) * 1000)
     return "failed" if reply.error else "done"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -96,15 +97,22 @@ class FarmBackend:
     def infer(self, model: str, options: dict[str, Any], images: list[WireImage]) -> Result:
         request_id = uuid.uuid4().hex
         ttl = int(self.pickup_timeout) + 60
+        marks = [time.perf_counter()]
         self.relay.put_request(request_id, images, ttl)
+        marks.append(time.perf_counter())
         try:
             self.celery.send_task(INTERACTIVE_TASK, args=[request_id, model, options], queue="interactive",
                                   routing_key="interactive", priority=0, expires=self.pickup_timeout)
-            return self._await(request_id, model)
+            marks.append(time.perf_counter())
+            return self._await(request_id, model, marks)
         finally:
             self.relay.forget(request_id)
+            if len(marks) == 6:
+                steps = ("put", "send", "pickup", "worker", "fetch")
+                log.info("request %s (%s): %s ms", request_id, model, ", ".join(
+                    f"{name} {(b - a) * 1000:.1f}" for name, a, b in zip(steps, marks, marks[1:])))
 
-    def _await(self, request_id: str, model: str) -> Result:
+    def _await(self, request_id: str, model: str, marks: list[float]) -> Result:
         signal = self.relay.wait(request_id, self.pickup_timeout)
         if signal is None and self.relay.withdraw(request_id):
             raise InferenceFailed(
@@ -114,13 +122,16 @@ class FarmBackend:
         if signal is None:  # taken just as the pickup time ran out: its signal is on its way
             signal = self.relay.wait(request_id, self.result_timeout)
         worker = ""
+        marks.append(time.perf_counter())
         if signal is not None and signal.startswith(TAKEN):
             worker = signal[len(TAKEN):].decode(errors="replace").strip()
             signal = self.relay.wait(request_id, self.result_timeout)
+        marks.append(time.perf_counter())
         if signal != DONE:
             raise InferenceFailed(f"worker {worker or '?'} took the request for model {model} but returned no "
                                   f"result within {self.result_timeout:g}s")
         reply = self.relay.take_reply(request_id)
+        marks.append(time.perf_counter())
         if reply.error:
             raise InferenceFailed(f"model {model} failed on worker {reply.worker or worker}: {reply.error}")
         return Result(reply.images, reply.objects)
