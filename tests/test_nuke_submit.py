@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -338,6 +339,17 @@ def test_headless_entry_point_opens_submits_waits_and_saves(farm, nuke, tmp_path
     assert code == 2 and "unknown model 'nope'" in capsys.readouterr().err
     code = headless.main(["--node", "Nope1", "--model", "blur"], farm=f)
     assert code == 2 and "no node named Nope1" in capsys.readouterr().err
+
+    # As `nuke -t headless.py ...` runs it: the file as a script in its own process, connecting by settings.
+    Path(frame_path(plate, 1002)).write_bytes(b"not an exr")
+    env = dict(farm.env, PYTHONPATH=str(STUB), MLFARM_NUKE_POLL_INTERVAL="0.1")
+    proc = subprocess.run([sys.executable, headless.__file__, str(script), "--node", "Read1", "--model", "passthrough",
+                           "--frames", "1001-1002", "--wait", "--json"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1, proc.stderr  # a frame failed
+    assert out["state"] == "failed" and [x["frame"] for x in out["failed"]] == [1002]
+    assert frame_path(plate, 1002) in out["failed"][0]["reason"]  # the reason names the bad file
 
 
 def test_the_nuke_path_init_puts_the_client_folder_on_the_path(nuke, tmp_path, monkeypatch):
