@@ -59,6 +59,18 @@ def test_train_img2img_with_the_cli_then_render_a_shot_with_it(farm) -> None:
     option = {o["name"]: o for o in models["grade"]["options"]}["checkpoint"]
     assert option["default"] == "newest" and "16" in option["choices"]
 
+    # The run goes on with --resume (only --epochs may change); a fresh run of the same name is refused.
+    base = ["train", "--template", "img2img", "--data", str(data), "--name", "grade"]
+    proc = farm.cli(*base, "--epochs", "9")
+    assert proc.returncode == 2 and "already exists with a checkpoint at step 16" in proc.stderr
+    proc = farm.cli(*base, "--resume", "--epochs", "10", "--lr", "0.1")
+    assert proc.returncode == 2 and "was trained with --lr 0.003" in proc.stderr
+    proc = farm.cli(*base, "--resume", "--epochs", "10", "--wait", "--json", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    resumed = json.loads(proc.stdout)
+    assert resumed["spec"]["frames"] == [9, 10] and resumed["progress"]["step"] == 20
+    assert steps(folder) == list(range(1, 21))
+
     # A shot the run never saw, rendered as a batch job with the trained model.
     plates, truths = farm.storage / "plates", {}
     for f in range(1001, 1004):
