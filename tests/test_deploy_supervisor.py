@@ -281,3 +281,30 @@ def test_workers_stop_when_the_supervisor_is_killed_outright(farm, supervisors):
             raise AssertionError(f"worker {pid} outlived its supervisor:\n{sup.log()}")
         time.sleep(0.1)
     assert "Warm shutdown" in sup.log() or "warm shutdown" in sup.log().lower(), sup.log()[-2000:]
+
+
+def test_a_second_sigterm_abandons_running_chunks_to_redis_not_to_oblivion(farm, supervisors):
+    farm.env_overrides.update(FAST_REDELIVERY)
+    sup = supervisors("--gpus", "0", "--name", "impatient@farmhost")
+    sup.wait_ready("impatient@farmhost")
+    ((_, _, pid),) = sup.started()
+    frames = [1, 2, 3]
+    plate = make_plate(farm.storage / "plate", frames)
+    out = str(farm.storage / "out" / "o.####.exr")
+    client = farm.farm()
+    spec = client.submit("slow", plate, out, frames, {"seconds": 2.5}, chunk=3)  # one 7.5 s chunk
+    sup.wait_for(lambda: client.status(spec.id).counts["running"] >= 1, "the chunk running")
+    t0 = time.monotonic()
+    sup.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    sup.proc.send_signal(signal.SIGTERM)  # the wrangler will not wait for the chunk
+    assert sup.proc.wait(30) == 0
+    assert time.monotonic() - t0 < 5 and not alive(pid)
+    assert "killed by SIGKILL" in sup.log()
+
+    farm.start_worker(name="rescuer@test")
+    status = farm.wait_job(spec.id, timeout=90)
+    assert status.state == "done", status.summary()
+    assert all(f.worker.startswith("rescuer@test") for f in status.frames if f.attempts == 2)
+    assert any(f.attempts == 2 for f in status.frames)  # the abandoned chunk came back and was rendered
+    assert all(Path(frame_path(out, f)).is_file() for f in frames)

@@ -6,11 +6,13 @@ CUDA itself: it counts GPUs with ``nvidia-smi`` (or ``torch`` in a throwaway sub
 each child with ``CUDA_VISIBLE_DEVICES`` before the child starts.
 
 Children run in their own session, so a terminal's Ctrl-C reaches only the supervisor, which then
-forwards exactly one signal: the first SIGTERM/SIGINT is passed on as SIGTERM (Celery's warm
-shutdown: a running chunk finishes, queued ones stay queued), a second as SIGQUIT (cold shutdown:
-running chunks are abandoned unacknowledged and the broker redelivers them). If the supervisor is
-killed outright, each child gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``), so no orphan
-keeps a GPU busy. Either way a chunk is finished or redelivered, never lost: tasks are acked late.
+sends exactly one signal: the first SIGTERM/SIGINT is passed on as SIGTERM (Celery's warm
+shutdown: a running chunk finishes, queued ones stay queued); a second one kills the children
+(SIGKILL): their running chunks stay unacknowledged and Redis redelivers them after the visibility
+timeout. Never SIGQUIT: Celery's cold shutdown of a solo-pool worker raises inside the running
+task, which then counts as failed and is acknowledged, so its chunk would be lost. If the
+supervisor is killed outright, each child gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``), so
+no orphan keeps a GPU busy. Either way a chunk is finished or redelivered, never lost.
 """
 
 from __future__ import annotations
@@ -216,7 +218,7 @@ class Supervisor:
         while True:
             if self.signals_received > forwarded:
                 forwarded = self.signals_received
-                self._forward(signal.SIGTERM if forwarded == 1 else signal.SIGQUIT)
+                self._forward(signal.SIGTERM if forwarded == 1 else signal.SIGKILL)
             stopping = forwarded > 0 or self.fatal is not None
             now = time.monotonic()
             for child in self.children:
@@ -237,7 +239,7 @@ class Supervisor:
 
     def _forward(self, sig: int) -> None:
         how = "warm shutdown: running chunks finish" if sig == signal.SIGTERM else \
-            "cold shutdown: running chunks go back to the queue"
+            "killing them: Redis redelivers their running chunks after MLFARM_VISIBILITY_TIMEOUT"
         log.info("supervisor: stopping %d worker(s) (%s)", len(self.children), how)
         for child in self.children:
             child.restart_at = None
