@@ -288,9 +288,8 @@ def retry_failed(read: Any, farm: Any = None) -> List[int]:
     job_id = read[JOB_KNOB].value()
     frames = farm.retry(job_id, failed_only=True)
     if frames:
-        refresh_node(read, farm)
-        if not WATCHERS.running(job_id):
-            follow(read, farm)
+        apply_progress(read, Progress.from_status(farm.status(job_id)))
+        follow(read, farm)  # always a fresh watcher: the last one stopped when it saw the job end
     return frames
 
 
