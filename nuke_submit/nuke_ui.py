@@ -223,6 +223,7 @@ def create_results_read(source: Any, spec: Any, description: Dict[str, Any], ren
     call = "import mlfarm.nuke_submit.nuke_ui as ui; ui.%s(nuke.thisNode())"
     read.addKnob(nuke.PyScript_Knob("mlfarm_retry", "Retry failed", call % "retry_failed_command"))
     read.addKnob(nuke.PyScript_Knob("mlfarm_refresh", "Refresh", call % "refresh_node_command"))
+    read.addKnob(nuke.PyScript_Knob("mlfarm_cancel", "Cancel job", call % "cancel_job_command"))
     return read
 
 
@@ -267,7 +268,9 @@ def refresh_node(read: Any, farm: Any = None) -> Progress:
 
 
 def result_reads() -> List[Any]:
-    return [n for n in nuke.allNodes("Read") if n.knob(JOB_KNOB) is not None and n[JOB_KNOB].value()]
+    """Every results Read in the script, inside groups too."""
+    return [n for n in nuke.allNodes("Read", recurseGroups=True)
+            if n.knob(JOB_KNOB) is not None and n[JOB_KNOB].value()]
 
 
 def refresh_results(farm: Any = None) -> List[Progress]:
@@ -291,6 +294,15 @@ def retry_failed(read: Any, farm: Any = None) -> List[int]:
         apply_progress(read, Progress.from_status(farm.status(job_id)))
         follow(read, farm)  # always a fresh watcher: the last one stopped when it saw the job end
     return frames
+
+
+def cancel_job(read: Any, farm: Any = None) -> int:
+    """Cancel a results Read's job: queued frames are dropped, running ones stop at the next frame."""
+    farm = farm or connect()
+    job_id = read[JOB_KNOB].value()
+    dropped = farm.cancel(job_id)
+    refresh_node(read, farm)
+    return dropped
 
 
 # --- the panel ----------------------------------------------------------------------------------------
@@ -416,6 +428,13 @@ def refresh_results_command() -> None:
 def refresh_node_command(read: Any) -> None:
     try:
         refresh_node(read)
+    except Exception as exc:
+        _report(exc)
+
+
+def cancel_job_command(read: Any) -> None:
+    try:
+        cancel_job(read)
     except Exception as exc:
         _report(exc)
 

@@ -230,6 +230,15 @@ def test_failed_frames_show_with_reasons_and_retry_reruns_only_those(farm_env, n
     read["mlfarm_retry"].execute()  # nothing left to retry: said so, nothing queued
     assert nuke.messages[-1] == f"ML Farm: job {sub.job_id} has no failed frames"
 
+    # Cancel job on the node: queued frames are dropped, the label ends cancelled, no message.
+    long = ui.submit(source, "slow", {"seconds": 0.5}, chunk=1, farm=f)
+    pump(nuke, lambda: "[running]" in long.read["label"].value())
+    long.read["mlfarm_cancel"].execute()
+    pump(nuke, lambda: "[cancelled]" in long.read["label"].value())
+    final = f.status(long.job_id)
+    assert final.counts["cancelled"] >= 4 and final.counts["done"] + final.counts["cancelled"] == 6
+    assert nuke.messages[-1] == f"ML Farm: job {sub.job_id} has no failed frames"  # nothing new to report
+
 
 def test_menu_commands_refuse_bad_input_with_a_message_and_queue_nothing(farm_env, nuke, ui):
     farm = farm_env

@@ -555,7 +555,7 @@ def toNode(name: str):  # noqa: N802
     return None
 
 
-def allNodes(filter: str | None = None, group=None) -> list[Node]:  # noqa: N802, A002 - Nuke's signature
+def allNodes(filter: str | None = None, group=None, recurseGroups: bool = False) -> list[Node]:  # noqa: N802, N803, A002
     return [n for n in _nodes if filter is None or n.Class() == filter]
 
 
