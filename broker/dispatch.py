@@ -21,8 +21,12 @@ from .jobs import JobSpec
 
 def chunk_kwargsrepr(spec: JobSpec, kwargs: Mapping[str, Any]) -> str:
     """How a chunk reads in Flower and worker logs: its kwargs plus the job's name (shot and node
-    when submitted from Nuke), so a wrangler can tell whose frames these are. Never options or pixels."""
-    return repr(dict(kwargs, name=spec.name)) if spec.name else repr(kwargs)
+    when submitted from Nuke) and output pattern (which names the shot in any studio's layout, also
+    for a job submitted without a name), so a wrangler can tell whose frames these are. A Python
+    literal, so Flower's search takes ``kwargs:job_id=ID``. Never options or pixels."""
+    shown = dict(kwargs, name=spec.name) if spec.name else dict(kwargs)
+    shown["output"] = spec.output
+    return repr(shown)
 
 
 def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -> int:

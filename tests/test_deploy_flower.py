@@ -134,6 +134,7 @@ def test_flower_needs_auth_lists_the_jobs_chunks_readably_and_counts_them(flower
             assert t["worker"] == "gpu0@farmhost"
             kwargs = ast.literal_eval(t["kwargs"])
             assert kwargs["job_id"] == spec.id and kwargs["model"] == "blur" and kwargs["name"] == "sh010 Read1"
+            assert kwargs["output"] == out
 
         uuid, task = next(iter(tasks.items()))
         code, page = flower.get(f"/task/{uuid}")  # the task's page, as a browser shows it
