@@ -76,6 +76,29 @@ SMOKE = textwrap.dedent('''
 
 FAKE_NUKE = "class PythonPanel(object):\n    pass\n"
 
+#: Just enough of `nuke` for Nuke's start-up to run mlfarm's init.py and menu.py.
+STARTUP_NUKE = textwrap.dedent('''
+    import sys
+    commands = []
+    class PythonPanel(object):
+        pass
+    class _Menu(object):
+        def addMenu(self, name, **kw):
+            return self
+        def addCommand(self, name, command=None, *a, **kw):
+            commands.append(name)
+    def menu(name):
+        return _Menu()
+    def pluginAddPath(path):
+        sys.path.insert(0, path)
+    def tprint(*values):
+        print(*values)
+    def addOnScriptLoad(call, *a, **kw):
+        pass
+    def removeOnScriptLoad(call, *a, **kw):
+        pass
+''')
+
 
 @pytest.mark.skipif(python37() is None, reason="no Python 3.7 interpreter here (Nuke 13's Python)")
 def test_nuke_side_modules_compile_and_work_on_python_37(tmp_path):
@@ -138,4 +161,21 @@ def test_the_client_installed_as_the_readme_says_submits_from_another_python(far
     assert got["heavy"] == [] and "passthrough" in got["models"]
     assert got["label"].splitlines()[2] == "3/3 done [done]"
     assert all(os.path.exists(got["output"].replace("####", f"{f:04d}")) for f in (1, 2, 3))
+
+    # Nuke starting with NUKE_PATH=SITE/mlfarm/nuke_submit/nuke_path, nothing else on its path:
+    # init.py finds the site it was installed in, menu.py adds the menu.
+    fake = tmp_path / "fake_nuke"
+    fake.mkdir()
+    (fake / "nuke.py").write_text(STARTUP_NUKE)
+    nuke_path = Path(os.environ["MLFARM_TEST_NUKE_SITE"]) / "mlfarm" / "nuke_submit" / "nuke_path"
+    startup = ("import runpy, nuke\n"
+               f"runpy.run_path({str(nuke_path / 'init.py')!r})\n"
+               f"runpy.run_path({str(nuke_path / 'menu.py')!r})\n"
+               "print(sorted(nuke.commands))\n")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(fake), "HOME": str(tmp_path)}
+    proc = subprocess.run([os.environ["MLFARM_TEST_NUKE_PYTHON"], "-B", "-c", startup], capture_output=True,
+                          text=True, timeout=60, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == str(sorted(
+        ["Submit selected...", "Refresh results", "Retry failed (selected results)", "Settings..."]))
     print("client ran on Python {}.{}".format(*got["version"]))

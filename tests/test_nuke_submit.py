@@ -367,5 +367,15 @@ def test_the_nuke_path_init_puts_the_client_folder_on_the_path(nuke, tmp_path, m
     monkeypatch.setenv("MLFARM_NUKE_SITE", str(site))
     monkeypatch.setattr(sys, "path", list(sys.path))
     init = Path(__file__).resolve().parent.parent / "nuke_submit" / "nuke_path" / "init.py"
-    exec(compile(init.read_text(), str(init), "exec"), {})
+    exec(compile(init.read_text(), str(init), "exec"), {"__file__": str(init)})
     assert sys.path[0] == str(site)
+
+    # Installed with `pip install --target SITE`, NUKE_PATH=SITE/mlfarm/nuke_submit/nuke_path needs nothing else.
+    monkeypatch.delenv("MLFARM_NUKE_SITE")
+    installed = tmp_path / "sité" / "mlfarm" / "nuke_submit"
+    (installed / "nuke_path").mkdir(parents=True)
+    (installed / "nuke_ui.py").write_text("")
+    copy = installed / "nuke_path" / "init.py"
+    copy.write_text(init.read_text())
+    exec(compile(copy.read_text(), str(copy), "exec"), {"__file__": str(copy)})
+    assert sys.path[0] == str(tmp_path / "sité")
