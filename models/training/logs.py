@@ -31,12 +31,12 @@ def read_log(folder: str | os.PathLike[str]) -> list[dict[str, str]]:
         return []
 
 
-def _tensorboard_writer(folder: Path, purge_step: int) -> Any:
+def _tensorboard_writer(folder: Path, root: str | os.PathLike[str], purge_step: int) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional: `pip install tensorboard` turns event files on
         return None
-    return SummaryWriter(log_dir=str(folder / TENSORBOARD_DIR), purge_step=purge_step)
+    return SummaryWriter(log_dir=str(confined_path(folder / TENSORBOARD_DIR, root)), purge_step=purge_step)
 
 
 class TrainLog:
@@ -49,7 +49,7 @@ class TrainLog:
             writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in kept)
         self._file: IO[str] = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - held for the run
         self._csv = csv.DictWriter(self._file, COLUMNS)
-        self.tensorboard = _tensorboard_writer(folder, resume_step + 1)
+        self.tensorboard = _tensorboard_writer(folder, root, resume_step + 1)
 
     def row(self, step: int, epoch: int, loss: float, lr: float, val_loss: float | None = None,
             val_accuracy: float | None = None) -> None:

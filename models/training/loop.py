@@ -98,8 +98,12 @@ class Trainer:
                                f"now holds {', '.join(data.classes)}")
         cfg.classes = data.classes
         write_config(folder, self.root, cfg)
-        with deterministic(self.device):
-            return self._train(cfg, data, folder)
+        try:
+            with deterministic(self.device):
+                return self._train(cfg, data, folder)
+        finally:
+            if self.device.startswith("cuda"):  # the worker goes on to serve models: hand the memory back
+                torch.cuda.empty_cache()
 
     def _train(self, cfg: TrainConfig, data: DataSet, folder: Path) -> Progress:
         torch.manual_seed(cfg.seed)

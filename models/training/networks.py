@@ -45,7 +45,8 @@ class EncoderDecoder(nn.Module):
             h = enc(h if i == 0 else F.avg_pool2d(h, 2))
             skips.append(h)
         for i in reversed(range(LEVELS - 1)):
-            h = F.interpolate(h, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
+            # nearest, not bilinear: its backward pass is deterministic on CUDA too (seeded runs repeat)
+            h = F.interpolate(h, size=skips[i].shape[-2:], mode="nearest")
             h = self.decoders[i](torch.cat([h, skips[i]], dim=1))
         return x + self.head(h)
 
