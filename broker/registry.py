@@ -17,7 +17,7 @@ def publish_catalog(client: redis.Redis, descriptions: dict[str, dict[str, Any]]
         return
     stamp = time.time()
     client.hset(CATALOG_KEY, mapping={
-        name: json.dumps({**desc, "published_by": worker, "published": stamp}, sort_keys=True)
+        name: json.dumps({**desc, "published_by": worker, "published": stamp})  # plane order matters
         for name, desc in descriptions.items()
     })
 
