@@ -51,7 +51,9 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     def _publish(**_: object) -> None:
         descriptions = Catalog.from_settings(settings).describe_all()
         publish_catalog(redis_client(url), descriptions, hostname)
-        log.info("worker %s ready on queues %s with models %s", hostname, ",".join(queues),
+        pinned = f" pinned to GPU {gpu} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
+            if gpu is not None else ""
+        log.info("worker %s%s ready on queues %s with models %s", hostname, pinned, ",".join(queues),
                  ", ".join(sorted(descriptions)))
 
     argv = [

@@ -1,0 +1,100 @@
+"""Worker behaviour beyond the basic path: input formats, prefork children, GPU pinning, the model
+cache, settings from a config file."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import OpenImageIO as oiio
+import pytest
+
+from mlfarm.broker.frames import frame_path
+from mlfarm.models.catalog import Catalog, discover
+from mlfarm.settings import Settings
+from mlfarm.worker.frame_io import read_image
+from mlfarm.worker.model_cache import ModelCache
+
+from conftest import PLUGINS, make_plate
+
+
+def write_8bit(path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w, c = pixels.shape
+    out = oiio.ImageOutput.create(str(path))
+    assert out.open(str(path), oiio.ImageSpec(w, h, c, oiio.UINT8)), oiio.geterror()
+    out.write_image(pixels)
+    out.close()
+
+
+@pytest.mark.parametrize("ext", ["png", "tif", "dpx"])
+def test_non_exr_inputs_are_read_through_openimageio(farm, ext):
+    farm.start_worker()
+    rng = np.random.default_rng(5)
+    frames = [7, 8]
+    originals = {f: rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for f in frames}
+    for f, px in originals.items():
+        write_8bit(farm.storage / "plate" / f"p.{f:04d}.{ext}", px)
+    out = str(farm.storage / "out" / "o.####.exr")
+    spec = farm.farm().submit("passthrough", str(farm.storage / "plate" / f"p.%04d.{ext}"), out, frames)
+    assert farm.wait_job(spec.id).state == "done"
+    for f, px in originals.items():
+        got = read_image(frame_path(out, f)).rgba(4)
+        assert got.shape == (24, 40, 3)
+        np.testing.assert_allclose(got, px.astype(np.float32) / 255, atol=1e-3)
+
+
+def test_prefork_children_render_frames(farm):
+    worker = farm.start_worker(concurrency=2)
+    plate = make_plate(farm.storage / "plate", range(1, 9))
+    spec = farm.farm().submit("passthrough", plate, str(farm.storage / "out" / "o.####.exr"), list(range(1, 9)),
+                              chunk=1)
+    status = farm.wait_job(spec.id)
+    assert status.state == "done"
+    pids = {f.worker.rsplit(":", 1)[1] for f in status.frames}
+    assert pids and str(worker.proc.pid) not in pids  # frames ran in the forked children, not the parent
+
+
+def test_gpu_option_pins_the_worker_before_anything_loads(farm):
+    proc = subprocess.Popen([sys.executable, "-m", "mlfarm", "worker", "--gpu", "3", "--queues", "gpu",
+                             "--name", "g3@test"], env=farm.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "g3@test ready." in line:
+                break
+        log = "".join(lines)
+        assert "pinned to GPU 3 (CUDA_VISIBLE_DEVICES=3)" in log, log
+        assert "mlfarm-gpu3" not in log  # the explicit name wins
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_model_cache_loads_once_and_evicts_the_least_recent(tmp_path):
+    cache = ModelCache(Catalog(discover([PLUGINS])), size=2, device_policy="cpu")
+    blur = cache.get("blur")
+    assert cache.get("blur") is blur and blur.torch_device == "cpu"
+    cache.get("passthrough")
+    cache.get("blur")  # blur is now the most recent
+    cache.get("slow")
+    assert cache.warm() == ["blur", "slow"]
+    assert cache.get("passthrough") is not None and cache.warm() == ["slow", "passthrough"]
+
+
+def test_settings_come_from_a_toml_file_and_env_wins(tmp_path, monkeypatch):
+    config = tmp_path / "mlfarm.toml"
+    config.write_text('storage_root = "/mnt/shared"\ndefault_chunk = 8\nexr_compression = "piz"\n')
+    monkeypatch.setenv("MLFARM_CONFIG", str(config))
+    monkeypatch.setenv("MLFARM_DEFAULT_CHUNK", "2")
+    for key in ("MLFARM_STORAGE_ROOT", "MLFARM_EXR_COMPRESSION"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings()
+    assert (str(s.storage_root), s.default_chunk, s.exr_compression) == ("/mnt/shared", 2, "piz")
+    with pytest.raises(ValueError, match="MLFARM_VISIBILITY_TIMEOUT"):
+        Settings(visibility_timeout=100, frame_time_limit=300)
