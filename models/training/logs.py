@@ -10,7 +10,6 @@ import csv
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -51,20 +50,20 @@ class TrainLog:
         self._csv = csv.DictWriter(self._file, COLUMNS)
         self.tensorboard = _tensorboard_writer(folder, root, resume_step + 1)
 
-    def row(self, step: int, epoch: int, loss: float, lr: float, val_loss: float | None = None,
+    def row(self, step: int, epoch: int, loss: float, lr: float, when: float, val_loss: float | None = None,
             val_accuracy: float | None = None) -> None:
+        """One step's row (``when``: the step's wall-clock time); written out by :meth:`flush`."""
         def fmt(v: float | None) -> str:
             return "" if v is None or math.isnan(v) else f"{v:.6g}"
 
         self._csv.writerow({"step": step, "epoch": epoch, "loss": fmt(loss), "val_loss": fmt(val_loss),
-                            "val_accuracy": fmt(val_accuracy), "lr": f"{lr:.6g}", "time": f"{time.time():.3f}"})
-        self._file.flush()
+                            "val_accuracy": fmt(val_accuracy), "lr": f"{lr:.6g}", "time": f"{when:.3f}"})
         if self.tensorboard is not None:
-            self.tensorboard.add_scalar("loss/train", loss, step)
+            self.tensorboard.add_scalar("loss/train", loss, step, walltime=when)
             if val_loss is not None:
-                self.tensorboard.add_scalar("loss/val", val_loss, step)
+                self.tensorboard.add_scalar("loss/val", val_loss, step, walltime=when)
             if val_accuracy is not None:
-                self.tensorboard.add_scalar("accuracy/val", val_accuracy, step)
+                self.tensorboard.add_scalar("accuracy/val", val_accuracy, step, walltime=when)
 
     def flush(self) -> None:
         self._file.flush()

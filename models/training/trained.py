@@ -97,13 +97,6 @@ class TrainedModel(BaseModel):
     def unload(self) -> None:
         self._net, self._loaded = None, None
 
-    @staticmethod
-    def _rgb(image: np.ndarray) -> np.ndarray:
-        if image.ndim == 2:
-            image = image[:, :, None]
-        rgb = image[:, :, :3]
-        return np.repeat(rgb[:, :, :1], 3, axis=2) if rgb.shape[2] < 3 else rgb
-
     def infer_batch(self, batch: list[list[Any]]) -> list[list[Any]]:
         import torch
 
@@ -112,11 +105,16 @@ class TrainedModel(BaseModel):
         with torch.inference_mode():
             for image_list in batch:
                 image = np.asarray(image_list[0], dtype=np.float32)
-                x = torch.from_numpy(np.ascontiguousarray(self._rgb(image).transpose(2, 0, 1)))[None]
-                out.append(self._frame(net, image, x.to(self.torch_device)))
+                if image.ndim == 2:
+                    image = image[:, :, None]
+                # The frame goes to the device as it is (H x W x C) and is rearranged there: no
+                # transposed copies of a whole frame on the CPU, one way or the other.
+                pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.torch_device)
+                rgb = pixels[..., :3] if pixels.shape[-1] >= 3 else pixels[..., :1].expand(-1, -1, 3)
+                out.append(self._frame(net, image, pixels, rgb.permute(2, 0, 1)[None]))
         return out
 
-    def _frame(self, net: Any, image: np.ndarray, x: Any) -> list[Any]:
+    def _frame(self, net: Any, image: np.ndarray, pixels: Any, x: Any) -> list[Any]:
         raise NotImplementedError
 
     def describe(self, model_id: str) -> dict[str, Any]:
@@ -129,18 +127,20 @@ class TrainedModel(BaseModel):
 class TrainedImg2Img(TrainedModel):
     """The frame through the encoder-decoder; an alpha channel passes through unchanged."""
 
-    def _frame(self, net: Any, image: np.ndarray, x: Any) -> list[Any]:
-        rgb = net.run_frame(x)[0].float().cpu().numpy().transpose(1, 2, 0)
-        if image.ndim == 3 and image.shape[2] > 3:
-            rgb = np.concatenate([rgb, image[:, :, 3:]], axis=2)
-        return [np.ascontiguousarray(rgb, dtype=np.float32)]
+    def _frame(self, net: Any, image: np.ndarray, pixels: Any, x: Any) -> list[Any]:
+        import torch
+
+        out = net.run_frame(x)[0].permute(1, 2, 0)
+        if pixels.shape[-1] > 3:
+            out = torch.cat([out, pixels[..., 3:]], dim=-1)
+        return [out.float().contiguous().cpu().numpy()]
 
 
 class TrainedClassifier(TrainedModel):
     """The frame passes through; the label and every class's score come back as a result object
     (which the farm also writes into the output EXR's header as ``mlfarm/objects``)."""
 
-    def _frame(self, net: Any, image: np.ndarray, x: Any) -> list[Any]:
+    def _frame(self, net: Any, image: np.ndarray, pixels: Any, x: Any) -> list[Any]:
         import torch
 
         scores = torch.softmax(net(x)[0].float(), dim=0).cpu().numpy()
