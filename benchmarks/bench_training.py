@@ -149,7 +149,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             data = make_data(root / "data", 16, crop + 64)
-            per_epoch = 10
+            per_epoch = 50 if gpu else 10  # each epoch ends with a validation and a checkpoint
             config = TrainConfig(name="bench", template="img2img", data=str(data), epochs=max(1, steps // per_epoch),
                                  batch=args.batch, lr=1e-3, crop=crop, seed=0,
                                  crops_per_image=per_epoch * args.batch // 16, features=args.features)
