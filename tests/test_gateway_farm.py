@@ -75,6 +75,9 @@ def test_no_worker_on_the_interactive_queue_gives_a_clear_error(gateway_farm):
 def test_interactive_request_is_answered_while_a_long_batch_job_fills_the_queue(gateway_farm):
     gateway_farm.start_worker(queues="interactive,gpu,cpu")
     gw = gateway_farm.start_gateway()
+    blur = mc.model_from_info(gw.port, "blur")
+    warm = mc.infer(gw.port, blur, [sample_pixels(3, 8, 8, 3)])  # load torch and the model first
+    assert not warm.HasField("error"), warm.error.msg
     frames = list(range(1, 41))
     plate = make_plate(gateway_farm.storage / "plates", frames, width=16, height=16)
     f = gateway_farm.farm()
@@ -87,7 +90,7 @@ def test_interactive_request_is_answered_while_a_long_batch_job_fills_the_queue(
 
     image = sample_pixels(4, 64, 36, 3)
     started = time.monotonic()
-    reply = mc.infer(gw.port, mc.model_from_info(gw.port, "blur"), [image], kernel_size=2)
+    reply = mc.infer(gw.port, blur, [image], kernel_size=2)
     latency = time.monotonic() - started
     status = f.status(job.id)
 

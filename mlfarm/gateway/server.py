@@ -130,10 +130,12 @@ class Gateway:
                 conn, peer = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError as exc:  # e.g. out of file descriptors under a flood: wait, keep serving
                 if self._stopping.is_set():
                     break
-                raise
+                log.warning("accept failed: %s", exc)
+                time.sleep(0.1)
+                continue
             self._pool.submit(self._serve_connection, conn, peer)
 
     def stop(self) -> None:
