@@ -295,3 +295,21 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def test_cli_refuses_clearly_when_it_cannot_serve(gateway, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")}
+    env.update({"MLFARM_CONFIG": str(tmp_path / "none.toml"), "MLFARM_DATA_DIR": str(tmp_path / "data"),
+                "MLFARM_MODELS_PATH": MODELS_PATH, "MLFARM_DEVICE": "cpu"})
+    busy = subprocess.run([sys.executable, "-m", "mlfarm", "gateway", "--local", "--host", "127.0.0.1",
+                           "--port", str(gateway.port)], env=env, capture_output=True, text=True, timeout=120)
+    assert busy.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{gateway.port}" in busy.stderr
+
+    no_farm = subprocess.run([sys.executable, "-m", "mlfarm", "gateway", "--port", "0"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert no_farm.returncode == 2
+    assert "no farm to talk to" in no_farm.stderr
