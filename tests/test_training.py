@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from training_data import colour_transform, make_classify_data, make_img2img_data, textured, warm_or_cool
 
 from mlfarm.models.base import InputError
 from mlfarm.models.catalog import Catalog
@@ -23,7 +24,6 @@ from mlfarm.models.training.runs import TrainConfig, list_checkpoints, run_dir
 from mlfarm.settings import Settings
 
 from conftest import PLUGINS, write_exr
-from training_data import colour_transform, make_classify_data, make_img2img_data, textured, warm_or_cool
 
 
 @pytest.fixture(autouse=True)
@@ -131,6 +131,29 @@ def test_data_errors_name_the_files(tmp_path: Path) -> None:
         scan(classes, "classify", 64)
     with pytest.raises(DataError, match="no train/ folder"):
         scan(tmp_path / "nothing", "img2img", 64)
+
+
+def test_jpeg_and_tiff_pairs_are_read_through_openimageio(tmp_path: Path) -> None:
+    import OpenImageIO as oiio
+
+    from mlfarm.models.training.data import load_rgb
+
+    img = textured(3, 70, 66)
+    for path, fmt in ((tmp_path / "train" / "input" / "a.jpg", oiio.UINT8),
+                      (tmp_path / "train" / "groundtruth" / "a.tif", oiio.UINT16)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = oiio.ImageOutput.create(str(path))
+        assert out.open(str(path), oiio.ImageSpec(66, 70, 3, fmt)), oiio.geterror()
+        assert out.write_image(img)
+        out.close()
+    data = scan(tmp_path, "img2img", 64)
+    [sample] = data.train
+    assert (sample.image.path.name, sample.target.path.name) == ("a.jpg", "a.tif")
+    jpeg, tiff = load_rgb(sample.image), load_rgb(sample.target)
+    assert jpeg.shape == tiff.shape == (3, 70, 66)
+    np.testing.assert_allclose(tiff, img.transpose(2, 0, 1), atol=1 / 65535)
+    other = textured(4, 70, 66).transpose(2, 0, 1)
+    assert np.abs(jpeg - img.transpose(2, 0, 1)).mean() < 0.3 * np.abs(jpeg - other).mean()  # lossy, same picture
 
 
 def test_trained_run_is_a_catalog_model_with_a_checkpoint_option(trained: tuple[Path, Path]) -> None:
