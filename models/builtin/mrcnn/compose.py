@@ -87,11 +87,13 @@ def instance_ids(masks: torch.Tensor) -> torch.Tensor:
     return torch.where(ids > n, torch.zeros_like(ids), ids)
 
 
-def lookup_planes(ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:
-    """``matte`` (1 where any kept instance), ``class.id`` and ``score`` planes from the id plane."""
-    class_of = np.concatenate([[0], labels]).astype(np.float32)
-    score_of = np.concatenate([[0], scores]).astype(np.float32)
-    return (ids > 0).astype(np.float32), class_of[ids], score_of[ids]
+def lookup_planes(ids: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``matte`` (1 where any kept instance), ``class.id`` and ``score`` planes (float) from the id plane."""
+    zero = torch.zeros(1, device=ids.device, dtype=torch.float32)
+    class_of = torch.cat([zero, labels.float()])
+    score_of = torch.cat([zero, scores.float()])
+    index = ids.long()
+    return (ids > 0).float(), class_of[index], score_of[index]
 
 
 def border_mask(ids: torch.Tensor, thickness: int) -> torch.Tensor:

@@ -33,8 +33,7 @@ class Pending:
     """One frame's results on their way to the host: pinned buffers filled by an async copy."""
 
     ready: Any  # a CUDA event, or None when everything ran on the CPU
-    rgba: Any  # H x W x 4 tensor (half or float)
-    ids: Any  # H x W tensor (int16 or int32)
+    planes: Any  # H x W x 8 float32: R, G, B, A, matte.A, instance.id, class.id, score.value
     boxes: Any
     labels: Any
     scores: Any
@@ -72,6 +71,7 @@ class Model(BaseModel):
         self.batch_size = 4
         self.sidecar_json = True
         self._nets: dict[str, Any] = {}
+        self._copy_stream: Any = None
 
     # --- before anything runs ----------------------------------------------------------------
     def _weights_dir(self):
@@ -101,7 +101,6 @@ class Model(BaseModel):
         settings = get_settings()
         self.autocast = None
         self.channels_last = False
-        self.half_rgba = bool(settings.exr_rgba_half)
         if device.startswith("cuda"):
             torch.cuda.init()
             tf32 = settings.mrcnn_precision == "tf32"
@@ -154,14 +153,11 @@ class Model(BaseModel):
             return outputs
         if pending.ready is not None:
             pending.ready.synchronize()
-        from .compose import lookup_planes
-
-        rgba = pending.rgba.numpy().astype(np.float32)
-        ids = pending.ids.numpy().astype(np.int32)
-        labels = pending.labels.numpy().astype(np.int64)
-        scores = pending.scores.numpy().astype(np.float32)
-        boxes = pending.boxes.numpy().astype(np.float32)
-        pixels = pending.pixels.numpy().astype(np.int64)
+        planes = pending.planes.numpy()
+        labels = pending.labels.numpy()
+        scores = pending.scores.numpy()
+        boxes = pending.boxes.numpy()
+        pixels = pending.pixels.numpy()
         detections = [
             {"id": i + 1, "class_id": int(labels[i]), "label": COCO_CATEGORIES[int(labels[i])],
              "score": float(scores[i]), "box": [float(v) for v in boxes[i]], "pixels": int(pixels[i])}
@@ -170,10 +166,9 @@ class Model(BaseModel):
         if self.show_class and not self.binary_masks and detections:
             from .labels import draw_labels
 
-            draw_labels(rgba[:, :, :3], detections, self.font_scale)
-        matte, class_id, score = lookup_planes(ids, labels, scores)
-        height, width = ids.shape
-        return [rgba, matte, ids.astype(np.float32), class_id, score,
+            draw_labels(planes[:, :, :3], detections, self.font_scale)
+        height, width = planes.shape[:2]
+        return [planes[:, :, 0:4], planes[:, :, 4], planes[:, :, 5], planes[:, :, 6], planes[:, :, 7],
                 {"detections": detections, "width": width, "height": height,
                  "architecture": self.architecture.value}]
 
@@ -212,30 +207,38 @@ class Model(BaseModel):
         ids = compose.instance_ids(masks)
         del masks
         pixels = torch.bincount(ids.flatten().long(), minlength=len(idx) + 1)[1:]
-        fg = (ids > 0)[..., None].to(linear.dtype)
+        matte, class_id, score = compose.lookup_planes(ids, labels, scores)
         if self.binary_masks:
-            rgb = fg.expand(-1, -1, 3)
+            rgb = matte[..., None].expand(-1, -1, 3)
         else:
             picture, changed = compose.visualise(srgb, ids, boxes, float(self.alpha), bool(self.show_border),
                                                  int(self.border_thick), bool(self.show_box),
                                                  int(self.bbox_thick), self.colours)
             rgb = torch.where(changed[..., None], srgb_to_linear(picture, torch), linear)
-        rgba = torch.cat([rgb, fg], dim=2)
-        if self.half_rgba:
-            rgba = rgba.half()
-        ids = ids.to(torch.int16) if len(idx) < 32767 else ids
-        return self._to_host(rgba, ids, boxes, labels, scores, pixels)
+        planes = torch.cat([rgb, matte[..., None], matte[..., None], ids.float()[..., None], class_id[..., None],
+                            score[..., None]], dim=2)
+        return self._to_host(planes, boxes, labels, scores.float(), pixels)
 
     def _to_host(self, *tensors: Any) -> Pending:
-        """Start copying to pinned host memory without waiting; ``postprocess`` waits on the event."""
+        """Start copying to pinned host memory on a side stream; ``postprocess`` waits on the event.
+
+        The copy runs on its own stream so the next batch's network does not queue behind it.
+        """
         torch = self.torch
         if not self.torch_device.startswith("cuda"):
-            return Pending(None, *(t.clone() for t in tensors))
+            return Pending(None, *(t.contiguous().clone() for t in tensors))
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream()
+        done = torch.cuda.current_stream()
+        self._copy_stream.wait_stream(done)
         host = []
-        for t in tensors:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            buf.copy_(t, non_blocking=True)
-            host.append(buf)
-        ready = torch.cuda.Event()
-        ready.record()
+        with torch.cuda.stream(self._copy_stream):
+            for t in tensors:
+                t = t.contiguous()
+                t.record_stream(self._copy_stream)  # keep its memory until the copy has read it
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                buf.copy_(t, non_blocking=True)
+                host.append(buf)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
         return Pending(ready, *host)

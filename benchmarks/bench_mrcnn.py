@@ -1,0 +1,398 @@
+"""Mask R-CNN at 1080p on the GPU: the farm against a script loop and against the network alone.
+
+All in one run, same weights (torchvision's maskrcnn_resnet50_fpn, randomly initialised with a fixed
+seed and saved to a file, since the GPU machine has no internet), same frames, same detection count:
+the score threshold is calibrated on the first frame so the heads keep a little over 20 detections,
+and both sides cap at 20.
+
+(a) naive   the typical script: per frame, upload, ``model([img])``, every output to the host
+            (all N full-frame float masks included). sRGB conversion is done beforehand, not timed.
+(b) network the network alone on GPU-resident frames: transform, backbone, RPN, box and mask heads,
+            no mask paste; batch 1 (as the issue measured it) and the worker's batch size.
+(c) farm    EXR plate on disk -> Farm.submit (what `mlfarm submit` calls) -> one GPU worker process
+            -> EXR planes (rgba, matte, instance.id, class.id, score) + sidecar JSON on disk.
+(c2)        the same with one worker per GPU on every visible GPU (when there are several).
+
+(c) runs with plate and outputs on a local disk folder and on /dev/shm (``--storage``): every output
+frame is fsync'ed before its atomic rename, so a slow disk shows up there and not on tmpfs.
+
+Precision variants of (b) are measured first (strict fp32, torch defaults, TF32, fp16 autocast,
+channels_last) so the worker's MLFARM_MRCNN_PRECISION can be chosen by measurement.
+
+Run: python benchmarks/bench_mrcnn.py [--frames 400] [--chunk 100] [--storage disk,shm]
+Needs a CUDA GPU (``--device cpu --width 160 --height 96 --frames 8`` checks the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import OpenImageIO as oiio
+
+ARCH = "maskrcnn_resnet50_fpn"
+DETECTIONS = 20
+
+
+# --- inputs ------------------------------------------------------------------------------------
+def make_weights(folder: Path) -> Path:
+    import torch
+    import torchvision
+
+    from mlfarm.models.builtin.mrcnn.weights import ARCHITECTURES
+
+    torch.manual_seed(8)
+    net = torchvision.models.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ARCHITECTURES[ARCH][0]
+    torch.save(state, path)
+    return path
+
+
+def synthetic_frame(f: int, width: int, height: int) -> np.ndarray:
+    """A scene-linear RGBA frame: gradient, moving shapes, a little grain (plates have grain)."""
+    rng = np.random.default_rng(f)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.empty((height, width, 4), np.float32)
+    img[..., 0] = 0.18 + 0.3 * x / width
+    img[..., 1] = 0.12 + 0.2 * y / height
+    img[..., 2] = 0.25
+    for k in range(8):
+        cx = (0.1 + 0.1 * k) * width + 4 * f
+        cy = (0.3 + 0.05 * (k % 4)) * height
+        r = (0.04 + 0.01 * k) * height
+        inside = (x - cx) ** 2 + ((y - cy) * 1.6) ** 2 < r * r
+        img[inside, :3] = np.array([0.8, 0.3, 0.1], np.float32) * (1 + k % 3)
+    img[..., :3] += rng.normal(0, 0.01, (height, width, 3)).astype(np.float32)
+    img[..., 3] = 1.0
+    return img
+
+
+def write_plate(folder: Path, frames: list[int], width: int, height: int, threads: int) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(f: int) -> None:
+        spec = oiio.ImageSpec(width, height, 4, oiio.HALF)
+        spec.channelnames = ("R", "G", "B", "A")
+        spec.attribute("compression", "zip")
+        out = oiio.ImageOutput.create("openexr")
+        out.open(str(folder / f"plate.{f:04d}.exr"), spec)
+        out.write_image(synthetic_frame(f, width, height))
+        out.close()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, frames))
+    return str(folder / "plate.####.exr")
+
+
+# --- (a) and (b) in this process ----------------------------------------------------------------
+def set_precision(torch, mode: str) -> None:
+    """strict: no TF32 anywhere; default: torch's defaults (TF32 convolutions, fp32 matmuls); tf32: both."""
+    torch.backends.cudnn.allow_tf32 = mode in ("default", "tf32")
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    torch.backends.cudnn.benchmark = True
+
+
+def sync(torch, device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def network_ms(torch, net, images: list, batch: int, device: str, channels_last: bool = False,
+               autocast=None, warm: int = 3) -> float:
+    from mlfarm.models.builtin.mrcnn import network
+
+    groups = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
+    with torch.inference_mode():
+        for g in groups[:warm]:
+            network.run(net, g, channels_last, autocast)
+        sync(torch, device)
+        t = time.perf_counter()
+        for g in groups:
+            network.run(net, g, channels_last, autocast)
+        sync(torch, device)
+    return (time.perf_counter() - t) / (len(groups) * batch) * 1000
+
+
+def naive_ms(torch, tv_net, images_host: list, device: str) -> tuple[float, float]:
+    """Per frame: upload, model([img]), every output to the host. Returns (ms/frame, detections/frame)."""
+    counts = []
+    with torch.inference_mode():
+        for img in images_host[:2]:
+            tv_net([torch.from_numpy(img).to(device).permute(2, 0, 1)])
+        sync(torch, device)
+        t = time.perf_counter()
+        for img in images_host:
+            out = tv_net([torch.from_numpy(img).to(device).permute(2, 0, 1)])[0]
+            host = {k: v.cpu() for k, v in out.items()}
+            counts.append(len(host["scores"]))
+    return (time.perf_counter() - t) / len(images_host) * 1000, float(np.mean(counts))
+
+
+def calibrate_threshold(torch, net, image) -> float:
+    """A score threshold that leaves well over DETECTIONS boxes after NMS, so every side hits the cap."""
+    from mlfarm.models.builtin.mrcnn import network
+
+    network.configure(net, 800, 1333, 0.0, 100)
+    with torch.inference_mode():
+        scores = network.run(net, [image])[0]["scores"].sort(descending=True).values
+    thresh = float(scores[min(len(scores) - 1, 3 * DETECTIONS)])
+    return max(0.0, thresh - 1e-6)
+
+
+# --- (c) through the farm -----------------------------------------------------------------------
+def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, timeout: float = 120):
+    cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", "gpu", "--name", name]
+    if gpu is not None:
+        cmd += ["--gpu", str(gpu)]
+    fh = open(log, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while f"{name} ready." not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker {name} did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+    return proc
+
+
+def run_job(farm, plate: str, out: str, frames: list[int], chunk: int, options: dict) -> tuple[float, object]:
+    t = time.perf_counter()
+    spec = farm.submit("mrcnn", plate, out, frames, options, chunk=chunk)
+    while True:
+        st = farm.status(spec.id)
+        if st.finished:
+            break
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - t
+    if st.state != "done":
+        raise RuntimeError(f"{st.summary()}: " + "; ".join(fs.reason for fs in st.failed_frames[:3]))
+    return elapsed, st
+
+
+def check_outputs(out: str, frames: list[int]) -> float:
+    """Mean detections per frame from the sidecars; also checks the planes are there."""
+    from mlfarm.broker.frames import frame_path
+    from mlfarm.worker.frame_io import sidecar_path
+
+    counts = []
+    for f in frames[:: max(1, len(frames) // 10)]:
+        path = frame_path(out, f)
+        inp = oiio.ImageInput.open(path)
+        names = set(inp.spec().channelnames)
+        inp.close()
+        assert {"R", "G", "B", "A", "matte.A", "instance.id", "class.id", "score.value"} <= names, names
+        counts.append(len(json.loads(Path(sidecar_path(path)).read_text())["objects"][0]["detections"]))
+    return float(np.mean(counts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=400, help="frames in the farm runs")
+    ap.add_argument("--chunk", type=int, default=100)
+    ap.add_argument("--storage", default="disk,shm",
+                    help="where plate and outputs live: disk (a temporary folder), shm (/dev/shm), or both")
+    ap.add_argument("--width", type=int, default=1920)
+    ap.add_argument("--height", type=int, default=1080)
+    ap.add_argument("--naive-frames", type=int, default=20)
+    ap.add_argument("--net-frames", type=int, default=32)
+    ap.add_argument("--io-threads", type=int, default=None, help="per worker (default: cores per GPU - 2)")
+    ap.add_argument("--precision", default=None, help="worker MLFARM_MRCNN_PRECISION (default: fastest measured)")
+    ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gpus", type=int, default=None, help="GPUs for (c2) (default: all visible)")
+    ap.add_argument("--json", default=None, help="write the figures here too")
+    args = ap.parse_args()
+
+    import torch
+    import torchvision
+
+    from mlfarm.broker.embedded import EmbeddedRedis
+    from mlfarm.models.builtin.mrcnn import network
+    from mlfarm.models.colour import linear_to_srgb
+    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.settings import Settings
+
+    device = args.device
+    cuda = device.startswith("cuda")
+    gpu_name = torch.cuda.get_device_name(0) if cuda else "cpu"
+    n_gpus = (args.gpus or torch.cuda.device_count()) if cuda else 1
+    if args.io_threads is None:
+        args.io_threads = max(2, (os.cpu_count() or 4) // max(1, n_gpus) - 2)
+    figures: dict[str, object] = {"device": gpu_name, "gpus": torch.cuda.device_count() if cuda else 0,
+                                  "cores": os.cpu_count(), "size": f"{args.width}x{args.height}",
+                                  "torch": torch.__version__, "torchvision": torchvision.__version__}
+    print(f"device: {gpu_name} x{figures['gpus']}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"frames {args.width}x{args.height}", flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="mlfarm-mrcnn-bench-"))
+    procs: list[subprocess.Popen] = []
+    server = None
+    try:
+        t0 = time.perf_counter()
+        weights = make_weights(tmp / "weights")
+        frames = list(range(1, args.frames + 1))
+        print(f"setup: weights in {time.perf_counter() - t0:.1f}s", flush=True)
+
+        # Frames for (a)/(b): the same pictures, display-referred as the network wants them.
+        n_mem = max(args.naive_frames, args.net_frames)
+        host = [np.ascontiguousarray(linear_to_srgb(synthetic_frame(f, args.width, args.height)[..., :3], np)
+                                     .clip(0, 1)) for f in frames[:n_mem]]
+        gpu_imgs = [torch.from_numpy(h).to(device).permute(2, 0, 1) for h in host[:args.net_frames]]
+
+        net = network.build(ARCH, weights).to(device)
+        set_precision(torch, "default")
+        thresh = calibrate_threshold(torch, net, gpu_imgs[0])
+        network.configure(net, 800, 1333, thresh, DETECTIONS)
+        with torch.inference_mode():
+            per_frame = [len(d["scores"]) for d in network.run(net, gpu_imgs[:4])]
+        figures["thresh"] = thresh
+        print(f"threshold {thresh:.6f}: {per_frame} detections on the first frames (cap {DETECTIONS})", flush=True)
+
+        # Precision variants of the network (b), to choose the worker's settings by measurement.
+        variants = {}
+        batch = 4
+        if cuda:
+            for label, mode, cl, ac in (("strict fp32", "strict", False, None),
+                                        ("torch default", "default", False, None),
+                                        ("tf32", "tf32", False, None),
+                                        ("tf32 + channels_last", "tf32", True, None),
+                                        ("fp16 autocast", "tf32", False, torch.float16),
+                                        ("fp16 autocast + channels_last", "tf32", True, torch.float16)):
+                set_precision(torch, mode)
+                if cl:
+                    net.backbone.to(memory_format=torch.channels_last)
+                ms1 = network_ms(torch, net, gpu_imgs, 1, device, cl, ac)
+                msb = network_ms(torch, net, gpu_imgs, batch, device, cl, ac)
+                net.backbone.to(memory_format=torch.contiguous_format)
+                variants[label] = {"batch1_ms": ms1, f"batch{batch}_ms": msb, "mode": mode, "channels_last": cl,
+                                   "fp16": ac is not None}
+                print(f"  network {label:30s}: {ms1:6.2f} ms/frame at batch 1, {msb:6.2f} at batch {batch}",
+                      flush=True)
+        figures["network_variants"] = variants
+
+        # (b) the network alone, torch defaults, batch 1 (the issue's 21-29 ms) and batch 4.
+        set_precision(torch, "default")
+        b1 = network_ms(torch, net, gpu_imgs, 1, device)
+        bb = network_ms(torch, net, gpu_imgs, batch, device)
+        figures["b_network_batch1_fps"] = 1000 / b1
+        figures[f"b_network_batch{batch}_fps"] = 1000 / bb
+
+        # (a) the naive script loop, same weights and threshold.
+        tv_net = network.build(ARCH, weights).to(device)
+        tv_net.roi_heads.score_thresh = thresh
+        tv_net.roi_heads.detections_per_img = DETECTIONS
+        a_ms, a_dets = naive_ms(torch, tv_net, host[:args.naive_frames], device)
+        figures["a_naive_fps"] = 1000 / a_ms
+        figures["a_detections_per_frame"] = a_dets
+        print(f"(a) naive loop      : {1000 / a_ms:7.2f} frames/s ({a_ms:.1f} ms/frame, {a_dets:.1f} detections/frame)",
+              flush=True)
+        print(f"(b) network alone   : {1000 / b1:7.2f} frames/s at batch 1 ({b1:.1f} ms), "
+              f"{1000 / bb:.2f} at batch {batch} ({bb:.1f} ms/frame)", flush=True)
+
+        if cuda and args.precision is None:
+            best = min(variants.items(), key=lambda kv: kv[1][f"batch{batch}_ms"])
+            precision = "fp16" if best[1]["fp16"] else ("tf32" if best[1]["mode"] == "tf32" else "fp32")
+            channels_last = best[1]["channels_last"]
+        else:
+            precision = args.precision or "fp32"
+            channels_last = False
+        if args.channels_last != "auto":
+            channels_last = args.channels_last == "on"
+        figures["worker_precision"] = precision
+        figures["worker_channels_last"] = channels_last
+        del net, tv_net, gpu_imgs
+        if cuda:
+            torch.cuda.empty_cache()
+
+        # (c) the farm: embedded Redis, worker processes, EXR in and out.
+        server = EmbeddedRedis.start(tmp / "redis")
+        options = {"architecture": ARCH, "thresh": thresh, "max_detections": DETECTIONS}
+        print(f"(c) worker settings: precision {precision}, channels_last {channels_last}, "
+              f"{args.io_threads} I/O threads, chunk {args.chunk}", flush=True)
+        by_storage: dict[str, dict[int, float]] = {}
+        for where in [w.strip() for w in args.storage.split(",") if w.strip()]:
+            root = Path(tempfile.mkdtemp(prefix="mlfarm-bench-", dir="/dev/shm" if where == "shm" else tmp))
+            t0 = time.perf_counter()
+            plate = write_plate(root / "plate", frames, args.width, args.height, os.cpu_count() or 4)
+            print(f"[{where}] {len(frames)}-frame EXR plate written in {time.perf_counter() - t0:.1f}s "
+                  f"({sum(p.stat().st_size for p in (root / 'plate').iterdir()) / len(frames) / 1e6:.1f} MB a frame)",
+                  flush=True)
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")},
+                   "MLFARM_BROKER_URL": server.url, "MLFARM_STORAGE_ROOT": str(root),
+                   "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights.parent),
+                   "MLFARM_DEVICE": "cuda" if cuda else "cpu", "MLFARM_IO_THREADS": str(args.io_threads),
+                   "MLFARM_MRCNN_PRECISION": precision, "MLFARM_FRAME_TIME_LIMIT": "30",
+                   "MLFARM_MRCNN_CHANNELS_LAST": str(channels_last).lower(),
+                   "MLFARM_CONFIG": str(tmp / "none.toml")}
+            settings = Settings(broker_url=server.url, storage_root=root, data_dir=tmp / "data",
+                                weights_dir=weights.parent, frame_time_limit=30)
+            farm = Farm(settings, server.url)
+            results = by_storage[where] = {}
+            for n in sorted({1, n_gpus}):
+                while len(procs) < n:
+                    i = len(procs)
+                    procs.append(start_worker(env, tmp / f"{where}-w{i}.log", f"g{i}@bench", i if cuda else None))
+                # Warm-up: every worker loads the model and tunes cuDNN on a few frames first.
+                run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * n], 8, options)
+                out = str(root / f"run{n}" / "m.####.exr")
+                secs, st = run_job(farm, plate, out, frames, args.chunk, options)
+                dets = check_outputs(out, frames)
+                size = sum(p.stat().st_size for p in Path(out).parent.glob("*.exr")) / len(frames) / 1e6
+                results[n] = len(frames) / secs
+                print(f"[{where}] (c) mlfarm, {n} GPU worker(s): {results[n]:7.2f} frames/s ({len(frames)} frames "
+                      f"in {secs:.1f}s, {dets:.1f} detections/frame, {size:.1f} MB a frame out)", flush=True)
+                for i in range(n):
+                    chunks = [ln.split("INFO mlfarm.worker: ")[-1] for ln in
+                              (tmp / f"{where}-w{i}.log").read_text(errors="replace").splitlines() if " done, " in ln]
+                    print(f"    worker {i}: {chunks[-1] if chunks else '?'}", flush=True)
+                figures[f"c_farm_{where}_{n}gpu_fps"] = results[n]
+                figures[f"c_farm_{where}_{n}gpu_detections_per_frame"] = dets
+                shutil.rmtree(root / f"run{n}", ignore_errors=True)
+            for p in procs:
+                p.send_signal(signal.SIGTERM)
+            for p in procs:
+                p.wait(60)
+            procs.clear()
+            shutil.rmtree(root, ignore_errors=True)
+        where, results = max(by_storage.items(), key=lambda kv: kv[1][1])
+        print(f"best storage: {where}", flush=True)
+        c = results[1]
+        print("", flush=True)
+        print(f"device {gpu_name}: (a) {1000 / a_ms:.2f} fps, (b) {1000 / b1:.2f} fps batch 1 / "
+              f"{1000 / bb:.2f} fps batch {batch}, (c) {c:.2f} fps", flush=True)
+        print(f"(c)/(a) = {c * a_ms / 1000:.2f}x   (c)/(b batch 1) = {c * b1 / 1000:.2f}x   "
+              f"(c)/(b batch {batch}) = {c * bb / 1000:.2f}x", flush=True)
+        figures["c_over_a"] = c * a_ms / 1000
+        figures["c_over_b1"] = c * b1 / 1000
+        figures[f"c_over_b{batch}"] = c * bb / 1000
+        if n_gpus > 1:
+            figures["multi_gpu_ratio"] = results[n_gpus] / c
+            print(f"{n_gpus} GPUs / 1 GPU = {results[n_gpus] / c:.2f}x", flush=True)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if server is not None:
+            server.stop()
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1, default=str))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
