@@ -28,6 +28,9 @@ AUTH_HINT = (
 )
 
 
+TASK_COLUMNS = "name,kwargs,state,received,runtime,worker,uuid"
+
+
 class FlowerConfigError(ValueError):
     """Flower would be exposed unsafely or is misconfigured; the message says what to set."""
 
@@ -45,7 +48,9 @@ class FlowerLaunch:
     def argv(self) -> list[str]:
         args = ["flower", f"--address={self.address}", f"--port={self.port}",
                 # Flower executes ./flowerconfig.py if one exists: configuration comes from mlfarm only.
-                f"--conf={os.devnull}"]
+                f"--conf={os.devnull}",
+                # The task list shows each chunk's arguments (job, name, model, frames, output) by default.
+                f"--tasks_columns={TASK_COLUMNS}"]
         if self.db is not None:
             args += ["--persistent=True", f"--db={self.db}", f"--state_save_interval={self.save_interval_ms}"]
         return args

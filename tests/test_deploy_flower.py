@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -136,6 +137,13 @@ def test_flower_needs_auth_lists_the_jobs_chunks_readably_and_counts_them(flower
             assert kwargs["job_id"] == spec.id and kwargs["model"] == "blur" and kwargs["name"] == "sh010 Read1"
             assert kwargs["output"] == out
 
+        code, page = flower.get("/tasks")  # the task list shows the arguments column by default
+        assert code == 200 and '<th data-column="kwargs">' in page
+        query = urllib.parse.urlencode({"draw": 1, "start": 0, "length": 10, "order[0][column]": 0,
+                                        "columns[0][data]": "name", "search[value]": f"kwargs:job_id={spec.id}"})
+        code, body = flower.get(f"/tasks/datatable?{query}")  # the rows the browser's list is filled with
+        rows = json.loads(body)["data"]
+        assert code == 200 and sorted(r["kwargs"] for r in rows) == sorted(t["kwargs"] for t in tasks.values())
         uuid, task = next(iter(tasks.items()))
         code, page = flower.get(f"/task/{uuid}")  # the task's page, as a browser shows it
         assert code == 200 and "mlfarm.chunk" in page and task["kwargs"] in html.unescape(page)
