@@ -223,6 +223,7 @@ def test_a_hundred_corrupt_inputs_fail_with_reasons_and_workers_stay_healthy(far
             assert "200000x200000" in fs.reason
     assert worker.proc.poll() is None
     rss_after = psutil.Process(worker.proc.pid).memory_info().rss
+    print(f"worker RSS before {rss_before / 2**20:.0f} MiB, after 100 corrupt frames {rss_after / 2**20:.0f} MiB")
     assert rss_after - rss_before < 300 * 2**20, (rss_before, rss_after)
     # And the same worker still renders good frames.
     plate = make_plate(farm.storage / "plate", [1, 2])
@@ -251,6 +252,8 @@ def test_workers_killed_repeatedly_during_a_500_frame_job(farm):
         kills += 1
         farm.start_worker(name=f"r{round_}@faults")
     status = farm.wait_job(spec.id, timeout=240)
+    print(f"{kills} workers killed with SIGKILL; frames attempted twice: "
+          f"{sum(1 for f in status.frames if f.attempts > 1)}")
     assert kills >= 3
     assert status.state == "done", status.summary()
     assert status.counts["done"] == 500
