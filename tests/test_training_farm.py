@@ -9,6 +9,7 @@ timeout without being doubled, and a killed trainer's run is finished by another
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from mlfarm.worker.frame_io import read_image
 from conftest import write_exr
 
 TRAIN_QUEUES = "interactive,gpu,cpu,train"
-ONE_THREAD = {"MLFARM_TRAIN_THREADS": "1"}  # two shared cores: one torch thread per trainer
+# Two shared cores: one torch thread per trainer. MLFARM_TEST_TRAIN_DEVICE=auto runs these tests'
+# workers on a GPU where there is one (the harness's default is the CPU).
+ONE_THREAD = {"MLFARM_TRAIN_THREADS": "1", "MLFARM_DEVICE": os.environ.get("MLFARM_TEST_TRAIN_DEVICE", "cpu")}
+# Runs that must still be going when the test acts on them (cancel, kill, SIGTERM, time limit) are made
+# this much longer where a GPU may train them (the CPU takes ~50 ms a step here, a GPU a few).
+SLOW = 1 if ONE_THREAD["MLFARM_DEVICE"] == "cpu" else 50
+ENDLESS = 5000  # crops per image in runs that are never meant to finish: thousands of steps an epoch
 SMALL = ["--batch", "4", "--crop", "64", "--crops-per-image", "2", "--features", "8", "--lr", "3e-3"]
 
 
@@ -148,7 +155,8 @@ def test_cancel_then_retry_resumes_from_the_checkpoint(farm) -> None:
     data = make_img2img_data(farm.root / "data", n_val=0)
     client = farm.farm()
     config = TrainConfig(name="long", template="img2img", data=str(data), epochs=40, batch=4, lr=3e-3, crop=64,
-                         seed=2, crops_per_image=2, features=8)
+                         seed=2, crops_per_image=2 * SLOW, features=8)
+    total = 40 * 2 * SLOW  # 4 images x crops / batch 4, for 40 epochs
     spec = submit_training(client, config)
     deadline = time.monotonic() + 120
     while client.status(spec.id).progress.get("step", 0) < 5:
@@ -159,13 +167,13 @@ def test_cancel_then_retry_resumes_from_the_checkpoint(farm) -> None:
     assert status.state == "cancelled", status.summary()
     folder = run_dir(farm.storage, "long")
     stopped_at = list_checkpoints(folder)[-1][0]
-    assert 5 <= stopped_at < 80 and steps(folder)[-1] == stopped_at
+    assert 5 <= stopped_at < total and steps(folder)[-1] == stopped_at
 
     proc = farm.cli("retry", spec.id, "--wait", "--json", timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout)["progress"]["step"] == 80
+    assert json.loads(proc.stdout)["progress"]["step"] == total
     assert f"resuming from step {stopped_at}" in worker.log()
-    assert steps(folder) == list(range(1, 81))  # one unbroken log: nothing trained twice, nothing lost
+    assert steps(folder) == list(range(1, total + 1))  # one unbroken log: nothing trained twice, nothing lost
 
 
 def test_long_run_is_not_redelivered_and_a_killed_trainer_is_resumed_elsewhere(farm) -> None:
@@ -176,8 +184,8 @@ def test_long_run_is_not_redelivered_and_a_killed_trainer_is_resumed_elsewhere(f
     first = farm.start_worker(queues="train", name="first@test")
     data = make_img2img_data(farm.root / "data", n_val=0)
     client = farm.farm()
-    config = TrainConfig(name="durable", template="img2img", data=str(data), epochs=400, batch=4, lr=1e-3,
-                         crop=64, seed=4, crops_per_image=2, features=8)
+    config = TrainConfig(name="durable", template="img2img", data=str(data), epochs=3, batch=4, lr=1e-3,
+                         crop=64, seed=4, crops_per_image=ENDLESS, features=8)
     spec = submit_training(client, config)
     first.wait_log("training durable")
     second = farm.start_worker(queues="train", name="second@test")
@@ -206,8 +214,8 @@ def test_warm_shutdown_checkpoints_and_hands_the_run_on(farm) -> None:
     first = farm.start_worker(queues="train", name="first@test")
     data = make_img2img_data(farm.root / "data", n_val=0)
     client = farm.farm()
-    config = TrainConfig(name="handover", template="img2img", data=str(data), epochs=300, batch=4, lr=1e-3,
-                         crop=64, seed=8, crops_per_image=2, features=8)
+    config = TrainConfig(name="handover", template="img2img", data=str(data), epochs=3, batch=4, lr=1e-3,
+                         crop=64, seed=8, crops_per_image=ENDLESS, features=8)
     spec = submit_training(client, config)
     deadline = time.monotonic() + 60
     while client.status(spec.id).progress.get("step", 0) < 3:
@@ -232,7 +240,7 @@ def test_time_limit_stops_with_a_checkpoint_and_says_how_to_resume(farm) -> None
     farm.start_worker(queues=TRAIN_QUEUES)
     data = make_img2img_data(farm.root / "data", n_val=0)
     config = TrainConfig(name="limited", template="img2img", data=str(data), epochs=500, batch=4, lr=1e-3, crop=64,
-                         seed=9, crops_per_image=2, features=8)
+                         seed=9, crops_per_image=2 * SLOW, features=8)
     spec = submit_training(farm.farm(), config)
     status = farm.wait_job(spec.id, timeout=120)
     assert status.state == "failed"
@@ -240,4 +248,4 @@ def test_time_limit_stops_with_a_checkpoint_and_says_how_to_resume(farm) -> None
     reasons = {fs.reason for fs in status.failed_frames}
     assert reasons == {f"time limit of 3s reached at step {stopped_at} (checkpoint step-{stopped_at:08d}.safetensors); "
                        f"`mlfarm retry {spec.id}` resumes from it"}
-    assert status.counts["done"] == stopped_at // 2 and status.progress["step"] == stopped_at
+    assert status.counts["done"] == stopped_at // (2 * SLOW) and status.progress["step"] == stopped_at
