@@ -148,8 +148,9 @@ class JobNotFound(KeyError):
 
 _START = """
 local cancelled = redis.call('HGET', KEYS[1], 'cancelled') == '1'
+local max_attempts = tonumber(ARGV[4])
 local out = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   local f = ARGV[i]
   local raw = redis.call('HGET', KEYS[2], f)
   if not raw then
@@ -162,6 +163,13 @@ for i = 4, #ARGV do
       rec.s = 'cancelled'
       redis.call('HSET', KEYS[2], f, cjson.encode(rec))
       out[#out + 1] = 'cancelled'
+    elseif max_attempts > 0 and (rec.a or 0) >= max_attempts then
+      rec.s = 'failed'
+      rec.r = 'frame ' .. f .. ': gave up after ' .. rec.a .. ' attempts that each ended without a result ' ..
+              '(the worker was killed, crashed or stopped every time)'
+      rec.t1 = tonumber(ARGV[2])
+      redis.call('HSET', KEYS[2], f, cjson.encode(rec))
+      out[#out + 1] = 'giveup'
     else
       rec.s = 'running'
       rec.a = (rec.a or 0) + 1
@@ -332,10 +340,12 @@ class JobStore:
         return alive[:limit]
 
     # --- transitions -------------------------------------------------------------------
-    def start_frames(self, job_id: str, frames: list[int], worker: str) -> dict[int, str]:
-        """Claim frames for a worker. Returns per frame: run, skip (already done), cancelled, unknown."""
+    def start_frames(self, job_id: str, frames: list[int], worker: str, max_attempts: int = 0
+                     ) -> dict[int, str]:
+        """Claim frames for a worker. Returns per frame: run, skip (already done), cancelled, unknown,
+        or giveup: the frame already had ``max_attempts`` attempts (0: no limit) and is now failed."""
         result = self._start(keys=[job_key(job_id), frames_key(job_id)],
-                             args=[worker, time.time(), self.ttl, *[str(f) for f in frames]])
+                             args=[worker, time.time(), self.ttl, max_attempts, *[str(f) for f in frames]])
         return dict(zip(frames, result))
 
     def finish_frame(self, job_id: str, frame: int, state: str, reason: str = "", worker: str = "") -> None:

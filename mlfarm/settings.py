@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     )
 
     chunk_slack: int = Field(default=60, ge=1, description="Seconds a chunk's time limit adds for model loading.")
+    max_attempts: int = Field(
+        default=3, ge=0, description="Attempts a frame gets when each one ends without a result (worker killed, "
+        "crashed, stopped); then it fails with that reason instead of taking down worker after worker. 0: no limit.",
+    )
     reconcile_interval: int = Field(
         default=300, ge=1, description="Seconds between a worker's checks for frames whose chunk message the "
         "broker lost (also run after every reconnect to Redis).",

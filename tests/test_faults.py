@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -281,3 +282,45 @@ def test_frames_whose_message_was_lost_are_queued_again_and_nothing_is_doubled(f
     assert all(f.attempts == 1 for f in client.status(backlog.id).frames)
     worker.wait_log(f"job {lost.id}: frames 1,2,3 had no chunk message")
     assert worker.log().count("had no chunk message") == 1  # the backlog job's queued messages counted
+
+
+def test_a_cold_shutdown_mid_chunk_hands_its_frames_back(farm):
+    """SIGQUIT (or Ctrl-C twice) makes Celery abort the running chunk: its unfinished frames must go
+    back on the queue at once, not stay 'running' until the reconciler notices."""
+    frames = list(range(1, 7))
+    plate = make_plate(farm.storage / "plate", frames)
+    victim = farm.start_worker(name="quit@faults")
+    spec = farm.farm().submit("slow", plate, str(farm.storage / "out" / "o.####.exr"), frames,
+                              {"seconds": 0.7}, chunk=6)
+    victim.wait_log(f"job {spec.id} slow: frames 1-6")
+    time.sleep(1.0)
+    victim.proc.send_signal(signal.SIGQUIT)
+    victim.proc.wait(30)
+    assert "queued again" in victim.log()
+    farm.start_worker(name="after@faults")
+    status = farm.wait_job(spec.id, timeout=60)  # far less than the reconciler's 300 s interval
+    assert status.state == "done", status.summary()
+
+
+def test_a_poison_frame_fails_after_max_attempts_instead_of_killing_every_worker(farm):
+    farm.env_overrides.update({"MLFARM_FRAME_TIME_LIMIT": "3", "MLFARM_CHUNK_SLACK": "2",
+                               "MLFARM_VISIBILITY_TIMEOUT": "8", "MLFARM_RESTORE_INTERVAL": "1",
+                               "MLFARM_MAX_ATTEMPTS": "2"})
+    frames = [1, 2, 3]
+    make_plate(farm.storage / "plate", frames)
+    write_exr(farm.storage / "plate" / "plate.0002.exr", np.full((48, 64, 4), 9.0, np.float32))
+    out = str(farm.storage / "out" / "o.####.exr")
+    spec = farm.farm().submit("crash", str(farm.storage / "plate" / "plate.####.exr"), out, frames, chunk=1)
+    deadline = time.monotonic() + 120
+    while not farm.farm().status(spec.id).finished:
+        assert time.monotonic() < deadline, farm.farm().status(spec.id).summary()
+        for w in farm.workers:
+            if w.proc.poll() is not None:
+                farm.workers.remove(w)
+        if not farm.workers:  # like a supervisor or compose restarting a dead container
+            farm.start_worker(name=f"p{int(time.monotonic() * 1000)}@faults", wait=False)
+        time.sleep(0.2)
+    status = farm.farm().status(spec.id)
+    assert status.state == "failed" and status.counts["done"] == 2, status.summary()
+    (poisoned,) = status.failed_frames
+    assert poisoned.frame == 2 and "gave up after 2 attempts" in poisoned.reason

@@ -62,6 +62,14 @@ class ChunkRun:
     result: ChunkResult = field(default_factory=ChunkResult)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
 
+    claimed: list[int] = field(default_factory=list)  # frames this run took to render
+
+    @property
+    def unfinished(self) -> list[int]:
+        """Claimed frames with no outcome yet: what a chunk that dies must hand back."""
+        r = self.result
+        return [f for f in self.claimed if f not in r.failed and f not in r.done and f not in r.cancelled]
+
     @property
     def label(self) -> str:
         return format_frames(self.frames)
@@ -148,8 +156,8 @@ class ChunkRun:
     def run(self, cache: ModelCache) -> ChunkResult:
         for mw in self.middleware:
             mw.before_chunk(self)
-        claims = self.store.start_frames(self.spec.id, self.frames, self.worker)
-        todo = []
+        claims = self.store.start_frames(self.spec.id, self.frames, self.worker, self.settings.max_attempts)
+        todo = self.claimed
         for f in self.frames:
             state = claims.get(f)
             if state == "run":
@@ -158,6 +166,8 @@ class ChunkRun:
                 self.result.skipped.append(f)
             elif state == "cancelled":
                 self.result.cancelled.append(f)
+            elif state == "giveup":
+                self.result.failed[f] = f"frame {f}: gave up after {self.settings.max_attempts} attempts"
         if todo:
             remove_stale_partials(Path(frame_path(self.spec.output, todo[0])).parent)
             self._run_frames(cache, todo)

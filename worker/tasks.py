@@ -9,6 +9,7 @@ import redis
 from celery import Celery
 
 from mlfarm.broker.celery_app import CHUNK_TASK
+from mlfarm.broker.dispatch import enqueue
 from mlfarm.broker.frames import format_frames, parse_frames
 
 from .interactive import register_interactive
@@ -35,6 +36,21 @@ TASK_POLICY: dict[str, Any] = {
 }
 
 
+def hand_back(app: Celery, rt: Any, run: ChunkRun, exc: BaseException) -> None:
+    """Requeue a dead chunk's unfinished frames (max_attempts bounds how often)."""
+    frames = run.unfinished
+    if not frames:
+        return
+    try:
+        reclaimed = rt.store.reclaim(run.spec.id, frames)
+        if reclaimed:
+            enqueue(app, rt.settings, run.spec, reclaimed)
+        log.warning("job %s: chunk %s stopped (%s: %s); frames %s queued again", run.spec.id, run.label,
+                    type(exc).__name__, exc, format_frames(reclaimed))
+    except Exception:  # the worker is going down anyway; the reconciler will find these frames
+        log.exception("job %s: could not hand back frames %s", run.spec.id, format_frames(frames))
+
+
 class FramesFailed(Exception):
     """Raised at the end of a chunk with failed frames, so Flower lists the chunk as failed."""
 
@@ -49,7 +65,15 @@ def register_tasks(app: Celery) -> None:
         rt = runtime()
         run = ChunkRun(spec=rt.spec(job_id), frames=parse_frames(frames), worker=rt.worker,
                        store=rt.store, settings=rt.settings, io=rt.io, middleware=rt.middleware)
-        result = run.run(rt.cache)
+        try:
+            result = run.run(rt.cache)
+        except TASK_POLICY["autoretry_for"]:
+            raise  # Celery sends the chunk again; its claimed frames are claimed again then
+        except BaseException as exc:
+            # Anything else ends this chunk for good (Celery acknowledges a failed task): hand the
+            # frames it had not finished back to the queue, or they would stay "running" forever.
+            hand_back(self.app, rt, run, exc)
+            raise
         if result.failed:
             reasons = "; ".join(result.failed[f] for f in sorted(result.failed))
             raise FramesFailed(f"job {job_id}: {len(result.failed)} of {len(run.frames)} frames failed "
