@@ -17,10 +17,10 @@ MODELS_PATH = os.pathsep.join([str(TESTS / "plugins"), str(TESTS / "gateway_plug
 
 
 class GatewayProcess:
-    def __init__(self, env: dict[str, str], log_path: Path, local: bool):
+    def __init__(self, env: dict[str, str], log_path: Path, local: bool, log_level: str = "INFO"):
         self.port = free_port()
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "mlfarm", "--log-level", "INFO", "gateway", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "mlfarm", "--log-level", log_level, "gateway", "--host", "127.0.0.1",
                "--port", str(self.port)] + (["--local"] if local else [])
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,35 +45,45 @@ class Backend(Protocol):
 class LocalBackend:
     """Models run in the gateway's process, as the seed's server did on one workstation.
 
-    One lock per model: requests for different models run at once, requests for the same model
-    take turns (its options are set per request on the one warm instance). The cache is sized to
-    hold every model so that none is unloaded while another thread is using it.
+    Each model runs on a thread of its own: requests for different models run at once, requests
+    for the same model take turns (its options are set per request on the one warm instance).
+    One thread per model rather than a lock taken by whichever connection thread arrives: torch
+    gives every thread that calls it its own team of OpenMP threads, so with a lock each of the
+    gateway's connection threads would end up with one (found by the fuzz test: one extra thread
+    per connection thread on 2 cores, a core's worth each on a bigger machine). The cache is
+    sized to hold every model so that none is unloaded while another is in use.
     """
 
     def __init__(self, settings: Settings):
         self.catalog = Catalog.from_settings(settings)
         self.cache = ModelCache(self.catalog, max(1, len(self.catalog.names())), settings.device)
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._runners: dict[str, ThreadPoolExecutor] = {}
+        self._runners_guard = threading.Lock()
 
     def describe_all(self) -> dict[str, dict[str, Any]]:
         return self.catalog.describe_all()
 
-    def _lock(self, model: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(model, threading.Lock())
+    def _runner(self, model: str) -> ThreadPoolExecutor:
+        with self._runners_guard:
+            runner = self._runners.get(model)
+            if runner is None:
+                runner = self._runners[model] = ThreadPoolExecutor(1, thread_name_prefix=f"mlfarm-model-{model}")
+            return runner
+
+    def _run(self, model: str, options: dict[str, Any], images: list[WireImage]) -> tuple[list[WireImage], list]:
+        return run_model(self.cache.get(model), options, images)
 
     def infer(self, model: str, options: dict[str, Any], images: list[WireImage]) -> Result:
-        with self._lock(model):
-            try:
-                out, objects = run_model(self.cache.get(model), options, images)
-            except Exception as exc:
-                log.exception("model %s failed", model)
-                raise InferenceFailed(f"model {model} failed: {type(exc).__name__}: {exc}") from None
+        try:
+            out, objects = self._runner(model).submit(self._run, model, options, images).result()
+        except Exception as exc:
+            log.exception("model %s failed", model)
+            raise InferenceFailed(f"model {model} failed: {type(exc).__name__}: {exc}") from None
         return Result(out, objects)
 
     def close(self) -> None:
-        pass
+        for runner in self._runners.values():
+            runner.shutdown(wait=True)
 
 
 class FarmBackend:
