@@ -114,6 +114,17 @@ class Settings(BaseSettings):
         description="Comma-separated model ids whose `PythonScript` objects the gateway forwards to Nuke "
         "(which executes them). Empty: none are forwarded.",
     )
+    # --- MLClient gateway follow-ups (issues #3 and #7): transport, heartbeat ------------------
+    gateway_transport: Literal["redis", "storage"] = Field(
+        default="storage",
+        description="How a frame's pixels travel between the gateway and a worker: `storage` (raw files in "
+        "a hidden folder of the storage root, which the gateway and every worker must see at their "
+        "MLFARM_STORAGE_ROOT) or `redis` (through the broker). Chosen by benchmarks/bench_gateway.py.",
+    )
+    gateway_heartbeat: float = Field(
+        default=5.0, gt=0, description="Seconds without a heartbeat from the worker running a request before "
+        "the gateway tells the artist that worker died, instead of waiting for the frame's time limit.",
+    )
 
     # --- deploying a GPU farm: Flower and the per-GPU worker supervisor (issue 5) ----------
     flower_address: str = Field(

@@ -142,12 +142,13 @@ def test_relay_splits_large_images_and_keeps_pixels_out_of_the_append_only_file(
     r = Relay(raw_redis_client(redis_server.url, 10))
     marker = b"PIXELMARKER-" * 400  # 4800 bytes: 5 parts
     image = WireImage(40, 10, 3, marker)
-    r.put_request("aoftest", [image, WireImage(1, 1, 1, b"\x00\x00\x80?")], ttl=60)
+    r.put_request("aoftest", [image, WireImage(1, 1, 1, b"\x00\x00\x80?")], ttl=60, wait_ttl=60)
     assert r.client.llen(Relay.key("aoftest", "in")) == 1 + 5 + 1
-    got = r.take_request("aoftest", "w1@test")
-    assert [(i.width, i.height, i.channels, bytes(i.data)) for i in got] == [
+    got = r.take_request("aoftest", "w1@test", heartbeat=5)
+    assert [(i.width, i.height, i.channels, bytes(i.data)) for i in got.images] == [
         (40, 10, 3, marker), (1, 1, 1, b"\x00\x00\x80?")]
-    assert r.take_request("aoftest", "w1@test") is None  # taken once only
+    assert not got.spooled and got.error is None
+    assert r.take_request("aoftest", "w1@test", heartbeat=5) is None  # taken once only
     r.put_reply("aoftest", RelayReply(images=[image], objects=[{"n": 1}], worker="w1@test"))
     assert r.wait("aoftest", 1) == b"taken w1@test" and r.wait("aoftest", 1) == b"done"
     reply = r.take_reply("aoftest")

@@ -2,22 +2,29 @@
 
 Workers poll the ``interactive`` queue before batch queues, so an artist's frame waits at most
 for the chunk the worker is on. The task's arguments name the request only; its pixels come
-from, and go back through, Redis (see :mod:`mlfarm.gateway.relay`).
+from, and go back through, Redis or files on shared storage, whichever way the gateway sent them
+(see :mod:`mlfarm.gateway.relay`). While it works on a request the worker keeps a heartbeat key
+alive, so that the waiting gateway learns within seconds if this process dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
+import redis
 from celery import Celery
 
 from mlfarm.broker.celery_app import INTERACTIVE_TASK
 from mlfarm.broker.connection import broker_url
 from mlfarm.gateway.inference import run_model
 from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
+from mlfarm.gateway.spool import Spool
 from mlfarm.models.options import validate_options
 
 from .pipeline import describe_error
@@ -29,26 +36,54 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def _relay() -> Relay:
     """One binary-safe Redis client per worker process (the runtime's client decodes to str)."""
-    return Relay(raw_redis_client(broker_url(runtime().settings), timeout=60.0))
+    settings = runtime().settings
+    return Relay(raw_redis_client(broker_url(settings), timeout=60.0), Spool(settings.storage_root))
 
 
-def serve_request(request_id: str, model: str, options: dict[str, Any]) -> str:
+@contextlib.contextmanager
+def _heartbeat(relay: Relay, request_id: str, seconds: float) -> Iterator[None]:
+    """Renew the request's heartbeat three times per its life until the block ends. A thread, so
+    it beats while the model holds this one; it stops with the process, which is the point."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(seconds / 3):
+            try:
+                relay.beat(request_id, seconds)
+            except redis.RedisError as exc:  # the gateway may give up on us; the frame goes on
+                log.warning("interactive request %s: heartbeat failed: %s", request_id, exc)
+
+    thread = threading.Thread(target=beat, name=f"mlfarm-heartbeat-{request_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def serve_request(request_id: str, model: str, options: dict[str, Any], heartbeat: float) -> str:
     rt, relay = runtime(), _relay()
     started = time.perf_counter()
-    images = relay.take_request(request_id, rt.worker)
-    if images is None:
+    request = relay.take_request(request_id, rt.worker, heartbeat)
+    if request is None:
         log.info("interactive request %s: the gateway no longer waits for it; skipped", request_id)
         return "withdrawn"
-    taken = time.perf_counter()
-    reply = RelayReply(worker=rt.worker)
-    try:
-        checked = validate_options(rt.catalog.describe(model), options)
-        reply.images, reply.objects = run_model(rt.cache.get(model), checked, images)
-    except Exception as exc:  # the artist gets the reason; the worker goes on
-        log.warning("interactive request %s (%s) failed: %s", request_id, model, exc)
-        reply = RelayReply(error=describe_error(exc), worker=rt.worker)
-    inferred = time.perf_counter()
-    relay.put_reply(request_id, reply)
+    with _heartbeat(relay, request_id, heartbeat):
+        taken = time.perf_counter()
+        reply = RelayReply(error=request.error, worker=rt.worker)
+        if request.error is None:
+            try:
+                checked = validate_options(rt.catalog.describe(model), options)
+                reply.images, reply.objects = run_model(rt.cache.get(model), checked, request.images)
+            except Exception as exc:  # the artist gets the reason; the worker goes on
+                reply = RelayReply(error=describe_error(exc), worker=rt.worker)
+        if reply.error:
+            log.warning("interactive request %s (%s) failed: %s", request_id, model, reply.error)
+        spooled = request.spooled
+        del request  # unmaps the request's frame file before the result is written
+        inferred = time.perf_counter()
+        relay.put_reply(request_id, reply, spooled)
     log.info("interactive request %s (%s): %s; take %.1f, model %.1f, reply %.1f ms", request_id, model,
              reply.error or "done", (taken - started) * 1000, (inferred - taken) * 1000,
              (time.perf_counter() - inferred) * 1000)
@@ -58,6 +93,7 @@ def serve_request(request_id: str, model: str, options: dict[str, Any]) -> str:
 def register_interactive(app: Celery, policy: dict[str, Any]) -> None:
     """Same policy as chunks, but no result is stored: the reply goes to the waiting gateway."""
     @app.task(name=INTERACTIVE_TASK, **{**policy, "ignore_result": True})
-    def interactive(self: Any, request_id: str, model: str, options: dict[str, Any]) -> str:
+    def interactive(self: Any, request_id: str, model: str, options: dict[str, Any],
+                    heartbeat: float | None = None) -> str:
         """Infer one frame sent through the MLClient gateway (request ``request_id``)."""
-        return serve_request(request_id, model, options)
+        return serve_request(request_id, model, options, heartbeat or runtime().settings.gateway_heartbeat)

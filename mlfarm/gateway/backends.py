@@ -20,6 +20,7 @@ from mlfarm.worker.model_cache import ModelCache
 from .images import WireImage
 from .inference import run_model
 from .relay import DONE, TAKEN, Relay, raw_redis_client
+from .spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,13 @@ class FarmBackend:
     """Requests go to the ``interactive`` queue, which every worker polls before batch work.
 
     The gateway waits for a worker to take the request (``MLFARM_GATEWAY_PICKUP_TIMEOUT``), then
-    for its result (one frame's time limit). The catalog is the one workers publish.
+    for its result: up to one frame's time limit, but only while the worker's heartbeat lasts, so
+    an artist hears within seconds that the worker died instead of minutes later. The catalog is
+    the one workers publish. Pixels travel by ``MLFARM_GATEWAY_TRANSPORT`` (see relay and spool).
     """
+
+    #: Seconds between sweeps of the spool folder for files that killed processes left behind.
+    SWEEP_INTERVAL = 60.0
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -99,23 +105,39 @@ class FarmBackend:
         self.redis = redis_client(url)
         self.pickup_timeout = settings.gateway_pickup_timeout
         self.result_timeout = float(settings.frame_time_limit) + 30.0
-        self.relay = Relay(raw_redis_client(url, max(self.pickup_timeout, self.result_timeout) + 30.0))
+        self.heartbeat = settings.gateway_heartbeat
+        self.spool = Spool(settings.storage_root) if settings.gateway_transport == "storage" else None
+        client = raw_redis_client(url, max(self.pickup_timeout, self.result_timeout) + 30.0)
+        self.relay = Relay(client, self.spool, send_spooled=self.spool is not None)
         self.celery = make_celery(settings, url)
+        self._stale_after = self.pickup_timeout + self.result_timeout + 60.0
+        self._next_sweep = 0.0
+        self._sweep()
 
     def describe_all(self) -> dict[str, dict[str, Any]]:
         return read_catalog(self.redis)
 
+    def _sweep(self) -> None:
+        if self.spool is not None and time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.SWEEP_INTERVAL
+            self.spool.sweep(self._stale_after)
+
     def infer(self, model: str, options: dict[str, Any], images: list[WireImage]) -> Result:
+        self._sweep()
         request_id = uuid.uuid4().hex
         ttl = int(self.pickup_timeout) + 60
         marks = [time.perf_counter()]
-        self.relay.put_request(request_id, images, ttl)
-        marks.append(time.perf_counter())
         try:
-            self.celery.send_task(INTERACTIVE_TASK, args=[request_id, model, options], queue="interactive",
+            self.relay.put_request(request_id, images, ttl, wait_ttl=int(self._stale_after))
+            marks.append(time.perf_counter())
+            self.celery.send_task(INTERACTIVE_TASK, args=[request_id, model, options],
+                                  kwargs={"heartbeat": self.heartbeat}, queue="interactive",
                                   routing_key="interactive", priority=0, expires=self.pickup_timeout)
             marks.append(time.perf_counter())
             return self._await(request_id, model, marks)
+        except SpoolError as exc:
+            raise InferenceFailed(f"the gateway cannot pass the frame through shared storage "
+                                  f"(MLFARM_GATEWAY_TRANSPORT=storage): {exc}") from None
         finally:
             self.relay.forget(request_id)
             if len(marks) == 6:
@@ -130,14 +152,19 @@ class FarmBackend:
                 f"no worker took the request for model {model} within {self.pickup_timeout:g}s: is a worker "
                 "running that consumes the 'interactive' queue (mlfarm worker --queues interactive,gpu), "
                 "and is it free?")
-        if signal is None:  # taken just as the pickup time ran out: its signal is on its way
-            signal = self.relay.wait(request_id, self.result_timeout)
+        if signal is None:  # taken just as the pickup time ran out: the claim signals at once
+            signal = self.relay.poll(request_id)
         worker = ""
         marks.append(time.perf_counter())
         if signal is not None and signal.startswith(TAKEN):
             worker = signal[len(TAKEN):].decode(errors="replace").strip()
-            signal = self.relay.wait(request_id, self.result_timeout)
+            signal = self._await_result(request_id)
         marks.append(time.perf_counter())
+        if signal == _LAPSED:
+            raise InferenceFailed(
+                f"worker {worker or '?'} stopped while running model {model}: no heartbeat for "
+                f"{self.heartbeat:g}s (MLFARM_GATEWAY_HEARTBEAT). It crashed, ran out of memory or was killed; "
+                "its log says why. Try again: another worker will take the frame.")
         if signal != DONE:
             raise InferenceFailed(f"worker {worker or '?'} took the request for model {model} but returned no "
                                   f"result within {self.result_timeout:g}s")
@@ -147,6 +174,25 @@ class FarmBackend:
             raise InferenceFailed(f"model {model} failed on worker {reply.worker or worker}: {reply.error}")
         return Result(reply.images, reply.objects)
 
+    def _await_result(self, request_id: str) -> bytes | None:
+        """The worker's next signal; ``_LAPSED`` if its heartbeat stops first, None at the time limit.
+
+        The wait is cut in slices of at most half a heartbeat, checking between them that the
+        worker still beats; a result ends the wait at once, whatever the slice.
+        """
+        deadline = time.monotonic() + self.result_timeout
+        step = min(1.0, self.heartbeat / 2)
+        while (remaining := deadline - time.monotonic()) > 0:
+            signal = self.relay.wait(request_id, min(step, remaining))
+            if signal is not None:
+                return signal
+            if not self.relay.alive(request_id):
+                return self.relay.poll(request_id) or _LAPSED
+        return None
+
     def close(self) -> None:
         self.redis.close()
         self.relay.client.close()
+
+
+_LAPSED = b"lapsed"

@@ -9,10 +9,19 @@ pixels are transient, so they are written from a Lua script that turns propagati
 or sent to replicas (an AOF rewrite while a frame is in flight snapshots it like any key; it
 expires or is deleted seconds later).
 
+With ``MLFARM_GATEWAY_TRANSPORT=storage`` the pixels go through files on shared storage
+instead (:mod:`mlfarm.gateway.spool`) and these lists carry only the JSON headers; the header says
+which way the pixels went, and the worker answers the same way.
+
 Keys of one request ``<id>``:
 ``:in``    the request: a JSON header, then the image bytes (each image in parts of at most
            ``PART_BYTES``, under Redis's 512 MB limit on one value);
+``:taken`` ``:in`` once a worker has claimed it (renamed, so the claim is one atomic step);
 ``:state`` signals for the gateway's BLPOP: ``taken <worker>`` when a worker starts, ``done``;
+``:alive`` the worker's heartbeat while it works on the request: a key with a short TTL that it
+           keeps renewing; if it lapses before ``done``, the worker died (see ``Relay.alive``);
+``:wait``  exists while the gateway waits for the request, so a late worker does not leave a
+           reply behind nobody collects;
 ``:out``   the reply, laid out like ``:in`` (its header also carries objects or an error).
 """
 
@@ -30,6 +39,7 @@ from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
 from .images import WireImage
+from .spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,22 @@ REPLY_TTL = 120
 _PACK_CUTOFF = 6000
 TAKEN = b"taken"
 DONE = b"done"
+
+# A worker claims a request: the claim, its "taken" signal and its first heartbeat happen together,
+# so a worker killed at any moment leaves either an unclaimed request or a heartbeat that lapses.
+# Transient like the pixels: nothing of an interactive request goes to the AOF or replicas.
+_CLAIM = """
+redis.replicate_commands()
+redis.set_repl(redis.REPL_NONE)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return 0
+end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('RPUSH', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[2])
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
+return 1
+"""
 
 # Writes the list without propagating it to the AOF or replicas (see the module docstring).
 _PUT_TRANSIENT = """
@@ -77,6 +103,15 @@ def raw_redis_client(url: str, timeout: float) -> redis.Redis:
 
 
 @dataclass
+class RelayRequest:
+    """What a worker gets when it claims a request: the images, or why they could not be read."""
+
+    images: list[WireImage] = field(default_factory=list)
+    spooled: bool = False
+    error: str | None = None
+
+
+@dataclass
 class RelayReply:
     """What a worker sends back: images, or JSON-able objects, or an error for the artist."""
 
@@ -107,11 +142,18 @@ def _images(shapes: Sequence[Sequence[int]], parts: Sequence[bytes]) -> list[Wir
 
 
 class Relay:
-    """Both ends of the exchange; the gateway and the worker each hold one on a raw client."""
+    """Both ends of the exchange; the gateway and the worker each hold one on a raw client.
 
-    def __init__(self, client: redis.Redis):
+    ``spool`` is where pixels go as files: the gateway passes one to send requests that way; a
+    worker passes its own and answers through it whenever a request came through it.
+    """
+
+    def __init__(self, client: redis.Redis, spool: Spool | None = None, send_spooled: bool = False):
         self.client = client
+        self.spool = spool
+        self.send_spooled = send_spooled and spool is not None
         self._put = client.register_script(_PUT_TRANSIENT)
+        self._claim = client.register_script(_CLAIM)
 
     @staticmethod
     def key(request_id: str, part: str) -> str:
@@ -127,49 +169,114 @@ class Relay:
         items, _ = pipe.execute()
         return items
 
-    def _signal(self, request_id: str, value: bytes, ttl: int) -> None:
-        key = self.key(request_id, "state")
-        pipe = self.client.pipeline(transaction=True)
-        pipe.rpush(key, value)
-        pipe.expire(key, max(1, int(ttl)))
-        pipe.execute()
+    def _send_images(self, request_id: str, part: str, header: dict[str, Any], images: Sequence[WireImage],
+                     spooled: bool, ttl: int) -> None:
+        if spooled and images:
+            assert self.spool is not None
+            self.spool.write(request_id, part, images)
+            header["images"] = [[img.width, img.height, img.channels, 0] for img in images]
+            header["spool"] = True
+            self._put_list(self.key(request_id, part), header, [], ttl)
+            return
+        header["images"], parts = _parts(images)
+        self._put_list(self.key(request_id, part), header, parts, ttl)
+
+    def _receive_images(self, request_id: str, part: str, header: dict[str, Any], items: Sequence[bytes]
+                        ) -> list[WireImage]:
+        if not header.get("spool"):
+            return _images(header.get("images", []), items)
+        if self.spool is None:
+            raise SpoolError("the frame came through shared storage, but this process has no storage root")
+        return self.spool.read(request_id, part, header["images"])
 
     # --- the gateway's side -------------------------------------------------------------
-    def put_request(self, request_id: str, images: Sequence[WireImage], ttl: int) -> None:
-        shapes, parts = _parts(images)
-        self._put_list(self.key(request_id, "in"), {"images": shapes}, parts, ttl)
+    def put_request(self, request_id: str, images: Sequence[WireImage], ttl: int, wait_ttl: int) -> None:
+        """Publish the request; ``wait_ttl`` bounds how long it is waited for (``:wait``)."""
+        self.client.set(self.key(request_id, "wait"), b"1", ex=max(1, int(wait_ttl)))
+        self._send_images(request_id, "in", {}, images, self.send_spooled, ttl)
 
     def wait(self, request_id: str, timeout: float) -> bytes | None:
         """The next signal from the worker, or None after ``timeout`` seconds."""
         got = self.client.blpop([self.key(request_id, "state")], timeout=max(0.01, timeout))
         return None if got is None else got[1]
 
+    def poll(self, request_id: str) -> bytes | None:
+        """The next signal from the worker if there is one now."""
+        return self.client.lpop(self.key(request_id, "state"))
+
+    def alive(self, request_id: str) -> bool:
+        """Whether the worker that took the request still beats. It deletes its heartbeat in the
+        same step as it signals ``done``, so no heartbeat and no ``done`` means it died."""
+        return bool(self.client.exists(self.key(request_id, "alive")))
+
     def withdraw(self, request_id: str) -> bool:
         """Take back a request no worker has taken; False if a worker took it meanwhile."""
-        return bool(self._take_list(self.key(request_id, "in")))
+        return bool(self.client.delete(self.key(request_id, "in")))
 
     def take_reply(self, request_id: str) -> RelayReply:
         items = self._take_list(self.key(request_id, "out"))
         if not items:
             return RelayReply(error="the worker's reply expired before the gateway could read it")
         header = json.loads(items[0])
-        return RelayReply(_images(header.get("images", []), items[1:]), header.get("objects", []),
-                          header.get("error"), header.get("worker", ""))
+        try:
+            images = self._receive_images(request_id, "out", header, items[1:])
+        except SpoolError as exc:
+            return RelayReply(error=f"the gateway cannot read the worker's result: {exc}",
+                              worker=header.get("worker", ""))
+        return RelayReply(images, header.get("objects", []), header.get("error"), header.get("worker", ""))
 
     def forget(self, request_id: str) -> None:
-        self.client.delete(*(self.key(request_id, p) for p in ("in", "state", "out")))
+        """Everything of the request, in Redis and on storage; the ``:wait`` key first, so that a
+        worker still writing its result sees that nobody waits and removes that file itself."""
+        self.client.delete(self.key(request_id, "wait"))
+        self.client.delete(*(self.key(request_id, p) for p in ("in", "taken", "state", "alive", "out")))
+        if self.spool is not None:
+            self.spool.remove(request_id)
 
     # --- the worker's side ---------------------------------------------------------------
-    def take_request(self, request_id: str, worker: str) -> list[WireImage] | None:
-        """The request's images, claimed by this worker; None if the gateway gave up on it."""
-        items = self._take_list(self.key(request_id, "in"))
-        if not items:
+    def take_request(self, request_id: str, worker: str, heartbeat: float) -> RelayRequest | None:
+        """Claim the request and start its heartbeat (``heartbeat`` seconds to live; renew it with
+        ``beat``); None if the gateway gave up on it or another worker took it."""
+        claimed = self._claim(
+            keys=[self.key(request_id, p) for p in ("in", "taken", "state", "alive")],
+            args=[TAKEN + b" " + worker.encode(), REPLY_TTL, max(1, int(heartbeat * 1000))])
+        if not claimed:
             return None
-        self._signal(request_id, TAKEN + b" " + worker.encode(), REPLY_TTL)
-        return _images(json.loads(items[0])["images"], items[1:])
+        items = self._take_list(self.key(request_id, "taken"))
+        if not items:
+            return RelayRequest(error="the request expired in Redis before the worker could read it")
+        header = json.loads(items[0])
+        spooled = bool(header.get("spool"))
+        try:
+            return RelayRequest(self._receive_images(request_id, "in", header, items[1:]), spooled)
+        except SpoolError as exc:
+            return RelayRequest(spooled=False, error=str(exc))
 
-    def put_reply(self, request_id: str, reply: RelayReply) -> None:
-        shapes, parts = _parts(reply.images)
-        header = {"images": shapes, "objects": reply.objects, "error": reply.error, "worker": reply.worker}
-        self._put_list(self.key(request_id, "out"), header, parts, REPLY_TTL)
-        self._signal(request_id, DONE, REPLY_TTL)
+    def beat(self, request_id: str, heartbeat: float) -> None:
+        self.client.pexpire(self.key(request_id, "alive"), max(1, int(heartbeat * 1000)))
+
+    def waited_for(self, request_id: str) -> bool:
+        return bool(self.client.exists(self.key(request_id, "wait")))
+
+    def put_reply(self, request_id: str, reply: RelayReply, spooled: bool = False) -> None:
+        """Answer the way the request came; then ``done`` and the end of the heartbeat, together.
+
+        A result nobody waits for any more is not sent: its frame would only wait for its TTL.
+        """
+        if not self.waited_for(request_id):
+            log.info("request %s: the gateway no longer waits; result dropped", request_id)
+            self.client.delete(self.key(request_id, "alive"))
+            return
+        header = {"objects": reply.objects, "error": reply.error, "worker": reply.worker}
+        try:
+            self._send_images(request_id, "out", header, reply.images, spooled, REPLY_TTL)
+        except SpoolError as exc:
+            header = {"objects": [], "error": f"the worker cannot write its result: {exc}", "worker": reply.worker}
+            self._send_images(request_id, "out", header, [], False, REPLY_TTL)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(self.key(request_id, "state"), DONE)
+        pipe.expire(self.key(request_id, "state"), REPLY_TTL)
+        pipe.delete(self.key(request_id, "alive"))
+        pipe.execute()
+        if spooled and self.spool is not None and not self.waited_for(request_id):
+            self.spool.remove(request_id, ("out",))  # the gateway gave up while the file was being written
