@@ -3,7 +3,9 @@
 1920x1080 RGB float frames (the stock MLClient node always sends RGB) through the blur model:
 
 1. baseline: ``model.inference`` in this process (no wire, no encoding);
-2. ``mlfarm gateway`` -> Redis -> one ``mlfarm worker`` (interactive queue) -> back;
+2. ``mlfarm gateway`` -> one ``mlfarm worker`` (interactive queue) -> back, once for each
+   ``MLFARM_GATEWAY_TRANSPORT``: pixels through Redis, and as files on the storage root (here a
+   temporary folder on this machine's disk: on a farm, the shared storage);
 3. ``mlfarm gateway --local`` (the model in the gateway's process).
 
 For each: median latency of one client sending frames one after another, and frames/s with
@@ -12,6 +14,7 @@ development machine; its figure is printed for reference, not re-measured. On a 
 GPU the worker and --local use it (MLFARM_DEVICE=auto); the baseline runs on the same device.
 
 Run: .venv/bin/python benchmarks/bench_gateway.py [--frames 16] [--clients 2] [--size 1920x1080]
+     [--transports redis,storage] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ def main() -> None:
     ap.add_argument("--size", default="1920x1080")
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--kernel", type=int, default=5)
+    ap.add_argument("--transports", default="redis,storage", help="farm paths to measure (MLFARM_GATEWAY_TRANSPORT)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure every path this many times, interleaved; medians are printed (for a busy machine)")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     payload = request_bytes(width, height, args.channels, args.kernel)
@@ -161,30 +167,38 @@ def main() -> None:
                     "MLFARM_STORAGE_ROOT": str(root / "storage"), "MLFARM_CONFIG": str(root / "none.toml"),
                     "MLFARM_DEVICE": os.environ.get("MLFARM_DEVICE", "auto"), "PYTHONUNBUFFERED": "1"})
         procs: list[Proc] = []
-        rows = []
+        runs: dict[str, list[tuple[float, float, float]]] = {}
         try:
-            base_ms, base_fps, device = baseline(width, height, args.channels, args.kernel, args.frames)
-            rows.append(("in-process model call (baseline)", base_ms, base_fps, base_fps))
+            for _ in range(args.repeat):
+                base_ms, base_fps, device = baseline(width, height, args.channels, args.kernel, args.frames)
+                runs.setdefault("in-process model call (baseline)", []).append((base_ms, base_fps, base_fps))
+                for transport in (t.strip() for t in args.transports.split(",") if t.strip()):
+                    farm_env = {**env, "MLFARM_GATEWAY_TRANSPORT": transport}
+                    procs.append(Proc(["worker", "--queues", "interactive", "--name", "bench@gw"], farm_env,
+                                      root / "worker.log", "bench@gw ready."))
+                    port = free_port()
+                    procs.append(Proc(["gateway", "--host", "127.0.0.1", "--port", str(port)], farm_env,
+                                      root / "gw.log", "listening on"))
+                    ms, fps = measure(port, payload, expect, args.frames, args.clients)
+                    runs.setdefault(f"gateway -> 1 worker, via {transport}", []).append((ms, 1000 / ms, fps))
+                    procs.pop().stop()
+                    procs.pop().stop()
+                    for log in ("worker.log", "gw.log"):  # the next process's "ready" line must be its own
+                        (root / log).unlink()
 
-            procs.append(Proc(["worker", "--queues", "interactive", "--name", "bench@gw"], env,
-                              root / "worker.log", "bench@gw ready."))
-            port = free_port()
-            procs.append(Proc(["gateway", "--host", "127.0.0.1", "--port", str(port)], env, root / "gw.log",
-                              "listening on"))
-            ms, fps = measure(port, payload, expect, args.frames, args.clients)
-            rows.append(("gateway -> Redis -> 1 worker", ms, 1000 / ms, fps))
-            procs.pop().stop()
-            procs.pop().stop()
-
-            port = free_port()
-            procs.append(Proc(["gateway", "--local", "--host", "127.0.0.1", "--port", str(port)], env,
-                              root / "gwlocal.log", "listening on"))
-            ms, fps = measure(port, payload, expect, args.frames, args.clients)
-            rows.append(("gateway --local", ms, 1000 / ms, fps))
+                port = free_port()
+                procs.append(Proc(["gateway", "--local", "--host", "127.0.0.1", "--port", str(port)], env,
+                                  root / "gwlocal.log", "listening on"))
+                ms, fps = measure(port, payload, expect, args.frames, args.clients)
+                runs.setdefault("gateway --local", []).append((ms, 1000 / ms, fps))
+                procs.pop().stop()
+                (root / "gwlocal.log").unlink()
         finally:
             for p in procs:
                 p.stop()
             redis_server.stop()
+    rows = [(name, *(statistics.median(r[i] for r in results) for i in range(3))) for name, results in runs.items()]
+    base_fps = rows[0][3]
 
     print(f"\nMLClient gateway, blur kernel_size={args.kernel}, {width}x{height}x{args.channels} float32 "
           f"({expect / 1e6:.1f} MB a frame each way), model on {device}, {os.cpu_count()} CPU cores")
@@ -193,6 +207,9 @@ def main() -> None:
     for name, ms, seq_fps, conc_fps in rows:
         print(f"{name:36} {ms:10.1f} {seq_fps:13.2f} {conc_fps:13.2f} {conc_fps / base_fps:11.2f}x "
               f"{conc_fps / SEED_FPS:7.1f}x")
+    if args.repeat > 1:
+        print(f"(medians of {args.repeat} interleaved runs; load average at the end: "
+              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())})")
     print(f"(seed nuke-ML-server on the 2-core dev machine: {SEED_FPS} frames/s, {SEED_MS:.0f} ms; not re-measured)")
 
 
