@@ -154,6 +154,8 @@ def test_head_host_has_a_safe_redis_flower_gateway_and_one_worker_per_gpu(config
 
     gateway = services["gateway"]
     assert gateway["command"][0] == "gateway" and published(gateway) == {55555}
+    storage = env["STORAGE_ROOT"]  # frames go to the workers through it (transport storage)
+    assert (storage, storage, False) in volumes(gateway), "the gateway sees the shared storage as workers do"
 
     for name in ("flower", "gateway", *workers(configs["docker-compose.yml"])):
         assert services[name]["environment"]["MLFARM_BROKER_URL"] == (
