@@ -217,6 +217,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=400, help="frames in the farm runs")
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--grain", default="0.01,0", help="plate grain (std dev, scene-linear) per farm run")
+    ap.add_argument("--oiio-threads", default="default",
+                    help="OPENIMAGEIO_THREADS for the workers per farm run, e.g. default,1 (OIIO's own pools)")
     ap.add_argument("--storage", default="disk",
                     help="where plate and outputs live: disk (a temporary folder), shm (/dev/shm), or both")
     ap.add_argument("--width", type=int, default=1920)
@@ -335,15 +337,23 @@ def main() -> None:
         print(f"(c) worker settings: precision {precision}, channels_last {channels_last}, "
               f"{args.io_threads} I/O threads, chunk {args.chunk}", flush=True)
         by_storage: dict[str, dict[int, float]] = {}
-        runs = [(w.strip(), float(g)) for w in args.storage.split(",") if w.strip() for g in args.grain.split(",")]
-        for storage, grain in runs:
-            where = f"{storage} grain {grain:g}"
-            root = Path(tempfile.mkdtemp(prefix="mlfarm-bench-", dir="/dev/shm" if storage == "shm" else tmp))
-            t0 = time.perf_counter()
-            plate = write_plate(root / "plate", frames, args.width, args.height, os.cpu_count() or 4, grain)
-            print(f"[{where}] {len(frames)}-frame EXR plate written in {time.perf_counter() - t0:.1f}s "
-                  f"({sum(p.stat().st_size for p in (root / 'plate').iterdir()) / len(frames) / 1e6:.1f} MB a frame)",
-                  flush=True)
+        runs = [(w.strip(), float(g), t.strip()) for w in args.storage.split(",") if w.strip()
+                for g in args.grain.split(",") for t in args.oiio_threads.split(",")]
+        plates: dict[tuple[str, float], tuple[Path, str]] = {}
+        for storage, grain, oiio_threads in runs:
+            where = f"{storage} grain {grain:g} oiio-threads {oiio_threads}"
+            if (storage, grain) not in plates:
+                for old, _ in plates.values():
+                    shutil.rmtree(old, ignore_errors=True)
+                plates.clear()
+                root = Path(tempfile.mkdtemp(prefix="mlfarm-bench-", dir="/dev/shm" if storage == "shm" else tmp))
+                t0 = time.perf_counter()
+                plate = write_plate(root / "plate", frames, args.width, args.height, os.cpu_count() or 4, grain)
+                mb = sum(p.stat().st_size for p in (root / "plate").iterdir()) / len(frames) / 1e6
+                print(f"[{storage} grain {grain:g}] {len(frames)}-frame EXR plate written in "
+                      f"{time.perf_counter() - t0:.1f}s ({mb:.1f} MB a frame)", flush=True)
+                plates[(storage, grain)] = (root, plate)
+            root, plate = plates[(storage, grain)]
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")},
                    "MLFARM_BROKER_URL": server.url, "MLFARM_STORAGE_ROOT": str(root),
                    "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights.parent),
@@ -351,6 +361,8 @@ def main() -> None:
                    "MLFARM_MRCNN_PRECISION": precision, "MLFARM_FRAME_TIME_LIMIT": "30",
                    "MLFARM_MRCNN_CHANNELS_LAST": str(channels_last).lower(),
                    "MLFARM_CONFIG": str(tmp / "none.toml")}
+            if oiio_threads != "default":
+                env["OPENIMAGEIO_THREADS"] = oiio_threads
             settings = Settings(broker_url=server.url, storage_root=root, data_dir=tmp / "data",
                                 weights_dir=weights.parent, frame_time_limit=30)
             farm = Farm(settings, server.url)
@@ -358,7 +370,7 @@ def main() -> None:
             for n in sorted({1, n_gpus}):
                 while len(procs) < n:
                     i = len(procs)
-                    procs.append(start_worker(env, tmp / f"{storage}{grain}-w{i}.log", f"g{i}@bench",
+                    procs.append(start_worker(env, tmp / f"{storage}{grain}{oiio_threads}-w{i}.log", f"g{i}@bench",
                                               i if cuda else None))
                 # Warm-up: every worker loads the model and tunes cuDNN on a few frames first.
                 run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * n], 8, options)
@@ -374,7 +386,7 @@ def main() -> None:
                       f"in {secs:.1f}s, {dets:.1f} detections/frame, {size:.1f} MB a frame out, "
                       f"{cores:.1f} of {os.cpu_count()} cores busy)", flush=True)
                 for i in range(n):
-                    log = (tmp / f"{storage}{grain}-w{i}.log").read_text(errors="replace")
+                    log = (tmp / f"{storage}{grain}{oiio_threads}-w{i}.log").read_text(errors="replace")
                     chunks = [ln.split("INFO mlfarm.worker: ")[-1] for ln in log.splitlines() if " done, " in ln]
                     print(f"    worker {i}: {chunks[-1] if chunks else '?'}", flush=True)
                 figures[f"c_farm_{where}_{n}gpu_fps"] = results[n]
@@ -386,7 +398,8 @@ def main() -> None:
             for p in procs:
                 p.wait(60)
             procs.clear()
-            shutil.rmtree(root, ignore_errors=True)
+        for old, _ in plates.values():
+            shutil.rmtree(old, ignore_errors=True)
         where, results = next(iter(by_storage.items()))  # the first: grainy plate, the realistic case
         print(f"headline (c): {where}", flush=True)
         c = results[1]

@@ -97,7 +97,9 @@ def test_every_plane_agrees_with_the_detections(mrcnn):
     np.testing.assert_array_equal(inst, expected.astype(np.float32))
     np.testing.assert_array_equal(matte, (expected > 0).astype(np.float32))
     np.testing.assert_array_equal(cls, np.array([0] + [LABELS[i] for i in order], np.float32)[expected])
-    np.testing.assert_array_equal(score, np.array([0] + [SCORES[i] for i in order], np.float32)[expected])
+    np.testing.assert_array_equal(score, np.array([0] + [SCORES[i] for i in order], np.float16)[expected])
+    for plane in (matte, inst, cls, score):
+        assert plane.dtype == np.float16  # written as half: exact for ids and classes
     np.testing.assert_array_equal(rgba[:, :, 3], matte)
     dets = meta["detections"]
     assert [d["id"] for d in dets] == [1, 2, 3, 4]
@@ -127,7 +129,7 @@ def test_no_detections_gives_empty_planes_and_the_untouched_image(mrcnn):
     assert meta["detections"] == []
     for plane in (matte, inst, cls, score, rgba[:, :, 3]):
         assert plane.shape == (48, 64) and not plane.any()
-    np.testing.assert_array_equal(rgba[:, :, :3], image[:, :, :3])
+    np.testing.assert_array_equal(rgba[:, :, :3], image[:, :, :3].astype(np.float16))
 
 
 def test_binary_masks_is_the_matte_in_every_channel(mrcnn):
@@ -141,7 +143,7 @@ def test_visualisation_tints_instances_and_leaves_the_rest_alone(mrcnn, compose)
     rgba, matte, inst, *_ = run(mrcnn, image, detections(BOXES, LABELS, SCORES), show_box=False,
                                 show_border=False, show_class=False, alpha=0.5)
     outside = matte == 0
-    rgb = image[:, :, :3]
+    rgb = image[:, :, :3].astype(np.float16)
     np.testing.assert_array_equal(rgba[:, :, :3][outside], rgb[outside])
     assert not np.isclose(rgba[:, :, :3][~outside], rgb[~outside], rtol=1e-2).all(axis=1).any()
 
