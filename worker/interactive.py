@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
-from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any
 
-import redis
 from celery import Celery
 
 from mlfarm.broker.celery_app import INTERACTIVE_TASK
@@ -27,6 +24,7 @@ from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
 from mlfarm.gateway.spool import Spool
 from mlfarm.models.options import validate_options
 
+from .heartbeat import beating
 from .pipeline import describe_error
 from .runtime import runtime
 
@@ -40,26 +38,9 @@ def _relay() -> Relay:
     return Relay(raw_redis_client(broker_url(settings), timeout=60.0), Spool(settings.storage_root))
 
 
-@contextlib.contextmanager
-def _heartbeat(relay: Relay, request_id: str, seconds: float) -> Iterator[None]:
-    """Renew the request's heartbeat three times per its life until the block ends. A thread, so
-    it beats while the model holds this one; it stops with the process, which is the point."""
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(seconds / 3):
-            try:
-                relay.beat(request_id, seconds)
-            except redis.RedisError as exc:  # the gateway may give up on us; the frame goes on
-                log.warning("interactive request %s: heartbeat failed: %s", request_id, exc)
-
-    thread = threading.Thread(target=beat, name=f"mlfarm-heartbeat-{request_id[:8]}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+def _heartbeat(relay: Relay, request_id: str, seconds: float) -> contextlib.AbstractContextManager[None]:
+    """Renew the request's heartbeat three times per its life while the block runs."""
+    return beating(lambda: relay.beat(request_id, seconds), seconds / 3, f"interactive request {request_id}")
 
 
 def serve_request(request_id: str, model: str, options: dict[str, Any], heartbeat: float) -> str:

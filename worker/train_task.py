@@ -33,6 +33,7 @@ from mlfarm.models.training.hooks import Hooks, Progress, Stopped
 from mlfarm.models.training.runs import TrainConfig, lease_key
 
 from .gpu import torch_device
+from .heartbeat import beating
 from .pipeline import describe_error
 from .runtime import Runtime, runtime
 
@@ -116,27 +117,21 @@ def _take_lease(client: redis.Redis, run: str, holder: str, ttl: float, interval
 @contextlib.contextmanager
 def _heartbeat(client: redis.Redis, run: str, holder: str, delivery_tag: str | None,
                interval: float) -> Iterator[None]:
-    stop = threading.Event()
+    """Keep the run's lease and the task's unacked entry fresh, so the broker never redelivers a
+    training task that is alive, and release the lease at the end."""
     ttl_ms = int(interval * 3000)
 
     def beat() -> None:
-        while not stop.wait(interval):
-            try:
-                pipe = client.pipeline(transaction=False)
-                pipe.set(lease_key(run), holder, px=ttl_ms)
-                if delivery_tag:  # XX: never re-create an entry the worker has acknowledged
-                    pipe.zadd(Channel.unacked_index_key, {delivery_tag: time.time()}, xx=True)
-                pipe.execute()
-            except redis.RedisError as exc:  # the next beat tries again; the trainer goes on
-                log.warning("run %s: heartbeat failed: %s", run, exc)
+        pipe = client.pipeline(transaction=False)
+        pipe.set(lease_key(run), holder, px=ttl_ms)
+        if delivery_tag:  # XX: never re-create an entry the worker has acknowledged
+            pipe.zadd(Channel.unacked_index_key, {delivery_tag: time.time()}, xx=True)
+        pipe.execute()
 
-    thread = threading.Thread(target=beat, name=f"mlfarm-train-heartbeat-{run}", daemon=True)
-    thread.start()
     try:
-        yield
+        with beating(beat, interval, f"run {run}"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         with contextlib.suppress(redis.RedisError):
             if client.get(lease_key(run)) == holder:
                 client.delete(lease_key(run))
