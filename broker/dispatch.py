@@ -48,6 +48,7 @@ def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -
                 priority=celery_priority(spec.priority),
                 time_limit=limit,
                 soft_time_limit=max(1, limit - 30),
+                ignore_result=True,  # progress comes from job records: no result to wait for or subscribe to
                 producer=producer,
             )
     return len(chunks)

@@ -27,7 +27,7 @@ from mlfarm.settings import Settings
 from .frame_io import FrameError, assemble_planes, read_image, sidecar_path, write_exr, write_json
 from .middleware import Middleware
 from .model_cache import ModelCache
-from .storage import remove_stale_partials
+from .storage import sweep_once
 
 
 @dataclass
@@ -169,7 +169,7 @@ class ChunkRun:
             elif state == "giveup":
                 self.result.failed[f] = f"frame {f}: gave up after {self.settings.max_attempts} attempts"
         if todo:
-            remove_stale_partials(Path(frame_path(self.spec.output, todo[0])).parent)
+            sweep_once(Path(frame_path(self.spec.output, todo[0])).parent)
             self._run_frames(cache, todo)
         for mw in self.middleware:
             mw.after_chunk(self)

@@ -6,6 +6,7 @@ import contextlib
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,8 +47,7 @@ def remove_stale_partials(folder: Path) -> int:
     """Remove temporaries that killed workers left in ``folder``; returns how many.
 
     They are hidden (dot-prefixed), so a Read node never sees them, but they waste space. One is
-    stale if its writer was on this host and is dead, or if it is older than an hour. Called once
-    per chunk, not per frame: a folder listing per frame would grow with the shot.
+    stale if its writer was on this host and is dead, or if it is older than an hour.
     """
     removed = 0
     try:
@@ -67,6 +67,25 @@ def remove_stale_partials(folder: Path) -> int:
         except FileNotFoundError:
             pass
     return removed
+
+
+_swept: set[Path] = set()
+_swept_lock = threading.Lock()
+
+
+def sweep_once(folder: Path) -> None:
+    """``remove_stale_partials`` the first time this process writes into ``folder``.
+
+    Not on every chunk: listing a shot's folder per chunk costs more the longer the shot. A worker
+    that died left its temporaries to the process that replaces it, which sweeps on its first write.
+    """
+    with _swept_lock:
+        if folder in _swept:
+            return
+        if len(_swept) > 4096:
+            _swept.clear()
+        _swept.add(folder)
+    remove_stale_partials(folder)
 
 
 @contextlib.contextmanager
