@@ -154,3 +154,13 @@ def test_zero_detections_and_a_worker_without_weights(farm, weights_dir, tmp_pat
     for fs in status.failed_frames:
         assert f"no weights for maskrcnn_resnet50_fpn: looked for {empty / ARCHITECTURES[V1][0]}" in fs.reason
         assert "mlfarm models fetch mrcnn" in fs.reason
+
+
+def test_models_fetch_refuses_a_model_without_downloadable_weights_and_listing_still_works(farm):
+    refused = farm.cli("models", "fetch", "blur")
+    assert refused.returncode == 2
+    assert "no downloadable weights for 'blur' (fetchable: mrcnn)" in refused.stderr
+    listing = farm.cli("models", "--local", "--json", check=True)
+    described = json.loads(listing.stdout)["mrcnn"]
+    assert described["outputs"] == {"rgba": 4, "matte": ["A"], "instance": ["id"], "class": ["id"], "score": ["value"]}
+    assert {o["name"] for o in described["options"]} >= {"thresh", "classes", "max_detections", "architecture"}

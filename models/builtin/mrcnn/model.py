@@ -210,7 +210,9 @@ class Model(BaseModel):
         masks = compose.paste_masks(det["masks"][idx], boxes, height, width) >= 0.5
         ids = compose.instance_ids(masks)
         del masks
-        pixels = torch.bincount(ids.flatten().long(), minlength=len(idx) + 1)[1:]
+        # Visible pixels per instance, counted without bincount's device-to-host sync for its size.
+        ranks = torch.arange(1, len(idx) + 1, device=ids.device, dtype=ids.dtype)
+        pixels = (ids.view(1, -1) == ranks.view(-1, 1)).sum(1)
         matte, class_id, score = compose.lookup_planes(ids, labels, scores)
         if self.binary_masks:
             rgb = matte[..., None].expand(-1, -1, 3)
