@@ -106,7 +106,7 @@ class Model(BaseModel):
         self.half_rgba = bool(settings.exr_rgba_half)
         if device.startswith("cuda"):
             torch.cuda.init()
-            tf32 = settings.mrcnn_precision == "tf32"
+            tf32 = settings.mrcnn_precision in ("tf32", "fp16")  # fp16: what autocast leaves in fp32 uses TF32
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cudnn.benchmark = True
