@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,18 @@ from .frame_io import FrameError, assemble_planes, read_image, sidecar_path, wri
 from .middleware import Middleware
 from .model_cache import ModelCache
 from .storage import sweep_once
+
+
+class InlineExecutor(Executor):
+    """Runs each call at once in the calling thread, behind the Executor interface."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
 
 @dataclass
@@ -196,10 +208,13 @@ class ChunkRun:
         reads: deque[tuple[int, Future[Any]]] = deque()
         writes: list[Future[None]] = []
 
+        # One frame has nothing to overlap with: handing it to threads would only add wake-ups.
+        pool: Executor = self.io if len(todo) > 1 else InlineExecutor()
+
         def refill() -> None:
             while waiting and len(reads) < lookahead:
                 f = waiting.popleft()
-                reads.append((f, self.io.submit(self._read, f, channels, model)))
+                reads.append((f, pool.submit(self._read, f, channels, model)))
 
         refill()
         checked_cancel = False
@@ -222,7 +237,7 @@ class ChunkRun:
                 break
             checked_cancel = True
             for frame, outputs in self._infer(model, batch):
-                writes.append(self.io.submit(self._write, frame, model, outputs))
+                writes.append(pool.submit(self._write, frame, model, outputs))
         for w in writes:
             w.result()
 
