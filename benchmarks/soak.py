@@ -5,7 +5,7 @@ every few seconds, by SIGTERM (warm) or SIGKILL (its chunk is redelivered). Prin
 window, worker A's RSS over time, and checks at the end that every frame is done, once, with a
 whole EXR at its output path.
 
-Run: .venv/bin/python benchmarks/soak.py [--frames 5000] [--seed 1]
+Run: .venv/bin/python benchmarks/soak.py [--frames 10000] [--seed 1]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from bench_farm import start, write_plate  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--frames", type=int, default=5000)
+    ap.add_argument("--frames", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--window", type=int, default=500, help="frames per throughput window")
     args = ap.parse_args()
