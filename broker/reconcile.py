@@ -7,6 +7,8 @@ queued or running, but that no message in any queue or in the unacked hash cover
 frames are checked twice, a few seconds apart (a message between BRPOP and the unacked write is
 only invisible for an instant), then reclaimed and enqueued again.
 
+Training jobs too: their epochs are covered by the job's one training task, wherever it is.
+
 Cheap enough to run every few minutes and after every broker reconnect; see worker/reconciler.py.
 """
 
@@ -18,13 +20,14 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import redis
 from celery import Celery
 
 from mlfarm.settings import Settings
 
-from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES
+from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES, TRAIN_TASK
 from .dispatch import enqueue
 from .frames import parse_frames
 from .jobs import ACTIVE_JOBS, QUEUED, RUNNING, JobNotFound, JobStore
@@ -39,13 +42,14 @@ def queue_keys() -> list[str]:
     return [q if step == 0 else f"{q}:{step}" for q in QUEUES for step in PRIORITY_STEPS]
 
 
-def _chunk_kwargs(raw: str | bytes) -> dict | None:
-    """The kwargs of a chunk task message as kombu stores it, or None for anything else."""
+def _task_kwargs(raw: str | bytes) -> tuple[str, dict] | None:
+    """(task name, kwargs) of a chunk or training message as kombu stores it, else None."""
     try:
         message = json.loads(raw)
         if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
             message = message[0]
-        if message.get("headers", {}).get("task") != CHUNK_TASK:
+        task = message.get("headers", {}).get("task")
+        if task not in (CHUNK_TASK, TRAIN_TASK):
             return None
         if message.get("content-type") != "application/json":
             return None  # not ours to read (and never unpickled)
@@ -53,7 +57,7 @@ def _chunk_kwargs(raw: str | bytes) -> dict | None:
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         _, kwargs, _ = json.loads(body)
-        return kwargs
+        return task, kwargs
     except (ValueError, KeyError, TypeError, IndexError):
         return None
 
@@ -67,22 +71,37 @@ def _messages(client: redis.Redis) -> Iterator[str]:
     yield from client.hvals(UNACKED)
 
 
-def covered_frames(client: redis.Redis) -> dict[str, set[int]]:
-    """Per job, every frame some chunk message (queued or being worked on) will render."""
-    covered: dict[str, set[int]] = defaultdict(set)
+@dataclass
+class Coverage:
+    """What the messages in the broker (queued, or unacked: being worked on) will still render."""
+
+    frames: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # chunk tasks
+    whole_jobs: set[str] = field(default_factory=set)  # a training task covers every epoch left
+
+    def covers(self, job_id: str, frame: int) -> bool:
+        return job_id in self.whole_jobs or frame in self.frames.get(job_id, ())
+
+
+def coverage(client: redis.Redis) -> Coverage:
+    cov = Coverage()
     for raw in _messages(client):
-        kwargs = _chunk_kwargs(raw)
-        if kwargs and "job_id" in kwargs and "frames" in kwargs:
-            try:
-                covered[kwargs["job_id"]].update(parse_frames(kwargs["frames"]))
-            except ValueError:
-                continue
-    return covered
+        found = _task_kwargs(raw)
+        if not found or "job_id" not in found[1]:
+            continue
+        task, kwargs = found
+        if task == TRAIN_TASK:
+            cov.whole_jobs.add(kwargs["job_id"])
+            continue
+        try:
+            cov.frames[kwargs["job_id"]].update(parse_frames(kwargs.get("frames", "")))
+        except ValueError:
+            continue
+    return cov
 
 
 def find_lost(client: redis.Redis, store: JobStore, grace: float) -> dict[str, list[int]]:
     """Frames queued or running for longer than ``grace`` seconds that no message covers."""
-    covered = covered_frames(client)
+    cov = coverage(client)
     now = time.time()
     lost: dict[str, list[int]] = {}
     for job_id in client.smembers(ACTIVE_JOBS):
@@ -91,14 +110,14 @@ def find_lost(client: redis.Redis, store: JobStore, grace: float) -> dict[str, l
         except JobNotFound:
             client.srem(ACTIVE_JOBS, job_id)
             continue
-        if spec.kind != "render" or store.is_cancelled(job_id):
+        if store.is_cancelled(job_id) or job_id in cov.whole_jobs:
             continue
         pending = {f: r for f, r in store.frame_records(job_id).items() if r.get("s") in (QUEUED, RUNNING)}
         if not pending:
             client.srem(ACTIVE_JOBS, job_id)
             continue
         stale = [f for f, r in pending.items()
-                 if f not in covered.get(job_id, ()) and
+                 if not cov.covers(job_id, f) and
                  now - float(r.get("t0") if r.get("s") == RUNNING else r.get("q") or spec.created) > grace]
         if stale:
             lost[job_id] = sorted(stale)

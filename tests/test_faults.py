@@ -324,3 +324,27 @@ def test_a_poison_frame_fails_after_max_attempts_instead_of_killing_every_worker
     assert status.state == "failed" and status.counts["done"] == 2, status.summary()
     (poisoned,) = status.failed_frames
     assert poisoned.frame == 2 and "gave up after 2 attempts" in poisoned.reason
+
+
+def test_lost_frame_detection_reads_real_broker_messages_for_chunks_and_training(farm):
+    """No worker runs here: messages stay in the queues, exactly as kombu wrote them."""
+    from mlfarm.broker.celery_app import TRAIN_TASK, make_celery
+    from mlfarm.broker.dispatch import enqueue
+    from mlfarm.broker.jobs import JobSpec
+    from mlfarm.broker.reconcile import find_lost
+
+    client = farm.farm()
+    app = make_celery(farm.settings(), farm.url)
+    render = JobSpec(model="passthrough", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
+                     frames=list(range(1, 9)), chunk=2, queue="cpu")
+    train = JobSpec(model="grade", input="", output="", frames=[1, 2, 3], kind="train", queue="train")
+    for spec in (render, train):
+        client.store.create(spec)
+    enqueue(app, farm.settings(), render, [1, 2, 5, 6])  # chunks 3-4 and 7-8 "lost"
+    time.sleep(0.3)
+    assert find_lost(client.redis, client.store, grace=0.1) == {render.id: [3, 4, 7, 8], train.id: [1, 2, 3]}
+    app.send_task(TRAIN_TASK, kwargs={"job_id": train.id}, queue="train")
+    assert find_lost(client.redis, client.store, grace=0.1) == {render.id: [3, 4, 7, 8]}
+    assert find_lost(client.redis, client.store, grace=60) == {}  # too young to call lost
+    client.cancel(render.id)
+    assert find_lost(client.redis, client.store, grace=0.1) == {}
