@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mlfarm.broker.embedded import free_port
 from mlfarm.models.catalog import Catalog, discover
@@ -51,6 +53,39 @@ class GatewayProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+def local_env(root: Path, **settings: object) -> dict[str, str]:
+    """The environment for a `--local` gateway of the tests: no farm, the test models, extra
+    MLFARM_* settings given as keyword arguments (client_timeout=1.5 -> MLFARM_GATEWAY_CLIENT_TIMEOUT)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")}
+    env.update({
+        "MLFARM_CONFIG": str(root / "no-config.toml"),
+        "MLFARM_DATA_DIR": str(root / "data"),
+        "MLFARM_STORAGE_ROOT": str(root / "storage"),
+        "MLFARM_MODELS_PATH": MODELS_PATH,
+        "MLFARM_DEVICE": "cpu",
+    })
+    env.update({f"MLFARM_GATEWAY_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def with_gateways(farm: Any, **env: str) -> Iterator[Any]:
+    """Body of a fixture: the farm harness with the gateway test models and ``farm.start_gateway()``
+    starting real gateway processes in front of it (stopped at the end)."""
+    farm.env_overrides["MLFARM_MODELS_PATH"] = MODELS_PATH
+    farm.env_overrides.update(env)
+    started: list[GatewayProcess] = []
+
+    def start_gateway() -> GatewayProcess:
+        gw = GatewayProcess(farm.env, farm.root / f"gateway{len(started)}.log", local=False)
+        started.append(gw)
+        return gw.wait_ready()
+
+    farm.start_gateway = start_gateway
+    yield farm
+    for gw in started:
+        gw.stop()
 
 
 def direct_model(name: str):

@@ -3,7 +3,6 @@ the protocol description (tests/mlclient.py), pixels checked against the models 
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import mlclient as mc
 import numpy as np
 import pytest
-from gateway_harness import MODELS_PATH, GatewayProcess, direct_model
+from gateway_harness import GatewayProcess, direct_model, local_env
 
 from conftest import sample_pixels
 
@@ -24,18 +23,8 @@ MAX_BODY = 8 * 1024 * 1024
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     root = tmp_path_factory.mktemp("gateway-local")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")}
-    env.update({
-        "MLFARM_CONFIG": str(root / "no-config.toml"),
-        "MLFARM_DATA_DIR": str(root / "data"),
-        "MLFARM_STORAGE_ROOT": str(root / "storage"),
-        "MLFARM_MODELS_PATH": MODELS_PATH,
-        "MLFARM_DEVICE": "cpu",
-        "MLFARM_GATEWAY_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT),
-        "MLFARM_GATEWAY_MAX_BODY": str(MAX_BODY),
-        "MLFARM_GATEWAY_SCRIPT_MODELS": "scripted",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = local_env(root, client_timeout=CLIENT_TIMEOUT, max_body=MAX_BODY, script_models="scripted")
+    env["PYTHONUNBUFFERED"] = "1"
     gw = GatewayProcess(env, Path(root) / "gateway.log", local=True).wait_ready()
     yield gw
     gw.stop()
@@ -301,9 +290,7 @@ def test_cli_refuses_clearly_when_it_cannot_serve(gateway, tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")}
-    env.update({"MLFARM_CONFIG": str(tmp_path / "none.toml"), "MLFARM_DATA_DIR": str(tmp_path / "data"),
-                "MLFARM_MODELS_PATH": MODELS_PATH, "MLFARM_DEVICE": "cpu"})
+    env = local_env(tmp_path)
     busy = subprocess.run([sys.executable, "-m", "mlfarm", "gateway", "--local", "--host", "127.0.0.1",
                            "--port", str(gateway.port)], env=env, capture_output=True, text=True, timeout=120)
     assert busy.returncode == 2

@@ -9,7 +9,7 @@ import mlclient as mc
 import numpy as np
 import pytest
 import redis
-from gateway_harness import MODELS_PATH, GatewayProcess, direct_model
+from gateway_harness import direct_model, with_gateways
 
 from conftest import make_plate, sample_pixels
 
@@ -17,19 +17,7 @@ from conftest import make_plate, sample_pixels
 @pytest.fixture
 def gateway_farm(farm):
     """The farm harness with the gateway test models on every process's model path."""
-    farm.env_overrides["MLFARM_MODELS_PATH"] = MODELS_PATH
-    farm.env_overrides["MLFARM_GATEWAY_SCRIPT_MODELS"] = "scripted"
-    started: list[GatewayProcess] = []
-
-    def start_gateway() -> GatewayProcess:
-        gw = GatewayProcess(farm.env, farm.root / f"gateway{len(started)}.log", local=False)
-        started.append(gw)
-        return gw.wait_ready()
-
-    farm.start_gateway = start_gateway
-    yield farm
-    for gw in started:
-        gw.stop()
+    yield from with_gateways(farm, MLFARM_GATEWAY_SCRIPT_MODELS="scripted")
 
 
 def test_inference_on_a_worker_is_pixel_exact_and_leaves_nothing_in_redis(gateway_farm):

@@ -18,7 +18,6 @@ process must survive, its thread count stay within its pool, its memory stay bou
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import struct
@@ -32,7 +31,7 @@ import mlclient as mc
 import numpy as np
 import psutil
 import pytest
-from gateway_harness import MODELS_PATH, GatewayProcess, direct_model
+from gateway_harness import GatewayProcess, direct_model, local_env
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -52,19 +51,9 @@ RSS_GROWTH_LIMIT = 96 * 1024 * 1024
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     root = tmp_path_factory.mktemp("gateway-fuzz")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")}
-    env.update({
-        "MLFARM_CONFIG": str(root / "no-config.toml"),
-        "MLFARM_DATA_DIR": str(root / "data"),
-        "MLFARM_STORAGE_ROOT": str(root / "storage"),
-        "MLFARM_MODELS_PATH": MODELS_PATH,
-        "MLFARM_DEVICE": "cpu",
-        "MLFARM_GATEWAY_CLIENT_TIMEOUT": str(CLIENT_TIMEOUT),
-        "MLFARM_GATEWAY_MAX_BODY": str(MAX_BODY),
-        "MLFARM_GATEWAY_MAX_CLIENTS": str(MAX_CLIENTS),
-        "MLFARM_GATEWAY_SCRIPT_MODELS": "scripted",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = local_env(root, client_timeout=CLIENT_TIMEOUT, max_body=MAX_BODY,
+                    max_clients=MAX_CLIENTS, script_models="scripted")
+    env["PYTHONUNBUFFERED"] = "1"
     # WARNING: one line per request at INFO would be 10,000 lines; warnings still show every refusal.
     gw = GatewayProcess(env, Path(root) / "gateway.log", local=True, log_level="WARNING").wait_ready()
     yield gw

@@ -11,7 +11,7 @@ import mlclient as mc
 import numpy as np
 import pytest
 import redis
-from gateway_harness import MODELS_PATH, GatewayProcess, direct_model
+from gateway_harness import direct_model, with_gateways
 
 from mlfarm.gateway.images import WireImage
 from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
@@ -23,18 +23,7 @@ from conftest import sample_pixels
 @pytest.fixture
 def gw_farm(farm):
     """The farm harness with the gateway test models, and gateways started on demand."""
-    farm.env_overrides["MLFARM_MODELS_PATH"] = MODELS_PATH
-    started: list[GatewayProcess] = []
-
-    def start_gateway() -> GatewayProcess:
-        gw = GatewayProcess(farm.env, farm.root / f"gateway{len(started)}.log", local=False)
-        started.append(gw)
-        return gw.wait_ready()
-
-    farm.start_gateway = start_gateway
-    yield farm
-    for gw in started:
-        gw.stop()
+    yield from with_gateways(farm)
 
 
 def spool_files(storage: Path) -> list[str]:
