@@ -34,6 +34,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.stop()
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM (a warm shutdown for workers), then SIGKILL if it has not exited in ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 class WorkerProcess:
     """One `mlfarm worker` process, with its log kept for the test to read."""
 
@@ -69,13 +81,7 @@ class WorkerProcess:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 30) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout)
         self._log.close()
 
     def kill(self) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from typing import Any
 
 from mlfarm.broker.embedded import free_port
 from mlfarm.models.catalog import Catalog, discover
+
+from conftest import terminate
 
 TESTS = Path(__file__).resolve().parent
 MODELS_PATH = os.pathsep.join([str(TESTS / "plugins"), str(TESTS / "gateway_plugins")])
@@ -45,13 +46,7 @@ class GatewayProcess:
         return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
         self._log.close()
 
 

@@ -25,7 +25,7 @@ from mlfarm.worker.supervisor import (
     visible_gpus,
 )
 
-from conftest import make_plate
+from conftest import make_plate, terminate
 
 FAST_REDELIVERY = {  # a chunk whose worker was SIGKILLed is redelivered within seconds, not an hour
     "MLFARM_FRAME_TIME_LIMIT": "3",
@@ -66,15 +66,9 @@ class SupervisorProcess:
         self.wait_for(lambda: self.log().count(f"{name} ready.") >= times, f"{name} ready x{times}")
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
 
 def proc_environ(pid: int) -> dict[str, str]:
