@@ -110,6 +110,42 @@ def exchange(port: int, payload: bytes, *, timeout: float = 60.0, shutdown_write
     return b"".join(chunks)
 
 
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint, for hand-built (and deliberately broken) messages."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def infer_concurrently(port: int, model: Any, images: list[np.ndarray], options: list[dict[str, Any]],
+                       start_together: bool = False) -> list[Any]:
+    """One client thread per image, all at once (as several artists would); their replies in order."""
+    import threading
+
+    replies: list[Any] = [None] * len(images)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(images)) if start_together else None
+
+    def client(i: int) -> None:
+        try:
+            if barrier:
+                barrier.wait()
+            replies[i] = infer(port, model, [images[i]], **options[i])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    return replies
+
+
 def frame(body: bytes) -> bytes:
     return str(len(body)).zfill(12).encode("ascii") + body
 

@@ -207,23 +207,8 @@ def test_client_that_vanishes_mid_request_does_not_hurt_the_gateway(gateway):
 def test_eight_concurrent_clients_each_get_their_own_result(gateway):
     model = mc.model_from_info(gateway.port, "blur")
     images = [sample_pixels(100 + i, 64, 40, 3) for i in range(8)]
-    replies: dict[int, object] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
-
-    def client(i: int) -> None:
-        try:
-            barrier.wait()
-            replies[i] = mc.infer(gateway.port, model, [images[i]], kernel_size=1 + i)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    replies = mc.infer_concurrently(gateway.port, model, images, [{"kernel_size": 1 + i} for i in range(8)],
+                                    start_together=True)
     direct = direct_model("blur")
     for i in range(8):
         assert not replies[i].HasField("error"), replies[i].error.msg
@@ -259,10 +244,10 @@ def test_a_request_in_unusual_but_valid_wire_order_is_read_as_protobuf_reads_it(
     img = full.r2.images[0]
 
     def field(number: int, payload: bytes) -> bytes:
-        return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
+        return bytes([number << 3 | 2]) + mc.varint(len(payload)) + payload
 
     def number(field_number: int, value: int) -> bytes:
-        return bytes([field_number << 3]) + _varint(value)
+        return bytes([field_number << 3]) + mc.varint(value)
 
     image_fields = (field(4, b"stale pixels") + number(3, img.channels) + number(2, img.height)
                     + field(4, img.image) + number(1, img.width))
@@ -275,15 +260,6 @@ def test_a_request_in_unusual_but_valid_wire_order_is_read_as_protobuf_reads_it(
     assert not reply.HasField("error"), reply.error.msg
     expected = image + np.arange(12, dtype=np.float32)[:, None, None] * np.float32(3.0)
     np.testing.assert_array_equal(mc.decode_image(reply.r2.images[0]), expected)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def test_cli_refuses_clearly_when_it_cannot_serve(gateway, tmp_path):

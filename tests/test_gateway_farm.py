@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import mlclient as mc
@@ -97,21 +96,7 @@ def test_concurrent_clients_through_workers(gateway_farm):
     gw = gateway_farm.start_gateway()
     model_msg = mc.model_from_info(gw.port, "blur")
     images = [sample_pixels(200 + i, 48, 32, 3) for i in range(8)]
-    replies: dict[int, object] = {}
-    errors: list[BaseException] = []
-
-    def client(i: int) -> None:
-        try:
-            replies[i] = mc.infer(gw.port, model_msg, [images[i]], kernel_size=1 + i % 4)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    replies = mc.infer_concurrently(gw.port, model_msg, images, [{"kernel_size": 1 + i % 4} for i in range(8)])
     direct = direct_model("blur")
     for i in range(8):
         assert not replies[i].HasField("error"), replies[i].error.msg

@@ -133,15 +133,6 @@ def requests(draw: st.DrawFn) -> bytes:
     return request.SerializeToString()
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 _FIELD = st.integers(1, 12) | st.integers(0, 2**29 - 1)
 _FIELDS = st.recursive(
     st.tuples(_FIELD, st.sampled_from((0, 1, 2, 3, 4, 5, 6, 7)), st.integers(0, 2**64 - 1), st.binary(max_size=24)),
@@ -153,19 +144,19 @@ _FIELDS = st.recursive(
 def _encode(field: tuple) -> bytes:
     """One field in protobuf wire format, honest or not (wire types 3, 4, 6 and 7 are not valid here)."""
     number, wire_type, integer, payload = field
-    key = _varint(number << 3 | wire_type)
+    key = mc.varint(number << 3 | wire_type)
     if isinstance(payload, list):
         nested = b"".join(_encode(f) for f in payload)
-        return key + _varint(len(nested)) + nested
+        return key + mc.varint(len(nested)) + nested
     if wire_type == 0:
-        return key + _varint(integer)
+        return key + mc.varint(integer)
     if wire_type == 1:
         return key + struct.pack("<Q", integer)
     if wire_type == 5:
         return key + struct.pack("<I", integer & 0xFFFFFFFF)
     if wire_type == 2:
         claimed = len(payload) if integer % 3 else integer  # sometimes a length that lies
-        return key + _varint(claimed) + payload
+        return key + mc.varint(claimed) + payload
     return key + payload
 
 
