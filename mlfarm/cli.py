@@ -322,17 +322,16 @@ def demo(frames: int, size: str) -> None:
     sys.exit(0 if ok else 1)
 
 
-from mlfarm.flower_monitor import flower_command  # noqa: E402  (issue 5: Flower for the farm)
-from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402
-
-main.add_command(flower_command)
-main.add_command(gateway_command)  # issue 3: the MLClient gateway
+# Commands that live in their own modules (imported here, after `main` and `models` exist).
 from mlfarm.fetch_cli import models_group  # noqa: E402
-
-main.add_command(models_group(models))  # issue 8: `mlfarm models fetch NAME` under the listing
+from mlfarm.flower_monitor import flower_command  # noqa: E402
+from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402
 from mlfarm.train_cli import train_command  # noqa: E402
 
-main.add_command(train_command)  # issue 6: training on the farm
+main.add_command(models_group(models))  # `mlfarm models fetch NAME` beside the listing
+main.add_command(flower_command)
+main.add_command(gateway_command)  # the MLClient gateway
+main.add_command(train_command)  # training on the farm
 
 if __name__ == "__main__":
     main()
