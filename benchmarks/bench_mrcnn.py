@@ -182,6 +182,18 @@ def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, tim
     return proc
 
 
+def start_profile(path: str, pid: int, seconds: int = 8) -> subprocess.Popen | None:
+    """py-spy (where installed) samples every thread of a worker, native frames included, as
+    collapsed stacks: where the worker's CPU time goes while it renders."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not os.path.exists(spy):
+        print("py-spy not found: no profile", flush=True)
+        return None
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50",
+                             "--format", "raw", "--threads", "--idle", "--native",
+                             "--output", path], stdout=subprocess.DEVNULL)
+
+
 def run_job(farm, plate: str, out: str, frames: list[int], chunk: int, options: dict) -> tuple[float, object]:
     t = time.perf_counter()
     spec = farm.submit("mrcnn", plate, out, frames, options, chunk=chunk)
@@ -219,6 +231,10 @@ def main() -> None:
     ap.add_argument("--grain", default="0.01,0", help="plate grain (std dev, scene-linear) per farm run")
     ap.add_argument("--oiio-threads", default="default",
                     help="OPENIMAGEIO_THREADS for the workers per farm run, e.g. default,1 (OIIO's own pools)")
+    ap.add_argument("--exr-threads", default="0",
+                    help="MLFARM_EXR_THREADS for the workers per farm run, e.g. 0,-1 (OpenEXR's shared pool or none)")
+    ap.add_argument("--profile", default=None,
+                    help="with py-spy installed: sample worker 0 in an extra run after the first into this file")
     ap.add_argument("--storage", default="disk",
                     help="where plate and outputs live: disk (a temporary folder), shm (/dev/shm), or both")
     ap.add_argument("--width", type=int, default=1920)
@@ -337,11 +353,14 @@ def main() -> None:
         print(f"(c) worker settings: precision {precision}, channels_last {channels_last}, "
               f"{args.io_threads} I/O threads, chunk {args.chunk}", flush=True)
         by_storage: dict[str, dict[int, float]] = {}
-        runs = [(w.strip(), float(g), t.strip()) for w in args.storage.split(",") if w.strip()
-                for g in args.grain.split(",") for t in args.oiio_threads.split(",")]
+        runs = [(w.strip(), float(g), t.strip(), e.strip()) for w in args.storage.split(",") if w.strip()
+                for g in args.grain.split(",") for t in args.oiio_threads.split(",")
+                for e in args.exr_threads.split(",")]
         plates: dict[tuple[str, float], tuple[Path, str]] = {}
-        for storage, grain, oiio_threads in runs:
-            where = f"{storage} grain {grain:g} oiio-threads {oiio_threads}"
+        profile = args.profile
+        for storage, grain, oiio_threads, exr_threads in runs:
+            where = f"{storage} grain {grain:g} oiio-threads {oiio_threads} exr-threads {exr_threads}"
+            tag = f"{storage}{grain}{oiio_threads}{exr_threads}"
             if (storage, grain) not in plates:
                 for old, _ in plates.values():
                     shutil.rmtree(old, ignore_errors=True)
@@ -359,7 +378,7 @@ def main() -> None:
                    "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights.parent),
                    "MLFARM_DEVICE": "cuda" if cuda else "cpu", "MLFARM_IO_THREADS": str(args.io_threads),
                    "MLFARM_MRCNN_PRECISION": precision, "MLFARM_FRAME_TIME_LIMIT": "30",
-                   "MLFARM_MRCNN_CHANNELS_LAST": str(channels_last).lower(),
+                   "MLFARM_MRCNN_CHANNELS_LAST": str(channels_last).lower(), "MLFARM_EXR_THREADS": exr_threads,
                    "MLFARM_CONFIG": str(tmp / "none.toml")}
             if oiio_threads != "default":
                 env["OPENIMAGEIO_THREADS"] = oiio_threads
@@ -370,7 +389,7 @@ def main() -> None:
             for n in sorted({1, n_gpus}):
                 while len(procs) < n:
                     i = len(procs)
-                    procs.append(start_worker(env, tmp / f"{storage}{grain}{oiio_threads}-w{i}.log", f"g{i}@bench",
+                    procs.append(start_worker(env, tmp / f"{tag}-w{i}.log", f"g{i}@bench",
                                               i if cuda else None))
                 # Warm-up: every worker loads the model and tunes cuDNN on a few frames first.
                 run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * n], 8, options)
@@ -386,12 +405,19 @@ def main() -> None:
                       f"in {secs:.1f}s, {dets:.1f} detections/frame, {size:.1f} MB a frame out, "
                       f"{cores:.1f} of {os.cpu_count()} cores busy)", flush=True)
                 for i in range(n):
-                    log = (tmp / f"{storage}{grain}{oiio_threads}-w{i}.log").read_text(errors="replace")
+                    log = (tmp / f"{tag}-w{i}.log").read_text(errors="replace")
                     chunks = [ln.split("INFO mlfarm.worker: ")[-1] for ln in log.splitlines() if " done, " in ln]
                     print(f"    worker {i}: {chunks[-1] if chunks else '?'}", flush=True)
                 figures[f"c_farm_{where}_{n}gpu_fps"] = results[n]
                 figures[f"c_farm_{where}_{n}gpu_detections_per_frame"] = dets
                 figures[f"c_farm_{where}_{n}gpu_busy_cores"] = cores
+                if profile:  # once, after the first measured run: sampling slows what it samples
+                    spy = start_profile(profile, procs[0].pid)
+                    run_job(farm, plate, str(root / "profiled" / "m.####.exr"), frames, args.chunk, options)
+                    if spy is not None:
+                        spy.wait()
+                    shutil.rmtree(root / "profiled", ignore_errors=True)
+                    profile = None
                 shutil.rmtree(root / f"run{n}", ignore_errors=True)
             for p in procs:
                 p.send_signal(signal.SIGTERM)

@@ -57,8 +57,17 @@ class Settings(BaseSettings):
         description="Shared storage. Workers refuse to write anywhere else.",
     )
     exr_compression: str = Field(default="zip", description="EXR compression for outputs (zip, piz, dwaa, none...).")
-    exr_rgba_half: bool = Field(default=True, description="Write the rgba plane as half; data planes stay float.")
+    exr_rgba_half: bool = Field(
+        default=True,
+        description="Write the rgba plane as half; data planes stay float unless the model returns them as half.",
+    )
     io_threads: int = Field(default=4, ge=1, description="Threads per worker reading and writing frames.")
+    exr_threads: int = Field(
+        default=0,
+        ge=-1,
+        description="OpenEXR's compression threads per process, shared by every file: 0 one per core "
+        "(OpenImageIO's default), N exactly N, -1 none (each I/O thread encodes its own frames).",
+    )
 
     # --- models ---------------------------------------------------------------------------
     models_path: str = Field(default="", description="Extra model folders, separated by os.pathsep.")

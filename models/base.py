@@ -33,6 +33,11 @@ class BaseModel:
         self.device = "gpu"  # "gpu": runs on CUDA where there is one (and on CPU otherwise); "cpu"
         self.batch_size = 1  # frames handed to infer_batch at once
         self.torch_device = "cpu"  # set by load()
+        # True: frames reach preprocess as read, with no conversion or copy on the I/O thread: float16
+        # where the file is all half (a float file still arrives as float32, so nothing is lost), and
+        # possibly a strided view of the file's channels. For a preprocess that copies them anyway,
+        # e.g. into pinned memory for the GPU.
+        self.raw_frames = False
         self.sidecar_json = False  # True: non-image results are also written as <frame>.json beside each frame
 
     # --- the seed's surface -------------------------------------------------------------

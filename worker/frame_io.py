@@ -36,11 +36,15 @@ class FrameError(Exception):
 
 @dataclass
 class Image:
-    pixels: np.ndarray  # H x W x C float32, top row first
+    pixels: np.ndarray  # H x W x C float32 (float16 when read with prefer_half from an all-half file), top row first
     channels: list[str]
 
-    def rgba(self, max_channels: int) -> np.ndarray:
-        """Up to ``max_channels`` of R, G, B, A in that order (by name), or a lone luminance."""
+    def rgba(self, max_channels: int, view: bool = False) -> np.ndarray:
+        """Up to ``max_channels`` of R, G, B, A in that order (by name), or a lone luminance.
+
+        With ``view``, channels that lie side by side in the file come as a strided view of the
+        pixels instead of a contiguous copy (for a caller that copies them anyway).
+        """
         lower = [c.lower() for c in self.channels]
         picked = []
         for canonical in RGBA:
@@ -57,11 +61,27 @@ class Image:
         picked = picked[:max_channels]
         if picked == list(range(len(picked))) and len(picked) == self.pixels.shape[2]:
             return self.pixels
+        if view and picked == list(range(picked[0], picked[0] + len(picked))):
+            return self.pixels[:, :, picked[0]:picked[0] + len(picked)]
         return np.ascontiguousarray(self.pixels[:, :, picked])
 
 
-def read_image(path: str, max_values: int = 1 << 30) -> Image:
-    """Read a whole frame as float32; any damage in the file is an error, never partial pixels."""
+def configure_openexr(threads: int) -> None:
+    """Size OpenEXR's compression thread pool for this process (``Settings.exr_threads``).
+
+    Every file's chunks go to one process-wide pool, so a worker whose I/O threads already write
+    several frames at once may do better with none (-1): each thread then compresses its own
+    frame. 0 keeps OpenImageIO's default, one pool thread per core.
+    """
+    oiio.attribute("exr_threads", int(threads) if threads else oiio.get_int_attribute("threads"))
+
+
+def read_image(path: str, max_values: int = 1 << 30, prefer_half: bool = False) -> Image:
+    """Read a whole frame; any damage in the file is an error, never partial pixels.
+
+    Pixels come as float32, or with ``prefer_half`` as float16 when every channel of the file is
+    half: the same values without a conversion on the I/O thread.
+    """
     if not os.path.exists(path):
         raise FrameError(f"{path}: file not found")
     inp = oiio.ImageInput.open(path)
@@ -72,14 +92,18 @@ def read_image(path: str, max_values: int = 1 << 30) -> Image:
         values = spec.width * spec.height * max(1, spec.nchannels)
         if spec.width <= 0 or spec.height <= 0 or values > max_values:
             raise FrameError(f"{path}: refusing an image of {spec.width}x{spec.height}x{spec.nchannels}")
-        pixels = inp.read_image(0, 0, 0, spec.nchannels, "float")
+        half = prefer_half and spec.format == oiio.HALF and all(
+            f == oiio.HALF for f in (spec.channelformats or ()))
+        pixels = inp.read_image(0, 0, 0, spec.nchannels, "half" if half else "float")
         err = inp.geterror()
         if pixels is None or err:
             raise FrameError(f"{path}: {err or 'could not read pixels'}")
         channels = list(spec.channelnames)
     finally:
         inp.close()
-    pixels = np.asarray(pixels, dtype=np.float32)
+    pixels = np.asarray(pixels)
+    if pixels.dtype not in (np.float16, np.float32):
+        pixels = pixels.astype(np.float32)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return Image(pixels=pixels, channels=channels)
@@ -103,15 +127,19 @@ def assemble_planes(outputs: Mapping[str, int | Sequence[str]], images: Sequence
     The first declared plane becomes the main layer; data planes (all others) are kept in float
     so ids and mattes stay exact, unless the model returns a plane as float16: then it is written
     as half (exact for integers up to 2048). A file whose channels are all half writes several
-    times faster than one mixing half and float (OpenImageIO converts mixed formats slowly).
+    times faster than one mixing half and float (OpenImageIO converts mixed formats slowly), and
+    when every plane arrives as float16 the pixels stay float16, so nothing is converted at all.
+    Planes that are consecutive channel slices of one array (in order) are not copied either.
     """
     if len(images) < len(outputs):
         raise FrameError(f"the model returned {len(images)} images for {len(outputs)} output planes")
+    images = list(images[:len(outputs)])
+    dtype = np.float16 if all(getattr(im, "dtype", None) == np.float16 for im in images) else np.float32
     arrays, names, is_data = [], [], []
     shape = None
     for i, (layer, spec) in enumerate(outputs.items()):
         half = getattr(images[i], "dtype", None) == np.float16
-        img = np.asarray(images[i], dtype=np.float32)
+        img = np.asarray(images[i], dtype=dtype)
         if img.ndim == 2:
             img = img[:, :, None]
         if shape is None:
@@ -122,7 +150,28 @@ def assemble_planes(outputs: Mapping[str, int | Sequence[str]], images: Sequence
         arrays.append(img)
         names.extend(plane_names)
         is_data.extend([i != 0 and not half] * len(plane_names))
-    return np.concatenate(arrays, axis=2), names, is_data
+    block = _one_block(images, len(names))
+    return (block if block is not None else np.concatenate(arrays, axis=2)), names, is_data
+
+
+def _one_block(images: Sequence[np.ndarray], channels: int) -> np.ndarray | None:
+    """The H x W x ``channels`` C-contiguous array whose consecutive channels ``images`` are, if any."""
+    first = images[0]
+    base = first if first.base is None else first.base
+    if (not isinstance(base, np.ndarray) or base.ndim != 3 or base.shape[2] != channels
+            or not base.flags.c_contiguous or base.dtype != first.dtype):
+        return None
+    at = base.__array_interface__["data"][0]
+    for img in images:
+        if (img is not base and img.base is not base) or img.dtype != base.dtype or img.ndim not in (2, 3):
+            return None
+        if img.__array_interface__["data"][0] != at or img.strides[:2] != base.strides[:2]:
+            return None
+        n = 1 if img.ndim == 2 else img.shape[2]
+        if n > 1 and img.strides[2] != base.itemsize:
+            return None
+        at += n * base.itemsize
+    return base
 
 
 def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, channels: Sequence[str],
@@ -147,7 +196,9 @@ def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, chann
             raise FrameError(f"{path}: {oiio.geterror()}")
         if not out.open(str(tmp), spec):
             raise FrameError(f"{path}: {_write_failure(out.geterror(), tmp, pixels.nbytes)}")
-        ok = out.write_image(np.ascontiguousarray(pixels, dtype=np.float32))
+        # Hand OIIO the file's own format where it is all half: its float->half conversion is slow.
+        dtype = np.float16 if all(f == oiio.HALF for f in formats) else np.float32
+        ok = out.write_image(np.ascontiguousarray(pixels, dtype=dtype))
         # close() writes the last chunks and the offset table: its failure (a full disk) matters too.
         ok = out.close() and ok
         err = out.geterror()

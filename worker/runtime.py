@@ -20,6 +20,7 @@ from mlfarm.broker.jobs import JobSpec, JobStore
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings, get_settings
 
+from .frame_io import configure_openexr
 from .middleware import Middleware, default_middleware
 from .model_cache import ModelCache
 
@@ -54,6 +55,7 @@ def worker_name() -> str:
 @lru_cache(maxsize=1)
 def runtime() -> Runtime:
     settings = get_settings()
+    configure_openexr(settings.exr_threads)
     client = redis_client(broker_url(settings), patient=True, role="worker")
     catalog = Catalog.from_settings(settings)
     name = worker_name()

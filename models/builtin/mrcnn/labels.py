@@ -33,15 +33,27 @@ def text_coverage(text: str, font_scale: float) -> np.ndarray:
     return np.asarray(canvas, dtype=np.float32) / 255.0
 
 
+@lru_cache(maxsize=2048)
+def label_patch(text: str, font_scale: float, dtype: str = "float32") -> np.ndarray:
+    """h x w x 3 scene-linear pixels of one label, text over its background, ready to paste.
+
+    Cached: a shot repeats the same few hundred labels, and one paste per label keeps the I/O
+    threads' Python work (and so their hold on the GIL) small.
+    """
+    cover = text_coverage(text, font_scale)[:, :, None]
+    patch = (BACKGROUND * (1 - cover) + TEXT * cover).astype(dtype)
+    patch.flags.writeable = False  # shared by every frame that shows this label
+    return patch
+
+
 def draw_labels(rgb: np.ndarray, detections: list[dict], font_scale: float) -> None:
     """Draw ``label score`` for each detection onto the H x W x 3 scene-linear image, in place."""
     height, width = rgb.shape[:2]
     for det in detections:
-        cover = text_coverage(f"{det['label']} {det['score']:.2f}", float(font_scale))
-        h, w = cover.shape
-        x0 = int(np.clip(round(det["box"][0]), 0, max(0, width - 1)))
-        y0 = int(round(det["box"][1])) - h
-        y0 = int(np.clip(y0 if y0 >= 0 else round(det["box"][1]), 0, max(0, height - 1)))
-        patch = cover[: height - y0, : width - x0, None]
-        region = rgb[y0: y0 + patch.shape[0], x0: x0 + patch.shape[1]]
-        region[...] = BACKGROUND * (1 - patch) + TEXT * patch
+        patch = label_patch(f"{det['label']} {det['score']:.2f}", float(font_scale), rgb.dtype.name)
+        h = patch.shape[0]
+        x0 = min(max(0, round(det["box"][0])), max(0, width - 1))
+        y0 = round(det["box"][1]) - h
+        y0 = min(max(0, y0 if y0 >= 0 else round(det["box"][1])), max(0, height - 1))
+        patch = patch[: height - y0, : width - x0]
+        rgb[y0: y0 + patch.shape[0], x0: x0 + patch.shape[1]] = patch

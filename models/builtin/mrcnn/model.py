@@ -34,8 +34,9 @@ class Pending:
     """One frame's results on their way to the host: pinned buffers filled by an async copy."""
 
     ready: Any  # a CUDA event, or None when everything ran on the CPU
-    rgba: Any  # H x W x 4, half when the farm writes rgba as half, else float
-    data: Any  # H x W x 4 half: matte.A, instance.id, class.id, score.value
+    planes: Any  # H x W x 8 half (rgba, then matte.A, instance.id, class.id, score.value), or with a
+    # float rgba H x W x 4 float followed by ``data``
+    data: Any  # None, or the H x W x 4 half data planes when rgba is float
     boxes: Any
     labels: Any
     scores: Any
@@ -72,6 +73,7 @@ class Model(BaseModel):
         self.device = "gpu"
         self.batch_size = 4
         self.sidecar_json = True
+        self.raw_frames = True  # preprocess copies into pinned memory; a half plate goes up as half
         self._nets: dict[str, Any] = {}
         self._copy_stream: Any = None
 
@@ -145,7 +147,8 @@ class Model(BaseModel):
         rgb = img[:, :, :3]
         torch = self.torch
         if self.torch_device.startswith("cuda"):
-            pinned = torch.empty(rgb.shape, dtype=torch.float32, pin_memory=True)
+            dtype = torch.float16 if rgb.dtype == np.float16 else torch.float32
+            pinned = torch.empty(rgb.shape, dtype=dtype, pin_memory=True)
             np.copyto(pinned.numpy(), rgb)
             return pinned
         return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))
@@ -156,8 +159,11 @@ class Model(BaseModel):
             return outputs
         if pending.ready is not None:
             pending.ready.synchronize()
-        rgba = pending.rgba.numpy()
-        data = pending.data.numpy()
+        # One block when everything is half: the planes are channel slices of it, which the
+        # writer hands to OpenImageIO without assembling a copy.
+        block = pending.planes.numpy()
+        rgba = block[:, :, :4]
+        data = block[:, :, 4:] if pending.data is None else pending.data.numpy()
         labels = pending.labels.numpy()
         scores = pending.scores.numpy()
         boxes = pending.boxes.numpy()
@@ -192,7 +198,7 @@ class Model(BaseModel):
         network.configure(net, self.min_size, self.max_size, self.thresh,
                           self.max_detections if keep is None else max(100, int(self.max_detections)))
         with torch.inference_mode():
-            linear = [t.to(self.torch_device, non_blocking=True) for t in batch]
+            linear = [t.to(self.torch_device, non_blocking=True).float() for t in batch]
             srgb = [linear_to_srgb(x, torch) for x in linear]
             found = network.run(net, [s.clamp(0, 1).permute(2, 0, 1) for s in srgb], self.channels_last,
                                 self.autocast)
@@ -226,7 +232,10 @@ class Model(BaseModel):
         # significant digits for scores (the exact ones are in the JSON), and an all-half EXR encodes
         # several times faster than one mixing half and float.
         data = torch.stack([matte, ids.float(), class_id, score], dim=2).half()
-        return self._to_host(rgba.half() if self.half_rgba else rgba, data, boxes, labels, scores.float(), pixels)
+        if self.half_rgba:
+            return self._to_host(torch.cat([rgba.half(), data], dim=2), None, boxes, labels, scores.float(),
+                                 pixels)
+        return self._to_host(rgba, data, boxes, labels, scores.float(), pixels)
 
     def _to_host(self, *tensors: Any) -> Pending:
         """Start copying to pinned host memory on a side stream; ``postprocess`` waits on the event.
@@ -235,7 +244,7 @@ class Model(BaseModel):
         """
         torch = self.torch
         if not self.torch_device.startswith("cuda"):
-            return Pending(None, *(t.contiguous().clone() for t in tensors))
+            return Pending(None, *(None if t is None else t.contiguous().clone() for t in tensors))
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream()
         done = torch.cuda.current_stream()
@@ -243,6 +252,9 @@ class Model(BaseModel):
         host = []
         with torch.cuda.stream(self._copy_stream):
             for t in tensors:
+                if t is None:
+                    host.append(None)
+                    continue
                 t = t.contiguous()
                 t.record_stream(self._copy_stream)  # keep its memory until the copy has read it
                 buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
