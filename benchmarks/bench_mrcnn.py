@@ -22,6 +22,7 @@ Precision variants of (b) are measured first (strict fp32, torch defaults, TF32,
 channels_last): the evidence behind MLFARM_MRCNN_PRECISION's default, which (c) uses.
 
 Run: python benchmarks/bench_mrcnn.py [--frames 400] [--chunk 100] [--grain 0.01,0] [--storage disk]
+         [--variants 'MLFARM_EXR_THREADS=0;MLFARM_EXR_THREADS=-1'] [--profile prof.txt]
 Needs a CUDA GPU (``--device cpu --width 160 --height 96 --frames 8`` checks the script itself).
 """
 
@@ -168,10 +169,15 @@ def busy_cores() -> tuple[float, float]:
 
 
 # --- (c) through the farm -----------------------------------------------------------------------
-def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, timeout: float = 120):
+def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, cpus: list[int] | None = None,
+                 timeout: float = 120):
+    from mlfarm.worker.cpus import format_cpus
+
     cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", "gpu", "--name", name]
     if gpu is not None:
         cmd += ["--gpu", str(gpu)]
+    if cpus:
+        cmd += ["--cpus", format_cpus(cpus)]
     fh = open(log, "wb")  # noqa: SIM115
     proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
@@ -229,10 +235,10 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=400, help="frames in the farm runs")
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--grain", default="0.01,0", help="plate grain (std dev, scene-linear) per farm run")
-    ap.add_argument("--oiio-threads", default="default",
-                    help="OPENIMAGEIO_THREADS for the workers per farm run, e.g. default,1 (OIIO's own pools)")
-    ap.add_argument("--exr-threads", default="0",
-                    help="MLFARM_EXR_THREADS for the workers per farm run, e.g. 0,-1 (OpenEXR's shared pool or none)")
+    ap.add_argument("--variants", default="",
+                    help="worker settings to compare, one farm run each: variants separated by ';', each a list of "
+                    "KEY=VALUE environment variables, e.g. 'MLFARM_EXR_THREADS=0;MLFARM_EXR_THREADS=-1' "
+                    "(default: one run with the settings' defaults)")
     ap.add_argument("--profile", default=None,
                     help="with py-spy installed: sample worker 0 in an extra run after the first into this file")
     ap.add_argument("--storage", default="disk",
@@ -246,6 +252,9 @@ def main() -> None:
     ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gpus", type=int, default=None, help="GPUs for (c2) (default: all visible)")
+    ap.add_argument("--no-share-cores", action="store_true",
+                    help="do not pin each worker to its GPU's share of the cores (as `mlfarm worker --gpus` does); "
+                    "by default the 1-GPU baseline also runs on one GPU's share")
     ap.add_argument("--json", default=None, help="write the figures here too")
     args = ap.parse_args()
 
@@ -350,17 +359,22 @@ def main() -> None:
         # (c) the farm: embedded Redis, worker processes, EXR in and out.
         server = EmbeddedRedis.start(tmp / "redis")
         options = {"architecture": ARCH, "thresh": thresh, "max_detections": DETECTIONS}
+        from mlfarm.worker.cpus import format_cpus, split_cpus
+
+        shares = None if args.no_share_cores or n_gpus < 2 else split_cpus(n_gpus)
         print(f"(c) worker settings: precision {precision}, channels_last {channels_last}, "
-              f"{args.io_threads} I/O threads, chunk {args.chunk}", flush=True)
+              f"{args.io_threads} I/O threads, chunk {args.chunk}"
+              + (f", cores per worker {' / '.join(format_cpus(c) for c in shares)}" if shares else ""), flush=True)
+        figures["cores_per_worker"] = [format_cpus(c) for c in shares] if shares else None
         by_storage: dict[str, dict[int, float]] = {}
-        runs = [(w.strip(), float(g), t.strip(), e.strip()) for w in args.storage.split(",") if w.strip()
-                for g in args.grain.split(",") for t in args.oiio_threads.split(",")
-                for e in args.exr_threads.split(",")]
+        worker_variants = [dict(kv.split("=", 1) for kv in v.split()) for v in args.variants.split(";")]
+        runs = [(w.strip(), float(g), v) for w in args.storage.split(",") if w.strip()
+                for g in args.grain.split(",") for v in worker_variants]
         plates: dict[tuple[str, float], tuple[Path, str]] = {}
         profile = args.profile
-        for storage, grain, oiio_threads, exr_threads in runs:
-            where = f"{storage} grain {grain:g} oiio-threads {oiio_threads} exr-threads {exr_threads}"
-            tag = f"{storage}{grain}{oiio_threads}{exr_threads}"
+        for number, (storage, grain, variant) in enumerate(runs):
+            where = " ".join([f"{storage} grain {grain:g}", *(f"{k}={v}" for k, v in variant.items())])
+            tag = f"run{number}"
             if (storage, grain) not in plates:
                 for old, _ in plates.values():
                     shutil.rmtree(old, ignore_errors=True)
@@ -378,10 +392,8 @@ def main() -> None:
                    "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights.parent),
                    "MLFARM_DEVICE": "cuda" if cuda else "cpu", "MLFARM_IO_THREADS": str(args.io_threads),
                    "MLFARM_MRCNN_PRECISION": precision, "MLFARM_FRAME_TIME_LIMIT": "30",
-                   "MLFARM_MRCNN_CHANNELS_LAST": str(channels_last).lower(), "MLFARM_EXR_THREADS": exr_threads,
+                   "MLFARM_MRCNN_CHANNELS_LAST": str(channels_last).lower(), **variant,
                    "MLFARM_CONFIG": str(tmp / "none.toml")}
-            if oiio_threads != "default":
-                env["OPENIMAGEIO_THREADS"] = oiio_threads
             settings = Settings(broker_url=server.url, storage_root=root, data_dir=tmp / "data",
                                 weights_dir=weights.parent, frame_time_limit=30)
             farm = Farm(settings, server.url)
@@ -390,7 +402,7 @@ def main() -> None:
                 while len(procs) < n:
                     i = len(procs)
                     procs.append(start_worker(env, tmp / f"{tag}-w{i}.log", f"g{i}@bench",
-                                              i if cuda else None))
+                                              i if cuda else None, shares[i] if shares else None))
                 # Warm-up: every worker loads the model and tunes cuDNN on a few frames first.
                 run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * n], 8, options)
                 out = str(root / f"run{n}" / "m.####.exr")

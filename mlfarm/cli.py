@@ -114,24 +114,28 @@ def up(workers: int, queues: str, concurrency: int) -> None:
 @click.option("--gpu", type=int, default=None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES).")
 @click.option("--gpus", default=None, help="One supervised worker process per GPU: 'all' (every visible GPU) or "
               "ids like 0,1. Each is pinned with CUDA_VISIBLE_DEVICES and restarted if it dies.")
+@click.option("--cpus", default=None, help="Run this worker on these cores only, e.g. 0-15 (with --gpus, "
+              "each GPU's worker gets its own share of the cores unless MLFARM_SPLIT_CPUS=false).")
 @click.option("--concurrency", default=1, show_default=True, help="1: one process (GPU layout); N: prefork.")
 @click.option("--name", default=None, help="Worker name as shown in Flower (with --gpus: may hold {gpu}).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str, gpu: int | None, gpus: str | None, concurrency: int, name: str | None,
+def worker(queues: str, gpu: int | None, gpus: str | None, cpus: str | None, concurrency: int, name: str | None,
            loglevel: str) -> None:
     """Run one worker process that renders frames from the queues."""
     from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
+    from mlfarm.worker.cpus import parse_cpus
     from mlfarm.worker.main import run_worker
 
     try:
+        cores = parse_cpus(cpus) if cpus is not None else None
         if gpus is not None:
             from mlfarm.worker.supervisor import run_gpu_workers
 
             if gpu is not None:
                 raise ValueError("use --gpu N (this process on one GPU) or --gpus (one process per GPU), not both")
-            sys.exit(run_gpu_workers(_settings(), gpus, queues, concurrency, name, loglevel))
+            sys.exit(run_gpu_workers(_settings(), gpus, queues, concurrency, name, loglevel, cores))
         run_worker(_settings(), [q.strip() for q in queues.split(",") if q.strip()], concurrency, gpu, name,
-                   loglevel)
+                   loglevel, cores)
     except (NoBrokerError, InsecureBrokerError, ValueError) as exc:
         raise FarmError(str(exc)) from None
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mlfarm.broker.frames import frame_path
+from mlfarm.worker.cpus import CpuSpecError, format_cpus, parse_cpus, split_cpus
 from mlfarm.worker.supervisor import (
     REFUSED_EXIT,
     Child,
@@ -108,6 +109,10 @@ def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, superviso
         sup.wait_ready(f"render-gpu{gpu}@{host}")
     children = {gpu: (name, pid) for name, gpu, pid in sup.started()}
     assert sorted(children) == ["0", "1"]
+    # Each GPU's worker has its own half of the cores (this machine's two: one each).
+    shares = [os.sched_getaffinity(children[g][1]) for g in ("0", "1")]
+    assert shares == [set(s) for s in split_cpus(2)] and not shares[0] & shares[1], shares
+    assert shares[0] | shares[1] == os.sched_getaffinity(0)
     for gpu, (name, pid) in children.items():
         env = proc_environ(pid)
         assert env["CUDA_VISIBLE_DEVICES"] == gpu
@@ -216,8 +221,26 @@ def test_gpu_lists_and_names():
         child_name("render@h", "0", 0, True)
 
 
+def test_cpu_lists_and_shares():
+    cores = sorted(os.sched_getaffinity(0))
+    assert parse_cpus(format_cpus(cores)) == cores
+    assert format_cpus([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert split_cpus(2, list(range(32))) == [list(range(16)), list(range(16, 32))]
+    assert split_cpus(3, [0, 1, 2, 3, 8, 9, 10]) == [[0, 1], [2, 3], [8, 9, 10]]
+    with pytest.raises(CpuSpecError, match="a core each"):
+        split_cpus(3, [0, 1])
+    with pytest.raises(CpuSpecError, match="not available"):
+        parse_cpus(f"{max(cores) + 1}")
+    with pytest.raises(CpuSpecError, match="expected cores"):
+        parse_cpus("0-x")
+    with pytest.raises(CpuSpecError, match="bad range"):
+        parse_cpus("3-1")
+
+
 def test_cli_refuses_bad_gpu_options_before_starting_anything(farm):
     for args, message in [
+        (("--cpus", "4096"), "not available to this process"),
+        (("--gpus", "0,1,2", "--cpus", "0"), "a core each"),
         (("--gpus", "0,0"), "listed twice"),
         (("--gpus", "0", "--gpu", "1"), "not both"),
         (("--gpus", "0,1", "--name", "render@x"), "{gpu}"),

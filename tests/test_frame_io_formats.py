@@ -3,6 +3,8 @@ mixed outputs still keep float data planes, and OpenEXR's thread pool follows th
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import OpenImageIO as oiio
 import pytest
@@ -83,7 +85,7 @@ def test_openexr_threads_follow_the_setting(threads):
         configure_openexr(threads)
         assert oiio.get_int_attribute("exr_threads") == threads
         configure_openexr(0)
-        assert oiio.get_int_attribute("exr_threads") == oiio.get_int_attribute("threads") > 0
+        assert oiio.get_int_attribute("exr_threads") == len(os.sched_getaffinity(0))
     finally:
         oiio.attribute("exr_threads", before)
 
@@ -111,3 +113,24 @@ def test_a_view_of_adjacent_channels_is_not_copied(tmp_path):
     assert np.shares_memory(rgb, image.pixels)
     np.testing.assert_array_equal(rgb, pixels[:, :, :3])
     assert not np.shares_memory(image.rgba(3), image.pixels)
+
+
+def test_worker_io_threads_yield_to_the_gpu_thread_and_size_themselves(tmp_path):
+    import threading
+
+    from mlfarm.settings import Settings
+    from mlfarm.worker.runtime import io_threads, start_io
+
+    before = oiio.get_int_attribute("exr_threads")
+    settings = Settings(io_nice=3, exr_threads=2, storage_root=tmp_path, data_dir=tmp_path)
+    pool = start_io(settings)
+    try:
+        mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        theirs = pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        assert theirs == min(19, mine + 3) and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
+        assert oiio.get_int_attribute("exr_threads") == 2
+    finally:
+        pool.shutdown()
+        oiio.attribute("exr_threads", before)
+    assert io_threads(settings) == max(2, len(os.sched_getaffinity(0)) - 2)
+    assert io_threads(Settings(io_threads=7, storage_root=tmp_path, data_dir=tmp_path)) == 7

@@ -71,9 +71,10 @@ def configure_openexr(threads: int) -> None:
 
     Every file's chunks go to one process-wide pool, so a worker whose I/O threads already write
     several frames at once may do better with none (-1): each thread then compresses its own
-    frame. 0 keeps OpenImageIO's default, one pool thread per core.
+    frame. 0 means one pool thread per core this process may run on (OpenImageIO's own default
+    counts every core of the host, also those a pinned worker may not use).
     """
-    oiio.attribute("exr_threads", int(threads) if threads else oiio.get_int_attribute("threads"))
+    oiio.attribute("exr_threads", int(threads) if threads else len(os.sched_getaffinity(0)))
 
 
 def read_image(path: str, max_values: int = 1 << 30, prefer_half: bool = False) -> Image:

@@ -14,6 +14,7 @@ from mlfarm.broker.registry import publish_catalog
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
+from .cpus import format_cpus, pin_cpus
 from .gpu import pin_gpu
 from .reconciler import Reconciler
 from .reconciler import install as install_reconciler
@@ -31,7 +32,7 @@ def ordered_queues(queues: list[str]) -> list[str]:
 
 
 def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu: int | None = None,
-               name: str | None = None, loglevel: str = "INFO") -> None:
+               name: str | None = None, loglevel: str = "INFO", cpus: list[int] | None = None) -> None:
     """Run a Celery worker in this process until it is told to stop (SIGTERM: warm shutdown).
 
     One process per GPU with the ``solo`` pool is the GPU layout: the model and CUDA context live
@@ -40,6 +41,8 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     """
     if gpu is not None:
         pin_gpu(gpu)
+    if cpus:
+        pin_cpus(cpus)  # before any thread starts: they all inherit it
     hostname = name or f"mlfarm{'-gpu' + str(gpu) if gpu is not None else ''}@{socket.gethostname()}"
     os.environ["MLFARM_WORKER_NAME"] = hostname
     url = broker_url(settings)
@@ -53,6 +56,8 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
         publish_catalog(redis_client(url), descriptions, hostname)
         pinned = f" pinned to GPU {gpu} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
             if gpu is not None else ""
+        if cpus:
+            pinned += f" on cores {format_cpus(cpus)}"
         log.info("worker %s%s ready on queues %s with models %s", hostname, pinned, ",".join(queues),
                  ", ".join(sorted(descriptions)))
 

@@ -27,6 +27,7 @@ from mlfarm.settings import Settings
 from .frame_io import FrameError, assemble_planes, read_image, sidecar_path, write_exr, write_json
 from .middleware import Middleware
 from .model_cache import ModelCache
+from .runtime import io_threads
 from .storage import sweep_once
 
 
@@ -203,7 +204,7 @@ class ChunkRun:
             return
         channels = next(iter(model.inputs.values()), 4) or 4
         batch_size = max(1, int(model.batch_size))
-        lookahead = max(2 * batch_size, self.settings.io_threads)
+        lookahead = max(2 * batch_size, io_threads(self.settings))
         waiting = deque(todo)
         reads: deque[tuple[int, Future[Any]]] = deque()
         writes: list[Future[None]] = []

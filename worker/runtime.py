@@ -6,8 +6,10 @@ in a parent that forks, so each process has its own Redis sockets and CUDA conte
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from mlfarm.settings import Settings, get_settings
 from .frame_io import configure_openexr
 from .middleware import Middleware, default_middleware
 from .model_cache import ModelCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,10 +56,34 @@ def worker_name() -> str:
     return f"{os.environ.get('MLFARM_WORKER_NAME') or socket.gethostname()}:{os.getpid()}"
 
 
+def io_threads(settings: Settings) -> int:
+    """``settings.io_threads``, or with 0 the cores this process may run on less two: one for the
+    thread that feeds the GPU, one for everything else."""
+    return settings.io_threads or max(2, len(os.sched_getaffinity(0)) - 2)
+
+
+def _io_thread_start(nice: int) -> None:
+    """Each I/O thread (Linux: niceness is per thread) yields the CPU to the GPU-feeding thread."""
+    if nice:
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError as exc:
+            log.warning("could not lower the I/O threads' priority: %s", exc)
+
+
+def start_io(settings: Settings) -> ThreadPoolExecutor:
+    """The worker's I/O threads; OpenEXR's own pool is started from one of them, so its threads
+    inherit their priority."""
+    pool = ThreadPoolExecutor(io_threads(settings), thread_name_prefix="mlfarm-io", initializer=_io_thread_start,
+                              initargs=(settings.io_nice,))
+    pool.submit(configure_openexr, settings.exr_threads).result()
+    return pool
+
+
 @lru_cache(maxsize=1)
 def runtime() -> Runtime:
     settings = get_settings()
-    configure_openexr(settings.exr_threads)
     client = redis_client(broker_url(settings), patient=True, role="worker")
     catalog = Catalog.from_settings(settings)
     name = worker_name()
@@ -65,7 +93,7 @@ def runtime() -> Runtime:
         store=JobStore(client, settings.job_ttl),
         catalog=catalog,
         cache=ModelCache(catalog, settings.model_cache_size, settings.device),
-        io=ThreadPoolExecutor(settings.io_threads, thread_name_prefix="mlfarm-io"),
+        io=start_io(settings),
         middleware=default_middleware(client, name),
         worker=name,
     )

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from mlfarm.broker.connection import broker_url
 from mlfarm.settings import Settings
 
+from .cpus import format_cpus, split_cpus
 from .main import ordered_queues
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,9 @@ class Supervisor:
 
 
 def build_children(gpus: list[str], worker_args: list[str], name_template: str | None,
-                   env: dict[str, str] | None = None) -> list[Child]:
-    """One child per GPU: ``python -m mlfarm worker <worker_args> --name <name>`` pinned to it."""
+                   env: dict[str, str] | None = None, cpu_shares: list[list[int]] | None = None) -> list[Child]:
+    """One child per GPU: ``python -m mlfarm worker <worker_args> --name <name>`` pinned to it,
+    and to ``cpu_shares[i]`` (its cores) where given."""
     base = dict(os.environ if env is None else env)
     base.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     base.setdefault("MLFARM_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
@@ -278,6 +280,8 @@ def build_children(gpus: list[str], worker_args: list[str], name_template: str |
     for position, gpu in enumerate(gpus):
         name = child_name(name_template, gpu, position, len(gpus) > 1)
         argv = [sys.executable, "-m", "mlfarm", "worker", *worker_args, "--name", name]
+        if cpu_shares:
+            argv += ["--cpus", format_cpus(cpu_shares[position])]
         children.append(Child(gpu=gpu, name=name, argv=argv, env={**base, "CUDA_VISIBLE_DEVICES": gpu}))
     names = [c.name for c in children]
     if len(set(names)) != len(names):
@@ -286,7 +290,7 @@ def build_children(gpus: list[str], worker_args: list[str], name_template: str |
 
 
 def run_gpu_workers(settings: Settings, gpus_spec: str, queues: str, concurrency: int = 1,
-                    name_template: str | None = None, loglevel: str = "INFO") -> int:
+                    name_template: str | None = None, loglevel: str = "INFO", cpus: list[int] | None = None) -> int:
     """Start one ``mlfarm worker`` per GPU in ``gpus_spec`` and supervise them; returns the exit status.
 
     The broker and queues are checked here first, so a bad configuration is one clear error
@@ -297,6 +301,10 @@ def run_gpu_workers(settings: Settings, gpus_spec: str, queues: str, concurrency
     broker_url(settings)
     ordered = ordered_queues([q.strip() for q in queues.split(",") if q.strip()])
     worker_args = ["--queues", ",".join(ordered), "--concurrency", str(concurrency), "--loglevel", loglevel]
-    children = build_children(parse_gpus(gpus_spec), worker_args, name_template)
-    log.info("supervisor: one worker per GPU: %s", ", ".join(f"{c.name}=GPU {c.gpu}" for c in children))
+    gpus = parse_gpus(gpus_spec)
+    shares = split_cpus(len(gpus), cpus) if settings.split_cpus and (len(gpus) > 1 or cpus) else None
+    children = build_children(gpus, worker_args, name_template, cpu_shares=shares)
+    placed = [f"{c.name}=GPU {c.gpu}" + (f" cores {format_cpus(shares[i])}" if shares else "")
+              for i, c in enumerate(children)]
+    log.info("supervisor: one worker per GPU: %s", ", ".join(placed))
     return Supervisor(children, settings.supervisor_max_restart_delay).run()
