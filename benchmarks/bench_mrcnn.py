@@ -247,7 +247,8 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--naive-frames", type=int, default=20)
     ap.add_argument("--net-frames", type=int, default=32)
-    ap.add_argument("--io-threads", type=int, default=None, help="per worker (default: cores per GPU - 2)")
+    ap.add_argument("--io-threads", type=int, default=None,
+                    help="per worker (default: the worker's own, its cores - 2)")
     ap.add_argument("--precision", default=None, help="worker MLFARM_MRCNN_PRECISION (default: the setting's)")
     ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--device", default="cuda")
@@ -271,8 +272,6 @@ def main() -> None:
     cuda = device.startswith("cuda")
     gpu_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     n_gpus = (args.gpus or torch.cuda.device_count()) if cuda else 1
-    if args.io_threads is None:
-        args.io_threads = max(2, (os.cpu_count() or 4) // max(1, n_gpus) - 2)
     figures: dict[str, object] = {"device": gpu_name, "gpus": torch.cuda.device_count() if cuda else 0,
                                   "cores": os.cpu_count(), "size": f"{args.width}x{args.height}",
                                   "torch": torch.__version__, "torchvision": torchvision.__version__}
@@ -363,7 +362,7 @@ def main() -> None:
 
         shares = None if args.no_share_cores or n_gpus < 2 else split_cpus(n_gpus)
         print(f"(c) worker settings: precision {precision}, channels_last {channels_last}, "
-              f"{args.io_threads} I/O threads, chunk {args.chunk}"
+              f"{args.io_threads or 'the default (cores - 2)'} I/O threads, chunk {args.chunk}"
               + (f", cores per worker {' / '.join(format_cpus(c) for c in shares)}" if shares else ""), flush=True)
         figures["cores_per_worker"] = [format_cpus(c) for c in shares] if shares else None
         by_storage: dict[str, dict[int, float]] = {}
@@ -390,7 +389,8 @@ def main() -> None:
             env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFARM_")},
                    "MLFARM_BROKER_URL": server.url, "MLFARM_STORAGE_ROOT": str(root),
                    "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights.parent),
-                   "MLFARM_DEVICE": "cuda" if cuda else "cpu", "MLFARM_IO_THREADS": str(args.io_threads),
+                   "MLFARM_DEVICE": "cuda" if cuda else "cpu",
+                   **({"MLFARM_IO_THREADS": str(args.io_threads)} if args.io_threads else {}),
                    "MLFARM_MRCNN_PRECISION": precision, "MLFARM_FRAME_TIME_LIMIT": "30",
                    "MLFARM_MRCNN_CHANNELS_LAST": str(channels_last).lower(), **variant,
                    "MLFARM_CONFIG": str(tmp / "none.toml")}
