@@ -1,9 +1,11 @@
-"""What one output frame costs the worker's I/O threads: Mask R-CNN's planes written mixed or all half.
+"""What one output frame costs the worker's I/O threads: Mask R-CNN's planes written three ways.
 
 frame_io writes data planes as float unless the model returns them as float16; a file mixing half
-rgba with float data planes goes through OpenImageIO's slow mixed-format conversion. This times
-``assemble_planes`` + ``write_exr`` for the same 1080p planes both ways (baseline: mixed), on one
-thread and on every core, with the farm's default compression (zip), on a grainy and a clean plate.
+rgba with float data planes goes through OpenImageIO's slow mixed-format conversion. All-half planes
+are handed to OpenImageIO as float16, and planes that are channel slices of one block (as mrcnn
+returns them) are not even assembled. This times ``assemble_planes`` + ``write_exr`` for the same
+1080p planes: mixed (the baseline), separate all-half arrays, and one all-half block; on one thread
+and on every core, with the farm's default compression (zip), on a grainy and a clean plate.
 
 Run: .venv/bin/python benchmarks/bench_exr_planes.py [--frames 6] [--width 1920 --height 1080]
 """
@@ -22,8 +24,9 @@ import numpy as np
 from bench_mrcnn import synthetic_frame
 
 
-def planes(grain: float, width: int, height: int, half: bool) -> list[np.ndarray]:
-    """rgba plus matte/instance/class/score planes like Mask R-CNN's, 20 instances."""
+def planes(grain: float, width: int, height: int, half: bool, block: bool = False) -> list[np.ndarray]:
+    """rgba plus matte/instance/class/score planes like Mask R-CNN's, 20 instances (with ``block``:
+    slices of one H x W x 8 array)."""
     rgba = synthetic_frame(1, width, height, grain)
     ids = np.zeros((height, width), np.float32)
     for k in range(20):
@@ -32,6 +35,9 @@ def planes(grain: float, width: int, height: int, half: bool) -> list[np.ndarray
     data = [(ids > 0).astype(np.float32), ids, np.where(ids > 0, 1 + ids % 7, 0).astype(np.float32),
             np.where(ids > 0, 0.5 + ids / 50, 0).astype(np.float32)]
     dtype = np.float16 if half else np.float32
+    if block:
+        whole = np.concatenate([rgba] + [d[:, :, None] for d in data], axis=2).astype(dtype)
+        return [whole[:, :, :4]] + [whole[:, :, 4 + i] for i in range(len(data))]
     return [rgba.astype(dtype)] + [d.astype(dtype) for d in data]
 
 
@@ -51,10 +57,12 @@ def main() -> None:
     try:
         for grain in (0.01, 0.0):
             results = {}
-            for label, half in (("mixed half rgba + float data (before)", False), ("all half (mrcnn now)", True)):
-                images = planes(grain, args.width, args.height, half)
+            for label, half, block in (("mixed half rgba + float data", False, False),
+                                       ("all half, separate arrays", True, False),
+                                       ("all half, one block (mrcnn now)", True, True)):
+                images = planes(grain, args.width, args.height, half, block)
 
-                def write(i: int, images: list[np.ndarray] = images, tag: str = label[:3]) -> None:
+                def write(i: int, images: list[np.ndarray] = images, tag: str = f"{half}{block}") -> None:
                     pixels, names, data = assemble_planes(outputs, images)
                     write_exr(str(root / f"{tag}.{i:04d}.exr"), root, pixels, names, data, {"mlfarm/frame": i})
 
@@ -67,11 +75,13 @@ def main() -> None:
                 with ThreadPoolExecutor(cores) as pool:
                     list(pool.map(write, range(args.frames * cores)))
                 many = args.frames * cores / (time.perf_counter() - t)
-                results[half] = (one, many)
+                results[(half, block)] = (one, many)
                 print(f"grain {grain:<5g} {label:38s}: {one * 1000:7.1f} ms a frame on 1 thread, "
                       f"{many:6.2f} frames/s on {cores} threads")
-            print(f"grain {grain:<5g} all half / mixed: {results[False][0] / results[True][0]:.2f}x faster on 1 "
-                  f"thread, {results[True][1] / results[False][1]:.2f}x on {cores}")
+            base = results[(False, False)]
+            for key, what in (((True, False), "all half"), ((True, True), "one block")):
+                print(f"grain {grain:<5g} {what} / mixed: {base[0] / results[key][0]:.2f}x faster on 1 thread, "
+                      f"{results[key][1] / base[1]:.2f}x on {cores}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -114,8 +114,8 @@ def up(workers: int, queues: str, concurrency: int) -> None:
 @click.option("--gpu", type=int, default=None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES).")
 @click.option("--gpus", default=None, help="One supervised worker process per GPU: 'all' (every visible GPU) or "
               "ids like 0,1. Each is pinned with CUDA_VISIBLE_DEVICES and restarted if it dies.")
-@click.option("--cpus", default=None, help="Run this worker on these cores only, e.g. 0-15 (with --gpus, "
-              "each GPU's worker gets its own share of the cores unless MLFARM_SPLIT_CPUS=false).")
+@click.option("--cpus", default=None, help="Run this worker on these cores only, e.g. 0-15 (default "
+              "MLFARM_CPUS; with --gpus, each GPU's worker gets its own share of them unless MLFARM_SPLIT_CPUS=false).")
 @click.option("--concurrency", default=1, show_default=True, help="1: one process (GPU layout); N: prefork.")
 @click.option("--name", default=None, help="Worker name as shown in Flower (with --gpus: may hold {gpu}).")
 @click.option("--loglevel", default="INFO", show_default=True)
@@ -127,7 +127,8 @@ def worker(queues: str, gpu: int | None, gpus: str | None, cpus: str | None, con
     from mlfarm.worker.main import run_worker
 
     try:
-        cores = parse_cpus(cpus) if cpus is not None else None
+        cpus = cpus if cpus is not None else _settings().cpus
+        cores = parse_cpus(cpus) if cpus else None
         if gpus is not None:
             from mlfarm.worker.supervisor import run_gpu_workers
 

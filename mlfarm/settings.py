@@ -155,6 +155,10 @@ class Settings(BaseSettings):
     flower_save_interval: int = Field(
         default=60, ge=0, description="Seconds between saves of Flower's history (0: only when it stops)."
     )
+    cpus: str = Field(
+        default="", description="Cores a worker runs on, e.g. 0-15 (as `mlfarm worker --cpus`); empty: every core "
+        "it may use. One container per GPU: give each its own share.",
+    )
     split_cpus: bool = Field(
         default=True, description="`mlfarm worker --gpus` with several GPUs: pin each GPU's worker to its own "
         "equal share of the cores (EXR encoding is CPU work; workers sharing every core slow each other)."

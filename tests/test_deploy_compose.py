@@ -177,7 +177,7 @@ def test_extra_gpu_hosts_join_the_head_hosts_redis(configs):
 def check_workers(config: dict, env: dict[str, str]) -> None:
     found = workers(config)
     assert len(found) >= 2
-    gpus, names = [], []
+    gpus, names, cores = [], [], []
     for name, s in found.items():
         (device,) = s["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
@@ -195,7 +195,19 @@ def check_workers(config: dict, env: dict[str, str]) -> None:
         assert (env["MODELS_DIR"], "/opt/mlfarm/models", True) in volumes(s), "models mounted read-only"
         weights = s["environment"]["MLFARM_WEIGHTS_DIR"]
         assert (env["WEIGHTS_DIR"], weights, True) in volumes(s), "weights mounted read-only where looked for"
+        cores.append(set(parse_cpus_unchecked(s["environment"]["MLFARM_CPUS"])))
+        assert cores[-1] and s["environment"]["MLFARM_CPUS"] == env[f"GPU{device['device_ids'][0]}_CPUS"], name
     assert len(set(gpus)) == len(gpus) and len(set(names)) == len(names)
+    assert all(not (a & b) for i, a in enumerate(cores) for b in cores[i + 1:]), f"GPUs share cores: {cores}"
+
+
+def parse_cpus_unchecked(spec: str) -> list[int]:
+    """``0-15,32`` without checking this machine has those cores (the GPU host is another machine)."""
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 @needs_compose

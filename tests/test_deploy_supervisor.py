@@ -250,6 +250,10 @@ def test_cli_refuses_bad_gpu_options_before_starting_anything(farm):
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert "started" not in proc.stderr
+    farm.env_overrides["MLFARM_CPUS"] = "4096"  # as compose passes a container's share
+    proc = farm.cli("worker", timeout=60)
+    assert proc.returncode == 2 and "--cpus '4096': cores 4096 are not available" in proc.stderr, proc.stderr
+    del farm.env_overrides["MLFARM_CPUS"]
     farm.env_overrides["CUDA_VISIBLE_DEVICES"] = ""
     proc = farm.cli("worker", "--gpus", "all", timeout=60)
     assert proc.returncode == 2 and "no GPU is visible" in proc.stderr, proc.stderr
