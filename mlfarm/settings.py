@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     io_nice: int = Field(
         default=5, ge=0, le=19, description="Niceness added to a worker's I/O threads (and OpenEXR's, which they "
         "start), so the thread that feeds the GPU gets a core first (Linux; measured: +8-14% Mask R-CNN "
-        "frames/s on a 16-core H100 host).",
+        "frames/s on busy 16-core H100 hosts, no change on a fast one).",
     )
     exr_threads: int = Field(
         default=0,
