@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from mlfarm.settings import Settings
+from mlfarm.worker.cpus import parse_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"
@@ -195,19 +196,11 @@ def check_workers(config: dict, env: dict[str, str]) -> None:
         assert (env["MODELS_DIR"], "/opt/mlfarm/models", True) in volumes(s), "models mounted read-only"
         weights = s["environment"]["MLFARM_WEIGHTS_DIR"]
         assert (env["WEIGHTS_DIR"], weights, True) in volumes(s), "weights mounted read-only where looked for"
-        cores.append(set(parse_cpus_unchecked(s["environment"]["MLFARM_CPUS"])))
+        cores.append(set(parse_cpus(s["environment"]["MLFARM_CPUS"], check=False)))  # the GPU host's cores
         assert cores[-1] and s["environment"]["MLFARM_CPUS"] == env[f"GPU{device['device_ids'][0]}_CPUS"], name
     assert len(set(gpus)) == len(gpus) and len(set(names)) == len(names)
     assert all(not (a & b) for i, a in enumerate(cores) for b in cores[i + 1:]), f"GPUs share cores: {cores}"
 
-
-def parse_cpus_unchecked(spec: str) -> list[int]:
-    """``0-15,32`` without checking this machine has those cores (the GPU host is another machine)."""
-    out = []
-    for part in spec.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
 
 
 @needs_compose

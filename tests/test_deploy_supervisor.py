@@ -231,6 +231,7 @@ def test_cpu_lists_and_shares():
         split_cpus(3, [0, 1])
     with pytest.raises(CpuSpecError, match="not available"):
         parse_cpus(f"{max(cores) + 1}")
+    assert parse_cpus(f"{max(cores) + 1}-{max(cores) + 2}", check=False) == [max(cores) + 1, max(cores) + 2]
     with pytest.raises(CpuSpecError, match="expected cores"):
         parse_cpus("0-x")
     with pytest.raises(CpuSpecError, match="bad range"):
