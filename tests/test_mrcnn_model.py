@@ -88,8 +88,24 @@ def planes(path: str) -> dict[str, np.ndarray]:
     return {name: image.pixels[:, :, i] for i, name in enumerate(image.channels)}
 
 
+def test_the_batch_size_comes_from_the_settings(monkeypatch):
+    from mlfarm.models.builtin.mrcnn.model import Model
+    from mlfarm.settings import get_settings
+
+    monkeypatch.setenv("MLFARM_MRCNN_BATCH_SIZE", "3")
+    get_settings.cache_clear()
+    try:
+        model = Model()
+        assert model.batch_size == 4  # declared before load, as the catalog shows it
+        model.load("cpu")
+        assert model.batch_size == 3
+    finally:
+        get_settings.cache_clear()
+
+
 def test_job_through_a_worker_writes_consistent_planes_and_sidecars(farm, weights_dir):
     farm.env_overrides["MLFARM_WEIGHTS_DIR"] = str(weights_dir)
+    farm.env_overrides["MLFARM_MRCNN_BATCH_SIZE"] = "3"  # batches of 3 and 2 (frame 4 fails on its own)
     worker = farm.start_worker()
     frames = [1, 2, 3, 4, 5]
     plate = make_plate(farm.storage / "plates", frames)

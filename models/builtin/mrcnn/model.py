@@ -106,6 +106,7 @@ class Model(BaseModel):
         self.autocast = None
         self.channels_last = False
         self.half_rgba = bool(settings.exr_rgba_half)
+        self.batch_size = int(settings.mrcnn_batch_size)
         if device.startswith("cuda"):
             torch.cuda.init()
             tf32 = settings.mrcnn_precision in ("tf32", "fp16")  # fp16: what autocast leaves in fp32 uses TF32
