@@ -100,6 +100,10 @@ def test_planes_sliced_from_one_block_are_written_without_a_copy(tmp_path):
     assert not np.shares_memory(pixels, block)
     np.testing.assert_array_equal(pixels[:, :, 4], block[:, :, 5])
     np.testing.assert_array_equal(pixels[:, :, 5], block[:, :, 4])
+    # A crop of the block is not the block.
+    pixels, _, _ = assemble_planes(OUTPUTS, [block[:3, :, :4], block[:3, :, 4], block[:3, :, 5]])
+    assert pixels.shape == (3, 6, 6) and not np.shares_memory(pixels, block)
+    np.testing.assert_array_equal(pixels, block[:3])
     write_exr(str(tmp_path / "b.exr"), tmp_path, block, names, [False] * 6, {})
     back = read_image(str(tmp_path / "b.exr"), prefer_half=True)
     np.testing.assert_array_equal(back.pixels[:, :, back.channels.index("instance.id")], block[:, :, 5])

@@ -166,7 +166,8 @@ def _one_block(images: Sequence[np.ndarray], channels: int) -> np.ndarray | None
     for img in images:
         if (img is not base and img.base is not base) or img.dtype != base.dtype or img.ndim not in (2, 3):
             return None
-        if img.__array_interface__["data"][0] != at or img.strides[:2] != base.strides[:2]:
+        if (img.__array_interface__["data"][0] != at or img.shape[:2] != base.shape[:2]
+                or img.strides[:2] != base.strides[:2]):
             return None
         n = 1 if img.ndim == 2 else img.shape[2]
         if n > 1 and img.strides[2] != base.itemsize:
