@@ -16,8 +16,11 @@ class CpuSpecError(ValueError):
 
 
 def available_cpus() -> list[int]:
-    """The cores this process may run on (its affinity, e.g. a container's cpuset), in order."""
-    return sorted(os.sched_getaffinity(0))
+    """The cores this process may run on (its affinity, e.g. a container's cpuset), in order;
+    every core where the system has no affinity (macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def parse_cpus(spec: str, check: bool = True) -> list[int]:
@@ -70,4 +73,6 @@ def split_cpus(n: int, cpus: list[int] | None = None) -> list[list[int]]:
 
 def pin_cpus(cpus: list[int]) -> None:
     """Run this process (and the threads and processes it starts from now on) on ``cpus`` only."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise CpuSpecError("--cpus: this system cannot pin a process to cores (Linux can)")
     os.sched_setaffinity(0, cpus)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import OpenImageIO as oiio
 
+from .cpus import available_cpus
 from .storage import atomic_output
 
 RGBA = ("R", "G", "B", "A")
@@ -74,7 +75,7 @@ def configure_openexr(threads: int) -> None:
     frame. 0 means one pool thread per core this process may run on (OpenImageIO's own default
     counts every core of the host, also those a pinned worker may not use).
     """
-    oiio.attribute("exr_threads", int(threads) if threads else len(os.sched_getaffinity(0)))
+    oiio.attribute("exr_threads", int(threads) if threads else len(available_cpus()))
 
 
 def read_image(path: str, max_values: int = 1 << 30, prefer_half: bool = False) -> Image:

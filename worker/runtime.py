@@ -22,6 +22,7 @@ from mlfarm.broker.jobs import JobSpec, JobStore
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings, get_settings
 
+from .cpus import available_cpus
 from .frame_io import configure_openexr
 from .middleware import Middleware, default_middleware
 from .model_cache import ModelCache
@@ -59,7 +60,7 @@ def worker_name() -> str:
 def io_threads(settings: Settings) -> int:
     """``settings.io_threads``, or with 0 the cores this process may run on less two: one for the
     thread that feeds the GPU, one for everything else."""
-    return settings.io_threads or max(2, len(os.sched_getaffinity(0)) - 2)
+    return settings.io_threads or max(2, len(available_cpus()) - 2)
 
 
 def _io_thread_start(nice: int) -> None:
