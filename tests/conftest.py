@@ -46,43 +46,53 @@ def terminate(proc: subprocess.Popen, timeout: float = 30) -> int:
     return proc.returncode
 
 
-class WorkerProcess:
-    """One `mlfarm worker` process, with its log kept for the test to read."""
+class MlfarmProcess:
+    """`python -m mlfarm <args>` in its own process, its output in a log file the test reads."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, queues: str, name: str, concurrency: int = 1):
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path):
         self.log_path = log_path
-        self.name = name
-        cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", queues, "--name", name,
-               "--concurrency", str(concurrency), "--loglevel", "INFO"]
         self._log = open(log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlfarm", *args], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+    def wait_for(self, predicate, what: str, timeout: float = 60, every: float = 0.05):
+        """The first true value of ``predicate()``; an error with the log if the process exits first
+        or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            result = predicate()
+            if result:
+                return result
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            if f"{self.name} ready." in self.log():
-                return self
-            time.sleep(0.1)
-        raise TimeoutError(f"worker {self.name} not ready after {timeout}s:\n{self.log()}")
+                raise RuntimeError(f"{self.log_path.stem} exited {self.proc.returncode} waiting for {what}:\n"
+                                   f"{self.log()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {what} after {timeout}s:\n{self.log()}")
+            time.sleep(every)
 
     def wait_log(self, text: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} not in worker log after {timeout}s:\n{self.log()}")
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.log()}")
-            time.sleep(0.05)
+        self.wait_for(lambda: text in self.log(), repr(text), timeout)
 
-    def stop(self, timeout: float = 30) -> None:
-        terminate(self.proc, timeout)
+    def stop(self, timeout: float = 30) -> int:
+        code = terminate(self.proc, timeout)
         self._log.close()
+        return code
+
+
+class WorkerProcess(MlfarmProcess):
+    """One `mlfarm worker` process."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str, name: str, concurrency: int = 1):
+        self.name = name
+        super().__init__(["worker", "--queues", queues, "--name", name, "--concurrency", str(concurrency),
+                          "--loglevel", "INFO"], env, log_path)
+
+    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+        self.wait_log(f"{self.name} ready.", timeout)
+        return self
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

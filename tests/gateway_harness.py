@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,41 +10,24 @@ from typing import Any
 from mlfarm.broker.embedded import free_port
 from mlfarm.models.catalog import Catalog, discover
 
-from conftest import terminate
+from conftest import MlfarmProcess
 
 TESTS = Path(__file__).resolve().parent
 MODELS_PATH = os.pathsep.join([str(TESTS / "plugins"), str(TESTS / "gateway_plugins")])
 
 
-class GatewayProcess:
+class GatewayProcess(MlfarmProcess):
     def __init__(self, env: dict[str, str], log_path: Path, local: bool, log_level: str = "INFO"):
         self.port = free_port()
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "mlfarm", "--log-level", log_level, "gateway", "--host", "127.0.0.1",
-               "--port", str(self.port)] + (["--local"] if local else [])
-        self._log = open(log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(["--log-level", log_level, "gateway", "--host", "127.0.0.1", "--port", str(self.port)]
+                         + (["--local"] if local else []), env, log_path)
 
     def wait_ready(self, timeout: float = 60) -> GatewayProcess:
-        deadline = time.monotonic() + timeout
-        while "listening on" not in self.log():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"gateway not listening after {timeout}s:\n{self.log()}")
-            time.sleep(0.05)
+        self.wait_log("listening on", timeout)
         return self
 
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-    def stop(self) -> None:
-        terminate(self.proc)
-        self._log.close()
 
 
 def local_env(root: Path, **settings: object) -> dict[str, str]:

@@ -11,9 +11,6 @@ import ast
 import base64
 import html
 import json
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -28,7 +25,7 @@ from mlfarm.broker.frames import format_frames
 from mlfarm.flower_monitor import FlowerConfigError, plan_flower
 from mlfarm.settings import Settings
 
-from conftest import make_plate
+from conftest import MlfarmProcess, make_plate
 
 USER, PASSWORD = "wrangler", "s3cret-farm"
 
@@ -45,43 +42,21 @@ def http_get(url: str, auth: tuple[str, str] | None = None, timeout: float = 10)
         return exc.code, exc.read().decode(errors="replace")
 
 
-class FlowerProcess:
+class FlowerProcess(MlfarmProcess):
     def __init__(self, env: dict[str, str], log_path: Path):
         self.port = int(env["MLFARM_FLOWER_PORT"])
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlfarm", "--log-level", "INFO", "flower"], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"flower exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if http_get(self.base + "/healthcheck", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"flower not answering:\n{self.log()}")
-            time.sleep(0.2)
+        super().__init__(["--log-level", "INFO", "flower"], env, log_path)
+        self.wait_for(self._answers, "an answer on /healthcheck", every=0.2)
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def _answers(self) -> bool:
+        try:
+            return http_get(self.base + "/healthcheck", timeout=1)[0] == 200
+        except OSError:
+            return False
 
     def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
         return http_get(self.base + path, auth)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture

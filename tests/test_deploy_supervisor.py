@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from mlfarm.worker.supervisor import (
     visible_gpus,
 )
 
-from conftest import make_plate, terminate
+from conftest import MlfarmProcess, make_plate
 
 FAST_REDELIVERY = {  # a chunk whose worker was SIGKILLed is redelivered within seconds, not an hour
     "MLFARM_FRAME_TIME_LIMIT": "3",
@@ -37,28 +36,14 @@ FAST_REDELIVERY = {  # a chunk whose worker was SIGKILLed is redelivered within 
 STARTED = re.compile(r"supervisor: started (\S+) on GPU (\S+) \(pid (\d+)\)")
 
 
-class SupervisorProcess:
+class SupervisorProcess(MlfarmProcess):
     """`python -m mlfarm worker --gpus ...` with its (and its children's) output in one log."""
 
     def __init__(self, env: dict[str, str], log_path: Path, *args: str):
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlfarm", "worker", *args], env=env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(["worker", *args], env, log_path)
 
     def wait_for(self, predicate, what: str, timeout: float = 90):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            result = predicate()
-            if result:
-                return result
-            if self.proc.poll() is not None:
-                raise AssertionError(f"supervisor exited {self.proc.returncode} waiting for {what}:\n{self.log()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"no {what} after {timeout}s:\n{self.log()}")
+        return super().wait_for(predicate, what, timeout, every=0.1)
 
     def started(self) -> list[tuple[str, str, int]]:
         return [(m[1], m[2], int(m[3])) for m in STARTED.finditer(self.log())]
@@ -67,9 +52,7 @@ class SupervisorProcess:
         self.wait_for(lambda: self.log().count(f"{name} ready.") >= times, f"{name} ready x{times}")
 
     def stop(self, timeout: float = 60) -> int:
-        code = terminate(self.proc, timeout)
-        self._log.close()
-        return code
+        return super().stop(timeout)
 
 
 def proc_environ(pid: int) -> dict[str, str]:
