@@ -54,11 +54,16 @@ def start(cmd: list[str], env: dict[str, str], log: Path, ready: str, timeout: f
     return proc
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
+def stop(procs: list[subprocess.Popen], timeout: float = 30) -> None:
+    """SIGTERM to all (a warm shutdown for workers), then SIGKILL what has not exited in ``timeout``."""
     for p in procs:
         p.send_signal(signal.SIGTERM)
     for p in procs:
-        p.wait(30)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def start_raw_worker(url: str, tmp: Path) -> subprocess.Popen:

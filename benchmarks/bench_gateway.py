@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_farm import start, stop
 
 from mlfarm.broker.embedded import EmbeddedRedis, free_port
 from mlfarm.gateway import mlserver_pb2 as pb
@@ -122,28 +122,6 @@ def baseline(width: int, height: int, channels: int, kernel: int, frames: int) -
     return statistics.median(times) * 1000, len(times) / sum(times), device
 
 
-class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, ready: str):
-        self.log = log
-        self._f = open(log, "ab")  # noqa: SIM115
-        self.p = subprocess.Popen([sys.executable, "-m", "mlfarm", *args], env=env, stdout=self._f,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while ready not in log.read_text(errors="replace"):
-            if self.p.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{args[0]} did not start:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        self.p.send_signal(signal.SIGTERM)
-        try:
-            self.p.wait(30)
-        except subprocess.TimeoutExpired:
-            self.p.kill()
-            self.p.wait()
-        self._f.close()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=16)
@@ -166,7 +144,11 @@ def main() -> None:
         env.update({"MLFARM_BROKER_URL": redis_server.url, "MLFARM_DATA_DIR": str(root / "data"),
                     "MLFARM_STORAGE_ROOT": str(root / "storage"), "MLFARM_CONFIG": str(root / "none.toml"),
                     "MLFARM_DEVICE": os.environ.get("MLFARM_DEVICE", "auto"), "PYTHONUNBUFFERED": "1"})
-        procs: list[Proc] = []
+        procs: list[subprocess.Popen] = []
+
+        def mlfarm(args: list[str], env: dict[str, str], log: Path, ready: str) -> subprocess.Popen:
+            return start([sys.executable, "-m", "mlfarm", *args], env, log, ready, timeout=120)
+
         runs: dict[str, list[tuple[float, float, float]]] = {}
         try:
             for _ in range(args.repeat):
@@ -174,28 +156,27 @@ def main() -> None:
                 runs.setdefault("in-process model call (baseline)", []).append((base_ms, base_fps, base_fps))
                 for transport in (t.strip() for t in args.transports.split(",") if t.strip()):
                     farm_env = {**env, "MLFARM_GATEWAY_TRANSPORT": transport}
-                    procs.append(Proc(["worker", "--queues", "interactive", "--name", "bench@gw"], farm_env,
-                                      root / "worker.log", "bench@gw ready."))
+                    procs.append(mlfarm(["worker", "--queues", "interactive", "--name", "bench@gw"], farm_env,
+                                        root / "worker.log", "bench@gw ready."))
                     port = free_port()
-                    procs.append(Proc(["gateway", "--host", "127.0.0.1", "--port", str(port)], farm_env,
-                                      root / "gw.log", "listening on"))
+                    procs.append(mlfarm(["gateway", "--host", "127.0.0.1", "--port", str(port)], farm_env,
+                                        root / "gw.log", "listening on"))
                     ms, fps = measure(port, payload, expect, args.frames, args.clients)
                     runs.setdefault(f"gateway -> 1 worker, via {transport}", []).append((ms, 1000 / ms, fps))
-                    procs.pop().stop()
-                    procs.pop().stop()
+                    stop([procs.pop()])
+                    stop([procs.pop()])
                     for log in ("worker.log", "gw.log"):  # the next process's "ready" line must be its own
                         (root / log).unlink()
 
                 port = free_port()
-                procs.append(Proc(["gateway", "--local", "--host", "127.0.0.1", "--port", str(port)], env,
-                                  root / "gwlocal.log", "listening on"))
+                procs.append(mlfarm(["gateway", "--local", "--host", "127.0.0.1", "--port", str(port)], env,
+                                    root / "gwlocal.log", "listening on"))
                 ms, fps = measure(port, payload, expect, args.frames, args.clients)
                 runs.setdefault("gateway --local", []).append((ms, 1000 / ms, fps))
-                procs.pop().stop()
+                stop([procs.pop()])
                 (root / "gwlocal.log").unlink()
         finally:
-            for p in procs:
-                p.stop()
+            stop(procs)
             redis_server.stop()
     rows = [(name, *(statistics.median(r[i] for r in results) for i in range(3))) for name, results in runs.items()]
     base_fps = rows[0][3]

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import OpenImageIO as oiio
+from bench_farm import start, stop
 
 ARCH = "maskrcnn_resnet50_fpn"
 DETECTIONS = 20
@@ -178,14 +178,7 @@ def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, cpu
         cmd += ["--gpu", str(gpu)]
     if cpus:
         cmd += ["--cpus", format_cpus(cpus)]
-    fh = open(log, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while f"{name} ready." not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"worker {name} did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(0.1)
-    return proc
+    return start(cmd, env, log, f"{name} ready.", timeout)
 
 
 def start_profile(path: str, pid: int, seconds: int = 8) -> subprocess.Popen | None:
@@ -435,10 +428,7 @@ def main() -> None:
                     shutil.rmtree(root / "profiled", ignore_errors=True)
                     profile = None
                 shutil.rmtree(root / f"run{n}", ignore_errors=True)
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                p.wait(60)
+            stop(procs, 60)
             procs.clear()
         for old, _ in plates.values():
             shutil.rmtree(old, ignore_errors=True)
@@ -457,13 +447,7 @@ def main() -> None:
             figures["multi_gpu_ratio"] = results[n_gpus] / c
             print(f"{n_gpus} GPUs / 1 GPU = {results[n_gpus] / c:.2f}x", flush=True)
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
         if server is not None:
             server.stop()
         if args.json:
