@@ -146,6 +146,18 @@ def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, superviso
     assert not alive(restarted[1])
 
 
+def test_cpus_without_splitting_pin_every_worker_to_all_of_them(farm, supervisors):
+    first = min(os.sched_getaffinity(0))
+    farm.env_overrides["MLFARM_SPLIT_CPUS"] = "false"
+    sup = supervisors("--gpus", "0,1", "--cpus", str(first))
+    children = sup.wait_for(lambda: len(sup.started()) == 2 and sup.started(), "two workers started")
+    assert [os.sched_getaffinity(pid) for _, _, pid in children] == [{first}, {first}]
+    placed = next(line for line in sup.log().splitlines() if "one worker per GPU" in line)
+    assert " cores " not in placed, placed  # nothing shared out: they inherit the supervisor's cores
+    for name, _, _ in children:
+        sup.wait_ready(name)
+
+
 def test_sigterm_stops_every_worker_warm_and_loses_no_frame(farm, supervisors):
     sup = supervisors("--gpus", "0,1")
     host = os.uname().nodename

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from mlfarm.broker.connection import broker_url
 from mlfarm.settings import Settings
 
-from .cpus import format_cpus, split_cpus
+from .cpus import format_cpus, pin_cpus, split_cpus
 from .main import ordered_queues
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,9 @@ def run_gpu_workers(settings: Settings, gpus_spec: str, queues: str, concurrency
     ordered = ordered_queues([q.strip() for q in queues.split(",") if q.strip()])
     worker_args = ["--queues", ",".join(ordered), "--concurrency", str(concurrency), "--loglevel", loglevel]
     gpus = parse_gpus(gpus_spec)
-    shares = split_cpus(len(gpus), cpus) if settings.split_cpus and (len(gpus) > 1 or cpus) else None
+    if cpus:
+        pin_cpus(cpus)  # the children inherit it; shared out below, or all theirs with MLFARM_SPLIT_CPUS=false
+    shares = split_cpus(len(gpus)) if settings.split_cpus and len(gpus) > 1 else None
     children = build_children(gpus, worker_args, name_template, cpu_shares=shares)
     placed = [f"{c.name}=GPU {c.gpu}" + (f" cores {format_cpus(shares[i])}" if shares else "")
               for i, c in enumerate(children)]
