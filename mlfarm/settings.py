@@ -202,6 +202,10 @@ class Settings(BaseSettings):
         default=4, ge=1, le=64, description="Frames Mask R-CNN runs through the network at once (4 measured best "
         "on H100: 8 ran the network 4% faster but the farm 9-21% slower).",
     )
+    mrcnn_lanes: int = Field(
+        default=1, ge=1, le=8, description="Batches of a Mask R-CNN worker in the network at once, each on its own "
+        "thread and CUDA stream, so the GPU works on one while Python dispatches another (CPU: always 1).",
+    )
 
     # --- training on the farm (issue 6, models/training, worker/train_task.py) ---------------
     train_time_limit: int = Field(

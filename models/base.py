@@ -32,6 +32,10 @@ class BaseModel:
         self.version = "1"
         self.device = "gpu"  # "gpu": runs on CUDA where there is one (and on CPU otherwise); "cpu"
         self.batch_size = 1  # frames handed to infer_batch at once
+        # Batches the worker may have in infer_batch at once, each from its own thread. Above 1 only
+        # for a thread-safe infer_batch, e.g. one that runs each thread on its own CUDA stream: while
+        # one batch waits on the GPU (a sync for a variable-sized result), the next is dispatched.
+        self.lanes = 1
         self.torch_device = "cpu"  # set by load()
         # True: frames reach preprocess as read, with no conversion or copy on the I/O thread: float16
         # where the file is all half (a float file still arrives as float32, so nothing is lost), and

@@ -3,6 +3,7 @@ cache, settings from a config file."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -98,3 +99,33 @@ def test_settings_come_from_a_toml_file_and_env_wins(tmp_path, monkeypatch):
     assert (str(s.storage_root), s.default_chunk, s.exr_compression) == ("/mnt/shared", 2, "piz")
     with pytest.raises(ValueError, match="MLFARM_VISIBILITY_TIMEOUT"):
         Settings(visibility_timeout=100, frame_time_limit=300)
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_model_with_lanes_gets_that_many_batches_at_once(farm, lanes):
+    """``BaseModel.lanes``: the worker keeps that many batches in ``infer_batch`` at once (no more),
+    from lane threads that outlive the chunk (GPU libraries tune per thread); a missing frame still
+    fails alone and the rest are written."""
+    farm.start_worker()
+    frames = list(range(1, 10))
+    plate = make_plate(farm.storage / "plate", [f for f in frames if f != 5])
+    out = str(farm.storage / "out" / "o.####.exr")
+    spec = farm.farm().submit("lanes", plate, out, frames, {"lanes": lanes, "seconds": 0.4}, chunk=3)
+    status = farm.wait_job(spec.id)
+    assert status.counts["done"] == 8 and status.counts["failed"] == 1, status.summary()
+    assert status.failed_frames[0].frame == 5
+    overlaps, threads = [], set()
+    for f in frames:
+        if f == 5:
+            continue
+        image = read_image(frame_path(out, f))
+        header = oiio.ImageInput.open(frame_path(out, f))
+        threads.add(json.loads(header.spec().getattribute("mlfarm/objects"))[0]["thread"])
+        header.close()
+        overlaps.append(int(image.pixels[0, 0, list(image.channels).index("overlap.n")]))
+        np.testing.assert_allclose(image.rgba(4), read_image(frame_path(plate, f)).rgba(4), rtol=2e-3)  # rgba half
+    assert max(overlaps) == lanes, overlaps
+    # Three chunks, one set of threads: the worker's main thread, or the same lanes every chunk.
+    names = {t.split("#")[0] for t in threads}
+    assert len(threads) == lanes, threads
+    assert names == ({"MainThread"} if lanes == 1 else {f"mlfarm-lane{lanes}_{i}" for i in range(lanes)}), threads

@@ -2,7 +2,8 @@
 
 Reading the next frames and writing finished ones happen on a thread pool while the model works
 on the current batch (OpenImageIO releases the GIL while it decodes and encodes), so a GPU worker
-is not left waiting on EXR I/O. Each frame succeeds or fails on its own: a missing or corrupt
+is not left waiting on EXR I/O. A model that declares ``lanes`` > 1 gets that many batches in
+``infer_batch`` at once, from lane threads. Each frame succeeds or fails on its own: a missing or corrupt
 frame is recorded with its reason and the rest of the chunk goes on.
 """
 
@@ -12,7 +13,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from mlfarm.settings import Settings
 from .frame_io import FrameError, assemble_planes, read_image, sidecar_path, write_exr, write_json
 from .middleware import Middleware
 from .model_cache import ModelCache
-from .runtime import io_threads
+from .runtime import LanePools, io_threads
 from .storage import sweep_once
 
 
@@ -71,6 +72,7 @@ class ChunkRun:
     store: JobStore
     settings: Settings
     io: ThreadPoolExecutor
+    lanes: LanePools = field(default_factory=LanePools)
     middleware: Sequence[Middleware] = ()
     result: ChunkResult = field(default_factory=ChunkResult)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
@@ -204,13 +206,20 @@ class ChunkRun:
             return
         channels = next(iter(model.inputs.values()), 4) or 4
         batch_size = max(1, int(model.batch_size))
-        lookahead = max(2 * batch_size, io_threads(self.settings))
         waiting = deque(todo)
         reads: deque[tuple[int, Future[Any]]] = deque()
         writes: list[Future[None]] = []
 
         # One frame has nothing to overlap with: handing it to threads would only add wake-ups.
         pool: Executor = self.io if len(todo) > 1 else InlineExecutor()
+        lanes = max(1, int(model.lanes)) if len(todo) > batch_size else 1
+        gpu: Executor = self.lanes.get(lanes) if lanes > 1 else InlineExecutor()
+        in_flight: deque[Future[None]] = deque()
+        lookahead = max((lanes + 1) * batch_size, io_threads(self.settings))
+
+        def infer_then_write(batch: list[tuple[int, Any]]) -> None:
+            for frame, outputs in self._infer(model, batch):
+                writes.append(pool.submit(self._write, frame, model, outputs))
 
         def refill() -> None:
             while waiting and len(reads) < lookahead:
@@ -219,26 +228,32 @@ class ChunkRun:
 
         refill()
         checked_cancel = False
-        while reads:
-            batch: list[tuple[int, Any]] = []
-            while reads and len(batch) < batch_size:
-                frame, fut = reads.popleft()
-                refill()
-                try:
-                    batch.append((frame, fut.result()))
-                except Exception as exc:
-                    self._fail(frame, describe_error(exc))
-            if not batch:
-                continue
-            # start_frames already saw the cancel flag for the first batch; later batches look again.
-            if checked_cancel and self.store.is_cancelled(self.spec.id):
-                self._cancel_rest([f for f, _ in batch] + [f for f, _ in reads] + list(waiting))
-                reads.clear()
-                waiting.clear()
-                break
-            checked_cancel = True
-            for frame, outputs in self._infer(model, batch):
-                writes.append(pool.submit(self._write, frame, model, outputs))
+        try:
+            while reads:
+                batch: list[tuple[int, Any]] = []
+                while reads and len(batch) < batch_size:
+                    frame, fut = reads.popleft()
+                    refill()
+                    try:
+                        batch.append((frame, fut.result()))
+                    except Exception as exc:
+                        self._fail(frame, describe_error(exc))
+                if not batch:
+                    continue
+                # start_frames already saw the cancel flag for the first batch; later batches look again.
+                if checked_cancel and self.store.is_cancelled(self.spec.id):
+                    self._cancel_rest([f for f, _ in batch] + [f for f, _ in reads] + list(waiting))
+                    reads.clear()
+                    waiting.clear()
+                    break
+                checked_cancel = True
+                while len(in_flight) >= lanes:  # no more batches on the GPU at once than lanes
+                    in_flight.popleft().result()
+                in_flight.append(gpu.submit(infer_then_write, batch))
+            while in_flight:
+                in_flight.popleft().result()
+        finally:
+            wait(in_flight)  # nothing of this chunk still running once it hands its frames back
         for w in writes:
             w.result()
 

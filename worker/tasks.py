@@ -64,7 +64,7 @@ def register_tasks(app: Celery) -> None:
         """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``."""
         rt = runtime()
         run = ChunkRun(spec=rt.spec(job_id), frames=parse_frames(frames), worker=rt.worker,
-                       store=rt.store, settings=rt.settings, io=rt.io, middleware=rt.middleware)
+                       store=rt.store, settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware)
         try:
             result = run.run(rt.cache)
         except TASK_POLICY["autoretry_for"]:

@@ -15,7 +15,9 @@ ids and classes, about four significant digits for scores (the exact ones are in
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +77,7 @@ class Model(BaseModel):
         self.sidecar_json = True
         self.raw_frames = True  # preprocess copies into pinned memory; a half plate goes up as half
         self._nets: dict[str, Any] = {}
-        self._copy_stream: Any = None
+        self._streams = threading.local()  # per lane thread: its CUDA stream and its copy stream
 
     # --- before anything runs ----------------------------------------------------------------
     def _weights_dir(self):
@@ -107,7 +109,9 @@ class Model(BaseModel):
         self.channels_last = False
         self.half_rgba = bool(settings.exr_rgba_half)
         self.batch_size = int(settings.mrcnn_batch_size)
+        self.lanes = 1
         if device.startswith("cuda"):
+            self.lanes = int(settings.mrcnn_lanes)
             torch.cuda.init()
             tf32 = settings.mrcnn_precision in ("tf32", "fp16")  # fp16: what autocast leaves in fp32 uses TF32
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -198,7 +202,7 @@ class Model(BaseModel):
         # With a class filter the network must not stop at max_detections of other classes.
         network.configure(net, self.min_size, self.max_size, self.thresh,
                           self.max_detections if keep is None else max(100, int(self.max_detections)))
-        with torch.inference_mode():
+        with torch.inference_mode(), self._lane_stream():
             linear = [t.to(self.torch_device, non_blocking=True).float() for t in batch]
             srgb = [linear_to_srgb(x, torch) for x in linear]
             found = network.run(net, [s.clamp(0, 1).permute(2, 0, 1) for s in srgb], self.channels_last,
@@ -238,6 +242,22 @@ class Model(BaseModel):
                                  pixels)
         return self._to_host(rgba, data, boxes, labels, scores.float(), pixels)
 
+    def _stream(self, name: str) -> Any:
+        """This thread's CUDA stream called ``name``, made on first use (streams are per thread so
+        that lanes never queue behind one another)."""
+        stream = getattr(self._streams, name, None)
+        if stream is None:
+            stream = self.torch.cuda.Stream()
+            setattr(self._streams, name, stream)
+        return stream
+
+    def _lane_stream(self) -> Any:
+        """With several lanes each lane thread runs its batches on its own stream; with one, the
+        default stream as ever."""
+        if self.lanes > 1 and self.torch_device.startswith("cuda"):
+            return self.torch.cuda.stream(self._stream("compute"))
+        return contextlib.nullcontext()
+
     def _to_host(self, *tensors: Any) -> Pending:
         """Start copying to pinned host memory on a side stream; ``postprocess`` waits on the event.
 
@@ -246,23 +266,21 @@ class Model(BaseModel):
         torch = self.torch
         if not self.torch_device.startswith("cuda"):
             return Pending(None, *(None if t is None else t.contiguous().clone() for t in tensors))
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream()
-        done = torch.cuda.current_stream()
-        self._copy_stream.wait_stream(done)
+        copy_stream = self._stream("copy")
+        copy_stream.wait_stream(torch.cuda.current_stream())
         host = []
-        with torch.cuda.stream(self._copy_stream):
+        with torch.cuda.stream(copy_stream):
             for t in tensors:
                 if t is None:
                     host.append(None)
                     continue
                 t = t.contiguous()
-                t.record_stream(self._copy_stream)  # keep its memory until the copy has read it
+                t.record_stream(copy_stream)  # keep its memory until the copy has read it
                 buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
                 buf.copy_(t, non_blocking=True)
                 host.append(buf)
             # A blocking event: the I/O thread waiting on it sleeps instead of spinning a core that
             # EXR encoding needs (CUDA's default wait spins, and 14 spinning threads starve the farm).
             ready = torch.cuda.Event(blocking=True)
-            ready.record(self._copy_stream)
+            ready.record(copy_stream)
         return Pending(ready, *host)
