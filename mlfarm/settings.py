@@ -56,7 +56,10 @@ class Settings(BaseSettings):
         default_factory=lambda: default_data_dir() / "storage",
         description="Shared storage. Workers refuse to write anywhere else.",
     )
-    exr_compression: str = Field(default="zip", description="EXR compression for outputs (zip, piz, dwaa, none...).")
+    exr_compression: Literal["none", "rle", "zips", "zip", "piz", "pxr24", "b44", "b44a", "dwaa", "dwab"] = Field(
+        default="zip", description="EXR compression for outputs: zip (zlib, 16 lines a chunk), rle "
+        "(fastest to write, larger), zips, piz, pxr24, b44, b44a, dwaa, dwab or none.",
+    )
     exr_rgba_half: bool = Field(
         default=True,
         description="Write the rgba plane as half; data planes stay float unless the model returns them as half.",
