@@ -1,10 +1,10 @@
 """Running one chunk of frames: read ahead, infer in batches, write behind.
 
 Reading the next frames and writing finished ones happen on a thread pool while the model works
-on the current batch (OpenImageIO releases the GIL while it decodes and encodes), so a GPU worker
-is not left waiting on EXR I/O. A model that declares ``lanes`` > 1 gets that many batches in
-``infer_batch`` at once, from lane threads. Each frame succeeds or fails on its own: a missing or corrupt
-frame is recorded with its reason and the rest of the chunk goes on.
+on the current batch (OpenImageIO and OpenEXR release the GIL while they decode and encode), so a
+GPU worker is not left waiting on EXR I/O. A model that declares ``lanes`` > 1 gets that many
+batches in ``infer_batch`` at once, from lane threads. Each frame succeeds or fails on its own: a
+missing or corrupt frame is recorded with its reason and the rest of the chunk goes on.
 """
 
 from __future__ import annotations
