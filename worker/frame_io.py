@@ -177,13 +177,17 @@ def _one_block(images: Sequence[np.ndarray], channels: int) -> np.ndarray | None
     return base
 
 
-_OPENEXR_NAMES = {"none": "NO"}  # Settings.exr_compression's names are OpenImageIO's (and Nuke's)
+# Settings.exr_compression's names (OpenImageIO's and Nuke's) to OpenEXR's.
+_COMPRESSIONS = {"none": OpenEXR.NO_COMPRESSION, "rle": OpenEXR.RLE_COMPRESSION, "zips": OpenEXR.ZIPS_COMPRESSION,
+                 "zip": OpenEXR.ZIP_COMPRESSION, "piz": OpenEXR.PIZ_COMPRESSION, "pxr24": OpenEXR.PXR24_COMPRESSION,
+                 "b44": OpenEXR.B44_COMPRESSION, "b44a": OpenEXR.B44A_COMPRESSION, "dwaa": OpenEXR.DWAA_COMPRESSION,
+                 "dwab": OpenEXR.DWAB_COMPRESSION}
 
 
 def _header(metadata: Mapping[str, Any], compression: str) -> dict[str, Any]:
-    header: dict[str, Any] = {"type": OpenEXR.scanlineimage,
-                              "compression": getattr(OpenEXR, f"{_OPENEXR_NAMES.get(compression, compression.upper())}"
-                                                              "_COMPRESSION")}
+    if compression not in _COMPRESSIONS:
+        raise FrameError(f"unknown EXR compression {compression!r}; use one of {', '.join(_COMPRESSIONS)}")
+    header: dict[str, Any] = {"type": OpenEXR.scanlineimage, "compression": _COMPRESSIONS[compression]}
     for key, value in metadata.items():
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             value = json.dumps(value, sort_keys=True)
