@@ -6,8 +6,9 @@ on the GPU as a ZIPS EXR (one scanline a chunk, what Nuke writes by default): Op
 and delta predictor in torch, then nvCOMP's deflate (``nvidia-nvcomp-cu13``; a single deflate
 stream is limited in size, and a 16-line ZIP chunk is too big for it), Adler-32 sums in torch, and
 the file (header, offset table, chunks) assembled on the CPU. It checks the file against OpenImageIO
-(bit-exact) and prints the GPU and CPU time a frame and the size, against frame_io.write_exr (zips
-and zip) in the same run. Without a GPU (or nvCOMP) it runs the same format with zlib on the CPU, to
+(bit-exact) and prints the encode time (wall, time on the stream, and the calling thread's CPU),
+the copy-back and assembling time and the size, against frame_io.write_exr (zips and zip) in the
+same run. Without a GPU (or nvCOMP) it runs the same format with zlib on the CPU, to
 check the file format itself.
 
 Not used by the worker: the numbers decide whether it is worth building into it.
@@ -145,11 +146,16 @@ def main() -> None:
         for _ in range(3):
             encode_gpu(torch, nvcomp, codec, block, order)
         torch.cuda.synchronize()
-        gpu_s = copy_s = cpu_s = 0.0
+        gpu_s = copy_s = cpu_s = call_s = kernel_ms = 0.0
         for _ in range(args.frames):
-            t = time.perf_counter()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t, tc = time.perf_counter(), time.thread_time()
+            start.record()
             rows, sums, encoded = encode_gpu(torch, nvcomp, codec, block, order)
+            end.record()
+            call_s += time.thread_time() - tc
             torch.cuda.synchronize()
+            kernel_ms += start.elapsed_time(end)
             t1 = time.perf_counter()
             host = [np.asarray(e.cpu()).tobytes() for e in encoded]  # one copy a line: to be batched
             adler = sums.cpu().tolist()
@@ -163,8 +169,9 @@ def main() -> None:
                 lines.append(wrapped if len(wrapped) < raw_size else rows[y].cpu().numpy().tobytes())
             write_zips(root / "gpu.exr", args.width, args.height, channels, lines, raw_size, meta)
             cpu_s += time.process_time() - t
-        print(f"  GPU predictor + Adler-32 + nvCOMP deflate {gpu_s / args.frames * 1000:.2f} ms a frame, "
-              f"copies back line by line {copy_s / args.frames * 1000:.2f} ms", flush=True)
+        print(f"  GPU predictor + Adler-32 + nvCOMP deflate {gpu_s / args.frames * 1000:.2f} ms a frame (wall), "
+              f"{kernel_ms / args.frames:.2f} ms between events on the stream, {call_s / args.frames * 1000:.2f} ms "
+              f"CPU of the calling thread; copies back line by line {copy_s / args.frames * 1000:.2f} ms", flush=True)
         label = f"GPU (nvCOMP deflate, type {args.algorithm_type})"
     else:
         # The GPU path with zlib's raw deflate in nvCOMP's place: checks the predictor, the Adler-32
@@ -194,7 +201,7 @@ def main() -> None:
     back = [list(spec.channelnames).index(n) for n in NAMES]
     exact = np.array_equal(got[:, :, back].view(np.uint16), block_host.view(np.uint16))
     size = os.path.getsize(root / "gpu.exr") / 1e6
-    print(f"{label}: {gpu_s / args.frames * 1000:6.1f} ms a frame on the GPU, "
+    print(f"{label}: {gpu_s / args.frames * 1000:6.1f} ms a frame encoding (wall), "
           f"{cpu_s / args.frames * 1000:6.1f} ms CPU a frame to assemble and write, {size:.2f} MB; "
           f"OpenImageIO reads it back {'bit-exact' if exact else 'WRONG'} ({spec.getattribute('compression')})",
           flush=True)
