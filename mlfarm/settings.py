@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     exr_threads: int = Field(
         default=0,
         ge=-1,
-        description="OpenEXR's compression threads per process, shared by every file: 0 one per core "
-        "(OpenImageIO's default), N exactly N, -1 none (each I/O thread encodes its own frames).",
+        description="OpenImageIO's OpenEXR threads per process, decoding every EXR read (outputs are encoded on "
+        "the I/O thread that writes them): 0 one per core it may use, N exactly N, -1 none (each I/O thread "
+        "decodes its own frames).",
     )
 
     # --- models ---------------------------------------------------------------------------

@@ -69,12 +69,14 @@ class Image:
 
 
 def configure_openexr(threads: int) -> None:
-    """Size OpenEXR's compression thread pool for this process (``Settings.exr_threads``).
+    """Size OpenImageIO's OpenEXR thread pool for this process (``Settings.exr_threads``).
 
-    Every file's chunks go to one process-wide pool, so a worker whose I/O threads already write
-    several frames at once may do better with none (-1): each thread then compresses its own
-    frame. 0 means one pool thread per core this process may run on (OpenImageIO's own default
-    counts every core of the host, also those a pinned worker may not use).
+    It decodes the EXRs read through OpenImageIO (plates); outputs are written through OpenEXR's
+    own bindings, each on the I/O thread that writes it. Every file's chunks go to one
+    process-wide pool, so a worker whose I/O threads already read several frames at once may do
+    better with none (-1): each thread then decodes its own frame. 0 means one pool thread per
+    core this process may run on (OpenImageIO's own default counts every core of the host, also
+    those a pinned worker may not use).
     """
     oiio.attribute("exr_threads", int(threads) if threads else len(available_cpus()))
 
