@@ -16,6 +16,11 @@ from typing import Any
 from .options import Choice, describe_options, option_spec
 
 
+def is_tensor(value: Any) -> bool:
+    """Whether a model's output is a torch tensor (told apart without importing torch)."""
+    return type(value).__module__.startswith("torch") and hasattr(value, "device")
+
+
 class InputError(ValueError):
     """A frame this model cannot take (e.g. too few channels); the message is the artist's reason."""
 

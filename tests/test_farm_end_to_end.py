@@ -39,7 +39,7 @@ def test_blur_job_outputs_match_the_model_called_directly(farm):
         assert json.loads(spec_.getattribute("mlfarm/options")) == {"kernel_size": 3}
         assert spec_.getattribute("mlfarm/source") == frame_path(plate, f)
         assert spec_.getattribute("mlfarm/frame") == f
-        assert spec_.getattribute("compression") == "zip"
+        assert spec_.getattribute("compression") == "zips"  # the default: Nuke's own
         got = read_image(path).rgba(4)
         expected = model.inference([sample_pixels(f)])[0].astype(np.float16).astype(np.float32)
         np.testing.assert_array_equal(got, expected)

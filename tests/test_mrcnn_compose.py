@@ -179,3 +179,18 @@ def test_class_labels_are_drawn_above_their_box(mrcnn):
     changed = np.argwhere((with_label != without).any(axis=2))
     assert len(changed) > 20
     assert changed[:, 0].max() < 40 and changed[:, 1].min() >= 20  # above the box, from its left edge
+
+
+def test_labels_drawn_into_device_planes_match_the_host_drawing():
+    """Where the worker compresses on the GPU, labels are pasted into the tensor itself: same pixels."""
+    from mlfarm.models.builtin.mrcnn.labels import draw_labels
+
+    dets = [{"label": "person", "score": 0.91, "box": [20.0, 40.0, 100.0, 90.0]},
+            {"label": "car", "score": 0.5, "box": [120.0, 2.0, 127.0, 30.0]},  # clipped at the right edge
+            {"label": "dog", "score": 0.77, "box": [3.0, 5.0, 30.0, 30.0]}]  # no room above: drawn inside
+    host = sample_pixels(4, width=128, height=96)[:, :, :3].astype(np.float16)
+    device = torch.from_numpy(host.copy())
+    draw_labels(host, dets, 0.35)
+    draw_labels(device, dets, 0.35)
+    np.testing.assert_array_equal(device.numpy(), host)
+    assert (host != sample_pixels(4, width=128, height=96)[:, :, :3].astype(np.float16)).any(axis=2).sum() > 100

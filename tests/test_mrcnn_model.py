@@ -180,3 +180,29 @@ def test_models_fetch_refuses_a_model_without_downloadable_weights_and_listing_s
     described = json.loads(listing.stdout)["mrcnn"]
     assert described["outputs"] == {"rgba": 4, "matte": ["A"], "instance": ["id"], "class": ["id"], "score": ["value"]}
     assert {o["name"] for o in described["options"]} >= {"thresh", "classes", "max_detections", "architecture"}
+
+
+def test_mlclient_gateway_runs_mrcnn_through_its_pre_and_postprocess(monkeypatch, weights_dir):
+    """The MLClient path (worker and --local) runs a model as a chunk does: preprocess, infer_batch,
+    postprocess. Mask R-CNN needs all three: its infer_batch takes prepared tensors, and its
+    postprocess turns pending device results into planes and detections."""
+    from mlfarm.gateway.images import WireImage
+    from mlfarm.gateway.inference import run_model
+    from mlfarm.models.catalog import Catalog, discover
+    from mlfarm.settings import get_settings
+
+    monkeypatch.setenv("MLFARM_WEIGHTS_DIR", str(weights_dir))
+    get_settings.cache_clear()
+    try:
+        model = Catalog(discover()).entry("mrcnn").create()
+        model.load("cpu")
+        image = sample_pixels(3, width=96, height=64)
+        images, objects = run_model(model, {**SMALL, "show_class": False}, [WireImage.from_array(image)])
+    finally:
+        get_settings.cache_clear()
+    assert [i.to_array().shape for i in images] == [(64, 96, 4), (64, 96, 1), (64, 96, 1), (64, 96, 1), (64, 96, 1)]
+    dets = objects[0]["detections"]
+    assert 1 <= len(dets) <= SMALL["max_detections"]
+    ids = images[2].to_array()[:, :, 0]
+    assert set(np.unique(ids).astype(int)) <= set(range(len(dets) + 1))
+    np.testing.assert_array_equal(images[1].to_array()[:, :, 0], (ids > 0).astype(np.float32))

@@ -17,6 +17,8 @@ import numpy as np
 import OpenEXR
 import OpenImageIO as oiio
 
+from mlfarm.models.base import is_tensor
+
 from .cpus import available_cpus
 from .storage import atomic_output
 
@@ -186,15 +188,73 @@ _COMPRESSIONS = {"none": OpenEXR.NO_COMPRESSION, "rle": OpenEXR.RLE_COMPRESSION,
                  "dwab": OpenEXR.DWAB_COMPRESSION}
 
 
+def header_value(value: Any) -> int | float | str:
+    """A metadata value as the EXR header stores it: int (32-bit), float or string; anything else
+    (booleans, lists, dicts, huge ints) as JSON text, which Nuke shows and scripts can parse."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, int) and not -(1 << 31) <= value < (1 << 31):
+        return json.dumps(value)
+    return value
+
+
 def _header(metadata: Mapping[str, Any], compression: str) -> dict[str, Any]:
     if compression not in _COMPRESSIONS:
         raise FrameError(f"unknown EXR compression {compression!r}; use one of {', '.join(_COMPRESSIONS)}")
     header: dict[str, Any] = {"type": OpenEXR.scanlineimage, "compression": _COMPRESSIONS[compression]}
-    for key, value in metadata.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            value = json.dumps(value, sort_keys=True)
-        header[key] = value
+    header.update((key, header_value(value)) for key, value in metadata.items())
     return header
+
+
+def write_planes(path: str, root: str | os.PathLike[str], outputs: Mapping[str, int | Sequence[str]],
+                 images: Sequence[Any], metadata: Mapping[str, Any], compression: str = "zip",
+                 rgba_half: bool = True, gpu_compress: bool = True) -> None:
+    """Write a model's output images as one EXR: numpy arrays, or torch tensors on any device.
+
+    Planes still on a CUDA device are compressed there when the settings allow it (ZIPS through
+    nvCOMP, worker/gpu_exr.py), so the worker's cores never encode them; otherwise they come to
+    the host and OpenEXR writes them, as numpy planes always are.
+    """
+    cuda = next((im.device for im in images if is_tensor(im) and im.device.type == "cuda"), None)
+    if cuda is not None:
+        from . import gpu_exr
+
+        if gpu_exr.can_encode(compression, gpu_compress, str(cuda)):
+            channels = device_channels(outputs, images, rgba_half)
+            if sum(t.shape[1] * t.element_size() for _, t in channels) <= gpu_exr.MAX_LINE_BYTES:
+                gpu_exr.write_zips(path, root, channels, metadata)
+                return
+    images = [im.cpu().numpy() if is_tensor(im) else im for im in images]
+    pixels, names, data = assemble_planes(outputs, images)
+    write_exr(path, root, pixels, names, data, metadata, compression, rgba_half)
+
+
+def device_channels(outputs: Mapping[str, int | Sequence[str]], images: Sequence[Any], rgba_half: bool
+                    ) -> list[tuple[str, Any]]:
+    """The EXR channels of output tensors as (name, H x W tensor) in the types ``write_exr`` gives
+    them: with ``rgba_half`` the main plane half and data planes float unless they are half; all
+    float without it."""
+    import torch
+
+    if len(images) < len(outputs):
+        raise FrameError(f"the model returned {len(images)} images for {len(outputs)} output planes")
+    device = next(im.device for im in images if is_tensor(im))
+    channels: list[tuple[str, Any]] = []
+    shape = None
+    for i, (layer, spec) in enumerate(outputs.items()):
+        img = images[i] if is_tensor(images[i]) else torch.from_numpy(np.asarray(images[i]))
+        img = img.to(device)
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if shape is None:
+            shape = tuple(img.shape[:2])
+        elif tuple(img.shape[:2]) != shape:
+            raise FrameError(f"output plane {layer} is {img.shape[1]}x{img.shape[0]}, not {shape[1]}x{shape[0]}")
+        half = rgba_half and (i == 0 or img.dtype == torch.float16)  # as write_exr's data_channels
+        dtype = torch.float16 if half else torch.float32
+        names = channel_names(layer, spec, img.shape[2], main=(i == 0))
+        channels.extend((name, img[:, :, c].to(dtype)) for c, name in enumerate(names))
+    return channels
 
 
 def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, channels: Sequence[str],
@@ -216,7 +276,7 @@ def write_exr(path: str, root: str | os.PathLike[str], pixels: np.ndarray, chann
             with OpenEXR.File(header, planes) as exr:
                 exr.write(os.fspath(tmp))
         except Exception as exc:  # OpenEXR raises RuntimeError (and others) with the library's message
-            raise FrameError(f"{path}: {_write_failure(str(exc) or type(exc).__name__, tmp, nbytes)}") from None
+            raise FrameError(f"{path}: {write_failure(str(exc) or type(exc).__name__, tmp, nbytes)}") from None
         if _space_was_short(tmp, nbytes):
             _check_complete(path, tmp, nbytes)
 
@@ -250,10 +310,10 @@ def _check_complete(path: str, tmp: os.PathLike[str], nbytes: int) -> None:
         ok = inp.read_scanline(spec.y + spec.height - 1, 0, "float") is not None and not inp.geterror()
         inp.close()
     if not ok:
-        raise FrameError(f"{path}: {_write_failure('the written file is incomplete', tmp, nbytes)}")
+        raise FrameError(f"{path}: {write_failure('the written file is incomplete', tmp, nbytes)}")
 
 
-def _write_failure(message: str, tmp: os.PathLike[str], nbytes: int) -> str:
+def write_failure(message: str, tmp: os.PathLike[str], nbytes: int) -> str:
     """OpenEXR's message loses errno; say what a wrangler needs: the disk is full, or read-only.
 
     The hidden temporary's name is no use to an artist, so it is left out.

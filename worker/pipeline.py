@@ -22,10 +22,10 @@ import numpy as np
 
 from mlfarm.broker.frames import format_frames, frame_path
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
-from mlfarm.models.base import BaseModel, InputError
+from mlfarm.models.base import BaseModel, InputError, is_tensor
 from mlfarm.settings import Settings
 
-from .frame_io import FrameError, assemble_planes, read_image, sidecar_path, write_exr, write_json
+from .frame_io import FrameError, read_image, sidecar_path, write_json, write_planes
 from .middleware import Middleware
 from .model_cache import ModelCache
 from .runtime import LanePools, io_threads
@@ -117,9 +117,8 @@ class ChunkRun:
         t = time.perf_counter()
         try:
             outputs = model.postprocess(outputs)
-            images = [o for o in outputs if isinstance(o, np.ndarray)]
-            objects = [o for o in outputs if not isinstance(o, np.ndarray)]
-            pixels, names, data = assemble_planes(model.outputs, images)
+            images = [o for o in outputs if isinstance(o, np.ndarray) or is_tensor(o)]
+            objects = [o for o in outputs if not (isinstance(o, np.ndarray) or is_tensor(o))]
             metadata: dict[str, Any] = {
                 "mlfarm/job": self.spec.id,
                 "mlfarm/model": self.spec.model,
@@ -134,8 +133,9 @@ class ChunkRun:
                     write_json(sidecar_path(frame_path(self.spec.output, frame)), self.settings.storage_root,
                                {"job": self.spec.id, "model": self.spec.model, "frame": int(frame),
                                 "source": frame_path(self.spec.input, frame), "objects": objects})
-            write_exr(frame_path(self.spec.output, frame), self.settings.storage_root, pixels, names, data,
-                      metadata, self.settings.exr_compression, self.settings.exr_rgba_half)
+            write_planes(frame_path(self.spec.output, frame), self.settings.storage_root, model.outputs, images,
+                         metadata, self.settings.exr_compression, self.settings.exr_rgba_half,
+                         self.settings.exr_gpu_compress)
         except Exception as exc:
             reason = describe_error(exc)
             out_path = frame_path(self.spec.output, frame)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mlfarm.models.base import BaseModel
+from mlfarm.models.base import BaseModel, is_tensor
 
 from .images import WireImage
 
@@ -34,11 +34,15 @@ def run_model(model: BaseModel, options: Mapping[str, Any], images: Sequence[Wir
     arrays = [img.to_array() for img in images]
     model.set_options({k: v for k, v in options.items() if k in model.options})
     model.set_buttons({k: v for k, v in options.items() if k in model.buttons})
-    outputs = model.infer_batch([arrays])
+    # The same three stages as a farm chunk: a model that prepares frames in preprocess (pinned
+    # memory) or finishes them in postprocess (waits for a device copy, draws labels) gets them here too.
+    outputs = model.infer_batch([model.preprocess(arrays)])
     if len(outputs) != 1:
         raise ModelOutputError(f"infer_batch returned {len(outputs)} results for 1 frame")
     out_images, objects = [], []
-    for item in outputs[0]:
+    for item in model.postprocess(list(outputs[0])):
+        if is_tensor(item):  # planes left on a device (e.g. for GPU compression) come to the host
+            item = item.cpu().numpy()
         if isinstance(item, np.ndarray):
             out_images.append(WireImage.from_array(item))
         else:

@@ -1,13 +1,15 @@
-"""Class labels on the visualisation: small text patches drawn on the host after the GPU work.
+"""Class labels on the visualisation: small text patches pasted after the GPU work.
 
-A label is a few hundred pixels, so drawing it on the I/O thread that writes the frame costs
-nothing the GPU would notice, and keeps glyph rendering (Pillow's built-in font) off the device.
+A label is a few hundred pixels: glyphs are set on the host (Pillow's built-in font) and cached,
+then pasted by the I/O thread that writes the frame, into host planes or, where the worker
+compresses on the GPU, into the device planes (each patch uploaded once and cached there).
 As the seed drew them: green background above the box's top-left corner, grey text.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -46,11 +48,29 @@ def label_patch(text: str, font_scale: float, dtype: str = "float32") -> np.ndar
     return patch
 
 
-def draw_labels(rgb: np.ndarray, detections: list[dict], font_scale: float) -> None:
-    """Draw ``label score`` for each detection onto the H x W x 3 scene-linear image, in place."""
+@lru_cache(maxsize=2048)
+def _device_patch(text: str, font_scale: float, dtype: str, device: str) -> Any:
+    import torch
+
+    return torch.from_numpy(np.array(label_patch(text, font_scale, dtype))).to(device)  # a blocking copy
+
+
+def draw_labels(rgb: Any, detections: list[dict], font_scale: float) -> None:
+    """Draw ``label score`` for each detection onto the H x W x 3 scene-linear image, in place: a
+    numpy array or a torch tensor on any device (drawn on the calling thread's stream)."""
     height, width = rgb.shape[:2]
+    on_device = not isinstance(rgb, np.ndarray)
+    dtype = str(rgb.dtype).removeprefix("torch.")
     for det in detections:
-        patch = label_patch(f"{det['label']} {det['score']:.2f}", float(font_scale), rgb.dtype.name)
+        text = f"{det['label']} {det['score']:.2f}"
+        if on_device:
+            patch = _device_patch(text, float(font_scale), dtype, str(rgb.device))
+            if patch.is_cuda:  # cached across threads: its memory must outlive this stream's use of it
+                import torch
+
+                patch.record_stream(torch.cuda.current_stream())
+        else:
+            patch = label_patch(text, float(font_scale), dtype)
         h = patch.shape[0]
         x0 = min(max(0, round(det["box"][0])), max(0, width - 1))
         y0 = round(det["box"][1]) - h

@@ -77,6 +77,7 @@ class Model(BaseModel):
         self.sidecar_json = True
         self.raw_frames = True  # preprocess copies into pinned memory; a half plate goes up as half
         self._nets: dict[str, Any] = {}
+        self.planes_stay = False  # set by load(): True where the worker compresses outputs on the GPU
         self._streams = threading.local()  # per lane thread: its CUDA stream and its copy stream
 
     # --- before anything runs ----------------------------------------------------------------
@@ -122,6 +123,10 @@ class Model(BaseModel):
         from . import compose
 
         self.colours = torch.from_numpy(compose.palette()).to(device)
+        from mlfarm.worker.gpu_exr import can_encode
+
+        # Planes the worker will compress on the GPU stay there: only the detections come back.
+        self.planes_stay = can_encode(settings.exr_compression, settings.exr_gpu_compress, device)
 
     def unload(self) -> None:
         self._nets.clear()
@@ -164,11 +169,20 @@ class Model(BaseModel):
             return outputs
         if pending.ready is not None:
             pending.ready.synchronize()
-        # One block when everything is half: the planes are channel slices of it, which the
-        # writer hands to OpenImageIO without assembling a copy.
-        block = pending.planes.numpy()
+        if self.planes_stay:  # device planes: labels are drawn, and the frame compressed, on this
+            from mlfarm.worker.gpu_exr import thread_stream  # thread's stream
+
+            stream = thread_stream(self.torch)
+            stream.wait_event(pending.ready)
+            for t in (pending.planes, pending.data):
+                if t is not None:
+                    t.record_stream(stream)
+            block, data = pending.planes, pending.data
+        else:  # one block when everything is half: the planes are channel slices of it, which
+            block = pending.planes.numpy()  # the writer hands on without assembling a copy
+            data = None if pending.data is None else pending.data.numpy()
         rgba = block[:, :, :4]
-        data = block[:, :, 4:] if pending.data is None else pending.data.numpy()
+        data = block[:, :, 4:] if data is None else data
         labels = pending.labels.numpy()
         scores = pending.scores.numpy()
         boxes = pending.boxes.numpy()
@@ -189,7 +203,8 @@ class Model(BaseModel):
 
     # --- a batch, on the worker's main thread --------------------------------------------------
     def inference(self, image_list: list[Any]) -> list[Any]:
-        return self.postprocess(self.infer_batch([self.preprocess(image_list)])[0])
+        outputs = self.postprocess(self.infer_batch([self.preprocess(image_list)])[0])
+        return [o.cpu().numpy() if isinstance(o, self.torch.Tensor) else o for o in outputs]
 
     def infer_batch(self, batch: list[Any]) -> list[list[Any]]:
         from mlfarm.models.colour import linear_to_srgb
@@ -261,6 +276,9 @@ class Model(BaseModel):
     def _to_host(self, *tensors: Any) -> Pending:
         """Start copying to pinned host memory on a side stream; ``postprocess`` waits on the event.
 
+        The first two (the planes, and the data planes when rgba is float) stay on the GPU when the
+        worker compresses them there; the event then also marks them finished.
+
         The copy runs on its own stream so the next batch's network does not queue behind it.
         """
         torch = self.torch
@@ -270,9 +288,9 @@ class Model(BaseModel):
         copy_stream.wait_stream(torch.cuda.current_stream())
         host = []
         with torch.cuda.stream(copy_stream):
-            for t in tensors:
-                if t is None:
-                    host.append(None)
+            for i, t in enumerate(tensors):
+                if t is None or (i < 2 and self.planes_stay):  # the planes (and data) may stay on the GPU
+                    host.append(t)
                     continue
                 t = t.contiguous()
                 t.record_stream(copy_stream)  # keep its memory until the copy has read it

@@ -1,0 +1,273 @@
+"""ZIPS EXRs compressed on the GPU that made the planes, so a GPU worker's CPU cores stay free.
+
+Why: with zip outputs a Mask R-CNN worker is CPU-bound, not GPU-bound. OpenEXR's zip encoder costs
+about 0.2 core-seconds for eight half channels at 1080p, more than the network's GPU time
+(README, Mask R-CNN speed). ZIPS (zip, one scanline a chunk; Nuke's own default for EXR) is the
+zip variant that fits nvCOMP's batched deflate, which takes chunks of at most 64 KiB.
+
+The file is the one OpenEXR writes: the same header attributes, and per scanline a zlib stream of
+OpenEXR's byte split and delta predictor, or the raw line where compressing does not make it
+smaller. OpenImageIO reads it back bit-exact (tests/test_gpu_exr.py).
+
+Only the deflate is nvCOMP's. Everything else (line layout, predictor, Adler-32 sums, the chunks'
+framing) is torch code that runs on whatever device holds the planes; for CPU tensors zlib does
+the deflate, which is how the tests check the format on machines without a GPU. The CPU never
+touches a pixel: it gets back the finished chunks in one copy, and writes them after a header
+and an offset table.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .frame_io import FrameError, header_value, write_failure
+from .storage import atomic_output
+
+HALF, FLOAT = 1, 2  # OpenEXR's pixel types
+ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk
+MAX_LINE_BYTES = 65536  # nvCOMP's deflate takes chunks up to 64 KiB: wider lines go to the CPU writer
+_ZLIB_HEADER = (0x78, 0x01)  # deflate, 32 KiB window, no preset dictionary (a valid check value)
+
+_local = threading.local()
+
+
+@functools.cache
+def nvcomp_available() -> bool:
+    """Whether nvCOMP's Python package (``nvidia-nvcomp-cu13``) is installed."""
+    try:
+        from nvidia import nvcomp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def can_encode(compression: str, enabled: bool, device: str) -> bool:
+    """Whether outputs made on ``device`` can be compressed there, with these settings."""
+    return enabled and compression == "zips" and str(device).startswith("cuda") and nvcomp_available()
+
+
+def thread_stream(torch: Any) -> Any:
+    """This thread's own CUDA stream, made its current stream on first use.
+
+    Each I/O thread draws and compresses its frames on its own stream, so frames compress side by
+    side and never queue behind the network's stream. A model's ``postprocess`` that edits device
+    planes calls this too, so its work and the compression run in order on one stream.
+    """
+    stream = getattr(_local, "stream", None)
+    if stream is None:
+        stream = _local.stream = torch.cuda.Stream()
+    torch.cuda.set_stream(stream)
+    return stream
+
+
+# --- the header --------------------------------------------------------------------------
+def _attribute(name: str, kind: str, value: bytes) -> bytes:
+    return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value
+
+
+def header_bytes(width: int, height: int, channels: Sequence[tuple[str, int]], metadata: Mapping[str, Any]) -> bytes:
+    """A single-part scanline header with ZIPS compression, attributes sorted by name as OpenEXR
+    sorts them; metadata values become int, float or string attributes as in frame_io.write_exr."""
+    box = struct.pack("<iiii", 0, 0, width - 1, height - 1)
+    chlist = b"".join(n.encode() + b"\0" + struct.pack("<iB3xii", t, 0, 1, 1) for n, t in sorted(channels)) + b"\0"
+    attrs = {"channels": ("chlist", chlist), "compression": ("compression", bytes([ZIPS])),
+             "dataWindow": ("box2i", box), "displayWindow": ("box2i", box), "lineOrder": ("lineOrder", b"\0"),
+             "pixelAspectRatio": ("float", struct.pack("<f", 1.0)),
+             "screenWindowCenter": ("v2f", struct.pack("<ff", 0.0, 0.0)),
+             "screenWindowWidth": ("float", struct.pack("<f", 1.0)), "type": ("string", b"scanlineimage")}
+    for key, raw in metadata.items():
+        value = header_value(raw)
+        if isinstance(value, int):
+            attrs[key] = ("int", struct.pack("<i", value))
+        elif isinstance(value, float):
+            attrs[key] = ("float", struct.pack("<f", value))
+        else:
+            attrs[key] = ("string", value.encode())
+    long_names = any(len(k.encode()) > 31 for k in attrs)
+    version = 2 | (0x400 if long_names else 0)
+    return (struct.pack("<ii", 20000630, version)
+            + b"".join(_attribute(k, kind, v) for k, (kind, v) in sorted(attrs.items())) + b"\0")
+
+
+# --- the pixels, on their device ------------------------------------------------------------
+def line_bytes(torch: Any, channels: Sequence[tuple[str, Any]]) -> Any:
+    """H x L bytes: each scanline as OpenEXR lays it out, channels in name order, each channel's
+    pixels in turn, little-endian (as every CUDA device and x86 host stores them)."""
+    parts = [t.contiguous().view(torch.uint8).reshape(t.shape[0], -1) for _, t in sorted(channels, key=lambda c: c[0])]
+    return torch.cat(parts, 1)
+
+
+def predict(torch: Any, lines: Any) -> Any:
+    """OpenEXR's zip preprocessing of each line: even bytes then odd bytes, then byte deltas + 128
+    (uint8 arithmetic wraps around, as OpenEXR's does)."""
+    split = torch.cat([lines[:, 0::2], lines[:, 1::2]], dim=1)
+    out = split.clone()
+    out[:, 1:] = split[:, 1:] - split[:, :-1] + 128
+    return out
+
+
+def adler32_lines(torch: Any, lines: Any) -> Any:
+    """Adler-32 of every line, for the zlib trailer (int64 sums stay exact for lines of 64 KiB)."""
+    n = lines.shape[1]
+    b = lines.to(torch.int64)
+    a = (1 + b.sum(1)) % 65521
+    weights = torch.arange(n, 0, -1, device=lines.device, dtype=torch.int64)
+    s = (n + (b * weights).sum(1)) % 65521
+    return (s << 16) | a
+
+
+# --- deflate: nvCOMP on the GPU, zlib for CPU tensors ------------------------------------------
+def _zlib_deflate(torch: Any, predicted: Any) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Raw deflate of each line with zlib: the reference for CPU tensors (and the tests)."""
+    streams = []
+    for row in predicted.numpy():
+        deflate = zlib.compressobj(4, zlib.DEFLATED, -15)
+        streams.append(deflate.compress(row.tobytes()) + deflate.flush())
+    sizes = np.array([len(s) for s in streams], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8), offsets, sizes
+
+
+class _NvcompDeflate:
+    """One thread's nvCOMP deflate codec on that thread's stream, with its buffers' layout."""
+
+    def __init__(self, torch: Any, stream: Any):
+        from nvidia import nvcomp
+
+        self.nvcomp = nvcomp
+        self.torch = torch
+        self.stream = stream
+        # Type 1 (high throughput): the files come out about 10% larger than OpenEXR's level 4.
+        self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW, algorithm_type=1,
+                                  uncomp_chunk_size=MAX_LINE_BYTES, cuda_stream=stream.cuda_stream)
+        self.align = max(16, int(self.codec.get_required_compression_alignment()))
+        self.layouts: dict[tuple[int, int], tuple[Any, int]] = {}
+
+    def _layout(self, height: int, length: int, sample: Any) -> tuple[Any, int]:
+        key = (height, length)
+        if key not in self.layouts:
+            bound = int(self.codec.get_max_comp_buffer_size(self.nvcomp.as_array(sample)))
+            stride = -(-bound // self.align) * self.align
+            self.layouts[key] = (self.codec.compression_config([length] * height), stride)
+        return self.layouts[key]
+
+    def __call__(self, predicted: Any, length: int) -> tuple[Any, np.ndarray, np.ndarray]:
+        torch, nvcomp = self.torch, self.nvcomp
+        height, padded = predicted.shape
+        config, stride = self._layout(height, length, predicted[0, :length])
+        out = torch.empty(height * stride, dtype=torch.uint8, device=predicted.device)
+        stream = self.stream.cuda_stream
+        offsets = list(range(0, height * stride, stride))
+        src = nvcomp.as_arrays(predicted.view(-1), list(range(0, height * padded, padded)), [length] * height, stream)
+        dst = nvcomp.as_arrays(out, offsets, [stride] * height, stream)
+        encoded = self.codec.encode(src, out=dst, compression_config=config)
+        done = torch.cuda.Event(blocking=True)  # wait without holding the GIL, then read the sizes
+        done.record(self.stream)
+        done.synchronize()
+        sizes = np.asarray(encoded.buffer_sizes, dtype=np.int64)
+        return out, np.asarray(offsets, dtype=np.int64), sizes
+
+
+def _nvcomp_deflate(torch: Any) -> _NvcompDeflate:
+    stream = thread_stream(torch)
+    codec = getattr(_local, "deflate", None)
+    if codec is None or codec.stream is not stream:
+        codec = _local.deflate = _NvcompDeflate(torch, stream)
+    return codec
+
+
+# --- the chunks ------------------------------------------------------------------------------
+def chunks(torch: Any, raw: Any, compressed: Any, offsets: np.ndarray, sizes: np.ndarray, adler: Any
+           ) -> tuple[Any, np.ndarray]:
+    """Every scanline's chunk, back to back, built on the device in one gather: (y, data size, data)
+    where data is a zlib stream (header, deflate, Adler-32) or, where that is not smaller than
+    the line, the raw line as OpenEXR stores it. Returns the bytes and each chunk's size."""
+    height, length = raw.shape
+    device = raw.device
+    packed = sizes + 6 < length
+    data_size = np.where(packed, sizes + 6, length)
+    chunk = data_size + 8
+    starts = np.concatenate([[0], np.cumsum(chunk)[:-1]])
+    total = int(chunk.sum())
+    # 14 bytes of framing a line: y and size (little-endian), zlib's header, Adler-32 (big-endian).
+    head = np.zeros((height, 10), np.uint8)
+    head[:, 0:4] = np.arange(height, dtype="<i4").view(np.uint8).reshape(height, 4)
+    head[:, 4:8] = data_size.astype("<i4").view(np.uint8).reshape(height, 4)
+    head[:, 8:10] = _ZLIB_HEADER
+    tail = torch.stack([(adler >> s) & 0xFF for s in (24, 16, 8, 0)], 1).to(torch.uint8)
+    table = torch.cat([torch.from_numpy(head).to(device), tail], 1).view(-1)
+    source = torch.cat([table, compressed.view(-1), raw.reshape(-1)])
+    at_compressed, at_raw = table.numel(), table.numel() + compressed.numel()
+
+    def per_line(values: np.ndarray) -> Any:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
+
+    line = torch.repeat_interleave(torch.arange(height, device=device), per_line(chunk), output_size=total)
+    pos = torch.arange(total, device=device) - per_line(starts)[line]
+    comp = per_line(sizes)[line]
+    framing = line * 14 + torch.where(pos < 10, pos, pos - comp)  # y, size, zlib header; or the trailer
+    deflated = at_compressed + per_line(offsets)[line] + pos - 10
+    index = torch.where((pos >= 10) & (pos < 10 + comp), deflated, framing)
+    keep = torch.from_numpy(packed).to(device)[line] | (pos < 8)
+    index = torch.where(keep, index, at_raw + line * length + pos - 8)
+    return source[index], chunk
+
+
+def write_zips(path: str, root: str | os.PathLike[str], channels: Sequence[tuple[str, Any]],
+               metadata: Mapping[str, Any]) -> None:
+    """Write H x W channel tensors (half or float32, one device) as a ZIPS EXR, atomically under the
+    storage root. On a CUDA device the caller's thread must not hold other work on the thread's
+    stream that the planes do not depend on (see ``thread_stream``)."""
+    import torch
+
+    first = channels[0][1]
+    height, width = first.shape
+    types = [(name, HALF if t.dtype == torch.float16 else FLOAT) for name, t in channels]
+    for name, t in channels:
+        if t.shape != first.shape or t.device != first.device or t.dtype not in (torch.float16, torch.float32):
+            raise FrameError(f"{path}: channel {name} is {tuple(t.shape)} {t.dtype} on {t.device}; every channel "
+                             f"must be {height}x{width} half or float on {first.device}")
+    cuda = first.device.type == "cuda"
+    if cuda:
+        thread_stream(torch)
+    lines = line_bytes(torch, channels)
+    length = lines.shape[1]
+    if cuda and length > MAX_LINE_BYTES:
+        raise FrameError(f"{path}: a {length}-byte scanline is too wide for GPU compression")
+    if cuda:
+        deflate = _nvcomp_deflate(torch)
+        padded = -(-length // deflate.align) * deflate.align
+        predicted = torch.empty(height, padded, dtype=torch.uint8, device=first.device)
+        predicted[:, :length] = predict(torch, lines)
+        compressed, offsets, sizes = deflate(predicted, length)
+        predicted = predicted[:, :length]
+    else:
+        predicted = predict(torch, lines)
+        compressed, offsets, sizes = _zlib_deflate(torch, predicted)
+    payload, chunk = chunks(torch, lines, compressed, offsets, sizes, adler32_lines(torch, predicted))
+    if cuda:
+        host = torch.empty(payload.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(payload, non_blocking=True)
+        copied = torch.cuda.Event(blocking=True)
+        copied.record()
+        copied.synchronize()
+        payload = host
+    header = header_bytes(width, height, types, metadata)
+    table = (len(header) + 8 * height + np.concatenate([[0], np.cumsum(chunk)[:-1]])).astype("<u8")
+    with atomic_output(path, root) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(table.tobytes())
+                f.write(memoryview(payload.numpy()))
+        except OSError as exc:
+            nbytes = len(header) + table.nbytes + payload.numel()
+            raise FrameError(f"{path}: {write_failure(exc.strerror or str(exc), tmp, nbytes)}") from None
