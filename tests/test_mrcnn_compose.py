@@ -194,3 +194,30 @@ def test_labels_drawn_into_device_planes_match_the_host_drawing():
     draw_labels(device, dets, 0.35)
     np.testing.assert_array_equal(device.numpy(), host)
     assert (host != sample_pixels(4, width=128, height=96)[:, :, :3].astype(np.float16)).any(axis=2).sum() > 100
+
+
+def test_planes_left_on_the_device_are_the_host_planes(mrcnn):
+    """With GPU compression the planes stay tensors (labels pasted into them): same pixels, same
+    detections. As in the worker, they are made in inference mode and finished outside it."""
+    from mlfarm.models.builtin.mrcnn.coco import parse_classes
+    from mlfarm.models.colour import linear_to_srgb
+
+    image = sample_pixels(5, width=96, height=64)
+    mrcnn.set_options({"thresh": 0.5, "classes": "", "max_detections": 100, "binary_masks": False,
+                       "show_class": True})
+    lin = torch.from_numpy(image[:, :, :3].copy())
+    results = []
+    for stay in (False, True):
+        mrcnn.planes_stay = stay
+        try:
+            with torch.inference_mode():
+                pending = mrcnn._compose(lin, linear_to_srgb(lin, torch), detections(BOXES, LABELS, SCORES),
+                                         parse_classes(""))
+            results.append(mrcnn.postprocess([pending]))
+        finally:
+            mrcnn.planes_stay = False
+    host, device = results
+    assert all(isinstance(p, torch.Tensor) for p in device[:5])
+    for h, d in zip(host[:5], device[:5]):
+        np.testing.assert_array_equal(d.numpy(), h)
+    assert device[5] == host[5] and host[5]["detections"]

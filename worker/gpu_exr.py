@@ -33,6 +33,9 @@ from .storage import atomic_output
 
 HALF, FLOAT = 1, 2  # OpenEXR's pixel types
 ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk
+# nvCOMP's deflate effort, 0 (fastest) to 5. 1 ("high throughput") is measured by
+# benchmarks/bench_gpu_zip.py (--deflate-type) against the others on the farm's GPUs.
+DEFLATE_TYPE = 1
 MAX_LINE_BYTES = 65536  # nvCOMP's deflate takes chunks up to 64 KiB: wider lines go to the CPU writer
 _ZLIB_HEADER = (0x78, 0x01)  # deflate, 32 KiB window, no preset dictionary (a valid check value)
 
@@ -145,8 +148,8 @@ class _NvcompDeflate:
         self.nvcomp = nvcomp
         self.torch = torch
         self.stream = stream
-        # Type 1 (high throughput): the files come out about 10% larger than OpenEXR's level 4.
-        self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW, algorithm_type=1,
+        self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW,
+                                  algorithm_type=DEFLATE_TYPE,
                                   uncomp_chunk_size=MAX_LINE_BYTES, cuda_stream=stream.cuda_stream)
         self.align = max(16, int(self.codec.get_required_compression_alignment()))
         self.layouts: dict[tuple[int, int], tuple[Any, int]] = {}
@@ -224,8 +227,8 @@ def chunks(torch: Any, raw: Any, compressed: Any, offsets: np.ndarray, sizes: np
 def write_zips(path: str, root: str | os.PathLike[str], channels: Sequence[tuple[str, Any]],
                metadata: Mapping[str, Any]) -> None:
     """Write H x W channel tensors (half or float32, one device) as a ZIPS EXR, atomically under the
-    storage root. On a CUDA device the caller's thread must not hold other work on the thread's
-    stream that the planes do not depend on (see ``thread_stream``)."""
+    storage root. On a CUDA device the work runs on the calling thread's stream (``thread_stream``),
+    after whatever the thread queued there before (e.g. labels its model pasted into the planes)."""
     import torch
 
     first = channels[0][1]
@@ -235,6 +238,24 @@ def write_zips(path: str, root: str | os.PathLike[str], channels: Sequence[tuple
         if t.shape != first.shape or t.device != first.device or t.dtype not in (torch.float16, torch.float32):
             raise FrameError(f"{path}: channel {name} is {tuple(t.shape)} {t.dtype} on {t.device}; every channel "
                              f"must be {height}x{width} half or float on {first.device}")
+    with torch.inference_mode():  # planes a model made in inference mode; nothing here needs autograd
+        header, table, payload = _encode(torch, path, channels, types, metadata)
+    with atomic_output(path, root) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(table.tobytes())
+                f.write(memoryview(payload.numpy()))
+        except OSError as exc:
+            nbytes = len(header) + table.nbytes + payload.numel()
+            raise FrameError(f"{path}: {write_failure(exc.strerror or str(exc), tmp, nbytes)}") from None
+
+
+def _encode(torch: Any, path: str, channels: Sequence[tuple[str, Any]], types: list[tuple[str, int]],
+            metadata: Mapping[str, Any]) -> tuple[bytes, np.ndarray, Any]:
+    """The header, the offset table and the chunks (a host tensor) of the file."""
+    first = channels[0][1]
+    height, width = first.shape
     cuda = first.device.type == "cuda"
     if cuda:
         thread_stream(torch)
@@ -262,12 +283,4 @@ def write_zips(path: str, root: str | os.PathLike[str], channels: Sequence[tuple
         payload = host
     header = header_bytes(width, height, types, metadata)
     table = (len(header) + 8 * height + np.concatenate([[0], np.cumsum(chunk)[:-1]])).astype("<u8")
-    with atomic_output(path, root) as tmp:
-        try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(table.tobytes())
-                f.write(memoryview(payload.numpy()))
-        except OSError as exc:
-            nbytes = len(header) + table.nbytes + payload.numel()
-            raise FrameError(f"{path}: {write_failure(exc.strerror or str(exc), tmp, nbytes)}") from None
+    return header, table, payload

@@ -170,13 +170,14 @@ class Model(BaseModel):
         if pending.ready is not None:
             pending.ready.synchronize()
         if self.planes_stay:  # device planes: labels are drawn, and the frame compressed, on this
-            from mlfarm.worker.gpu_exr import thread_stream  # thread's stream
+            if pending.ready is not None:  # thread's stream
+                from mlfarm.worker.gpu_exr import thread_stream
 
-            stream = thread_stream(self.torch)
-            stream.wait_event(pending.ready)
-            for t in (pending.planes, pending.data):
-                if t is not None:
-                    t.record_stream(stream)
+                stream = thread_stream(self.torch)
+                stream.wait_event(pending.ready)
+                for t in (pending.planes, pending.data):
+                    if t is not None:
+                        t.record_stream(stream)
             block, data = pending.planes, pending.data
         else:  # one block when everything is half: the planes are channel slices of it, which
             block = pending.planes.numpy()  # the writer hands on without assembling a copy
@@ -195,7 +196,8 @@ class Model(BaseModel):
         if self.show_class and not self.binary_masks and detections:
             from .labels import draw_labels
 
-            draw_labels(rgba[:, :, :3], detections, self.font_scale)
+            with self.torch.inference_mode():  # device planes were made in inference mode
+                draw_labels(rgba[:, :, :3], detections, self.font_scale)
         height, width = rgba.shape[:2]
         return [rgba, data[:, :, 0], data[:, :, 1], data[:, :, 2], data[:, :, 3],
                 {"detections": detections, "width": width, "height": height,
