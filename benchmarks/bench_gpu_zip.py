@@ -37,6 +37,40 @@ def timed(write, frames: int, threads: int) -> tuple[float, float]:
     return frames / wall, cpu / frames * 1000
 
 
+def stages(torch, gpu_exr, channels: list, frames: int) -> str:
+    """GPU milliseconds a frame of each step of gpu_exr's encoder, one step at a time (synchronised)."""
+    from mlfarm.worker.gpu_exr import _nvcomp_deflate
+
+    spent: dict[str, float] = {}
+
+    def step(name: str, fn, *args):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn(*args)
+        torch.cuda.synchronize()
+        spent[name] = spent.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    def predict_into(predicted, lines, length: int) -> None:
+        predicted[:, :length] = gpu_exr.predict(torch, lines)
+
+    with torch.inference_mode():
+        for i in range(frames + 1):
+            if i == 1:
+                spent.clear()  # the first frame warms up
+            lines = step("layout", gpu_exr.line_bytes, torch, channels)
+            height, length = lines.shape
+            deflate = _nvcomp_deflate(torch)
+            padded = -(-length // deflate.align) * deflate.align
+            predicted = torch.empty(height, padded, dtype=torch.uint8, device=lines.device)
+            step("predictor", predict_into, predicted, lines, length)
+            adler = step("adler32", gpu_exr.adler32_lines, torch, predicted[:, :length])
+            comp, offsets, sizes = step("deflate", deflate, predicted, length)
+            payload, _ = step("chunks", gpu_exr.chunks, torch, lines, comp, offsets, sizes, adler)
+            step("to host", payload.cpu)
+    return ", ".join(f"{k} {v / frames * 1000:.2f}" for k, v in spent.items())
+
+
 def read(path: Path) -> np.ndarray:
     import OpenImageIO as oiio
 
@@ -60,7 +94,7 @@ def main() -> None:
     import torch
 
     from mlfarm.worker import gpu_exr
-    from mlfarm.worker.frame_io import write_planes
+    from mlfarm.worker.frame_io import device_channels, write_planes
 
     root = Path(tempfile.mkdtemp(prefix="mlfarm-gpuzip-"))
     images = planes(0.01, args.width, args.height, True, True)  # Mask R-CNN's planes: H x W x 8 half
@@ -86,6 +120,12 @@ def main() -> None:
             rows[(label, threads)] = (fps, cpu_ms)
             print(f"{threads:2d} threads  {label:10s}: {fps:6.1f} frames/s, {cpu_ms:6.1f} ms CPU a frame, "
                   f"{size:.2f} MB", flush=True)
+        if threads == 1:
+            for label, _, _, effort in gpu_runs:
+                gpu_exr.DEFLATE_TYPE = effort
+                gpu_exr._local.__dict__.clear()
+                channels = [(n, t) for n, t in device_channels(OUTPUTS, device, True)]
+                print(f"    {label} steps, ms a frame: {stages(torch, gpu_exr, channels, 10)}", flush=True)
         for label, *_ in gpu_runs:
             gpu, cpu = rows[(label, threads)], rows[("CPU zips", threads)]
             print(f"{threads:2d} threads  {label} / CPU zips: {gpu[0] / cpu[0]:.2f}x frames/s, "
