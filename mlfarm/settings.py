@@ -79,6 +79,10 @@ class Settings(BaseSettings):
         "start), so the thread that feeds the GPU gets a core first (Linux; measured: +8-14% Mask R-CNN "
         "frames/s on busy 16-core H100 hosts, no change on a fast one).",
     )
+    gil_switch_ms: float = Field(
+        default=1.0, gt=0, le=100, description="Python's thread switch interval in a worker (its default is 5 ms): "
+        "how soon the thread feeding the GPU gets the interpreter back from I/O threads after each CUDA call.",
+    )
     exr_threads: int = Field(
         default=0,
         ge=-1,

@@ -33,9 +33,10 @@ from .storage import atomic_output
 
 HALF, FLOAT = 1, 2  # OpenEXR's pixel types
 ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk
-# nvCOMP's deflate effort, 0 (fastest) to 5. 1 ("high throughput") is measured by
-# benchmarks/bench_gpu_zip.py (--deflate-type) against the others on the farm's GPUs.
-DEFLATE_TYPE = 1
+# nvCOMP's deflate effort, 0 (fastest) to 5. On H200, 2 ("medium") gave files a third smaller than
+# 1 (8.2 against 10.7 MB for Mask R-CNN's 1080p planes; OpenEXR's own: 7.8) at the same speed or
+# better (benchmarks/bench_gpu_zip.py --deflate-type 0,1,2).
+DEFLATE_TYPE = 2
 MAX_LINE_BYTES = 65536  # nvCOMP's deflate takes chunks up to 64 KiB: wider lines go to the CPU writer
 _ZLIB_HEADER = (0x78, 0x01)  # deflate, 32 KiB window, no preset dictionary (a valid check value)
 
@@ -135,8 +136,9 @@ def _zlib_deflate(torch: Any, predicted: Any) -> tuple[Any, np.ndarray, np.ndarr
         deflate = zlib.compressobj(4, zlib.DEFLATED, -15)
         streams.append(deflate.compress(row.tobytes()) + deflate.flush())
     sizes = np.array([len(s) for s in streams], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    return torch.frombuffer(bytearray(b"".join(streams)), dtype=torch.uint8), offsets, sizes
+    stride = int(sizes.max())  # at a fixed stride, as nvCOMP's are
+    packed = b"".join(s.ljust(stride, b"\0") for s in streams)
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8), np.arange(len(streams)) * stride, sizes
 
 
 class _NvcompDeflate:
@@ -190,38 +192,42 @@ def _nvcomp_deflate(torch: Any) -> _NvcompDeflate:
 # --- the chunks ------------------------------------------------------------------------------
 def chunks(torch: Any, raw: Any, compressed: Any, offsets: np.ndarray, sizes: np.ndarray, adler: Any
            ) -> tuple[Any, np.ndarray]:
-    """Every scanline's chunk, back to back, built on the device in one gather: (y, data size, data)
-    where data is a zlib stream (header, deflate, Adler-32) or, where that is not smaller than
-    the line, the raw line as OpenEXR stores it. Returns the bytes and each chunk's size."""
+    """Every scanline's chunk, back to back, built on the device: (y, data size, data) where data is
+    a zlib stream (header, deflate, Adler-32) or, where that is not smaller than the line, the raw
+    line as OpenEXR stores it. Returns the bytes and each chunk's size.
+
+    Each chunk is laid out in its own row of one buffer, then the rows' used bytes are packed with
+    one masked select: a few passes over the frame's bytes, whatever the number of lines.
+    """
     height, length = raw.shape
     device = raw.device
     packed = sizes + 6 < length
     data_size = np.where(packed, sizes + 6, length)
     chunk = data_size + 8
-    starts = np.concatenate([[0], np.cumsum(chunk)[:-1]])
-    total = int(chunk.sum())
-    # 14 bytes of framing a line: y and size (little-endian), zlib's header, Adler-32 (big-endian).
-    head = np.zeros((height, 10), np.uint8)
+    width = int(max(sizes.max() + 14, length + 8))
+    rows = torch.empty(height, width, dtype=torch.uint8, device=device)
+    # y and size (little-endian) and zlib's header: 10 bytes a line, from the host.
+    head = np.empty((height, 10), np.uint8)
     head[:, 0:4] = np.arange(height, dtype="<i4").view(np.uint8).reshape(height, 4)
     head[:, 4:8] = data_size.astype("<i4").view(np.uint8).reshape(height, 4)
     head[:, 8:10] = _ZLIB_HEADER
-    tail = torch.stack([(adler >> s) & 0xFF for s in (24, 16, 8, 0)], 1).to(torch.uint8)
-    table = torch.cat([torch.from_numpy(head).to(device), tail], 1).view(-1)
-    source = torch.cat([table, compressed.view(-1), raw.reshape(-1)])
-    at_compressed, at_raw = table.numel(), table.numel() + compressed.numel()
-
-    def per_line(values: np.ndarray) -> Any:
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
-
-    line = torch.repeat_interleave(torch.arange(height, device=device), per_line(chunk), output_size=total)
-    pos = torch.arange(total, device=device) - per_line(starts)[line]
-    comp = per_line(sizes)[line]
-    framing = line * 14 + torch.where(pos < 10, pos, pos - comp)  # y, size, zlib header; or the trailer
-    deflated = at_compressed + per_line(offsets)[line] + pos - 10
-    index = torch.where((pos >= 10) & (pos < 10 + comp), deflated, framing)
-    keep = torch.from_numpy(packed).to(device)[line] | (pos < 8)
-    index = torch.where(keep, index, at_raw + line * length + pos - 8)
-    return source[index], chunk
+    rows[:, :10] = torch.from_numpy(head).to(device)
+    # Deflate's output sits at a fixed stride in ``compressed``: one strided copy moves it behind the heads.
+    stride = int(offsets[1] - offsets[0]) if height > 1 else int(sizes[0])
+    if not (offsets == np.arange(height) * stride).all():
+        raise ValueError("compressed lines must lie at a fixed stride")
+    span = min(stride, width - 10)
+    rows[:, 10:10 + span] = compressed[: height * stride].view(height, stride)[:, :span]
+    # Adler-32, big-endian, right after each line's deflate stream.
+    trailer = torch.stack([(adler >> s) & 0xFF for s in (24, 16, 8, 0)], 1).to(torch.uint8)
+    at = torch.from_numpy(sizes + 10).to(device)[:, None] + torch.arange(4, device=device)
+    rows.scatter_(1, at, trailer)
+    stored = np.flatnonzero(~packed)
+    if len(stored):
+        index = torch.from_numpy(stored).to(device)
+        rows[index, 8:8 + length] = raw[index]
+    used = torch.arange(width, device=device)[None, :] < torch.from_numpy(chunk).to(device)[:, None]
+    return torch.masked_select(rows, used), chunk
 
 
 def write_zips(path: str, root: str | os.PathLike[str], channels: Sequence[tuple[str, Any]],
