@@ -79,10 +79,6 @@ class Settings(BaseSettings):
         "start), so the thread that feeds the GPU gets a core first (Linux; measured: +8-14% Mask R-CNN "
         "frames/s on busy 16-core H100 hosts, no change on a fast one).",
     )
-    gil_switch_ms: float = Field(
-        default=1.0, gt=0, le=100, description="Python's thread switch interval in a worker (its default is 5 ms): "
-        "how soon the thread feeding the GPU gets the interpreter back from I/O threads after each CUDA call.",
-    )
     exr_threads: int = Field(
         default=0,
         ge=-1,
@@ -219,6 +215,10 @@ class Settings(BaseSettings):
     mrcnn_lanes: int = Field(
         default=1, ge=1, le=8, description="Batches of a Mask R-CNN worker in the network at once, each on its own "
         "thread and CUDA stream, so the GPU works on one while Python dispatches another (CPU: always 1).",
+    )
+    mrcnn_stream_priority: bool = Field(
+        default=True, description="Run Mask R-CNN's network on high-priority CUDA streams, so the GPU runs its "
+        "kernels before those compressing finished frames (MLFARM_EXR_GPU_COMPRESS) whenever both wait.",
     )
 
     # --- training on the farm (issue 6, models/training, worker/train_task.py) ---------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 
 from celery.signals import worker_ready
 
@@ -44,9 +43,6 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
         pin_gpu(gpu)
     if cpus:
         pin_cpus(cpus)  # before any thread starts: they all inherit it
-    # The GPU-feeding thread gives the GIL up at every blocking CUDA call; getting it back waits for
-    # an I/O thread to reach the switch interval (profiled: a third of its time at Python's 5 ms).
-    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     hostname = name or f"mlfarm{'-gpu' + str(gpu) if gpu is not None else ''}@{socket.gethostname()}"
     os.environ["MLFARM_WORKER_NAME"] = hostname
     url = broker_url(settings)
