@@ -77,7 +77,6 @@ class Model(BaseModel):
         self.sidecar_json = True
         self.raw_frames = True  # preprocess copies into pinned memory; a half plate goes up as half
         self._nets: dict[str, Any] = {}
-        self.priority = False  # set by load(): the network on high-priority streams
         self.planes_stay = False  # set by load(): True where the worker compresses outputs on the GPU
         self._streams = threading.local()  # per lane thread: its CUDA stream and its copy stream
 
@@ -112,10 +111,8 @@ class Model(BaseModel):
         self.half_rgba = bool(settings.exr_rgba_half)
         self.batch_size = int(settings.mrcnn_batch_size)
         self.lanes = 1
-        self.priority = False
         if device.startswith("cuda"):
             self.lanes = int(settings.mrcnn_lanes)
-            self.priority = bool(settings.mrcnn_stream_priority)
             torch.cuda.init()
             tf32 = settings.mrcnn_precision in ("tf32", "fp16")  # fp16: what autocast leaves in fp32 uses TF32
             torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -267,15 +264,14 @@ class Model(BaseModel):
         that lanes never queue behind one another)."""
         stream = getattr(self._streams, name, None)
         if stream is None:
-            high = self.priority and name == "compute"
-            stream = self.torch.cuda.Stream(priority=-1 if high else 0)  # -1: the higher priority
+            stream = self.torch.cuda.Stream()
             setattr(self._streams, name, stream)
         return stream
 
     def _lane_stream(self) -> Any:
-        """Each lane thread runs its batches on its own stream (a high-priority one with
-        ``mrcnn_stream_priority``); one lane without priority keeps the default stream."""
-        if (self.lanes > 1 or self.priority) and self.torch_device.startswith("cuda"):
+        """With several lanes each lane thread runs its batches on its own stream; with one, the
+        default stream as ever."""
+        if self.lanes > 1 and self.torch_device.startswith("cuda"):
             return self.torch.cuda.stream(self._stream("compute"))
         return contextlib.nullcontext()
 
