@@ -7,9 +7,11 @@ binary mask image; alpha is the union of kept instances), ``matte.A`` (that unio
 
 The fast path: frames are copied into pinned memory on the I/O threads (``preprocess``), a batch
 goes up to the GPU, is converted to sRGB there and runs through the network together; masks are
-pasted and every plane is composed on the GPU, and the finished planes (half) come back on a side
-stream without blocking the next batch. ``postprocess``, on an I/O thread again, waits for that
-copy, builds the detections list and draws the class labels. The data planes are half: exact for
+pasted and every plane is composed on the GPU. Where the worker compresses outputs on the GPU the
+finished planes (half) stay there and only the detections come back; otherwise the planes come back
+too, on a side stream without blocking the next batch. ``postprocess``, on an I/O thread again,
+waits for that copy, builds the detections list and draws the class labels (into the device planes
+on the thread's own stream, or into the host planes). The data planes are half: exact for
 ids and classes, about four significant digits for scores (the exact ones are in the JSON).
 """
 
@@ -127,6 +129,9 @@ class Model(BaseModel):
 
         # Planes the worker will compress on the GPU stay there: only the detections come back.
         self.planes_stay = can_encode(settings.exr_compression, settings.exr_gpu_compress, device)
+        if device.startswith("cuda") and not self.planes_stay and settings.exr_compression == "zips" \
+                and settings.exr_gpu_compress:
+            log.info("outputs are compressed on the CPU: nvCOMP is not installed (pip install 'mlfarm[gpu]')")
 
     def unload(self) -> None:
         self._nets.clear()
