@@ -232,18 +232,22 @@ def run_job(farm, plate: str, out: str, frames: list[int], chunk: int, options: 
 
 
 def check_outputs(out: str, frames: list[int]) -> float:
-    """Mean detections per frame from the sidecars; also checks the planes are there."""
+    """Mean detections per frame from the sidecars; also checks, on every tenth frame, that the
+    planes decode and agree with the detections (ids, matte, each instance's visible pixels)."""
     from mlfarm.broker.frames import frame_path
-    from mlfarm.worker.frame_io import sidecar_path
+    from mlfarm.worker.frame_io import read_image, sidecar_path
 
     counts = []
     for f in frames[:: max(1, len(frames) // 10)]:
         path = frame_path(out, f)
-        inp = oiio.ImageInput.open(path)
-        names = set(inp.spec().channelnames)
-        inp.close()
-        assert {"R", "G", "B", "A", "matte.A", "instance.id", "class.id", "score.value"} <= names, names
-        counts.append(len(json.loads(Path(sidecar_path(path)).read_text())["objects"][0]["detections"]))
+        image = read_image(path)
+        planes = {name: image.pixels[:, :, i] for i, name in enumerate(image.channels)}
+        assert {"R", "G", "B", "A", "matte.A", "instance.id", "class.id", "score.value"} <= set(planes), planes.keys()
+        dets = json.loads(Path(sidecar_path(path)).read_text())["objects"][0]["detections"]
+        ids = planes["instance.id"].astype(np.int64)
+        assert np.array_equal(planes["matte.A"], (ids > 0).astype(np.float32)), f"frame {f}: matte != ids > 0"
+        assert [d["pixels"] for d in dets] == [int((ids == d["id"]).sum()) for d in dets], f"frame {f}: pixels"
+        counts.append(len(dets))
     return float(np.mean(counts))
 
 

@@ -44,6 +44,11 @@ def find_redis_server() -> str:
     )
 
 
+def _quoted(value: str) -> str:
+    """A value as redis.conf reads it: double-quoted, with backslashes and quotes escaped."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -67,20 +72,27 @@ class EmbeddedRedis:
     def start(cls, data_dir: Path, port: int | None = None, password: str | None = None,
               timeout: float = 15.0) -> EmbeddedRedis:
         data_dir.mkdir(parents=True, exist_ok=True)
-        server = cls(data_dir=data_dir, port=port or free_port(), password=password or secrets.token_urlsafe(24))
-        args = [
-            find_redis_server(),
-            "--bind", "127.0.0.1",
-            "--port", str(server.port),
-            "--requirepass", server.password,
-            "--dir", str(data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", str(data_dir / "redis.log"),
-        ]
+        server = cls(data_dir=data_dir, port=port or free_port(), password=password or secrets.token_hex(24))
+        options = {
+            "bind": "127.0.0.1",
+            "port": str(server.port),
+            "requirepass": server.password,
+            "dir": str(data_dir),
+            "appendonly": "yes",
+            "appendfsync": "everysec",
+            "save": "",
+            "daemonize": "no",
+            "protected-mode": "yes",
+            "logfile": str(data_dir / "redis.log"),
+        }
+        # A config file only its owner reads, not arguments: the password stays out of `ps`, and an
+        # argument starting with "--" (one random password in 4,096 did) is not taken for an option.
+        config = data_dir / "redis.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(f"{key} {_quoted(value)}\n" for key, value in options.items())
+        os.chmod(config, 0o600)  # also when the file was there before
+        args = [find_redis_server(), str(config)]
         log.info("starting embedded redis-server on 127.0.0.1:%d (data in %s)", server.port, data_dir)
         server.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, start_new_session=True)
