@@ -164,6 +164,32 @@ def test_full_storage_fails_frames_and_leaves_nothing_corrupt(farm, mounts):
         read_image(frame_path(out, f))  # every file that exists is whole
 
 
+def test_the_gpu_compressing_writer_on_a_full_disk_says_so_and_leaves_nothing_half_written(mounts, tmp_path):
+    """worker/gpu_exr.py writes the file itself: a full disk must give the same clear reason, and no
+    partial file under the output name or beside it (run on CPU tensors: the same writing code)."""
+    import torch
+
+    from mlfarm.worker import gpu_exr
+    from mlfarm.worker.frame_io import FrameError
+
+    target = tmp_path / "small"
+    target.mkdir()
+    _mount("-t", "tmpfs", "-o", "size=160k", "tmpfs", str(target))
+    mounts.append(target)
+    rng = np.random.default_rng(2)
+    written = []
+    with pytest.raises(FrameError, match="No space left on device") as failure:
+        for f in range(1, 40):
+            noise = torch.from_numpy(rng.standard_normal((96, 96)).astype(np.float16))  # incompressible-ish
+            gpu_exr.write_zips(str(target / f"o.{f:04d}.exr"), target, [(c, noise) for c in "RGBA"], {"f": f})
+            written.append(f)
+    assert "o.0" in str(failure.value) and ".partial-" not in str(failure.value)
+    assert 0 < len(written) < 39
+    assert sorted(p.name for p in target.iterdir()) == [f"o.{f:04d}.exr" for f in written]
+    for f in written:
+        read_image(str(target / f"o.{f:04d}.exr"))  # every file that exists is whole
+
+
 # --- corrupt plates --------------------------------------------------------------------------
 def _header_end(data: bytes) -> int:
     """Offset just past an EXR header's attribute list (its terminating null byte)."""

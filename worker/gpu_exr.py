@@ -18,6 +18,7 @@ and an offset table.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import struct
@@ -254,7 +255,10 @@ def write_zips(path: str, root: str | os.PathLike[str], channels: Sequence[tuple
                 f.write(memoryview(payload.numpy()))
         except OSError as exc:
             nbytes = len(header) + table.nbytes + payload.numel()
-            raise FrameError(f"{path}: {write_failure(exc.strerror or str(exc), tmp, nbytes)}") from None
+            # write_failure names a full or read-only disk itself; other errors keep their own words.
+            known = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+            message = "the file could not be written" if known else (exc.strerror or str(exc))
+            raise FrameError(f"{path}: {write_failure(message, tmp, nbytes)}") from None
 
 
 def _encode(torch: Any, path: str, channels: Sequence[tuple[str, Any]], types: list[tuple[str, int]],
