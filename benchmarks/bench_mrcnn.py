@@ -192,6 +192,27 @@ def busy_cores() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
+class GpuBusy:
+    """Samples nvidia-smi's utilization.gpu (the share of time a kernel was running) every 100 ms
+    while a run lasts: whether the farm leaves the GPU idle, and how much (None without nvidia-smi)."""
+
+    def __enter__(self) -> GpuBusy:
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "100"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.percent: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        values = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+        self.percent = float(np.mean(values)) if values else None
+
+
 # --- (c) through the farm -----------------------------------------------------------------------
 def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, cpus: list[int] | None = None,
                  timeout: float = 120):
@@ -205,7 +226,7 @@ def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, cpu
     return start(cmd, env, log, f"{name} ready.", timeout)
 
 
-def start_profile(path: str, pid: int, seconds: int = 8) -> subprocess.Popen | None:
+def start_profile(path: str, pid: int, seconds: int = 8, gil: bool = False) -> subprocess.Popen | None:
     """py-spy (where installed) samples every thread of a worker, native frames included, as
     collapsed stacks: where the worker's CPU time goes while it renders."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -214,7 +235,7 @@ def start_profile(path: str, pid: int, seconds: int = 8) -> subprocess.Popen | N
         return None
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "50",
                              "--format", "raw", "--threads", "--idle", "--native",
-                             "--output", path], stdout=subprocess.DEVNULL)
+                             "--output", path, *(["--gil"] if gil else [])], stdout=subprocess.DEVNULL)
 
 
 def run_job(farm, plate: str, out: str, frames: list[int], chunk: int, options: dict) -> tuple[float, object]:
@@ -263,6 +284,8 @@ def main() -> None:
                     "(default: one run with the settings' defaults)")
     ap.add_argument("--profile", default=None,
                     help="with py-spy installed: sample worker 0 in an extra run after the first into this file")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="sample only the thread holding the GIL (py-spy --gil): who the GPU thread waits for")
     ap.add_argument("--storage", default="disk",
                     help="where plate and outputs live: disk (a temporary folder), shm (/dev/shm), or both")
     ap.add_argument("--width", type=int, default=1920)
@@ -441,15 +464,17 @@ def main() -> None:
                 run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * n], 8, options)
                 out = str(root / f"run{n}" / "m.####.exr")
                 cpu0 = busy_cores()
-                secs, st = run_job(farm, plate, out, frames, args.chunk, options)
+                with GpuBusy() as gpu_busy:
+                    secs, st = run_job(farm, plate, out, frames, args.chunk, options)
                 cpu1 = busy_cores()
                 cores = (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1]) * (os.cpu_count() or 1)
                 dets = check_outputs(out, frames)
                 size = sum(p.stat().st_size for p in Path(out).parent.glob("*.exr")) / len(frames) / 1e6
                 results[n] = len(frames) / secs
+                gpu_note = f", GPU busy {gpu_busy.percent:.0f}%" if gpu_busy.percent is not None else ""
                 print(f"[{where}] (c) mlfarm, {n} GPU worker(s): {results[n]:7.2f} frames/s ({len(frames)} frames "
                       f"in {secs:.1f}s, {dets:.1f} detections/frame, {size:.1f} MB a frame out, "
-                      f"{cores:.1f} of {os.cpu_count()} cores busy)", flush=True)
+                      f"{cores:.1f} of {os.cpu_count()} cores busy{gpu_note})", flush=True)
                 for i in range(n):
                     log = (tmp / f"{tag}-w{i}.log").read_text(errors="replace")
                     chunks = [ln.split("INFO mlfarm.worker: ")[-1] for ln in log.splitlines() if " done, " in ln]
@@ -457,8 +482,9 @@ def main() -> None:
                 figures[f"c_farm_{where}_{n}gpu_fps"] = results[n]
                 figures[f"c_farm_{where}_{n}gpu_detections_per_frame"] = dets
                 figures[f"c_farm_{where}_{n}gpu_busy_cores"] = cores
+                figures[f"c_farm_{where}_{n}gpu_gpu_busy_percent"] = gpu_busy.percent
                 if profile:  # once, after the first measured run: sampling slows what it samples
-                    spy = start_profile(profile, procs[0].pid)
+                    spy = start_profile(profile, procs[0].pid, gil=args.profile_gil)
                     run_job(farm, plate, str(root / "profiled" / "m.####.exr"), frames, args.chunk, options)
                     if spy is not None:
                         spy.wait()
