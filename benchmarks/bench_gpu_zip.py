@@ -131,7 +131,7 @@ def main() -> None:
             print(f"{threads:2d} threads  {label} / CPU zips: {gpu[0] / cpu[0]:.2f}x frames/s, "
                   f"{gpu[1] / cpu[1]:.2f}x the CPU a frame", flush=True)
     if not cuda:
-        print("nothing to compare without CUDA and nVCOMP (pip install '.[gpu]')", flush=True)
+        print("nothing to compare without CUDA and nvCOMP (pip install '.[gpu]')", flush=True)
         sys.exit(1)
     want = read(root / "CPU_zips.0.exr").view(np.uint16)
     exact = all(np.array_equal(read(root / f"{label.replace(' ', '_')}.0.exr").view(np.uint16), want)
