@@ -129,3 +129,28 @@ def test_a_model_with_lanes_gets_that_many_batches_at_once(farm, lanes):
     names = {t.split("#")[0] for t in threads}
     assert len(threads) == lanes, threads
     assert names == ({"MainThread"} if lanes == 1 else {f"mlfarm-lane{lanes}_{i}" for i in range(lanes)}), threads
+
+
+def test_a_model_returning_torch_tensors_gets_them_written_as_planes(farm):
+    """A model may hand back tensors (a GPU model leaves them on the device for GPU compression); on
+    the CPU they take the OpenEXR writer, with the same types rules as numpy planes."""
+    farm.start_worker()
+    plate = make_plate(farm.storage / "plate", [1, 2])
+    out = str(farm.storage / "tensors" / "t.####.exr")
+    spec = farm.farm().submit("tensors", plate, out, [1, 2])
+    status = farm.wait_job(spec.id)
+    assert status.counts["done"] == 2, status.summary()
+    for f in (1, 2):
+        source = read_image(frame_path(plate, f)).rgba(4)
+        image = read_image(frame_path(out, f))
+        np.testing.assert_allclose(image.rgba(4), source * 2, rtol=2e-3)  # rgba as half
+        ids = image.pixels[:, :, list(image.channels).index("mask.id")]
+        np.testing.assert_array_equal(ids, np.where(source[:, :, 0] > 0.5, 7.0, 0.0))
+        header = oiio.ImageInput.open(frame_path(out, f))
+        spec_ = header.spec()
+        objects = json.loads(spec_.getattribute("mlfarm/objects"))
+        formats = dict(zip(spec_.channelnames, (str(t) for t in spec_.channelformats or
+                                                 (spec_.format,) * spec_.nchannels)))
+        header.close()
+        assert objects == [{"pixels_over_half": int((source[:, :, 0] > 0.5).sum())}]
+        assert formats["mask.id"] == "half" and formats["R"] == "half"
