@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,24 @@ def channel_names(layer: str, spec: int | Sequence[str], n: int, main: bool) -> 
     return names if main else [f"{layer}.{c}" for c in names]
 
 
+def _planes(outputs: Mapping[str, int | Sequence[str]], images: Sequence[Any]
+            ) -> Iterator[tuple[int, Any, list[str]]]:
+    """Each declared output plane as (index, H x W x C image, EXR channel names), checked: as many
+    images as planes, all of one size. Works on numpy arrays and torch tensors alike."""
+    if len(images) < len(outputs):
+        raise FrameError(f"the model returned {len(images)} images for {len(outputs)} output planes")
+    shape = None
+    for i, (layer, spec) in enumerate(outputs.items()):
+        img = images[i]
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if shape is None:
+            shape = tuple(img.shape[:2])
+        elif tuple(img.shape[:2]) != shape:
+            raise FrameError(f"output plane {layer} is {img.shape[1]}x{img.shape[0]}, not {shape[1]}x{shape[0]}")
+        yield i, img, channel_names(layer, spec, img.shape[2], main=(i == 0))
+
+
 def assemble_planes(outputs: Mapping[str, int | Sequence[str]], images: Sequence[np.ndarray]
                     ) -> tuple[np.ndarray, list[str], list[bool]]:
     """Stack a model's output images into one EXR's pixels, channel names and float-ness.
@@ -137,25 +155,13 @@ def assemble_planes(outputs: Mapping[str, int | Sequence[str]], images: Sequence
     float16, so nothing is converted at all.
     Planes that are consecutive channel slices of one array (in order) are not copied either.
     """
-    if len(images) < len(outputs):
-        raise FrameError(f"the model returned {len(images)} images for {len(outputs)} output planes")
     images = list(images[:len(outputs)])
     dtype = np.float16 if all(getattr(im, "dtype", None) == np.float16 for im in images) else np.float32
     arrays, names, is_data = [], [], []
-    shape = None
-    for i, (layer, spec) in enumerate(outputs.items()):
-        half = getattr(images[i], "dtype", None) == np.float16
-        img = np.asarray(images[i], dtype=dtype)
-        if img.ndim == 2:
-            img = img[:, :, None]
-        if shape is None:
-            shape = img.shape[:2]
-        elif img.shape[:2] != shape:
-            raise FrameError(f"output plane {layer} is {img.shape[1]}x{img.shape[0]}, not {shape[1]}x{shape[0]}")
-        plane_names = channel_names(layer, spec, img.shape[2], main=(i == 0))
-        arrays.append(img)
+    for i, img, plane_names in _planes(outputs, [np.asarray(im) for im in images]):
+        arrays.append(img.astype(dtype, copy=False))
         names.extend(plane_names)
-        is_data.extend([i != 0 and not half] * len(plane_names))
+        is_data.extend([i != 0 and img.dtype != np.float16] * len(plane_names))
     block = _one_block(images, len(names))
     return (block if block is not None else np.concatenate(arrays, axis=2)), names, is_data
 
@@ -236,23 +242,12 @@ def device_channels(outputs: Mapping[str, int | Sequence[str]], images: Sequence
     float without it."""
     import torch
 
-    if len(images) < len(outputs):
-        raise FrameError(f"the model returned {len(images)} images for {len(outputs)} output planes")
     device = next(im.device for im in images if is_tensor(im))
+    tensors = [(im if is_tensor(im) else torch.from_numpy(np.asarray(im))).to(device) for im in images[:len(outputs)]]
     channels: list[tuple[str, Any]] = []
-    shape = None
-    for i, (layer, spec) in enumerate(outputs.items()):
-        img = images[i] if is_tensor(images[i]) else torch.from_numpy(np.asarray(images[i]))
-        img = img.to(device)
-        if img.ndim == 2:
-            img = img[:, :, None]
-        if shape is None:
-            shape = tuple(img.shape[:2])
-        elif tuple(img.shape[:2]) != shape:
-            raise FrameError(f"output plane {layer} is {img.shape[1]}x{img.shape[0]}, not {shape[1]}x{shape[0]}")
+    for i, img, names in _planes(outputs, tensors):
         half = rgba_half and (i == 0 or img.dtype == torch.float16)  # as write_exr's data_channels
         dtype = torch.float16 if half else torch.float32
-        names = channel_names(layer, spec, img.shape[2], main=(i == 0))
         channels.extend((name, img[:, :, c].to(dtype)) for c, name in enumerate(names))
     return channels
 
