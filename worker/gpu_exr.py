@@ -54,9 +54,14 @@ def nvcomp_available() -> bool:
     return True
 
 
+def wanted(compression: str, enabled: bool, device: str) -> bool:
+    """Whether these settings ask for outputs made on ``device`` to be compressed there."""
+    return enabled and compression == "zips" and str(device).startswith("cuda")
+
+
 def can_encode(compression: str, enabled: bool, device: str) -> bool:
     """Whether outputs made on ``device`` can be compressed there, with these settings."""
-    return enabled and compression == "zips" and str(device).startswith("cuda") and nvcomp_available()
+    return wanted(compression, enabled, device) and nvcomp_available()
 
 
 def thread_stream(torch: Any) -> Any:
@@ -267,14 +272,12 @@ def _encode(torch: Any, path: str, channels: Sequence[tuple[str, Any]], types: l
     first = channels[0][1]
     height, width = first.shape
     cuda = first.device.type == "cuda"
-    if cuda:
-        thread_stream(torch)
+    deflate = _nvcomp_deflate(torch) if cuda else None  # also makes the thread's stream current
     lines = line_bytes(torch, channels)
     length = lines.shape[1]
-    if cuda and length > MAX_LINE_BYTES:
+    if deflate is not None and length > MAX_LINE_BYTES:
         raise FrameError(f"{path}: a {length}-byte scanline is too wide for GPU compression")
-    if cuda:
-        deflate = _nvcomp_deflate(torch)
+    if deflate is not None:
         padded = -(-length // deflate.align) * deflate.align
         predicted = torch.empty(height, padded, dtype=torch.uint8, device=first.device)
         predicted[:, :length] = predict(torch, lines)

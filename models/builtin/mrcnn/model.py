@@ -125,12 +125,11 @@ class Model(BaseModel):
         from . import compose
 
         self.colours = torch.from_numpy(compose.palette()).to(device)
-        from mlfarm.worker.gpu_exr import can_encode
+        from mlfarm.worker.gpu_exr import can_encode, wanted
 
         # Planes the worker will compress on the GPU stay there: only the detections come back.
         self.planes_stay = can_encode(settings.exr_compression, settings.exr_gpu_compress, device)
-        if device.startswith("cuda") and not self.planes_stay and settings.exr_compression == "zips" \
-                and settings.exr_gpu_compress:
+        if not self.planes_stay and wanted(settings.exr_compression, settings.exr_gpu_compress, device):
             log.info("outputs are compressed on the CPU: nvCOMP is not installed (pip install 'mlfarm[gpu]')")
 
     def unload(self) -> None:
