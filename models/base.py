@@ -42,10 +42,9 @@ class BaseModel:
         # one batch waits on the GPU (a sync for a variable-sized result), the next is dispatched.
         self.lanes = 1
         self.torch_device = "cpu"  # set by load()
-        # True: frames reach preprocess as read, with no conversion or copy on the I/O thread: float16
-        # where the file is all half (a float file still arrives as float32, so nothing is lost), and
-        # possibly a strided view of the file's channels. For a preprocess that copies them anyway,
-        # e.g. into pinned memory for the GPU.
+        # True: frames reach preprocess as read, with no copy on the I/O thread: possibly a strided
+        # view of the file's float32 channels. For a preprocess that copies them anyway, e.g. into
+        # pinned memory for the GPU.
         self.raw_frames = False
         self.sidecar_json = False  # True: non-image results are also written as <frame>.json beside each frame
 

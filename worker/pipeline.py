@@ -108,7 +108,7 @@ class ChunkRun:
         """Read a frame and run the model's ``preprocess`` on it, both on an I/O thread."""
         t = time.perf_counter()
         try:
-            image = read_image(frame_path(self.spec.input, frame), prefer_half=model.raw_frames)
+            image = read_image(frame_path(self.spec.input, frame))
             return model.preprocess([image.rgba(channels, view=model.raw_frames)])
         finally:
             self.stage_seconds["read"] += time.perf_counter() - t
