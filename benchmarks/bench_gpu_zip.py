@@ -61,11 +61,10 @@ def stages(torch, gpu_exr, channels: list, frames: int) -> str:
             lines = step("layout", gpu_exr.line_bytes, torch, channels)
             height, length = lines.shape
             deflate = _nvcomp_deflate(torch)
-            padded = -(-length // deflate.align) * deflate.align
-            predicted = torch.empty(height, padded, dtype=torch.uint8, device=lines.device)
-            step("predictor", predict_into, predicted, lines, length)
-            adler = step("adler32", gpu_exr.adler32_lines, torch, predicted[:, :length])
-            comp, offsets, sizes = step("deflate", deflate, predicted, length)
+            plan = deflate.plan(height, length, lines.device)
+            step("predictor", predict_into, plan.predicted, lines, length)
+            adler = step("adler32", gpu_exr.adler32_lines, torch, plan.predicted[:, :length])
+            comp, offsets, sizes = step("deflate", deflate, plan)
             payload, _ = step("chunks", gpu_exr.chunks, torch, lines, comp, offsets, sizes, adler)
             step("to host", payload.cpu)
     return ", ".join(f"{k} {v / frames * 1000:.2f}" for k, v in spent.items())

@@ -140,6 +140,27 @@ def test_nvcomp_writes_what_openexr_reads_back_bit_exact(tmp_path, width):
 
 
 @gpu
+def test_frames_written_one_after_another_from_several_threads_each_read_back_exact(tmp_path):
+    """Each thread reuses its device buffers and nvCOMP views from frame to frame: no frame may
+    show another's bytes, whether the next is written on the same thread or beside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    blocks = [planes(96, 1920, seed=k) for k in range(12)]
+
+    def write(k):
+        device = [torch.from_numpy(np.array(i)).cuda() for i in (blocks[k][:, :, :4], blocks[k][:, :, 4],
+                                                                  blocks[k][:, :, 5])]
+        write_planes(str(tmp_path / f"f{k}.exr"), tmp_path, OUTPUTS, device, META, "zips")
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(write, range(len(blocks))))
+    for k, block in enumerate(blocks):
+        ours, spec = read(tmp_path / f"f{k}.exr")
+        order = [list(spec.channelnames).index(n) for n in NAMES]
+        np.testing.assert_array_equal(ours[:, :, order], block.astype(np.float32), err_msg=f"frame {k}")
+
+
+@gpu
 def test_a_line_too_wide_for_nvcomp_is_written_on_the_cpu(tmp_path):
     block = planes(16, 8192)  # 8192 x (5 half + 1 float) = 112 KiB a line
     device = [torch.from_numpy(np.array(i)).cuda() for i in (block[:, :, :4], block[:, :, 4], block[:, :, 5])]
