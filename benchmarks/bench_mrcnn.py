@@ -8,7 +8,9 @@ well over 20 detections on every frame, and every side caps at 20.
 (a) naive   the typical script: per frame, upload, ``model([img])``, every output to the host
             (all N full-frame float masks included). sRGB conversion is done beforehand, not timed.
 (b) network the network alone on GPU-resident frames: transform, backbone, RPN, box and mask heads,
-            no mask paste; batch 1 (as the issue measured it) and the worker's batch size.
+            no mask paste; batch 1 (as the issue measured it) and the worker's batch size. Built as
+            torchvision makes it; (b') is the same with the batch norms folded into the convolutions,
+            as the worker runs it.
 (c) farm    EXR plate on disk -> Farm.submit (what `mlfarm submit` calls) -> one GPU worker process
             -> EXR planes (rgba, matte, instance.id, class.id, score) + sidecar JSON on disk.
 (c2)        the same with one worker per GPU on every visible GPU (when there are several).
@@ -341,7 +343,7 @@ def main() -> None:
                                      .clip(0, 1)) for f in frames[:n_mem]]
         gpu_imgs = [torch.from_numpy(h).to(device).permute(2, 0, 1) for h in host[:args.net_frames]]
 
-        net = network.build(ARCH, weights).to(device)
+        net = network.build(ARCH, weights, fold=False).to(device)  # torchvision's network as it comes
         set_precision(torch, "default")
         cycle = [synthetic_frame(f, args.width, args.height)[..., :3] for f in (1, 25, 50, 75, 99)]
         thresh = calibrate_threshold(torch, net, [torch.from_numpy(linear_to_srgb(c, np).clip(0, 1)).to(device)
@@ -384,6 +386,14 @@ def main() -> None:
         b8 = network_ms(torch, net, gpu_imgs, 8, device) if len(gpu_imgs) >= 16 else None
         if b8:
             figures["b_network_batch8_fps"] = 1000 / b8
+        # (b') the network as the worker runs it: the same weights, batch norms folded into the convolutions.
+        folded = network.build(ARCH, weights).to(device)
+        network.configure(folded, 800, 1333, thresh, DETECTIONS)
+        f1 = network_ms(torch, folded, gpu_imgs, 1, device)
+        fb = network_ms(torch, folded, gpu_imgs, batch, device)
+        figures["b_folded_batch1_fps"] = 1000 / f1
+        figures[f"b_folded_batch{batch}_fps"] = 1000 / fb
+        del folded
         if cuda:  # what the worker's lanes (MLFARM_MRCNN_LANES) can reach, for comparison
             for lanes in (2, 3):
                 ms = network_lanes_ms(torch, net, gpu_imgs, batch, lanes)
@@ -391,7 +401,7 @@ def main() -> None:
                 print(f"  network batch {batch}, {lanes} lanes: {1000 / ms:7.2f} frames/s", flush=True)
 
         # (a) the naive script loop, same weights and threshold.
-        tv_net = network.build(ARCH, weights).to(device)
+        tv_net = network.build(ARCH, weights, fold=False).to(device)
         tv_net.roi_heads.score_thresh = thresh
         tv_net.roi_heads.detections_per_img = DETECTIONS
         a_ms, a_dets = naive_ms(torch, tv_net, host[:args.naive_frames], device)
@@ -402,6 +412,8 @@ def main() -> None:
         print(f"(b) network alone   : {1000 / b1:7.2f} frames/s at batch 1 ({b1:.1f} ms), "
               f"{1000 / bb:.2f} at batch {batch} ({bb:.1f} ms/frame)"
               + (f", {1000 / b8:.2f} at batch 8" if b8 else ""), flush=True)
+        print(f"(b') norms folded   : {1000 / f1:7.2f} frames/s at batch 1, {1000 / fb:.2f} at batch {batch} "
+              "(the network as the worker runs it)", flush=True)
 
         defaults = Settings()
         precision = args.precision or defaults.mrcnn_precision
@@ -502,10 +514,11 @@ def main() -> None:
         print(f"device {gpu_name}: (a) {1000 / a_ms:.2f} fps, (b) {1000 / b1:.2f} fps batch 1 / "
               f"{1000 / bb:.2f} fps batch {batch}, (c) {c:.2f} fps", flush=True)
         print(f"(c)/(a) = {c * a_ms / 1000:.2f}x   (c)/(b batch 1) = {c * b1 / 1000:.2f}x   "
-              f"(c)/(b batch {batch}) = {c * bb / 1000:.2f}x", flush=True)
+              f"(c)/(b batch {batch}) = {c * bb / 1000:.2f}x   (c)/(b' batch 1) = {c * f1 / 1000:.2f}x", flush=True)
         figures["c_over_a"] = c * a_ms / 1000
         figures["c_over_b1"] = c * b1 / 1000
         figures[f"c_over_b{batch}"] = c * bb / 1000
+        figures["c_over_b_folded1"] = c * f1 / 1000
         if n_gpus > 1:
             figures["multi_gpu_ratio"] = results[n_gpus] / c
             print(f"{n_gpus} GPUs / 1 GPU = {results[n_gpus] / c:.2f}x", flush=True)

@@ -48,11 +48,38 @@ def test_weights_load_exactly_from_the_file(weights_dir):
     from mlfarm.models.builtin.mrcnn.network import build
 
     saved = torch.load(weights_dir / ARCHITECTURES[V1][0], weights_only=True)
-    net = build(V1, weights_dir / ARCHITECTURES[V1][0])
+    net = build(V1, weights_dir / ARCHITECTURES[V1][0], fold=False)
     loaded = net.state_dict()
     assert not net.training
     for key, value in saved.items():
         assert torch.equal(loaded[key], value), key
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_batch_norms_fold_into_their_convolutions_without_changing_the_features(arch):
+    """Every norm of both architectures is folded, and the backbone (with the FPN) computes what
+    it did. The norms get non-trivial statistics first: freshly made ones are the identity."""
+    import torchvision.models.detection as detection
+
+    from mlfarm.models.builtin.mrcnn.network import _NORMS, fold_batch_norms
+
+    torch.manual_seed(2)
+    net = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=91).eval()
+    norms = [m for m in net.modules() if isinstance(m, _NORMS)]
+    assert len(norms) >= 53  # ResNet-50 alone has 53
+    for m in norms:
+        m.weight.data = torch.rand(m.weight.shape) + 0.5
+        m.bias.data = torch.randn(m.bias.shape) * 0.1
+        m.running_mean.data = torch.randn(m.running_mean.shape) * 0.1
+        m.running_var.data = torch.rand(m.running_var.shape) + 0.5
+    image = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        before = net.backbone(image)
+        assert fold_batch_norms(net) == len(norms)
+        after = net.backbone(image)
+    assert not any(isinstance(m, _NORMS) for m in net.modules())
+    for level, features in before.items():
+        torch.testing.assert_close(after[level], features, rtol=1e-4, atol=1e-4 * float(features.abs().max()))
 
 
 def test_weights_for_another_architecture_are_refused_clearly(weights_dir, tmp_path):
