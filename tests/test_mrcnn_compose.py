@@ -148,6 +148,33 @@ def test_visualisation_tints_instances_and_leaves_the_rest_alone(mrcnn, compose)
     assert not np.isclose(rgba[:, :, :3][~outside], rgb[~outside], rtol=1e-2).all(axis=1).any()
 
 
+@pytest.mark.parametrize("at_once", [128, 8, 4])
+def test_frames_composed_as_a_batch_match_each_frame_composed_alone(mrcnn, monkeypatch, at_once):
+    """A batch is padded to the most detections any frame kept: the padding must leave no trace.
+    Frames with 4, 2 and 0 kept detections (at_once 8: two frames at a time; 4: one)."""
+    import sys
+
+    from mlfarm.models.builtin.mrcnn.coco import parse_classes
+    from mlfarm.models.colour import linear_to_srgb
+
+    monkeypatch.setattr(sys.modules[type(mrcnn).__module__], "_MASKS_AT_ONCE", at_once)
+    mrcnn.set_options({"thresh": 0.5, "classes": "", "max_detections": 100, "binary_masks": False,
+                       "show_class": True, "show_box": True, "show_border": True})
+    dets = [detections(BOXES, LABELS, SCORES),
+            detections([[30, 5, 50, 40], [1, 20, 12, 47]], [44, 1], [0.7, 0.55]),
+            detections([[5, 5, 9, 9]], [1], [0.2])]  # below the threshold: nothing kept
+    linear = torch.from_numpy(np.stack([sample_pixels(k)[:, :, :3] for k in (1, 2, 3)]))
+    srgb = linear_to_srgb(linear, torch)
+    keep = parse_classes("")
+    together = [mrcnn.postprocess([p]) for p in mrcnn._compose_batch(linear, srgb, dets, keep)]
+    alone = [mrcnn.postprocess([mrcnn._compose(linear[i], srgb[i], dets[i], keep)]) for i in range(3)]
+    assert [len(t[5]["detections"]) for t in together] == [4, 2, 0]
+    for t, a in zip(together, alone):
+        for plane_t, plane_a in zip(t[:5], a[:5]):
+            np.testing.assert_array_equal(plane_t, plane_a)
+        assert t[5] == a[5]
+
+
 def test_borders_lie_inside_instances_at_id_changes(compose):
     ids = torch.zeros(12, 12, dtype=torch.int32)
     ids[2:8, 2:8] = 1
@@ -194,6 +221,28 @@ def test_labels_drawn_into_device_planes_match_the_host_drawing():
     draw_labels(device, dets, 0.35)
     np.testing.assert_array_equal(device.numpy(), host)
     assert (host != sample_pixels(4, width=128, height=96)[:, :, :3].astype(np.float16)).any(axis=2).sum() > 100
+
+
+def test_overlapping_labels_show_the_later_one_as_pasting_in_turn_would():
+    """All of a frame's labels go in one indexed write: where they overlap, the later detection's
+    label is on top, as when each is pasted in turn (the reference below)."""
+    from mlfarm.models.builtin.mrcnn.labels import draw_labels, label_patch
+
+    dets = [{"label": "person", "score": 0.91, "box": [20.0, 40.0, 100.0, 90.0]},
+            {"label": "dog", "score": 0.5, "box": [30.0, 44.0, 90.0, 80.0]},  # overlaps the first label
+            {"label": "car", "score": 0.66, "box": [26.0, 38.0, 60.0, 70.0]}]
+    base = sample_pixels(6, width=128, height=96)[:, :, :3].copy()
+    expected = base.copy()
+    for det in dets:
+        patch = label_patch(f"{det['label']} {det['score']:.2f}", 0.35, "float32")
+        y0, x0 = round(det["box"][1]) - patch.shape[0], round(det["box"][0])
+        expected[y0:y0 + patch.shape[0], x0:x0 + patch.shape[1]] = patch
+    assert (expected != base).any(axis=2).sum() > 100
+    host, device = base.copy(), torch.from_numpy(base.copy())
+    draw_labels(host, dets, 0.35)
+    draw_labels(device, dets, 0.35)
+    np.testing.assert_array_equal(host, expected)
+    np.testing.assert_array_equal(device.numpy(), expected)
 
 
 def test_planes_left_on_the_device_are_the_host_planes(mrcnn):

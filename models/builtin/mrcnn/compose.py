@@ -77,69 +77,109 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
     return torch.bmm(torch.bmm(rows, padded), cols.transpose(1, 2))
 
 
+def pad_detections(dets: list[dict[str, torch.Tensor]], picks: list[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The picked detections of B frames as B x N tensors, N the most any frame kept: boxes, labels,
+    scores, masks and ``valid`` (False where a frame had fewer). Padding has empty boxes and masks,
+    so it pastes to nothing; ``valid`` keeps it out of what draws from boxes alone."""
+    pad = torch.nn.utils.rnn.pad_sequence
+    boxes = pad([d["boxes"][i].float() for d, i in zip(dets, picks)], batch_first=True)
+    labels = pad([d["labels"][i] for d, i in zip(dets, picks)], batch_first=True)
+    scores = pad([d["scores"][i].float() for d, i in zip(dets, picks)], batch_first=True)
+    masks = pad([d["masks"][i].float() for d, i in zip(dets, picks)], batch_first=True)
+    counts = torch.tensor([len(i) for i in picks], device=boxes.device)
+    valid = torch.arange(boxes.shape[1], device=boxes.device)[None] < counts[:, None]
+    return boxes, labels, scores, masks, valid
+
+
 def instance_ids(masks: torch.Tensor) -> torch.Tensor:
-    """N x H x W booleans (ranked best first) to an H x W int32 plane: 0 background, else the best id."""
-    n, h, w = masks.shape
+    """... x N x H x W booleans (ranked best first) to ... x H x W int32: 0 background, else the best id."""
+    n = masks.shape[-3]
     if n == 0:
-        return torch.zeros(h, w, dtype=torch.int32, device=masks.device)
+        return torch.zeros(masks.shape[:-3] + masks.shape[-2:], dtype=torch.int32, device=masks.device)
     ranks = torch.arange(1, n + 1, dtype=torch.int32, device=masks.device).view(n, 1, 1)
-    ids = torch.where(masks, ranks, torch.tensor(n + 1, dtype=torch.int32, device=masks.device)).amin(0)
+    ids = torch.where(masks, ranks, torch.tensor(n + 1, dtype=torch.int32, device=masks.device)).amin(-3)
     return torch.where(ids > n, torch.zeros_like(ids), ids)
 
 
+def visible_pixels(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """... x N: how many pixels of ... x H x W ``ids`` each of the ids 1..N owns (no device sync)."""
+    flat = ids.reshape(-1, ids.shape[-2] * ids.shape[-1]).long()
+    counts = torch.zeros(flat.shape[0], n + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
+    return counts[:, 1:].reshape(ids.shape[:-2] + (n,))
+
+
 def lookup_planes(ids: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``matte`` (1 where any kept instance), ``class.id`` and ``score`` planes (float) from the id plane."""
-    zero = torch.zeros(1, device=ids.device, dtype=torch.float32)
-    class_of = torch.cat([zero, labels.float()])
-    score_of = torch.cat([zero, scores.float()])
-    index = ids.long()
-    return (ids > 0).float(), class_of[index], score_of[index]
+    """``matte`` (1 where any kept instance), ``class.id`` and ``score`` planes (float) from the
+    ... x H x W id plane and the ... x N labels and scores of its instances."""
+    zero = torch.zeros(ids.shape[:-2] + (1,), device=ids.device, dtype=torch.float32)
+    class_of = torch.cat([zero, labels.float()], -1)
+    score_of = torch.cat([zero, scores.float()], -1)
+    index = ids.long().flatten(-2)
+    return ((ids > 0).float(), torch.gather(class_of, -1, index).view(ids.shape),
+            torch.gather(score_of, -1, index).view(ids.shape))
 
 
 def border_mask(ids: torch.Tensor, thickness: int) -> torch.Tensor:
-    """Pixels of an instance within ``thickness`` pixels of a pixel with another id (background included)."""
-    f = ids.float()[None, None]
+    """Pixels of an instance within ``thickness`` pixels of a pixel with another id (background
+    included), for ... x H x W ids."""
+    f = ids.float().reshape(-1, 1, *ids.shape[-2:])
     k = 2 * int(thickness) + 1
-    hi = F.max_pool2d(f, k, stride=1, padding=int(thickness))[0, 0]
-    lo = -F.max_pool2d(-f, k, stride=1, padding=int(thickness))[0, 0]
-    return (ids > 0) & ((hi != f[0, 0]) | (lo != f[0, 0]))
+    hi = F.max_pool2d(f, k, stride=1, padding=int(thickness)).view(ids.shape)
+    lo = -F.max_pool2d(-f, k, stride=1, padding=int(thickness)).view(ids.shape)
+    f = f.view(ids.shape)
+    return (ids > 0) & ((hi != f) | (lo != f))
 
 
 def pixel_boxes(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Float boxes (x0, y0, x1, y1) to inclusive pixel bounds, clipped to the frame."""
     b = boxes.float().round().long()
-    x0, y0 = b[:, 0].clamp(0, width - 1), b[:, 1].clamp(0, height - 1)
-    x1, y1 = (b[:, 2] - 1).clamp(0, width - 1), (b[:, 3] - 1).clamp(0, height - 1)
-    return torch.stack([x0, y0, torch.maximum(x1, x0), torch.maximum(y1, y0)], 1)
+    x0, y0 = b[..., 0].clamp(0, width - 1), b[..., 1].clamp(0, height - 1)
+    x1, y1 = (b[..., 2] - 1).clamp(0, width - 1), (b[..., 3] - 1).clamp(0, height - 1)
+    return torch.stack([x0, y0, torch.maximum(x1, x0), torch.maximum(y1, y0)], -1)
 
 
-def box_outlines(boxes: torch.Tensor, height: int, width: int, thickness: int) -> torch.Tensor:
-    """H x W: the union of every box's outline, ``thickness`` pixels wide, drawn inside the box."""
-    if boxes.shape[0] == 0:
-        return torch.zeros(height, width, dtype=torch.bool, device=boxes.device)
+def box_outlines(boxes: torch.Tensor, height: int, width: int, thickness: int,
+                 valid: torch.Tensor | None = None) -> torch.Tensor:
+    """... x H x W: the union of the ... x N boxes' outlines (those ``valid``), ``thickness`` pixels
+    wide, drawn inside each box.
+
+    A pixel is on box k's outline when its row is inside the box and its column on the box's
+    left or right band, or its column inside and its row on the top or bottom band: each term is
+    an outer product of a row and a column indicator, so the union over boxes is two matrix
+    products of N x H by N x W, never an N x H x W tensor.
+    """
+    lead = boxes.shape[:-2]
+    if boxes.shape[-2] == 0:
+        return torch.zeros(lead + (height, width), dtype=torch.bool, device=boxes.device)
     b = pixel_boxes(boxes, height, width)
     t = int(thickness)
-    ys = torch.arange(height, device=boxes.device)[None]
-    xs = torch.arange(width, device=boxes.device)[None]
-    in_y = (ys >= b[:, 1:2]) & (ys <= b[:, 3:4])
-    in_x = (xs >= b[:, 0:1]) & (xs <= b[:, 2:3])
-    core_y = (ys >= b[:, 1:2] + t) & (ys <= b[:, 3:4] - t)
-    core_x = (xs >= b[:, 0:1] + t) & (xs <= b[:, 2:3] - t)
-    outline = (in_y[:, :, None] & in_x[:, None, :]) & ~(core_y[:, :, None] & core_x[:, None, :])
-    return outline.any(0)
+    ys = torch.arange(height, device=boxes.device)
+    xs = torch.arange(width, device=boxes.device)
+    in_y = (ys >= b[..., 1:2]) & (ys <= b[..., 3:4])  # ... x N x H
+    in_x = (xs >= b[..., 0:1]) & (xs <= b[..., 2:3])  # ... x N x W
+    band_y = in_y & ~((ys >= b[..., 1:2] + t) & (ys <= b[..., 3:4] - t))
+    band_x = in_x & ~((xs >= b[..., 0:1] + t) & (xs <= b[..., 2:3] - t))
+    if valid is not None:
+        in_y, band_y = in_y & valid[..., None], band_y & valid[..., None]
+    hits = band_y.float().transpose(-1, -2) @ in_x.float() + in_y.float().transpose(-1, -2) @ band_x.float()
+    return hits > 0
 
 
 def visualise(image: torch.Tensor, ids: torch.Tensor, boxes: torch.Tensor, alpha: float, show_border: bool,
-              border_thick: int, show_box: bool, bbox_thick: int, colours: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed's picture on an H x W x 3 display-referred image: instances tinted with their colour at
-    ``alpha``, white borders, green boxes. Returns the picture and where it differs from the input."""
+              border_thick: int, show_box: bool, bbox_thick: int, colours: torch.Tensor,
+              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seed's picture on ... x H x W x 3 display-referred images: instances tinted with their
+    colour at ``alpha``, white borders, green boxes (those ``valid``). Returns the picture and
+    where it differs from the input."""
     fg = ids > 0
     tint = colours[(ids.long() - 1).clamp(min=0) % colours.shape[0]]
     out = torch.where(fg[..., None], image * (1 - alpha) + tint * alpha, image)
     changed = fg.clone()
+    height, width = ids.shape[-2:]
     for show, mask, colour in ((show_border, lambda: border_mask(ids, border_thick), BORDER_SRGB),
-                               (show_box, lambda: box_outlines(boxes, *ids.shape, bbox_thick), BOX_SRGB)):
+                               (show_box, lambda: box_outlines(boxes, height, width, bbox_thick, valid), BOX_SRGB)):
         if show:
             m = mask()
             out = torch.where(m[..., None], torch.tensor(colour, device=out.device, dtype=out.dtype), out)

@@ -47,6 +47,20 @@ class Pending:
     pixels: Any
 
 
+_MASKS_AT_ONCE = 128  # full-frame instance masks composed at once (1080p: 2 MB each, as booleans)
+
+
+def _same_size(batch: list[Any]) -> list[list[Any]]:
+    """The batch in runs of frames of one size (a plate's frames normally all are)."""
+    groups: list[list[Any]] = []
+    for frame in batch:
+        if groups and tuple(groups[-1][0].shape) == tuple(frame.shape):
+            groups[-1].append(frame)
+        else:
+            groups.append([frame])
+    return groups
+
+
 class Model(BaseModel):
     def __init__(self):
         super().__init__()
@@ -77,7 +91,7 @@ class Model(BaseModel):
         self.device = "gpu"
         self.batch_size = 4
         self.sidecar_json = True
-        self.raw_frames = True  # preprocess copies into pinned memory; a half plate goes up as half
+        self.raw_frames = True  # preprocess copies the frame into pinned memory itself
         self._nets: dict[str, Any] = {}
         self.planes_stay = False  # set by load(): True where the worker compresses outputs on the GPU
         self._streams = threading.local()  # per lane thread: its CUDA stream and its copy stream
@@ -223,45 +237,77 @@ class Model(BaseModel):
         # With a class filter the network must not stop at max_detections of other classes.
         network.configure(net, self.min_size, self.max_size, self.thresh,
                           self.max_detections if keep is None else max(100, int(self.max_detections)))
+        results: list[list[Any]] = []
         with torch.inference_mode(), self._lane_stream():
-            linear = [t.to(self.torch_device, non_blocking=True).float() for t in batch]
-            srgb = [linear_to_srgb(x, torch) for x in linear]
-            found = network.run(net, [s.clamp(0, 1).permute(2, 0, 1) for s in srgb], self.channels_last,
-                                self.autocast)
-            return [[self._compose(lin, s, det, keep)] for lin, s, det in zip(linear, srgb, found)]
+            for group in _same_size(batch):  # frames of one size go through every step together
+                linear = torch.stack([t.to(self.torch_device, non_blocking=True) for t in group]).float()
+                srgb = linear_to_srgb(linear, torch)
+                found = network.run(net, list(srgb.clamp(0, 1).permute(0, 3, 1, 2)), self.channels_last,
+                                    self.autocast)
+                results.extend([p] for p in self._compose_batch(linear, srgb, found, keep))
+        return results
 
     def _compose(self, linear: Any, srgb: Any, det: dict[str, Any], keep: frozenset[int] | None) -> Pending:
+        """One frame's planes: ``_compose_batch`` of a batch of one."""
+        return self._compose_batch(linear[None], srgb[None], [det], keep)[0]
+
+    def _compose_batch(self, linear: Any, srgb: Any, dets: list[dict[str, Any]], keep: frozenset[int] | None
+                       ) -> list[Pending]:
+        """B frames' planes (linear and srgb B x H x W x 3), composed together: every step is a
+        few tensor operations for the whole batch, not for each frame. Why: on a GPU worker each
+        operation hands the GIL to the I/O threads and waits to get it back, and composing frame
+        by frame was the largest share of the thread feeding the GPU (profiled on an H100).
+
+        Frames are padded to the most detections any of them kept. Groups of frames are bounded
+        so that the full-frame masks held at once stay at most ``_MASKS_AT_ONCE``.
+        """
+        from . import compose
+
+        picks = [compose.select(d["scores"], d["labels"], float(self.thresh), keep, int(self.max_detections))
+                 for d in dets]
+        most = max(1, max(len(p) for p in picks))
+        step = max(1, _MASKS_AT_ONCE // most)
+        out: list[Pending] = []
+        for at in range(0, len(dets), step):
+            out.extend(self._compose_group(linear[at:at + step], srgb[at:at + step], dets[at:at + step],
+                                           picks[at:at + step]))
+        return out
+
+    def _compose_group(self, linear: Any, srgb: Any, dets: list[dict[str, Any]], picks: list[Any]) -> list[Pending]:
         from mlfarm.models.colour import srgb_to_linear
 
         from . import compose
 
         torch = self.torch
-        height, width = linear.shape[:2]
-        idx = compose.select(det["scores"], det["labels"], float(self.thresh), keep, int(self.max_detections))
-        boxes, labels, scores = det["boxes"][idx], det["labels"][idx], det["scores"][idx]
-        masks = compose.paste_masks(det["masks"][idx], boxes, height, width) >= 0.5
-        ids = compose.instance_ids(masks)
-        del masks
-        # Visible pixels per instance, counted without bincount's device-to-host sync for its size.
-        ranks = torch.arange(1, len(idx) + 1, device=ids.device, dtype=ids.dtype)
-        pixels = (ids.view(1, -1) == ranks.view(-1, 1)).sum(1)
+        frames, height, width = linear.shape[:3]
+        boxes, labels, scores, masks, valid = compose.pad_detections(dets, picks)
+        n = boxes.shape[1]
+        pasted = compose.paste_masks(masks.flatten(0, 1), boxes.flatten(0, 1), height, width) >= 0.5
+        ids = compose.instance_ids(pasted.view(frames, n, height, width))
+        del pasted
+        pixels = compose.visible_pixels(ids, n)
         matte, class_id, score = compose.lookup_planes(ids, labels, scores)
         if self.binary_masks:
-            rgb = matte[..., None].expand(-1, -1, 3)
+            rgb = matte[..., None].expand(-1, -1, -1, 3)
         else:
             picture, changed = compose.visualise(srgb, ids, boxes, float(self.alpha), bool(self.show_border),
                                                  int(self.border_thick), bool(self.show_box),
-                                                 int(self.bbox_thick), self.colours)
+                                                 int(self.bbox_thick), self.colours, valid)
             rgb = torch.where(changed[..., None], srgb_to_linear(picture, torch), linear)
-        rgba = torch.cat([rgb, matte[..., None]], dim=2)
+        rgba = torch.cat([rgb, matte[..., None]], dim=-1)
         # Data planes as half: exact for ids and classes (max_detections <= 1000 < 2048), about four
         # significant digits for scores (the exact ones are in the JSON), and an all-half EXR encodes
         # several times faster than one mixing half and float.
-        data = torch.stack([matte, ids.float(), class_id, score], dim=2).half()
-        if self.half_rgba:
-            return self._to_host(torch.cat([rgba.half(), data], dim=2), None, boxes, labels, scores.float(),
-                                 pixels)
-        return self._to_host(rgba, data, boxes, labels, scores.float(), pixels)
+        data = torch.stack([matte, ids.float(), class_id, score], dim=-1).half()
+        block = torch.cat([rgba.half(), data], dim=-1) if self.half_rgba else None
+        pending = []
+        for i, kept in enumerate(len(p) for p in picks):
+            detections = (boxes[i, :kept], labels[i, :kept], scores[i, :kept], pixels[i, :kept])
+            if block is not None:
+                pending.append(self._to_host(block[i], None, *detections))
+            else:
+                pending.append(self._to_host(rgba[i], data[i], *detections))
+        return pending
 
     def _stream(self, name: str) -> Any:
         """This thread's CUDA stream called ``name``, made on first use (streams are per thread so
