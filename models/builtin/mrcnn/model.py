@@ -47,7 +47,7 @@ class Pending:
     pixels: Any
 
 
-_MASKS_AT_ONCE = 128  # full-frame instance masks composed at once (1080p: 2 MB each, as booleans)
+_MASKS_AT_ONCE = 128  # full-frame instance masks composed at once (1080p: 8 MB each while pasted)
 
 
 def _same_size(batch: list[Any]) -> list[list[Any]]:
