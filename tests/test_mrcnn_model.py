@@ -233,3 +233,32 @@ def test_mlclient_gateway_runs_mrcnn_through_its_pre_and_postprocess(monkeypatch
     ids = images[2].to_array()[:, :, 0]
     assert set(np.unique(ids).astype(int)) <= set(range(len(dets) + 1))
     np.testing.assert_array_equal(images[1].to_array()[:, :, 0], (ids > 0).astype(np.float32))
+
+
+def test_a_batch_of_frames_of_two_sizes_gives_each_frame_its_own_planes(monkeypatch, weights_dir):
+    """A batch runs through the network and the compositing in runs of frames of one size: results
+    come back in the batch's order, each the size of its frame and with the frame's own detections
+    (as the frame alone gets them, up to the arithmetic of a different batch size)."""
+    from mlfarm.models.catalog import Catalog, discover
+    from mlfarm.settings import get_settings
+
+    monkeypatch.setenv("MLFARM_WEIGHTS_DIR", str(weights_dir))
+    get_settings.cache_clear()
+    try:
+        model = Catalog(discover()).entry("mrcnn").create()
+        model.load("cpu")
+        model.set_options({**SMALL, "show_class": False})
+        frames = [sample_pixels(k, width=w, height=h)[:, :, :3] for k, (w, h) in
+                  enumerate([(96, 64), (80, 72), (96, 64)])]
+        batch = model.infer_batch([model.preprocess([f]) for f in frames])
+        alone = [model.infer_batch([model.preprocess([f])])[0] for f in frames]
+    finally:
+        get_settings.cache_clear()
+    assert len(batch) == 3
+    for frame, together, single in zip(frames, batch, alone):
+        planes, by_itself = model.postprocess(together), model.postprocess(single)
+        assert [p.shape for p in planes[:5]] == [frame.shape[:2] + (4,)] + [frame.shape[:2]] * 4
+        dets, expected = planes[5]["detections"], by_itself[5]["detections"]
+        assert dets and [d["class_id"] for d in dets] == [d["class_id"] for d in expected]
+        np.testing.assert_allclose([d["score"] for d in dets], [d["score"] for d in expected], atol=1e-4)
+        np.testing.assert_allclose([d["box"] for d in dets], [d["box"] for d in expected], atol=1e-2)
