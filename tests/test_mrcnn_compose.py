@@ -151,13 +151,14 @@ def test_visualisation_tints_instances_and_leaves_the_rest_alone(mrcnn, compose)
 @pytest.mark.parametrize("at_once", [128, 8, 4])
 def test_frames_composed_as_a_batch_match_each_frame_composed_alone(mrcnn, monkeypatch, at_once):
     """A batch is padded to the most detections any frame kept: the padding must leave no trace.
-    Frames with 4, 2 and 0 kept detections (at_once 8: two frames at a time; 4: one)."""
+    Frames with 4, 2 and 0 kept detections; at_once is the masks pasted at once (8: two frames at
+    a time; 4: one)."""
     import sys
 
     from mlfarm.models.builtin.mrcnn.coco import parse_classes
     from mlfarm.models.colour import linear_to_srgb
 
-    monkeypatch.setattr(sys.modules[type(mrcnn).__module__], "_MASKS_AT_ONCE", at_once)
+    monkeypatch.setattr(sys.modules[type(mrcnn).__module__], "_PASTE_BYTES", at_once * 48 * 64 * 4)
     mrcnn.set_options({"thresh": 0.5, "classes": "", "max_detections": 100, "binary_masks": False,
                        "show_class": True, "show_box": True, "show_border": True})
     dets = [detections(BOXES, LABELS, SCORES),

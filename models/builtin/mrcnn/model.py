@@ -47,7 +47,9 @@ class Pending:
     pixels: Any
 
 
-_MASKS_AT_ONCE = 128  # full-frame instance masks composed at once (1080p: 8 MB each while pasted)
+# GPU memory for the full-frame masks of the frames composed together, while pasted (float32):
+# 1 GiB is 128 masks at 1080p (a batch of 4 with 20 detections each), 30 at 4K.
+_PASTE_BYTES = 1 << 30
 
 
 def _same_size(batch: list[Any]) -> list[list[Any]]:
@@ -259,14 +261,14 @@ class Model(BaseModel):
         by frame was the largest share of the thread feeding the GPU (profiled on an H100).
 
         Frames are padded to the most detections any of them kept. Groups of frames are bounded
-        so that the full-frame masks held at once stay at most ``_MASKS_AT_ONCE``.
+        so that their pasted masks stay within ``_PASTE_BYTES`` (a frame alone may exceed it).
         """
         from . import compose
 
         picks = [compose.select(d["scores"], d["labels"], float(self.thresh), keep, int(self.max_detections))
                  for d in dets]
         most = max(1, max(len(p) for p in picks))
-        step = max(1, _MASKS_AT_ONCE // most)
+        step = max(1, _PASTE_BYTES // (most * linear.shape[1] * linear.shape[2] * 4))
         out: list[Pending] = []
         for at in range(0, len(dets), step):
             out.extend(self._compose_group(linear[at:at + step], srgb[at:at + step], dets[at:at + step],
