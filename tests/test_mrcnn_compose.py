@@ -50,7 +50,8 @@ def run(model, image, det, **options):
     lin = torch.from_numpy(image[:, :, :3].copy())
     from mlfarm.models.colour import linear_to_srgb
 
-    pending = model._compose(lin, linear_to_srgb(lin, torch), det, parse_classes(model.classes))
+    [pending] = model._compose_batch(lin[None], linear_to_srgb(lin, torch)[None], [det],
+                                     parse_classes(model.classes))
     return model.postprocess([pending])
 
 
@@ -168,7 +169,8 @@ def test_frames_composed_as_a_batch_match_each_frame_composed_alone(mrcnn, monke
     srgb = linear_to_srgb(linear, torch)
     keep = parse_classes("")
     together = [mrcnn.postprocess([p]) for p in mrcnn._compose_batch(linear, srgb, dets, keep)]
-    alone = [mrcnn.postprocess([mrcnn._compose(linear[i], srgb[i], dets[i], keep)]) for i in range(3)]
+    alone = [mrcnn.postprocess(mrcnn._compose_batch(linear[i:i + 1], srgb[i:i + 1], dets[i:i + 1], keep))
+             for i in range(3)]
     assert [len(t[5]["detections"]) for t in together] == [4, 2, 0]
     for t, a in zip(together, alone):
         for plane_t, plane_a in zip(t[:5], a[:5]):
@@ -261,8 +263,8 @@ def test_planes_left_on_the_device_are_the_host_planes(mrcnn):
         mrcnn.planes_stay = stay
         try:
             with torch.inference_mode():
-                pending = mrcnn._compose(lin, linear_to_srgb(lin, torch), detections(BOXES, LABELS, SCORES),
-                                         parse_classes(""))
+                [pending] = mrcnn._compose_batch(lin[None], linear_to_srgb(lin, torch)[None],
+                                                 [detections(BOXES, LABELS, SCORES)], parse_classes(""))
             results.append(mrcnn.postprocess([pending]))
         finally:
             mrcnn.planes_stay = False

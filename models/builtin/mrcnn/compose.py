@@ -79,14 +79,13 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
 
 def pad_detections(dets: list[dict[str, torch.Tensor]], picks: list[torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The picked detections of B frames as B x N tensors, N the most any frame kept: boxes, labels,
-    scores, masks and ``valid`` (False where a frame had fewer). Padding has empty boxes and masks,
-    so it pastes to nothing; ``valid`` keeps it out of what draws from boxes alone."""
+    """The picked detections of B frames (float boxes, scores and masks, as ``network.run`` gives
+    them) as B x N tensors, N the most any frame kept: boxes, labels, scores, masks and ``valid``
+    (False where a frame had fewer). Padding has empty boxes and masks, so it pastes to nothing;
+    ``valid`` keeps it out of what draws from boxes alone."""
     pad = torch.nn.utils.rnn.pad_sequence
-    boxes = pad([d["boxes"][i].float() for d, i in zip(dets, picks)], batch_first=True)
-    labels = pad([d["labels"][i] for d, i in zip(dets, picks)], batch_first=True)
-    scores = pad([d["scores"][i].float() for d, i in zip(dets, picks)], batch_first=True)
-    masks = pad([d["masks"][i].float() for d, i in zip(dets, picks)], batch_first=True)
+    boxes, labels, scores, masks = (pad([d[key][i] for d, i in zip(dets, picks)], batch_first=True)
+                                    for key in ("boxes", "labels", "scores", "masks"))
     counts = torch.tensor([len(i) for i in picks], device=boxes.device)
     valid = torch.arange(boxes.shape[1], device=boxes.device)[None] < counts[:, None]
     return boxes, labels, scores, masks, valid

@@ -177,9 +177,8 @@ class Model(BaseModel):
         rgb = img[:, :, :3]
         torch = self.torch
         if self.torch_device.startswith("cuda"):
-            dtype = torch.float16 if rgb.dtype == np.float16 else torch.float32
-            pinned = torch.empty(rgb.shape, dtype=dtype, pin_memory=True)
-            np.copyto(pinned.numpy(), rgb)
+            pinned = torch.empty(rgb.shape, dtype=torch.float32, pin_memory=True)
+            np.copyto(pinned.numpy(), rgb)  # frames are read as float32; other dtypes are converted
             return pinned
         return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32))
 
@@ -242,16 +241,12 @@ class Model(BaseModel):
         results: list[list[Any]] = []
         with torch.inference_mode(), self._lane_stream():
             for group in _same_size(batch):  # frames of one size go through every step together
-                linear = torch.stack([t.to(self.torch_device, non_blocking=True) for t in group]).float()
+                linear = torch.stack([t.to(self.torch_device, non_blocking=True) for t in group])
                 srgb = linear_to_srgb(linear, torch)
                 found = network.run(net, list(srgb.clamp(0, 1).permute(0, 3, 1, 2)), self.channels_last,
                                     self.autocast)
                 results.extend([p] for p in self._compose_batch(linear, srgb, found, keep))
         return results
-
-    def _compose(self, linear: Any, srgb: Any, det: dict[str, Any], keep: frozenset[int] | None) -> Pending:
-        """One frame's planes: ``_compose_batch`` of a batch of one."""
-        return self._compose_batch(linear[None], srgb[None], [det], keep)[0]
 
     def _compose_batch(self, linear: Any, srgb: Any, dets: list[dict[str, Any]], keep: frozenset[int] | None
                        ) -> list[Pending]:

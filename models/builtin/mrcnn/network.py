@@ -69,7 +69,7 @@ def fold_batch_norms(net: torch.nn.Module) -> int:
         children = dict(parent.named_children())
         if isinstance(parent, torch.nn.Sequential):
             names = list(children)
-            pairs = [(a, b) for a, b in zip(names, names[1:])]
+            pairs = list(zip(names, names[1:]))
         else:
             pairs = [(name, "bn" + name[4:]) for name in children if name.startswith("conv")]
         for conv_name, norm_name in pairs:
