@@ -208,6 +208,11 @@ class Settings(BaseSettings):
         "Chosen by measurement (benchmarks/bench_mrcnn.py); CPU always runs fp32.",
     )
     mrcnn_channels_last: bool = Field(default=False, description="Mask R-CNN backbone in channels_last on CUDA.")
+    mrcnn_cuda_graphs: bool = Field(
+        default=True, description="Mask R-CNN's fixed-shape front (sRGB, resize, backbone, RPN head, anchors) "
+        "replayed as one CUDA graph per lane and frame size instead of hundreds of Python-dispatched operations "
+        "(CUDA only; each graph keeps its activations' GPU memory). false: eager, as torchvision runs it.",
+    )
     mrcnn_batch_size: int = Field(
         default=4, ge=1, le=64, description="Frames Mask R-CNN runs through the network at once (4 measured best "
         "on H100: 8 ran the network 4% faster but the farm 9-21% slower).",

@@ -82,6 +82,33 @@ def test_batch_norms_fold_into_their_convolutions_without_changing_the_features(
         torch.testing.assert_close(after[level], features, rtol=1e-4, atol=1e-4 * float(features.abs().max()))
 
 
+def test_the_network_split_in_front_and_heads_finds_what_torchvisions_forward_finds():
+    """``network.front`` (normalising with tensors made once: a CUDA graph cannot capture
+    torchvision's per-call copy of them) then ``network.heads`` is torchvision's forward, stopped
+    before the mask paste: same padded batch, same detections."""
+    import torchvision.models.detection as detection
+
+    from mlfarm.models.builtin.mrcnn import network
+
+    torch.manual_seed(5)
+    net = detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
+    network.configure(net, 64, 100, 0.0, 10)
+    images = [torch.rand(3, 48, 80), torch.rand(3, 60, 40), torch.rand(3, 48, 80)]
+    with torch.inference_mode():
+        front = network.front(net, images)
+        theirs, _ = net.transform(images)
+        ours = network.heads(net, front, [tuple(i.shape[-2:]) for i in images])
+        expected = net(images)
+    assert front.batch.image_sizes == theirs.image_sizes
+    torch.testing.assert_close(front.batch.tensors, theirs.tensors, rtol=0, atol=1e-6)
+    for found, wanted in zip(ours, expected, strict=True):
+        assert len(found["labels"]) > 0
+        assert torch.equal(found["labels"], wanted["labels"])
+        torch.testing.assert_close(found["scores"], wanted["scores"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(found["boxes"], wanted["boxes"], rtol=1e-4, atol=1e-3)
+        assert found["masks"].shape == (len(found["labels"]), 28, 28)
+
+
 def test_weights_for_another_architecture_are_refused_clearly(weights_dir, tmp_path):
     from mlfarm.models.builtin.mrcnn.network import build
 
@@ -262,3 +289,38 @@ def test_a_batch_of_frames_of_two_sizes_gives_each_frame_its_own_planes(monkeypa
         assert dets and [d["class_id"] for d in dets] == [d["class_id"] for d in expected]
         np.testing.assert_allclose([d["score"] for d in dets], [d["score"] for d in expected], atol=1e-4)
         np.testing.assert_allclose([d["box"] for d in dets], [d["box"] for d in expected], atol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_graphed_front_gives_the_eager_detections(monkeypatch, weights_dir):
+    """With MLFARM_MRCNN_CUDA_GRAPHS the transform and backbone are replayed from a CUDA graph
+    after the first batch of a shape: every later batch must find what eager runs find on the same
+    frames, and a change of min_size must not replay a graph captured for another resize."""
+    from mlfarm.models.catalog import Catalog, discover
+    from mlfarm.settings import get_settings
+
+    monkeypatch.setenv("MLFARM_WEIGHTS_DIR", str(weights_dir))
+    monkeypatch.setenv("MLFARM_MRCNN_PRECISION", "fp32")
+    monkeypatch.setenv("MLFARM_EXR_GPU_COMPRESS", "false")
+    results = {}
+    for graphs in (True, False):
+        monkeypatch.setenv("MLFARM_MRCNN_CUDA_GRAPHS", str(graphs).lower())
+        get_settings.cache_clear()
+        try:
+            model = Catalog(discover()).entry("mrcnn").create()
+            model.load("cuda")
+            found = []
+            for min_size in (64, 64, 64, 80, 80, 80):
+                model.set_options({**SMALL, "min_size": min_size, "max_size": 128, "show_class": False})
+                frames = [sample_pixels(k + min_size, width=96, height=64)[:, :, :3] for k in range(2)]
+                out = model.infer_batch([model.preprocess([f]) for f in frames])
+                found.append([model.postprocess(o)[5]["detections"] for o in out])
+            results[graphs] = found
+            assert model._fronts[V1].graphs == (2 if graphs else 0)
+        finally:
+            get_settings.cache_clear()
+    for graphed, eager in zip(results[True], results[False]):
+        for g, e in zip(graphed, eager):
+            assert g and [d["class_id"] for d in g] == [d["class_id"] for d in e]
+            np.testing.assert_allclose([d["score"] for d in g], [d["score"] for d in e], atol=1e-4)
+            np.testing.assert_allclose([d["box"] for d in g], [d["box"] for d in e], atol=1e-2)

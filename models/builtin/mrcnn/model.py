@@ -18,6 +18,7 @@ ids and classes, about four significant digits for scores (the exact ones are in
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mlfarm.models import BaseModel, Choice, InputError
+from mlfarm.models.cuda_graphs import GraphedFunction
 
 from .coco import COCO_CATEGORIES, parse_classes
 from .weights import ARCHITECTURES, WeightsError, find_weights, missing_message
@@ -95,6 +97,8 @@ class Model(BaseModel):
         self.sidecar_json = True
         self.raw_frames = True  # preprocess copies the frame into pinned memory itself
         self._nets: dict[str, Any] = {}
+        self._fronts: dict[str, GraphedFunction] = {}  # per architecture: the network's front, as CUDA graphs
+        self.cuda_graphs = False  # set by load()
         self.planes_stay = False  # set by load(): True where the worker compresses outputs on the GPU
         self._streams = threading.local()  # per lane thread: its CUDA stream and its copy stream
 
@@ -138,6 +142,7 @@ class Model(BaseModel):
             torch.backends.cudnn.benchmark = True
             self.autocast = torch.float16 if settings.mrcnn_precision == "fp16" else None
             self.channels_last = bool(settings.mrcnn_channels_last)
+            self.cuda_graphs = bool(settings.mrcnn_cuda_graphs)
         from . import compose
 
         self.colours = torch.from_numpy(compose.palette()).to(device)
@@ -150,6 +155,7 @@ class Model(BaseModel):
 
     def unload(self) -> None:
         self._nets.clear()
+        self._fronts.clear()
 
     def _network(self):
         """The network for the chosen architecture, built from its weights file on first use."""
@@ -165,7 +171,18 @@ class Model(BaseModel):
             if self.channels_last:
                 net.backbone.to(memory_format=self.torch.channels_last)
             self._nets[arch] = net
+            self._fronts[arch] = GraphedFunction(functools.partial(self._front, net), enabled=self.cuda_graphs)
         return self._nets[arch]
+
+    def _front(self, net: Any, linear: Any) -> tuple[Any, Any]:
+        """B x H x W x 3 scene-linear frames to their sRGB (which ``compose`` draws on) and the
+        network's front: one CUDA graph replay on a GPU worker (``self._fronts``)."""
+        from mlfarm.models.colour import linear_to_srgb
+
+        from . import network
+
+        srgb = linear_to_srgb(linear, self.torch)
+        return srgb, network.front(net, srgb.clamp(0, 1).permute(0, 3, 1, 2), self.channels_last, self.autocast)
 
     # --- per frame, on the I/O threads -------------------------------------------------------
     def preprocess(self, image_list: list[Any]) -> Any:
@@ -228,23 +245,22 @@ class Model(BaseModel):
         return [o.cpu().numpy() if isinstance(o, self.torch.Tensor) else o for o in outputs]
 
     def infer_batch(self, batch: list[Any]) -> list[list[Any]]:
-        from mlfarm.models.colour import linear_to_srgb
-
         from . import network
 
         torch = self.torch
         net = self._network()
+        front = self._fronts[self.architecture.value]
         keep = parse_classes(self.classes)
         # With a class filter the network must not stop at max_detections of other classes.
         network.configure(net, self.min_size, self.max_size, self.thresh,
                           self.max_detections if keep is None else max(100, int(self.max_detections)))
+        resize = (int(self.min_size), int(self.max_size))  # what a captured front depends on besides the shape
         results: list[list[Any]] = []
         with torch.inference_mode(), self._lane_stream():
             for group in _same_size(batch):  # frames of one size go through every step together
                 linear = torch.stack([t.to(self.torch_device, non_blocking=True) for t in group])
-                srgb = linear_to_srgb(linear, torch)
-                found = network.run(net, list(srgb.clamp(0, 1).permute(0, 3, 1, 2)), self.channels_last,
-                                    self.autocast)
+                srgb, prepared = front(linear, config=resize)
+                found = network.heads(net, prepared, [tuple(linear.shape[1:3])] * len(group), self.autocast)
                 results.extend([p] for p in self._compose_batch(linear, srgb, found, keep))
         return results
 

@@ -9,11 +9,15 @@ device and ``compose`` builds the planes from them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.models import detection
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -88,22 +92,75 @@ def configure(net: Any, min_size: int, max_size: int, score_thresh: float, detec
     net.roi_heads.detections_per_img = int(detections)
 
 
-def run(net: Any, images: list[torch.Tensor], channels_last: bool = False,
-        autocast: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
-    """3 x H x W display-referred images in [0, 1] to per-image ``boxes`` (in the input's pixels),
-    ``labels``, ``scores`` and ``masks`` (N x 28 x 28 probabilities of the predicted class)."""
-    sizes = [tuple(img.shape[-2:]) for img in images]
-    batch, _ = net.transform(images)
+def _cast(device: torch.device, autocast: torch.dtype | None) -> Any:
+    # No autocast cache: a CUDA graph cannot capture it, and the weights are cast once per call anyway.
+    return (torch.autocast(device.type, dtype=autocast, cache_enabled=False) if autocast is not None
+            else contextlib.nullcontext())
+
+
+def _mean_std(transform: Any, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transform's normalisation as 3 x 1 x 1 tensors on ``device``, made once.
+
+    Why not ``transform.normalize``: it makes them from Python lists on every call, a copy from
+    host memory that a CUDA graph cannot capture.
+    """
+    made = transform.__dict__.setdefault("_mlfarm_mean_std", {})
+    key = (device, dtype)
+    if key not in made:
+        made[key] = tuple(torch.as_tensor(v, dtype=dtype, device=device)[:, None, None]
+                          for v in (transform.image_mean, transform.image_std))
+    return made[key]
+
+
+@dataclass
+class Front:
+    """What ``front`` gives ``heads``: the padded batch, the FPN's features, and the RPN's
+    objectness logits (B*A x 1) and box deltas (B*A x 4) at every anchor, with the anchors (one
+    A x 4 tensor per image), before any selection (whose sizes depend on the scores)."""
+
+    batch: ImageList
+    features: dict[str, torch.Tensor]
+    objectness: torch.Tensor
+    deltas: torch.Tensor
+    anchors: list[torch.Tensor]
+    anchors_per_level: list[int]
+
+
+def front(net: Any, images: Sequence[torch.Tensor], channels_last: bool = False,
+          autocast: torch.dtype | None = None) -> Front:
+    """3 x H x W display-referred images in [0, 1] through every step whose shapes depend only on
+    the input's: the transform (normalise, resize, pad), the backbone with its FPN, the RPN's head
+    and its anchors. A CUDA graph can replay all of it (``models/cuda_graphs.py``)."""
+    t = net.transform
+    mean, std = _mean_std(t, images[0].device, images[0].dtype)
+    resized = [t.resize((img - mean) / std)[0] for img in images]
+    batch = ImageList(t.batch_images(resized, t.size_divisible), [tuple(r.shape[-2:]) for r in resized])
     if channels_last:
         batch.tensors = batch.tensors.contiguous(memory_format=torch.channels_last)
-    cast = (torch.autocast(batch.tensors.device.type, dtype=autocast) if autocast is not None
-            else contextlib.nullcontext())
-    with cast:
+    with _cast(batch.tensors.device, autocast):
         features = net.backbone(batch.tensors)
-        proposals, _ = net.rpn(batch, features)
-        found, _ = net.roi_heads(features, proposals, batch.image_sizes)
+        levels = list(features.values())
+        objectness, deltas = net.rpn.head(levels)
+        anchors = net.rpn.anchor_generator(batch, levels)
+        per_level = [o[0].numel() for o in objectness]  # anchors x height x width of each level
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    return Front(batch, features, objectness, deltas, anchors, per_level)
+
+
+def heads(net: Any, front: Front, sizes: list[tuple[int, int]], autocast: torch.dtype | None = None
+          ) -> list[dict[str, torch.Tensor]]:
+    """The proposals (decoding makes a tensor from a Python number, which a graph cannot
+    capture) and their selection, then the box and mask heads: per image ``boxes`` (in the pixels
+    of ``sizes``, the input's), ``labels``, ``scores`` and ``masks`` (N x 28 x 28 probabilities of
+    the predicted class)."""
+    image_sizes = front.batch.image_sizes
+    rpn = net.rpn
+    with _cast(front.deltas.device, autocast):
+        proposals = rpn.box_coder.decode(front.deltas, front.anchors).view(len(front.anchors), -1, 4)
+        boxes, _ = rpn.filter_proposals(proposals, front.objectness, image_sizes, front.anchors_per_level)
+        found, _ = net.roi_heads(front.features, boxes, image_sizes)
     out = []
-    for det, resized, original in zip(found, batch.image_sizes, sizes):
+    for det, resized, original in zip(found, image_sizes, sizes):
         out.append({
             "boxes": resize_boxes(det["boxes"].float(), resized, original),
             "labels": det["labels"],
@@ -111,3 +168,11 @@ def run(net: Any, images: list[torch.Tensor], channels_last: bool = False,
             "masks": det["masks"][:, 0].float(),
         })
     return out
+
+
+def run(net: Any, images: list[torch.Tensor], channels_last: bool = False,
+        autocast: torch.dtype | None = None) -> list[dict[str, torch.Tensor]]:
+    """3 x H x W display-referred images in [0, 1] (of any sizes) to their detections: ``front``
+    then ``heads``, eagerly."""
+    return heads(net, front(net, images, channels_last, autocast), [tuple(img.shape[-2:]) for img in images],
+                 autocast)
