@@ -9,8 +9,9 @@ well over 20 detections on every frame, and every side caps at 20.
             (all N full-frame float masks included). sRGB conversion is done beforehand, not timed.
 (b) network the network alone on GPU-resident frames: transform, backbone, RPN, box and mask heads,
             no mask paste; batch 1 (as the issue measured it) and the worker's batch size. Built as
-            torchvision makes it; (b') is the same with the batch norms folded into the convolutions,
-            as the worker runs it.
+            torchvision makes it; (b') is the same with the batch norms folded into the convolutions;
+            (b'') adds the front (transform, backbone, RPN head and anchors) replayed as a CUDA
+            graph, as the worker runs it.
 (c) farm    EXR plate on disk -> Farm.submit (what `mlfarm submit` calls) -> one GPU worker process
             -> EXR planes (rgba, matte, instance.id, class.id, score) + sidecar JSON on disk.
 (c2)        the same with one worker per GPU on every visible GPU (when there are several).
@@ -116,17 +117,26 @@ def sync(torch, device: str) -> None:
 
 
 def network_ms(torch, net, images: list, batch: int, device: str, channels_last: bool = False,
-               autocast=None, warm: int = 3) -> float:
+               autocast=None, warm: int = 3, graphs: bool = False) -> float:
+    """With ``graphs``, the front (transform, backbone, RPN head and anchors) is replayed as a CUDA
+    graph, as the worker runs it."""
     from mlfarm.models.builtin.mrcnn import network
+    from mlfarm.models.cuda_graphs import GraphedFunction
+
+    front = GraphedFunction(lambda x: network.front(net, x, channels_last, autocast), enabled=graphs)
+
+    def run(g: list) -> None:
+        stacked = torch.stack(g)
+        network.heads(net, front(stacked), [tuple(stacked.shape[-2:])] * len(g), autocast)
 
     groups = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
     with torch.inference_mode():
         for g in groups[:warm]:
-            network.run(net, g, channels_last, autocast)
+            run(g)
         sync(torch, device)
         t = time.perf_counter()
         for g in groups:
-            network.run(net, g, channels_last, autocast)
+            run(g)
         sync(torch, device)
     return (time.perf_counter() - t) / (len(groups) * batch) * 1000
 
@@ -283,7 +293,8 @@ def main() -> None:
     ap.add_argument("--variants", default="",
                     help="worker settings to compare, one farm run each: variants separated by ';', each a list of "
                     "KEY=VALUE environment variables, e.g. 'MLFARM_EXR_THREADS=0;MLFARM_EXR_THREADS=-1' "
-                    "(default: one run with the settings' defaults)")
+                    "(default: one run with the settings' defaults); two keys are the bench's own: "
+                    "WORKERS_PER_GPU=K (K worker processes share each GPU) and CHUNK=N (frames per task)")
     ap.add_argument("--profile", default=None,
                     help="with py-spy installed: sample worker 0 in an extra run after the first into this file")
     ap.add_argument("--profile-gil", action="store_true",
@@ -386,13 +397,18 @@ def main() -> None:
         b8 = network_ms(torch, net, gpu_imgs, 8, device) if len(gpu_imgs) >= 16 else None
         if b8:
             figures["b_network_batch8_fps"] = 1000 / b8
-        # (b') the network as the worker runs it: the same weights, batch norms folded into the convolutions.
+        # (b') the same weights, batch norms folded into the convolutions.
         folded = network.build(ARCH, weights).to(device)
         network.configure(folded, 800, 1333, thresh, DETECTIONS)
         f1 = network_ms(torch, folded, gpu_imgs, 1, device)
         fb = network_ms(torch, folded, gpu_imgs, batch, device)
         figures["b_folded_batch1_fps"] = 1000 / f1
         figures[f"b_folded_batch{batch}_fps"] = 1000 / fb
+        # (b'') folded, and the front replayed as a CUDA graph (MLFARM_MRCNN_CUDA_GRAPHS, on by default)
+        g1 = network_ms(torch, folded, gpu_imgs, 1, device, graphs=True)
+        gb = network_ms(torch, folded, gpu_imgs, batch, device, graphs=True)
+        figures["b_graphed_batch1_fps"] = 1000 / g1
+        figures[f"b_graphed_batch{batch}_fps"] = 1000 / gb
         del folded
         if cuda:  # what the worker's lanes (MLFARM_MRCNN_LANES) can reach, for comparison
             for lanes in (2, 3):
@@ -413,6 +429,8 @@ def main() -> None:
               f"{1000 / bb:.2f} at batch {batch} ({bb:.1f} ms/frame)"
               + (f", {1000 / b8:.2f} at batch 8" if b8 else ""), flush=True)
         print(f"(b') norms folded   : {1000 / f1:7.2f} frames/s at batch 1, {1000 / fb:.2f} at batch {batch} "
+              "(the network as the worker ran it before CUDA graphs)", flush=True)
+        print(f"(b'') + CUDA graph  : {1000 / g1:7.2f} frames/s at batch 1, {1000 / gb:.2f} at batch {batch} "
               "(the network as the worker runs it)", flush=True)
 
         defaults = Settings()
@@ -442,6 +460,9 @@ def main() -> None:
         profile = args.profile
         for number, (storage, grain, variant) in enumerate(runs):
             where = " ".join([f"{storage} grain {grain:g}", *(f"{k}={v}" for k, v in variant.items())])
+            variant = dict(variant)
+            per_gpu = int(variant.pop("WORKERS_PER_GPU", 1))  # bench keys, not worker settings
+            chunk = int(variant.pop("CHUNK", args.chunk))
             tag = f"run{number}"
             if (storage, grain) not in plates:
                 for old, _ in plates.values():
@@ -468,16 +489,17 @@ def main() -> None:
             farm = Farm(settings, server.url)
             results = by_storage[where] = {}
             for n in sorted({1, n_gpus}):
-                while len(procs) < n:
+                while len(procs) < n * per_gpu:
                     i = len(procs)
+                    gpu, share = i // per_gpu, shares[i // per_gpu] if shares else None
                     procs.append(start_worker(env, tmp / f"{tag}-w{i}.log", f"g{i}@bench",
-                                              i if cuda else None, shares[i] if shares else None))
+                                              gpu if cuda else None, share))
                 # Warm-up: every worker loads the model and tunes cuDNN on a few frames first.
-                run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * n], 8, options)
+                run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * len(procs)], 8, options)
                 out = str(root / f"run{n}" / "m.####.exr")
                 cpu0 = busy_cores()
                 with GpuBusy() as gpu_busy:
-                    secs, st = run_job(farm, plate, out, frames, args.chunk, options)
+                    secs, st = run_job(farm, plate, out, frames, chunk, options)
                 cpu1 = busy_cores()
                 cores = (cpu1[0] - cpu0[0]) / max(1.0, cpu1[1] - cpu0[1]) * (os.cpu_count() or 1)
                 dets = check_outputs(out, frames)
@@ -487,7 +509,7 @@ def main() -> None:
                 print(f"[{where}] (c) mlfarm, {n} GPU worker(s): {results[n]:7.2f} frames/s ({len(frames)} frames "
                       f"in {secs:.1f}s, {dets:.1f} detections/frame, {size:.1f} MB a frame out, "
                       f"{cores:.1f} of {os.cpu_count()} cores busy{gpu_note})", flush=True)
-                for i in range(n):
+                for i in range(len(procs)):
                     log = (tmp / f"{tag}-w{i}.log").read_text(errors="replace")
                     chunks = [ln.split("INFO mlfarm.worker: ")[-1] for ln in log.splitlines() if " done, " in ln]
                     print(f"    worker {i}: {chunks[-1] if chunks else '?'}", flush=True)
@@ -497,7 +519,7 @@ def main() -> None:
                 figures[f"c_farm_{where}_{n}gpu_gpu_busy_percent"] = gpu_busy.percent
                 if profile:  # once, after the first measured run: sampling slows what it samples
                     spy = start_profile(profile, procs[0].pid, gil=args.profile_gil)
-                    run_job(farm, plate, str(root / "profiled" / "m.####.exr"), frames, args.chunk, options)
+                    run_job(farm, plate, str(root / "profiled" / "m.####.exr"), frames, chunk, options)
                     if spy is not None:
                         spy.wait()
                     shutil.rmtree(root / "profiled", ignore_errors=True)
