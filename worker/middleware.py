@@ -44,8 +44,10 @@ class Logging(Middleware):
     def after_chunk(self, run: ChunkRun) -> None:
         r = run.result
         stages = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(run.stage_seconds.items()))
-        log.info("job %s %s: %d done, %d failed, %d skipped, %d cancelled (%s)", run.spec.id, run.label,
-                 len(r.done), len(r.failed), len(r.skipped), len(r.cancelled), stages)
+        wall = time.perf_counter() - run.started
+        first = f", first frame written after {run.first_done - run.started:.2f}s" if run.first_done else ""
+        log.info("job %s %s: %d done, %d failed, %d skipped, %d cancelled in %.2fs (%s%s)", run.spec.id, run.label,
+                 len(r.done), len(r.failed), len(r.skipped), len(r.cancelled), wall, stages, first)
 
 
 @dataclass

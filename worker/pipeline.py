@@ -78,6 +78,8 @@ class ChunkRun:
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
 
     claimed: list[int] = field(default_factory=list)  # frames this run took to render
+    started: float = field(default_factory=time.perf_counter)
+    first_done: float | None = None  # when the first frame was written: the pipeline's ramp-up
 
     @property
     def unfinished(self) -> list[int]:
@@ -92,6 +94,8 @@ class ChunkRun:
     # --- frame outcomes ----------------------------------------------------------------
     def _finish(self, frame: int, error: str | None) -> None:
         if error is None:
+            if self.first_done is None:
+                self.first_done = time.perf_counter()
             self.store.finish_frame(self.spec.id, frame, DONE, worker=self.worker)
             self.result.done.append(frame)
         else:
