@@ -112,8 +112,9 @@ def up(workers: int, queues: str, concurrency: int) -> None:
 @click.option("--queues", default="interactive,gpu,cpu", show_default=True,
               help="Queues to consume; interactive is always polled first.")
 @click.option("--gpu", type=int, default=None, help="Pin this worker to one GPU (CUDA_VISIBLE_DEVICES).")
-@click.option("--gpus", default=None, help="One supervised worker process per GPU: 'all' (every visible GPU) or "
-              "ids like 0,1. Each is pinned with CUDA_VISIBLE_DEVICES and restarted if it dies.")
+@click.option("--gpus", default=None, help="One supervised worker process per GPU (MLFARM_WORKERS_PER_GPU: more): "
+              "'all' (every visible GPU) or ids like 0,1. Each is pinned with CUDA_VISIBLE_DEVICES and restarted if "
+              "it dies.")
 @click.option("--cpus", default=None, help="Run this worker on these cores only, e.g. 0-15 (default "
               "MLFARM_CPUS; with --gpus, each GPU's worker gets its own share of them unless MLFARM_SPLIT_CPUS=false).")
 @click.option("--concurrency", default=1, show_default=True, help="1: one process (GPU layout); N: prefork.")

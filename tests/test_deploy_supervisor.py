@@ -20,6 +20,7 @@ from mlfarm.worker.supervisor import (
     Child,
     GpuSpecError,
     Supervisor,
+    build_children,
     child_name,
     parse_gpus,
     visible_gpus,
@@ -158,6 +159,33 @@ def test_cpus_without_splitting_pin_every_worker_to_all_of_them(farm, supervisor
         sup.wait_ready(name)
 
 
+def test_several_workers_share_a_gpu_each_on_its_own_cores_and_all_take_chunks(farm, supervisors):
+    """MLFARM_WORKERS_PER_GPU=2: two processes pinned to the same GPU, named apart, each on its
+    own share of the cores, and both render chunks of one job."""
+    farm.env_overrides["MLFARM_WORKERS_PER_GPU"] = "2"
+    host = "farmhost"
+    sup = supervisors("--gpus", "0", "--name", "render-gpu{gpu}@" + host)
+    names = [f"render-gpu0.{k}@{host}" for k in (0, 1)]
+    for name in names:
+        sup.wait_ready(name)
+    children = sup.started()
+    assert [(n, g) for n, g, _ in children] == [(names[0], "0"), (names[1], "0")]
+    assert [proc_environ(pid)["CUDA_VISIBLE_DEVICES"] for _, _, pid in children] == ["0", "0"]
+    shares = [os.sched_getaffinity(pid) for _, _, pid in children]
+    assert shares == [set(s) for s in split_cpus(2)] and not shares[0] & shares[1], shares
+    assert "2 workers per GPU" in sup.log()
+
+    frames = list(range(1, 7))
+    plate = make_plate(farm.storage / "plate", frames)
+    out = str(farm.storage / "out" / "o.####.exr")
+    client = farm.farm()
+    spec = client.submit("slow", plate, out, frames, {"seconds": 1.0}, chunk=1)
+    status = farm.wait_job(spec.id, timeout=120)
+    assert status.state == "done", status.summary()
+    assert {f.worker.split(":")[0] for f in status.frames} == set(names)
+    assert sup.stop() == 0
+
+
 def test_sigterm_stops_every_worker_warm_and_loses_no_frame(farm, supervisors):
     sup = supervisors("--gpus", "0,1")
     host = os.uname().nodename
@@ -214,6 +242,21 @@ def test_gpu_lists_and_names():
     assert child_name("gpu5@h", "0", 0, False) == "gpu5@h"  # a container owning host GPU 5 sees it as 0
     with pytest.raises(GpuSpecError, match=r"\{gpu\}"):
         child_name("render@h", "0", 0, True)
+    assert child_name(None, "3", 0, True, "h", instance=1) == "mlfarm-gpu3.1@h"
+    assert child_name("r-{gpu}@h", "0", 0, True, instance=0) == "r-0.0@h"
+    assert child_name("gpu5@h", "0", 0, False, instance=1) == "gpu5.1@h"  # one card, two processes
+
+
+def test_workers_per_gpu_make_that_many_children_per_gpu_in_order():
+    shares = [[0], [1], [2], [3]]
+    children = build_children(["0", "1"], ["--queues", "gpu"], None, env={}, cpu_shares=shares, per_gpu=2)
+    assert [(c.gpu, c.env["CUDA_VISIBLE_DEVICES"]) for c in children] == [("0", "0"), ("0", "0"), ("1", "1"),
+                                                                          ("1", "1")]
+    assert [c.name.split("@")[0] for c in children] == ["mlfarm-gpu0.0", "mlfarm-gpu0.1", "mlfarm-gpu1.0",
+                                                         "mlfarm-gpu1.1"]
+    assert [c.argv[c.argv.index("--cpus") + 1] for c in children] == ["0", "1", "2", "3"]
+    one = build_children(["0"], [], None, env={})
+    assert [c.name.split("@")[0] for c in one] == ["mlfarm-gpu0"]
 
 
 def test_cpu_lists_and_shares():

@@ -1,9 +1,12 @@
-"""`mlfarm worker --gpus`: one worker process per GPU, kept alive, stopped together.
+"""`mlfarm worker --gpus`: one worker process per GPU (or ``MLFARM_WORKERS_PER_GPU``), kept alive,
+stopped together.
 
 A GPU worker is one process with the solo pool holding one CUDA context (see ``run_worker``), so
-a multi-GPU host runs one such process per card. The supervisor never imports torch or touches
-CUDA itself: it counts GPUs with ``nvidia-smi`` (or ``torch`` in a throwaway subprocess) and pins
-each child with ``CUDA_VISIBLE_DEVICES`` before the child starts.
+a multi-GPU host runs one such process per card; several per card where one Python process
+cannot keep its GPU busy (each has its own GIL; see the README's Mask R-CNN speed section). The
+supervisor never imports torch or touches CUDA itself: it counts GPUs with ``nvidia-smi`` (or
+``torch`` in a throwaway subprocess) and pins each child with ``CUDA_VISIBLE_DEVICES`` before the
+child starts.
 
 Children run in their own session, so a terminal's Ctrl-C reaches only the supervisor, which then
 sends exactly one signal: the first SIGTERM/SIGINT is passed on as SIGTERM (Celery's warm
@@ -118,14 +121,18 @@ def parse_gpus(spec: str, env: dict[str, str] | None = None) -> list[str]:
     return ids
 
 
-def child_name(template: str | None, gpu: str, position: int, many: bool, host: str | None = None) -> str:
+def child_name(template: str | None, gpu: str, position: int, many: bool, host: str | None = None,
+               instance: int | None = None) -> str:
     """The Celery worker name for one GPU's process, as Flower shows it.
 
-    Default ``mlfarm-gpu<N>@<host>``. A given ``--name`` is used as is for a single GPU (a
-    container that owns one card names it after the host's card), and must hold ``{gpu}`` when
-    several processes would otherwise share it.
+    Default ``mlfarm-gpu<N>@<host>``, or ``mlfarm-gpu<N>.<instance>@<host>`` where several
+    processes share GPU N (``MLFARM_WORKERS_PER_GPU``). A given ``--name`` is used as is for a
+    single GPU (a container that owns one card names it after the host's card; its processes
+    sharing the card become ``name.<instance>@host``), and must hold ``{gpu}`` with several GPUs.
     """
     label = gpu if gpu.isdigit() else str(position)
+    if instance is not None:
+        label = f"{label}.{instance}"
     host = host or socket.gethostname()
     if not template:
         return f"mlfarm-gpu{label}@{host}"
@@ -133,6 +140,9 @@ def child_name(template: str | None, gpu: str, position: int, many: bool, host: 
         return template.replace("{gpu}", label)
     if many:
         raise GpuSpecError(f"--name {template!r} with several GPUs: put {{gpu}} in it, e.g. render-gpu{{gpu}}@{host}")
+    if instance is not None:
+        local, at, domain = template.partition("@")
+        return f"{local}.{instance}{at}{domain}"
     return template
 
 
@@ -270,19 +280,21 @@ class Supervisor:
 
 
 def build_children(gpus: list[str], worker_args: list[str], name_template: str | None,
-                   env: dict[str, str] | None = None, cpu_shares: list[list[int]] | None = None) -> list[Child]:
-    """One child per GPU: ``python -m mlfarm worker <worker_args> --name <name>`` pinned to it,
-    and to ``cpu_shares[i]`` (its cores) where given."""
+                   env: dict[str, str] | None = None, cpu_shares: list[list[int]] | None = None,
+                   per_gpu: int = 1) -> list[Child]:
+    """``per_gpu`` children per GPU: ``python -m mlfarm worker <worker_args> --name <name>`` pinned
+    to it, and child i to ``cpu_shares[i]`` (its cores) where given."""
     base = dict(os.environ if env is None else env)
     base.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     base.setdefault("MLFARM_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
     children = []
     for position, gpu in enumerate(gpus):
-        name = child_name(name_template, gpu, position, len(gpus) > 1)
-        argv = [sys.executable, "-m", "mlfarm", "worker", *worker_args, "--name", name]
-        if cpu_shares:
-            argv += ["--cpus", format_cpus(cpu_shares[position])]
-        children.append(Child(gpu=gpu, name=name, argv=argv, env={**base, "CUDA_VISIBLE_DEVICES": gpu}))
+        for instance in range(per_gpu):
+            name = child_name(name_template, gpu, position, len(gpus) > 1, instance=instance if per_gpu > 1 else None)
+            argv = [sys.executable, "-m", "mlfarm", "worker", *worker_args, "--name", name]
+            if cpu_shares:
+                argv += ["--cpus", format_cpus(cpu_shares[len(children)])]
+            children.append(Child(gpu=gpu, name=name, argv=argv, env={**base, "CUDA_VISIBLE_DEVICES": gpu}))
     names = [c.name for c in children]
     if len(set(names)) != len(names):
         raise GpuSpecError(f"worker names would repeat ({', '.join(names)}): give --name a {{gpu}} placeholder")
@@ -291,7 +303,8 @@ def build_children(gpus: list[str], worker_args: list[str], name_template: str |
 
 def run_gpu_workers(settings: Settings, gpus_spec: str, queues: str, concurrency: int = 1,
                     name_template: str | None = None, loglevel: str = "INFO", cpus: list[int] | None = None) -> int:
-    """Start one ``mlfarm worker`` per GPU in ``gpus_spec`` and supervise them; returns the exit status.
+    """Start ``settings.workers_per_gpu`` ``mlfarm worker`` processes per GPU in ``gpus_spec`` and
+    supervise them; returns the exit status.
 
     The broker and queues are checked here first, so a bad configuration is one clear error
     rather than the same refusal from every child.
@@ -302,11 +315,14 @@ def run_gpu_workers(settings: Settings, gpus_spec: str, queues: str, concurrency
     ordered = ordered_queues([q.strip() for q in queues.split(",") if q.strip()])
     worker_args = ["--queues", ",".join(ordered), "--concurrency", str(concurrency), "--loglevel", loglevel]
     gpus = parse_gpus(gpus_spec)
+    per_gpu = settings.workers_per_gpu
     if cpus:
         pin_cpus(cpus)  # the children inherit it; shared out below, or all theirs with MLFARM_SPLIT_CPUS=false
-    shares = split_cpus(len(gpus)) if settings.split_cpus and len(gpus) > 1 else None
-    children = build_children(gpus, worker_args, name_template, cpu_shares=shares)
+    count = len(gpus) * per_gpu
+    shares = split_cpus(count) if settings.split_cpus and count > 1 else None
+    children = build_children(gpus, worker_args, name_template, cpu_shares=shares, per_gpu=per_gpu)
     placed = [f"{c.name}=GPU {c.gpu}" + (f" cores {format_cpus(shares[i])}" if shares else "")
               for i, c in enumerate(children)]
-    log.info("supervisor: one worker per GPU: %s", ", ".join(placed))
+    log.info("supervisor: %s: %s", "one worker per GPU" if per_gpu == 1 else f"{per_gpu} workers per GPU",
+             ", ".join(placed))
     return Supervisor(children, settings.supervisor_max_restart_delay).run()
