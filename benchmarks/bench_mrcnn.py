@@ -9,9 +9,9 @@ well over 20 detections on every frame, and every side caps at 20.
             (all N full-frame float masks included). sRGB conversion is done beforehand, not timed.
 (b) network the network alone on GPU-resident frames: transform, backbone, RPN, box and mask heads,
             no mask paste; batch 1 (as the issue measured it) and the worker's batch size. Built as
-            torchvision makes it; (b') is the same with the batch norms folded into the convolutions;
-            (b'') adds the front (transform, backbone, RPN head and anchors) replayed as a CUDA
-            graph, as the worker runs it.
+            torchvision makes it; (b') is the same with the batch norms folded into the convolutions,
+            as the worker runs it; (b'') adds the front (transform, backbone, RPN head and anchors)
+            replayed as a CUDA graph, as the worker runs it with MLFARM_MRCNN_CUDA_GRAPHS=true.
 (c) farm    EXR plate on disk -> Farm.submit (what `mlfarm submit` calls) -> one GPU worker process
             -> EXR planes (rgba, matte, instance.id, class.id, score) + sidecar JSON on disk.
 (c2)        the same with one worker per GPU on every visible GPU (when there are several).
@@ -119,7 +119,7 @@ def sync(torch, device: str) -> None:
 def network_ms(torch, net, images: list, batch: int, device: str, channels_last: bool = False,
                autocast=None, warm: int = 3, graphs: bool = False) -> float:
     """With ``graphs``, the front (transform, backbone, RPN head and anchors) is replayed as a CUDA
-    graph, as the worker runs it."""
+    graph, as the worker does with MLFARM_MRCNN_CUDA_GRAPHS=true."""
     from mlfarm.models.builtin.mrcnn import network
     from mlfarm.models.cuda_graphs import GraphedFunction
 
@@ -317,6 +317,7 @@ def main() -> None:
                     help="do not pin each worker to its GPU's share of the cores (as `mlfarm worker --gpus` does); "
                     "by default the 1-GPU baseline also runs on one GPU's share")
     ap.add_argument("--json", default=None, help="write the figures here too")
+    ap.add_argument("--logs", default=None, help="copy every worker's log into this folder")
     args = ap.parse_args()
     DETECTIONS = args.detections
 
@@ -404,7 +405,7 @@ def main() -> None:
         fb = network_ms(torch, folded, gpu_imgs, batch, device)
         figures["b_folded_batch1_fps"] = 1000 / f1
         figures[f"b_folded_batch{batch}_fps"] = 1000 / fb
-        # (b'') folded, and the front replayed as a CUDA graph (MLFARM_MRCNN_CUDA_GRAPHS, on by default)
+        # (b'') folded, and the front replayed as a CUDA graph (MLFARM_MRCNN_CUDA_GRAPHS=true)
         g1 = network_ms(torch, folded, gpu_imgs, 1, device, graphs=True)
         gb = network_ms(torch, folded, gpu_imgs, batch, device, graphs=True)
         figures["b_graphed_batch1_fps"] = 1000 / g1
@@ -429,9 +430,9 @@ def main() -> None:
               f"{1000 / bb:.2f} at batch {batch} ({bb:.1f} ms/frame)"
               + (f", {1000 / b8:.2f} at batch 8" if b8 else ""), flush=True)
         print(f"(b') norms folded   : {1000 / f1:7.2f} frames/s at batch 1, {1000 / fb:.2f} at batch {batch} "
-              "(the network as the worker ran it before CUDA graphs)", flush=True)
-        print(f"(b'') + CUDA graph  : {1000 / g1:7.2f} frames/s at batch 1, {1000 / gb:.2f} at batch {batch} "
               "(the network as the worker runs it)", flush=True)
+        print(f"(b'') + CUDA graph  : {1000 / g1:7.2f} frames/s at batch 1, {1000 / gb:.2f} at batch {batch} "
+              "(as the worker runs it with MLFARM_MRCNN_CUDA_GRAPHS=true)", flush=True)
 
         defaults = Settings()
         precision = args.precision or defaults.mrcnn_precision
@@ -463,6 +464,10 @@ def main() -> None:
             variant = dict(variant)
             per_gpu = int(variant.pop("WORKERS_PER_GPU", 1))  # bench keys, not worker settings
             chunk = int(variant.pop("CHUNK", args.chunk))
+            # As `mlfarm worker --gpus` places them: every worker process on its own share of the cores.
+            run_shares = shares
+            if per_gpu > 1 and not args.no_share_cores:
+                run_shares = split_cpus(n_gpus * per_gpu)
             tag = f"run{number}"
             if (storage, grain) not in plates:
                 for old, _ in plates.values():
@@ -491,11 +496,13 @@ def main() -> None:
             for n in sorted({1, n_gpus}):
                 while len(procs) < n * per_gpu:
                     i = len(procs)
-                    gpu, share = i // per_gpu, shares[i // per_gpu] if shares else None
+                    gpu = i // per_gpu
+                    share = run_shares[i] if run_shares and per_gpu > 1 else run_shares[gpu] if run_shares else None
                     procs.append(start_worker(env, tmp / f"{tag}-w{i}.log", f"g{i}@bench",
                                               gpu if cuda else None, share))
-                # Warm-up: every worker loads the model and tunes cuDNN on a few frames first.
-                run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 8 * len(procs)], 8, options)
+                # Warm-up: every worker loads the model, tunes cuDNN and captures its CUDA graphs (each
+                # lane thread on its second batch) on a few frames first: once in a worker's life.
+                run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 16 * len(procs)], 16, options)
                 out = str(root / f"run{n}" / "m.####.exr")
                 cpu0 = busy_cores()
                 with GpuBusy() as gpu_busy:
@@ -527,6 +534,10 @@ def main() -> None:
                 shutil.rmtree(root / f"run{n}", ignore_errors=True)
             stop(procs, 60)
             procs.clear()
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                for log in tmp.glob(f"{tag}-w*.log"):
+                    shutil.copy(log, Path(args.logs) / log.name)
         for old, _ in plates.values():
             shutil.rmtree(old, ignore_errors=True)
         where, results = next(iter(by_storage.items()))  # the first: grainy plate, the realistic case

@@ -103,6 +103,7 @@ class GraphedFunction:
         if stream is None:
             stream = self._local.stream = torch.cuda.Stream(x.device)
         current = torch.cuda.current_stream(x.device)
+        before = torch.cuda.memory_reserved(x.device)
         with _capture_lock:
             graph = torch.cuda.CUDAGraph()
             try:
@@ -125,8 +126,9 @@ class GraphedFunction:
                 _recover(stream)
                 return False
         entry.graph, entry.static_in, entry.static_out = graph, static_in, static_out
-        log.info("captured a CUDA graph for input %s (GPU memory reserved now: %.1f GiB)", tuple(x.shape),
-                 torch.cuda.memory_reserved(x.device) / 2**30)
+        reserved = torch.cuda.memory_reserved(x.device)
+        log.info("captured a CUDA graph for input %s: GPU memory reserved %.1f GiB (%+.1f GiB)", tuple(x.shape),
+                 reserved / 2**30, (reserved - before) / 2**30)
         return True
 
 
