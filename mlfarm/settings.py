@@ -217,8 +217,8 @@ class Settings(BaseSettings):
     mrcnn_cuda_graphs: bool = Field(
         default=False, description="Replay Mask R-CNN's fixed-shape front (sRGB, resize, backbone, RPN head, "
         "anchors) as one CUDA graph per lane and frame size instead of hundreds of Python-dispatched operations "
-        "(CUDA only). Measured on an H100 at 1080p: one worker 1.05-1.12x the frames/s (in 3 of 4 runs), two "
-        "workers per GPU no change; each graph keeps 6-12 GiB of GPU memory, so it is off by default.",
+        "(CUDA only). Measured on an H100 at 1080p: one worker 1.05-1.12x the frames/s in 2 runs of 3 (0.82x in "
+        "the other), two workers per GPU no change; each graph keeps 6-12 GiB of GPU memory, so it is off by default.",
     )
     mrcnn_batch_size: int = Field(
         default=4, ge=1, le=64, description="Frames Mask R-CNN runs through the network at once (4 measured best "
