@@ -496,10 +496,9 @@ def main() -> None:
             for n in sorted({1, n_gpus}):
                 while len(procs) < n * per_gpu:
                     i = len(procs)
-                    gpu = i // per_gpu
-                    share = run_shares[i] if run_shares and per_gpu > 1 else run_shares[gpu] if run_shares else None
+                    gpu = i // per_gpu  # run_shares has one share per worker (per GPU when per_gpu is 1)
                     procs.append(start_worker(env, tmp / f"{tag}-w{i}.log", f"g{i}@bench",
-                                              gpu if cuda else None, share))
+                                              gpu if cuda else None, run_shares[i] if run_shares else None))
                 # Warm-up: every worker loads the model, tunes cuDNN and captures its CUDA graphs (each
                 # lane thread on its second batch) on a few frames first: once in a worker's life.
                 run_job(farm, plate, str(root / f"warm{n}" / "m.####.exr"), frames[: 16 * len(procs)], 16, options)

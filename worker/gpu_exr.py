@@ -158,6 +158,7 @@ class _Plan:
     that feeds the network. Costs about 70 MB of GPU memory per I/O thread at 1080p.
     """
 
+    key: tuple[int, int, str]  # lines, bytes a line, device: what the buffers were made for
     predicted: Any  # H x padded bytes: each line to compress at an aligned offset
     out: Any  # deflate's output, one line every ``stride`` bytes
     offsets: np.ndarray
@@ -179,13 +180,12 @@ class _NvcompDeflate:
                                   algorithm_type=DEFLATE_TYPE,
                                   uncomp_chunk_size=MAX_LINE_BYTES, cuda_stream=stream.cuda_stream)
         self.align = max(16, int(self.codec.get_required_compression_alignment()))
-        self.key: tuple[int, int, str] | None = None
         self.current: _Plan | None = None
 
     def plan(self, height: int, length: int, device: Any) -> _Plan:
         """The buffers for ``height`` lines of ``length`` bytes: kept while frames keep that size."""
         key = (height, length, str(device))
-        if self.current is None or self.key != key:
+        if self.current is None or self.current.key != key:
             torch, nvcomp, stream = self.torch, self.nvcomp, self.stream.cuda_stream
             self.current = None  # the old buffers go before the new ones are made
             padded = -(-length // self.align) * self.align
@@ -197,8 +197,8 @@ class _NvcompDeflate:
             src = nvcomp.as_arrays(predicted.view(-1), list(range(0, height * padded, padded)), [length] * height,
                                    stream)
             dst = nvcomp.as_arrays(out, offsets.tolist(), [stride] * height, stream)
-            self.current = _Plan(predicted, out, offsets, src, dst, self.codec.compression_config([length] * height))
-            self.key = key
+            self.current = _Plan(key, predicted, out, offsets, src, dst,
+                                 self.codec.compression_config([length] * height))
         return self.current
 
     def __call__(self, plan: _Plan) -> tuple[Any, np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ class Logging(Middleware):
         r = run.result
         stages = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(run.stage_seconds.items()))
         wall = time.perf_counter() - run.started
-        first = f", first frame written after {run.first_done - run.started:.2f}s" if run.first_done else ""
+        first = f", first frame written after {run.first_done - run.started:.2f}s" if run.first_done is not None else ""
         log.info("job %s %s: %d done, %d failed, %d skipped, %d cancelled in %.2fs (%s%s)", run.spec.id, run.label,
                  len(r.done), len(r.failed), len(r.skipped), len(r.cancelled), wall, stages, first)
 

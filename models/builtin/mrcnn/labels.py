@@ -47,6 +47,15 @@ def label_patch(text: str, font_scale: float, dtype: str = "float32") -> np.ndar
     return patch
 
 
+@lru_cache(maxsize=512)
+def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of every pixel of an h x w patch, flattened: patches repeat, so do their grids."""
+    r, c = np.indices((h, w))
+    r, c = r.ravel(), c.ravel()
+    r.flags.writeable = c.flags.writeable = False  # shared by every frame
+    return r, c
+
+
 def label_pixels(detections: list[dict], font_scale: float, height: int, width: int, dtype: str
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where the labels of ``detections`` land: rows, columns and N x 3 values, each pixel once,
@@ -64,9 +73,9 @@ def label_pixels(detections: list[dict], font_scale: float, height: int, width: 
         y0 = round(det["box"][1]) - h
         y0 = min(max(0, y0 if y0 >= 0 else round(det["box"][1])), max(0, height - 1))
         patch = patch[: height - y0, : width - x0]
-        r, c = np.indices(patch.shape[:2])
-        rows.append((r + y0).ravel())
-        cols.append((c + x0).ravel())
+        r, c = _grid(*patch.shape[:2])
+        rows.append(r + y0)
+        cols.append(c + x0)
         values.append(patch.reshape(-1, 3))
     if not rows:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 3), dtype)
