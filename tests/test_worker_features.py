@@ -125,10 +125,10 @@ def test_a_model_with_lanes_gets_that_many_batches_at_once(farm, lanes):
         overlaps.append(int(image.pixels[0, 0, list(image.channels).index("overlap.n")]))
         np.testing.assert_allclose(image.rgba(4), read_image(frame_path(plate, f)).rgba(4), rtol=2e-3)  # rgba half
     assert max(overlaps) == lanes, overlaps
-    # Three chunks, one set of threads: the worker's main thread, or the same lanes every chunk.
+    # Three chunks (two at a time), one set of threads: the same lanes every chunk.
     names = {t.split("#")[0] for t in threads}
     assert len(threads) == lanes, threads
-    assert names == ({"MainThread"} if lanes == 1 else {f"mlfarm-lane{lanes}_{i}" for i in range(lanes)}), threads
+    assert names == {f"mlfarm-lane{lanes}_{i}" for i in range(lanes)}, threads
 
 
 def test_a_model_returning_torch_tensors_gets_them_written_as_planes(farm):

@@ -1,7 +1,7 @@
 """The ``mlfarm.interactive`` task: one frame for the MLClient gateway, on a warm model.
 
 Workers poll the ``interactive`` queue before batch queues, so an artist's frame waits at most
-for the chunk the worker is on. The task's arguments name the request only; its pixels come
+for the chunks the worker is on (see ``sharing``). The task's arguments name the request only; its pixels come
 from, and go back through, Redis or files on shared storage, whichever way the gateway sent them
 (see :mod:`mlfarm.gateway.relay`). While it works on a request the worker keeps a heartbeat key
 alive, so that the waiting gateway learns within seconds if this process dies.
@@ -56,7 +56,9 @@ def serve_request(request_id: str, model: str, options: dict[str, Any], heartbea
         if request.error is None:
             try:
                 checked = validate_options(rt.catalog.describe(model), options)
-                reply.images, reply.objects = run_model(rt.cache.get(model), checked, request.images)
+                # Alone: run_model calls the model from this thread, outside the chunks' lanes.
+                with rt.gate.hold(f"interactive {request_id}"):
+                    reply.images, reply.objects = run_model(rt.cache.get(model), checked, request.images)
             except Exception as exc:  # the artist gets the reason; the worker goes on
                 reply = RelayReply(error=describe_error(exc), worker=rt.worker)
         if reply.error:

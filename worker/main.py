@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 
+from celery.concurrency.thread import TaskPool as CeleryThreads
 from celery.signals import worker_ready
 
 from mlfarm.broker.celery_app import QUEUES, make_celery
@@ -18,6 +19,7 @@ from .cpus import format_cpus, pin_cpus
 from .gpu import pin_gpu
 from .reconciler import Reconciler
 from .reconciler import install as install_reconciler
+from .runtime import STOP_NOW
 from .tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -31,13 +33,31 @@ def ordered_queues(queues: list[str]) -> list[str]:
     return sorted(set(queues), key=QUEUES.index)
 
 
+class TaskThreads(CeleryThreads):
+    """Celery's threads pool, told apart on a cold shutdown (SIGQUIT, Ctrl-C twice).
+
+    Stopping the pool waits for the running tasks, so on a cold shutdown running chunks are told
+    first (``STOP_NOW``) to stop at their next batch and hand their other frames back, as the solo
+    pool's chunks do when Celery raises inside them.
+    """
+
+    def on_stop(self) -> None:
+        from celery.worker import state
+
+        if state.should_terminate:  # set by Celery's cold-shutdown handler before it stops the pool
+            STOP_NOW.set()
+        super().on_stop()
+
+
 def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu: int | None = None,
                name: str | None = None, loglevel: str = "INFO", cpus: list[int] | None = None) -> None:
     """Run a Celery worker in this process until it is told to stop (SIGTERM: warm shutdown).
 
-    One process per GPU with the ``solo`` pool is the GPU layout: the model and CUDA context live
-    in the process that consumes tasks. ``concurrency`` > 1 uses prefork children, each loading
-    models in itself after the fork; the parent never touches CUDA.
+    One process per GPU is the GPU layout: the models and CUDA context live in the process that
+    consumes tasks, which takes ``settings.worker_threads`` tasks at once on threads (Celery's
+    threads pool; with 1, the solo pool) so that consecutive chunks overlap (see ``sharing``).
+    ``concurrency`` > 1 uses prefork children instead, each loading models in itself after the
+    fork; the parent never touches CUDA.
     """
     if gpu is not None:
         pin_gpu(gpu)
@@ -61,10 +81,15 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
         log.info("worker %s%s ready on queues %s with models %s", hostname, pinned, ",".join(queues),
                  ", ".join(sorted(descriptions)))
 
+    pool = "solo" if concurrency == 1 else "prefork"
+    if concurrency == 1 and settings.worker_threads > 1:
+        concurrency = settings.worker_threads
+        pool = "prefork"  # Celery's command line only names its own pools; this one is set in the config
+        app.conf.worker_pool = f"{__name__}:TaskThreads"
     argv = [
         "worker",
         f"--queues={','.join(ordered_queues(queues))}",
-        f"--pool={'solo' if concurrency == 1 else 'prefork'}",
+        f"--pool={pool}",
         f"--concurrency={concurrency}",
         f"--hostname={hostname}",
         f"--loglevel={loglevel}",

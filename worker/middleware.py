@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -59,22 +60,25 @@ class Metrics(Middleware):
     publish_every: float = 2.0  # seconds: one Redis write per interval, not per chunk
     totals: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _published: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # chunks may end side by side
 
     def after_chunk(self, run: ChunkRun) -> None:
         r = run.result
-        self.totals["frames_done"] += len(r.done)
-        self.totals["frames_failed"] += len(r.failed)
-        self.totals["chunks"] += 1
-        for stage, seconds in run.stage_seconds.items():
-            self.totals[f"{stage}_seconds"] += seconds
-        now = time.monotonic()
-        if now - self._published < self.publish_every:
-            return
-        self._published = now
+        with self._lock:
+            self.totals["frames_done"] += len(r.done)
+            self.totals["frames_failed"] += len(r.failed)
+            self.totals["chunks"] += 1
+            for stage, seconds in run.stage_seconds.items():
+                self.totals[f"{stage}_seconds"] += seconds
+            now = time.monotonic()
+            if now - self._published < self.publish_every:
+                return
+            self._published = now
+            stats = json.dumps(self.totals)
         key = f"mlfarm:worker:{self.worker}"
         try:
             self.client.pipeline(transaction=False).hset(key, mapping={
-                "updated": time.time(), "stats": json.dumps(self.totals)}).expire(key, 86400).execute()
+                "updated": time.time(), "stats": stats}).expire(key, 86400).execute()
         except redis.RedisError as exc:  # metrics must never fail a chunk
             log.debug("could not publish worker metrics: %s", exc)
 

@@ -2,14 +2,17 @@
 
 Reading the next frames and writing finished ones happen on a thread pool while the model works
 on the current batch (OpenImageIO and OpenEXR release the GIL while they decode and encode), so a
-GPU worker is not left waiting on EXR I/O. A model that declares ``lanes`` > 1 gets that many
-batches in ``infer_batch`` at once, from lane threads. Each frame succeeds or fails on its own: a
-missing or corrupt frame is recorded with its reason and the rest of the chunk goes on.
+GPU worker is not left waiting on EXR I/O. Batches are inferred on the process's lane threads: a
+model that declares ``lanes`` > 1 gets that many batches in ``infer_batch`` at once, and chunks
+that run side by side (``Settings.worker_threads``) share the lanes, so a model never sees more
+batches at once than it declared. Each frame succeeds or fails on its own: a missing or corrupt
+frame is recorded with its reason and the rest of the chunk goes on.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -56,6 +59,10 @@ class ChunkResult:
                 "skipped": format_frames(self.skipped), "cancelled": format_frames(self.cancelled)}
 
 
+class WorkerStopping(Exception):
+    """A cold shutdown stopped the chunk between batches; its task hands the other frames back."""
+
+
 def describe_error(exc: BaseException) -> str:
     """A one-line reason for an artist: our own errors speak for themselves, others get their type."""
     text = str(exc).strip()
@@ -74,6 +81,7 @@ class ChunkRun:
     io: ThreadPoolExecutor
     lanes: LanePools = field(default_factory=LanePools)
     middleware: Sequence[Middleware] = ()
+    stop: threading.Event = field(default_factory=threading.Event)  # set: stop at the next batch
     result: ChunkResult = field(default_factory=ChunkResult)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
 
@@ -216,8 +224,11 @@ class ChunkRun:
 
         # One frame has nothing to overlap with: handing it to threads would only add wake-ups.
         pool: Executor = self.io if len(todo) > 1 else InlineExecutor()
-        lanes = max(1, int(model.lanes)) if len(todo) > batch_size else 1
-        gpu: Executor = self.lanes.get(lanes) if lanes > 1 else InlineExecutor()
+        # Always the lanes, also for a chunk of one batch: chunks running side by side must not
+        # call a model from more threads than it declared, and the lanes keep what GPU libraries
+        # tune per thread (see LanePools).
+        lanes = max(1, int(model.lanes))
+        gpu: Executor = self.lanes.get(lanes)
         in_flight: deque[Future[None]] = deque()
         lookahead = max((lanes + 1) * batch_size, io_threads(self.settings))
 
@@ -231,7 +242,7 @@ class ChunkRun:
                 reads.append((f, pool.submit(self._read, f, channels, model)))
 
         refill()
-        checked_cancel = False
+        checked_cancel = stopped = False
         try:
             while reads:
                 batch: list[tuple[int, Any]] = []
@@ -251,6 +262,11 @@ class ChunkRun:
                     waiting.clear()
                     break
                 checked_cancel = True
+                if self.stop.is_set():  # cold shutdown: finish what is on the lanes, hand back the rest
+                    reads.clear()
+                    waiting.clear()
+                    stopped = True
+                    break
                 while len(in_flight) >= lanes:  # no more batches on the GPU at once than lanes
                     in_flight.popleft().result()
                 in_flight.append(gpu.submit(infer_then_write, batch))
@@ -260,6 +276,8 @@ class ChunkRun:
             wait(in_flight)  # nothing of this chunk still running once it hands its frames back
         for w in writes:
             w.result()
+        if stopped:
+            raise WorkerStopping("the worker is shutting down")
 
     def _cancel_rest(self, frames: list[int]) -> None:
         for f in frames:

@@ -1,7 +1,8 @@
 """What a worker process holds between chunks: settings, Redis, the model cache, I/O threads.
 
-Built lazily in the process that runs tasks (a prefork child, or the solo worker itself), never
-in a parent that forks, so each process has its own Redis sockets and CUDA context.
+Built lazily in the process that runs tasks (a prefork child, or the worker itself with the solo
+or threads pool), never in a parent that forks, so each process has its own Redis sockets and CUDA
+context.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .cpus import available_cpus
 from .frame_io import configure_openexr
 from .middleware import Middleware, default_middleware
 from .model_cache import ModelCache
+from .sharing import TaskGate
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,8 @@ class Runtime:
     middleware: list[Middleware]
     worker: str
     lanes: LanePools = field(default_factory=LanePools)
+    gate: TaskGate = field(default_factory=TaskGate)  # which tasks run side by side (worker_threads)
+    stop_now: threading.Event = field(default_factory=lambda: STOP_NOW)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
 
     def spec(self, job_id: str) -> JobSpec:
@@ -103,8 +107,20 @@ def start_io(settings: Settings) -> ThreadPoolExecutor:
     return pool
 
 
-@lru_cache(maxsize=1)
+#: Set on a cold shutdown (SIGQUIT, Ctrl-C twice): running chunks stop at their next batch and hand
+#: their other frames back. (With the solo pool Celery raises inside the running task instead.)
+STOP_NOW = threading.Event()
+_building = threading.Lock()
+
+
 def runtime() -> Runtime:
+    """The process's runtime; the first task to ask builds it, others (threads) wait for it."""
+    with _building:
+        return _build_runtime()
+
+
+@lru_cache(maxsize=1)
+def _build_runtime() -> Runtime:
     settings = get_settings()
     client = redis_client(broker_url(settings), patient=True, role="worker")
     catalog = Catalog.from_settings(settings)

@@ -1,7 +1,7 @@
 """`mlfarm worker --gpus`: one worker process per GPU (or ``MLFARM_WORKERS_PER_GPU``), kept alive,
 stopped together.
 
-A GPU worker is one process with the solo pool holding one CUDA context (see ``run_worker``), so
+A GPU worker is one process holding one CUDA context (see ``run_worker``), so
 a multi-GPU host runs one such process per card; several per card where one Python process
 cannot keep its GPU busy (each has its own GIL; see the README's Mask R-CNN speed section). The
 supervisor never imports torch or touches CUDA itself: it counts GPUs with ``nvidia-smi`` (or
@@ -12,8 +12,8 @@ Children run in their own session, so a terminal's Ctrl-C reaches only the super
 sends exactly one signal: the first SIGTERM/SIGINT is passed on as SIGTERM (Celery's warm
 shutdown: a running chunk finishes, queued ones stay queued); a second one kills the children
 (SIGKILL): their running chunks stay unacknowledged and Redis redelivers them after the visibility
-timeout. Never SIGQUIT: Celery's cold shutdown of a solo-pool worker raises inside the running
-task, which then counts as failed and is acknowledged, so its chunk would be lost. If the
+timeout. Never SIGQUIT: Celery's cold shutdown stops the running chunks between frames and
+acknowledges them as failed; they hand their other frames back, but a warm shutdown wastes nothing. If the
 supervisor is killed outright, each child gets SIGTERM from the kernel (``PR_SET_PDEATHSIG``), so
 no orphan keeps a GPU busy. Either way a chunk is finished or redelivered, never lost.
 """

@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import Reject
 
 from mlfarm.broker.celery_app import CHUNK_TASK
 from mlfarm.broker.dispatch import enqueue
@@ -15,6 +16,7 @@ from mlfarm.broker.frames import format_frames, parse_frames
 from .interactive import register_interactive
 from .pipeline import ChunkRun
 from .runtime import runtime
+from .sharing import model_key
 from .train_task import register_training
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,15 @@ def register_tasks(app: Celery) -> None:
     def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:
         """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``."""
         rt = runtime()
-        run = ChunkRun(spec=rt.spec(job_id), frames=parse_frames(frames), worker=rt.worker,
-                       store=rt.store, settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware)
+        spec = rt.spec(job_id)
+        run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
+                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=rt.stop_now)
         try:
-            result = run.run(rt.cache)
-        except TASK_POLICY["autoretry_for"]:
+            with rt.gate.hold(model_key(model, spec.options)):
+                if rt.stop_now.is_set():  # a cold shutdown began while this chunk waited its turn
+                    raise Reject("worker shutting down", requeue=True)
+                result = run.run(rt.cache)
+        except (Reject, *TASK_POLICY["autoretry_for"]):
             raise  # Celery sends the chunk again; its claimed frames are claimed again then
         except BaseException as exc:
             # Anything else ends this chunk for good (Celery acknowledges a failed task): hand the

@@ -178,7 +178,8 @@ def run_training(job_id: str, delivery_tag: str | None) -> str:
 
     config = TrainConfig.from_dict(spec.options)
     hooks = FarmHooks(rt, spec, time.monotonic() + settings.train_time_limit)
-    with _heartbeat(rt.client, spec.model, holder, delivery_tag, interval):
+    # Alone in the worker: training takes the whole GPU and sets torch's thread count.
+    with _heartbeat(rt.client, spec.model, holder, delivery_tag, interval), rt.gate.hold(f"train {job_id}"):
         try:
             device = torch_device("gpu", settings.device)
             log.info("job %s: training %s (%s) on %s, epochs %s", job_id, config.name, config.template, device,

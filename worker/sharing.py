@@ -1,0 +1,79 @@
+"""Which tasks one worker process runs side by side.
+
+A worker takes a few tasks at once (Celery's threads pool, ``Settings.worker_threads``) so that
+one chunk's first reads and last writes overlap the next chunk's GPU work: with chunks of a few
+frames a GPU otherwise idles at every chunk boundary. The tasks share the process's models, and a
+model's options are state on its one instance, so two tasks may only run together when they would
+set it alike. Every task therefore holds a *key* while it runs (a chunk or an MLClient frame: its
+model and options; training: a key of its own, since it takes the whole GPU and sets torch's
+thread count) and tasks with different keys take turns.
+
+First come, first served: a task that waits is not overtaken by later tasks that could have joined
+the running ones, so another job's chunk, or an artist's MLClient frame, waits at most for the
+tasks already running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(eq=False)
+class _Ticket:
+    key: str
+
+
+class TaskGate:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._key: str | None = None  # the key the running tasks hold
+        self._running = 0
+        self._queue: deque[_Ticket] = deque()  # tasks waiting, in arrival order
+
+    @contextlib.contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        """Run the block once no task with another key runs or waits ahead of this one."""
+        ticket = _Ticket(key)
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                self._cond.wait_for(lambda: self._may_start(ticket))
+            finally:
+                self._queue.remove(ticket)
+            self._key = key
+            self._running += 1
+            self._cond.notify_all()  # tasks with this key queued behind this one may start too
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                if not self._running:
+                    self._key = None
+                self._cond.notify_all()
+
+    def _may_start(self, ticket: _Ticket) -> bool:
+        if self._running and self._key != ticket.key:
+            return False
+        for ahead in self._queue:
+            if ahead is ticket:
+                return True
+            if ahead.key != ticket.key:
+                return False
+        return True
+
+    @property
+    def running(self) -> int:
+        with self._cond:
+            return self._running
+
+
+def model_key(model: str, options: Mapping[str, Any]) -> str:
+    """The key of work that uses ``model`` set with ``options``: equal options share it."""
+    return f"model {model} {json.dumps(dict(options), sort_keys=True, default=str)}"
