@@ -348,6 +348,12 @@ class JobStore:
                              args=[worker, time.time(), self.ttl, max_attempts, *[str(f) for f in frames]])
         return dict(zip(frames, result))
 
+    def interrupted(self, job_id: str, frames: list[int]) -> list[int]:
+        """Frames whose record still says running: a worker died in them (or is rendering them
+        still). A chunk of such frames is a suspect: its frames may be what killed that worker."""
+        raw = self.r.hmget(frames_key(job_id), [str(f) for f in frames])
+        return [f for f, rec in zip(frames, raw) if rec and json.loads(rec).get("s") == RUNNING]
+
     def finish_frame(self, job_id: str, frame: int, state: str, reason: str = "", worker: str = "") -> None:
         if state not in (DONE, FAILED, CANCELLED):
             raise ValueError(f"a frame cannot finish as {state!r}")

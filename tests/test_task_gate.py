@@ -108,3 +108,18 @@ def test_model_key_depends_on_model_and_options_not_their_order():
     assert model_key("mrcnn", {"thresh": 0.5, "alpha": 0.4}) == model_key("mrcnn", {"alpha": 0.4, "thresh": 0.5})
     assert model_key("mrcnn", {"thresh": 0.5}) != model_key("mrcnn", {"thresh": 0.6})
     assert model_key("mrcnn", {}) != model_key("blur", {})
+
+
+def test_interrupted_names_the_frames_a_dead_worker_left_running(farm):
+    """What makes a chunk run alone: its frames' records still say running (real Redis, real Lua)."""
+    from mlfarm.broker.jobs import DONE, JobSpec
+
+    store = farm.farm().store
+    spec = JobSpec(model="passthrough", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
+                   frames=[1, 2, 3, 4], chunk=2, queue="cpu")
+    store.create(spec)
+    assert store.interrupted(spec.id, [1, 2, 3, 4]) == []  # queued: a first delivery
+    store.start_frames(spec.id, [1, 2, 3], "dead@host")
+    store.finish_frame(spec.id, 1, DONE, worker="dead@host")
+    assert store.interrupted(spec.id, [1, 2]) == [2]  # 1 finished, 2 was in the model when it died
+    assert store.interrupted(spec.id, [3, 4]) == [3]

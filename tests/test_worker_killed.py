@@ -3,6 +3,7 @@ and no partial EXR is ever visible at an output path."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -69,9 +70,16 @@ def test_killed_worker_chunk_is_redelivered_and_completed(farm):
     assert status.state == "done", status.summary()
     assert watcher.bad == [] and watcher.checked > 0
     by_frame = {f.frame: f for f in status.frames}
-    assert by_frame[1].attempts == 1 and by_frame[1].worker.startswith("victim@test")
-    assert by_frame[2].attempts == 2 and by_frame[2].worker.startswith("rescuer@test")
-    assert "1 skipped" in rescuer.log()  # frame 1 was already done: not rendered twice
+    # The worker runs two chunks side by side (MLFARM_WORKER_THREADS), so which of their first
+    # frames was written before the kill depends on the lane's order: find them in the records.
+    finished = [f for f in frames if by_frame[f].worker.startswith("victim@test")]
+    in_flight = [fs.frame for fs in killed_at.frames if fs.state == "running"]
+    assert finished and in_flight, (finished, in_flight)
+    assert all(by_frame[f].attempts == 1 for f in finished)  # done once: never rendered again
+    for f in in_flight:  # killed mid-chunk: redelivered and rendered by the rescuer
+        assert by_frame[f].attempts == 2 and by_frame[f].worker.startswith("rescuer@test"), by_frame[f]
+    skipped = sum(int(n) for n in re.findall(r"(\d+) skipped", rescuer.log()))
+    assert skipped >= 1  # a redelivered chunk skipped the frame the victim had already written
     for f in frames:
         got = read_image(frame_path(out, f)).rgba(4)
         np.testing.assert_array_equal(got, sample_pixels(f, 320, 180).astype(np.float16).astype(np.float32))

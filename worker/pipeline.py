@@ -222,8 +222,9 @@ class ChunkRun:
         reads: deque[tuple[int, Future[Any]]] = deque()
         writes: list[Future[None]] = []
 
-        # One frame has nothing to overlap with: handing it to threads would only add wake-ups.
-        pool: Executor = self.io if len(todo) > 1 else InlineExecutor()
+        # One frame has no other reads to overlap with: this thread reads it. Writes always go to
+        # the I/O threads, never onto the lane that inferred them (other chunks' batches wait there).
+        reader: Executor = self.io if len(todo) > 1 else InlineExecutor()
         # Always the lanes, also for a chunk of one batch: chunks running side by side must not
         # call a model from more threads than it declared, and the lanes keep what GPU libraries
         # tune per thread (see LanePools).
@@ -234,12 +235,12 @@ class ChunkRun:
 
         def infer_then_write(batch: list[tuple[int, Any]]) -> None:
             for frame, outputs in self._infer(model, batch):
-                writes.append(pool.submit(self._write, frame, model, outputs))
+                writes.append(self.io.submit(self._write, frame, model, outputs))
 
         def refill() -> None:
             while waiting and len(reads) < lookahead:
                 f = waiting.popleft()
-                reads.append((f, pool.submit(self._read, f, channels, model)))
+                reads.append((f, reader.submit(self._read, f, channels, model)))
 
         refill()
         checked_cancel = stopped = False

@@ -8,6 +8,9 @@ set it alike. Every task therefore holds a *key* while it runs (a chunk or an ML
 model and options; training: a key of its own, since it takes the whole GPU and sets torch's
 thread count) and tasks with different keys take turns.
 
+A chunk whose frames were running on a worker that died runs alone (a key of its own): if one of
+them kills this worker too, the chunks beside it would lose an attempt with it for nothing.
+
 First come, first served: a task that waits is not overtaken by later tasks that could have joined
 the running ones, so another job's chunk, or an artist's MLClient frame, waits at most for the
 tasks already running.

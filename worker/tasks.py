@@ -68,8 +68,15 @@ def register_tasks(app: Celery) -> None:
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
                        settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=rt.stop_now)
+        # A chunk whose frames were running on a worker that died runs alone: if one of them kills
+        # this worker too, no other chunk loses an attempt with it (MLFARM_MAX_ATTEMPTS).
+        suspects = rt.store.interrupted(job_id, run.frames)
+        if suspects:
+            log.info("job %s: frames %s were running on a worker that died; chunk %s runs alone", job_id,
+                     format_frames(suspects), frames)
+        key = f"alone {job_id} {frames}" if suspects else model_key(model, spec.options)
         try:
-            with rt.gate.hold(model_key(model, spec.options)):
+            with rt.gate.hold(key):
                 if rt.stop_now.is_set():  # a cold shutdown began while this chunk waited its turn
                     raise Reject("worker shutting down", requeue=True)
                 result = run.run(rt.cache)
