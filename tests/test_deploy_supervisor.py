@@ -193,7 +193,8 @@ def test_sigterm_stops_every_worker_warm_and_loses_no_frame(farm, supervisors):
         sup.wait_ready(f"mlfarm-gpu{gpu}@{host}")
     pids = [pid for _, _, pid in sup.started()]
 
-    frames = list(range(1, 13))
+    # 12 chunks: more than the two workers take at once (MLFARM_WORKER_THREADS each), so some stay queued.
+    frames = list(range(1, 25))
     plate = make_plate(farm.storage / "plate", frames)
     out = str(farm.storage / "out" / "o.####.exr")
     client = farm.farm()

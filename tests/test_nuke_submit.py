@@ -236,7 +236,8 @@ def test_failed_frames_show_with_reasons_and_retry_reruns_only_those(farm_env, n
     long.read["mlfarm_cancel"].execute()
     pump(nuke, lambda: "[cancelled]" in long.read["label"].value())
     final = f.status(long.job_id)
-    assert final.counts["cancelled"] >= 4 and final.counts["done"] + final.counts["cancelled"] == 6
+    # The worker takes three one-frame chunks at once (MLFARM_WORKER_THREADS): those finish, the rest is dropped.
+    assert final.counts["cancelled"] >= 2 and final.counts["done"] + final.counts["cancelled"] == 6
     assert nuke.messages[-1] == f"ML Farm: job {sub.job_id} has no failed frames"  # nothing new to report
 
 

@@ -1,9 +1,9 @@
 """The ``mlfarm.interactive`` task: one frame for the MLClient gateway, on a warm model.
 
 Workers poll the ``interactive`` queue before batch queues, so an artist's frame waits at most
-for the chunks the worker is on (see ``sharing``). The task's arguments name the request only; its pixels come
-from, and go back through, Redis or files on shared storage, whichever way the gateway sent them
-(see :mod:`mlfarm.gateway.relay`). While it works on a request the worker keeps a heartbeat key
+for the chunks the worker is on (see ``sharing``). The task's arguments name the request only; its
+pixels come from, and go back through, Redis or files on shared storage, whichever way the gateway
+sent them (see :mod:`mlfarm.gateway.relay`). While it works on a request the worker keeps a heartbeat key
 alive, so that the waiting gateway learns within seconds if this process dies.
 """
 
