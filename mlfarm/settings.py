@@ -120,10 +120,10 @@ class Settings(BaseSettings):
         default=3, ge=1, le=8, description="Tasks a worker process (`mlfarm worker`, one per GPU) takes at once, "
         "on threads sharing its models: the next chunk's frames are read while the last batches of the one "
         "before are inferred and written, instead of the GPU idling at every chunk boundary. Tasks run side by "
-        "side only when they are chunks (or MLClient frames) of one model with the same options; others take "
-        "turns, and training always runs alone. Measured with Mask R-CNN on an H100 at 4-frame chunks: 1.66x "
-        "with 2, 3 better than 2 in three runs of three; no change at 52-frame chunks. 1: one task at a time "
-        "(Celery's solo pool). Ignored with --concurrency N > 1 (prefork processes).",
+        "side only when they are chunks of one model with the same options; others (another job's chunks, "
+        "MLClient frames, training) take turns. Measured with Mask R-CNN on an H100 at 4-frame chunks: "
+        "1.37-1.66x with 2, 1.53x with 3, and 3 beat 2 in three runs of three; no change at 52-frame chunks. "
+        "1: one task at a time (Celery's solo pool). Ignored with --concurrency N > 1 (prefork processes).",
     )
 
     # --- gateway / flower ---------------------------------------------------------------
