@@ -310,6 +310,24 @@ def test_frames_whose_message_was_lost_are_queued_again_and_nothing_is_doubled(f
     assert worker.log().count("had no chunk message") == 1  # the backlog job's queued messages counted
 
 
+def test_frames_lost_just_before_a_reconnect_are_found_once_the_grace_has_passed(farm):
+    """After a (re)connection the reconciler looks at once, when frames lost in the outage are still
+    younger than the grace, and again once the grace has passed: a lost message costs seconds, not
+    MLFARM_RECONCILE_INTERVAL (found by the Redis-restart test, with three chunks in flight a worker)."""
+    from mlfarm.broker.jobs import JobSpec
+
+    farm.env_overrides.update({"MLFARM_RECONCILE_GRACE": "8", "MLFARM_RECONCILE_INTERVAL": "300"})
+    client = farm.farm()
+    plate = make_plate(farm.storage / "plate", range(1, 4))
+    worker = farm.start_worker()  # connecting kicks its reconciler: the first look comes 5 s later
+    lost = JobSpec(model="passthrough", input=plate, output=str(farm.storage / "lost" / "o.####.exr"),
+                   frames=[1, 2, 3], queue="cpu")
+    client.store.create(lost)  # the record exists, its messages never reached a queue
+    status = farm.wait_job(lost.id, timeout=60)  # far less than the 300 s interval
+    assert status.state == "done", status.summary()
+    worker.wait_log(f"job {lost.id}: frames 1,2,3 had no chunk message")
+
+
 def test_a_cold_shutdown_mid_chunk_hands_its_frames_back(farm):
     """SIGQUIT (or Ctrl-C twice) makes Celery abort the running chunk: its unfinished frames must go
     back on the queue at once, not stay 'running' until the reconciler notices."""

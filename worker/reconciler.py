@@ -1,14 +1,17 @@
 """The worker side of broker/reconcile.py: a background thread in each worker's main process.
 
-It looks for lost frames every ``MLFARM_RECONCILE_INTERVAL`` seconds and a few seconds after every
-(re)connection to the broker, when a message may just have been lost. A Redis lock lets only one
-worker of the farm do it at a time.
+It looks for lost frames every ``MLFARM_RECONCILE_INTERVAL`` seconds, a few seconds after every
+(re)connection to the broker, when a message may just have been lost, and once more when
+``MLFARM_RECONCILE_GRACE`` has passed since then: frames lost in a broker outage only count as lost
+once they are older than the grace, and waiting for the next interval would leave them for minutes.
+A Redis lock lets only one worker of the farm do it at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import redis
 from celery import Celery, bootsteps
@@ -39,14 +42,21 @@ class Reconciler(threading.Thread):
     def run(self) -> None:
         client = redis_client(self.url, role="reconciler")
         store = JobStore(client, self.settings.job_ttl)
+        follow_up: float | None = None  # when to look again after a reconnect
         while True:
-            woken = self._wake.wait(self.settings.reconcile_interval)
+            timeout = float(self.settings.reconcile_interval)
+            if follow_up is not None:
+                timeout = max(0.0, min(timeout, follow_up - time.monotonic()))
+            woken = self._wake.wait(timeout)
             if woken:
                 self._wake.clear()
                 self._wake.wait(5.0)  # let the reconnect settle; a second kick changes nothing
                 self._wake.clear()
+                follow_up = time.monotonic() + self.settings.reconcile_grace + 1.0
+            elif follow_up is not None and time.monotonic() >= follow_up:
+                follow_up = None
             try:
-                if client.set(LOCK, self.owner, nx=True, ex=max(30, self.settings.reconcile_interval // 2)):
+                if self._lock(client):
                     requeued = reconcile(self.app, self.settings, client, store)
                     if requeued:
                         log.warning("reconciler on %s requeued lost frames: %s", self.owner, requeued)
@@ -54,6 +64,16 @@ class Reconciler(threading.Thread):
                 log.info("reconciler: %s", exc)
             except Exception:
                 log.exception("reconciler failed; it will try again")
+
+    def _lock(self, client: redis.Redis) -> bool:
+        """Take the farm's reconcile lock, or keep it if this worker holds it (its follow-up look)."""
+        ttl = max(30, self.settings.reconcile_interval // 2)
+        if client.set(LOCK, self.owner, nx=True, ex=ttl):
+            return True
+        if client.get(LOCK) == self.owner:
+            client.expire(LOCK, ttl)
+            return True
+        return False
 
 
 def install(app: Celery, reconciler: Reconciler) -> None:
