@@ -104,11 +104,13 @@ def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, superviso
         assert name == f"render-gpu{gpu}@{host}"
         assert f"PPid:\t{sup.proc.pid}\n" in Path(f"/proc/{pid}/status").read_text()
 
-    frames = list(range(1, 9))
+    # 12 chunks: each worker takes three at once (MLFARM_WORKER_THREADS), so some are still queued
+    # when GPU 0's worker comes back, and it renders them.
+    frames = list(range(1, 25))
     plate = make_plate(farm.storage / "plate", frames)
     out = str(farm.storage / "out" / "o.####.exr")
     client = farm.farm()
-    spec = client.submit("slow", plate, out, frames, {"seconds": 1.5}, chunk=2, name="sh020 Read3")
+    spec = client.submit("slow", plate, out, frames, {"seconds": 1.0}, chunk=2, name="sh020 Read3")
     victim_name, victim_pid = children["0"]
 
     def victim_busy():
