@@ -26,6 +26,14 @@ def wait_until(predicate, timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
+def holding_a(gate: TaskGate, log: list[str]) -> tuple[threading.Thread, threading.Event]:
+    """A task with key "a" inside the gate (logged as "a"), until the returned event is set."""
+    release = threading.Event()
+    thread = start(gate, "a", log, "a", release)
+    wait_until(lambda: log == ["a"])
+    return thread, release
+
+
 def test_tasks_with_one_key_run_together():
     gate, log, release = TaskGate(), [], threading.Event()
     threads = [start(gate, "model a {}", log, f"t{i}", release) for i in range(3)]
@@ -39,9 +47,8 @@ def test_tasks_with_one_key_run_together():
 
 def test_a_task_with_another_key_waits_for_the_running_ones():
     gate, log = TaskGate(), []
-    first, second = threading.Event(), threading.Event()
-    a = start(gate, "a", log, "a", first)
-    wait_until(lambda: log == ["a"])
+    a, first = holding_a(gate, log)
+    second = threading.Event()
     b = start(gate, "b", log, "b", second)
     time.sleep(0.3)
     assert log == ["a"]  # b waits while a runs
@@ -55,9 +62,8 @@ def test_a_task_with_another_key_waits_for_the_running_ones():
 def test_first_come_first_served_a_waiting_task_is_not_overtaken():
     """a runs; b (another key) waits; a2 arrives with a's key: it must not join a ahead of b."""
     gate, log = TaskGate(), []
-    release_a, release_b, release_a2 = threading.Event(), threading.Event(), threading.Event()
-    a = start(gate, "a", log, "a", release_a)
-    wait_until(lambda: log == ["a"])
+    a, release_a = holding_a(gate, log)
+    release_b, release_a2 = threading.Event(), threading.Event()
     b = start(gate, "b", log, "b", release_b)
     wait_until(lambda: len(gate._queue) == 1)
     a2 = start(gate, "a", log, "a2", release_a2)
@@ -78,9 +84,8 @@ def test_first_come_first_served_a_waiting_task_is_not_overtaken():
 
 def test_waiting_tasks_with_one_key_start_together():
     gate, log = TaskGate(), []
-    release_a, release_b = threading.Event(), threading.Event()
-    a = start(gate, "a", log, "a", release_a)
-    wait_until(lambda: log == ["a"])
+    a, release_a = holding_a(gate, log)
+    release_b = threading.Event()
     bs = [start(gate, "b", log, f"b{i}", release_b) for i in range(2)]
     wait_until(lambda: len(gate._queue) == 2)
     release_a.set()

@@ -64,7 +64,6 @@ class Runtime:
     worker: str
     lanes: LanePools = field(default_factory=LanePools)
     gate: TaskGate = field(default_factory=TaskGate)  # which tasks run side by side (worker_threads)
-    stop_now: threading.Event = field(default_factory=lambda: STOP_NOW)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
 
     def spec(self, job_id: str) -> JobSpec:

@@ -15,7 +15,7 @@ from mlfarm.broker.frames import format_frames, parse_frames
 
 from .interactive import register_interactive
 from .pipeline import ChunkRun
-from .runtime import runtime
+from .runtime import STOP_NOW, runtime
 from .sharing import model_key
 from .train_task import register_training
 
@@ -67,7 +67,7 @@ def register_tasks(app: Celery) -> None:
         rt = runtime()
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
-                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=rt.stop_now)
+                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=STOP_NOW)
         # A chunk whose frames were running on a worker that died runs alone: if one of them kills
         # this worker too, no other chunk loses an attempt with it (MLFARM_MAX_ATTEMPTS).
         suspects = rt.store.interrupted(job_id, run.frames)
@@ -77,7 +77,7 @@ def register_tasks(app: Celery) -> None:
         key = f"alone {job_id} {frames}" if suspects else model_key(model, spec.options)
         try:
             with rt.gate.hold(key):
-                if rt.stop_now.is_set():  # a cold shutdown began while this chunk waited its turn
+                if STOP_NOW.is_set():  # a cold shutdown began while this chunk waited its turn
                     raise Reject("worker shutting down", requeue=True)
                 result = run.run(rt.cache)
         except (Reject, *TASK_POLICY["autoretry_for"]):
