@@ -456,8 +456,8 @@ def main() -> None:
               f"{args.io_threads or 'the default (cores - 2)'} I/O threads, chunk {args.chunk}"
               + (f", cores per worker {' / '.join(format_cpus(c) for c in shares)}" if shares else ""), flush=True)
         figures["cores_per_worker"] = [format_cpus(c) for c in shares] if shares else None
-        by_storage: dict[str, dict[int, float]] = {}
         one_gpu: dict[str, list[float]] = {}  # every 1-GPU figure of each variant, in run order
+        scaling: dict[str, list[float]] = {}  # each run's all-GPUs / 1-GPU figure, per variant
         worker_variants = [dict(kv.split("=", 1) for kv in v.split()) for v in args.variants.split(";")]
         runs = [(w.strip(), float(g), v) for w in args.storage.split(",") if w.strip()
                 for g in args.grain.split(",") for v in worker_variants]
@@ -496,7 +496,7 @@ def main() -> None:
             settings = Settings(broker_url=server.url, storage_root=root, data_dir=tmp / "data",
                                 weights_dir=weights.parent, frame_time_limit=30)
             farm = Farm(settings, server.url)
-            results = by_storage[where] = {}
+            results: dict[int, float] = {}
             for n in sorted({1, n_gpus}):
                 while len(procs) < n * per_gpu:
                     i = len(procs)
@@ -537,6 +537,8 @@ def main() -> None:
                     shutil.rmtree(root / "profiled", ignore_errors=True)
                     profile = None
                 shutil.rmtree(root / f"run{n}", ignore_errors=True)
+            if n_gpus > 1:
+                scaling.setdefault(where, []).append(results[n_gpus] / results[1])
             stop(procs, 60)
             procs.clear()
             if args.logs:
@@ -554,7 +556,7 @@ def main() -> None:
         del net, gpu_imgs
         print(f"(b) after the farm runs: {1000 / b1_after:7.2f} frames/s at batch 1 (before: {1000 / b1:.2f}; "
               f"mean {1000 / b1_mean:.2f})", flush=True)
-        where, results = next(iter(by_storage.items()))  # the first: grainy plate, the realistic case
+        where = next(iter(one_gpu))  # the first: grainy plate, the realistic case
         print(f"headline (c): {where}", flush=True)
         c = one_gpu[where][0]
         print("", flush=True)
@@ -571,8 +573,10 @@ def main() -> None:
         figures[f"c_over_b{batch}"] = c * bb / 1000
         figures["c_over_b_folded1"] = c * f1 / 1000
         if n_gpus > 1:
-            figures["multi_gpu_ratio"] = results[n_gpus] / c
-            print(f"{n_gpus} GPUs / 1 GPU = {results[n_gpus] / c:.2f}x", flush=True)
+            figures["multi_gpu_ratio"] = scaling[where][0]
+            for variant_where, ratios in scaling.items():  # each against the 1-GPU run just before it
+                print(f"  [{variant_where}] {n_gpus} GPUs / 1 GPU = {', '.join(f'{r:.2f}' for r in ratios)}x",
+                      flush=True)
     finally:
         stop(procs)
         if server is not None:
