@@ -163,9 +163,10 @@ for i = 5, #ARGV do
       rec.s = 'cancelled'
       redis.call('HSET', KEYS[2], f, cjson.encode(rec))
       out[#out + 1] = 'cancelled'
-    elseif max_attempts > 0 and (rec.a or 0) >= max_attempts then
+    elseif max_attempts > 0 and (rec.a or 0) - (rec.b or 0) >= max_attempts then
       rec.s = 'failed'
-      rec.r = 'frame ' .. f .. ': gave up after ' .. rec.a .. ' attempts that each ended without a result ' ..
+      rec.r = 'frame ' .. f .. ': gave up after ' .. ((rec.a or 0) - (rec.b or 0)) ..
+              ' attempts that each ended without a result ' ..
               '(the worker was killed, crashed or stopped every time)'
       rec.t1 = tonumber(ARGV[2])
       redis.call('HSET', KEYS[2], f, cjson.encode(rec))
@@ -228,6 +229,7 @@ for i = 1, #all, 2 do
   if wanted[rec.s] then
     rec.s = 'queued'
     rec.r = ''
+    rec.b = rec.a or 0  -- a retry is a new go: the attempt cap counts from here, 'a' keeps the total
     rec.q = tonumber(ARGV[2])
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     out[#out + 1] = all[i]

@@ -61,6 +61,29 @@ def test_missing_and_corrupt_frames_fail_alone_and_retry_reruns_only_them(farm):
                                   sample_pixels(6).astype(np.float16).astype(np.float32))
 
 
+def test_a_frame_can_be_retried_more_often_than_its_attempt_cap(farm):
+    """MLFARM_MAX_ATTEMPTS stops a frame from taking down worker after worker within one go; it must
+    not stop an artist retrying the frame again and again, nor after fixing its input."""
+    farm.env_overrides["MLFARM_MAX_ATTEMPTS"] = "2"
+    farm.start_worker()
+    plate = make_plate(farm.storage / "plate", [1, 2])
+    os.remove(frame_path(plate, 2))
+    client = farm.farm()
+    spec = client.submit("passthrough", plate, str(farm.storage / "out" / "o.####.exr"), [1, 2], chunk=2)
+    missing = f"frame 2: {frame_path(plate, 2)}: file not found"
+    status = farm.wait_job(spec.id)
+    assert [(f.frame, f.reason, f.attempts) for f in status.failed_frames] == [(2, missing, 1)]
+    for attempt in (2, 3, 4):  # beyond the cap of 2: each retry is a new go, and really runs
+        assert client.retry(spec.id, failed_only=True) == [2]
+        status = farm.wait_job(spec.id)
+        assert [(f.frame, f.reason, f.attempts) for f in status.failed_frames] == [(2, missing, attempt)]
+    make_plate(farm.storage / "plate", [2])
+    assert client.retry(spec.id, failed_only=True) == [2]
+    status = farm.wait_job(spec.id)
+    assert status.state == "done", status.summary()
+    assert {f.frame: f.attempts for f in status.frames} == {1: 1, 2: 5}
+
+
 def test_refused_submissions_queue_nothing(farm):
     plate = make_plate(farm.storage / "plate", [1])
     out = str(farm.storage / "out" / "o.####.exr")
