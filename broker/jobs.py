@@ -163,6 +163,8 @@ for i = 5, #ARGV do
       rec.s = 'cancelled'
       redis.call('HSET', KEYS[2], f, cjson.encode(rec))
       out[#out + 1] = 'cancelled'
+    elseif rec.s == 'failed' and rec.k == 1 then
+      out[#out + 1] = 'stuck'
     elseif max_attempts > 0 and (rec.a or 0) - (rec.b or 0) >= max_attempts then
       rec.s = 'failed'
       rec.r = 'frame ' .. f .. ': gave up after ' .. ((rec.a or 0) - (rec.b or 0)) ..
@@ -196,6 +198,7 @@ rec.s = ARGV[2]
 rec.r = ARGV[3]
 rec.w = ARGV[4]
 rec.t1 = tonumber(ARGV[5])
+if ARGV[6] == '1' then rec.k = 1 else rec.k = nil end
 redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(rec))
 redis.call('HSET', KEYS[1], 'updated', ARGV[5])
 return 1
@@ -230,6 +233,7 @@ for i = 1, #all, 2 do
     rec.s = 'queued'
     rec.r = ''
     rec.b = rec.a or 0  -- a retry is a new go: the attempt cap counts from here, 'a' keeps the total
+    rec.k = nil
     rec.q = tonumber(ARGV[2])
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     out[#out + 1] = all[i]
@@ -345,7 +349,8 @@ class JobStore:
     def start_frames(self, job_id: str, frames: list[int], worker: str, max_attempts: int = 0
                      ) -> dict[int, str]:
         """Claim frames for a worker. Returns per frame: run, skip (already done), cancelled, unknown,
-        or giveup: the frame already had ``max_attempts`` attempts (0: no limit) and is now failed."""
+        stuck (failed by outlasting its time limit, until retried), or giveup: the frame already had
+        ``max_attempts`` attempts (0: no limit) and is now failed."""
         result = self._start(keys=[job_key(job_id), frames_key(job_id)],
                              args=[worker, time.time(), self.ttl, max_attempts, *[str(f) for f in frames]])
         return dict(zip(frames, result))
@@ -356,11 +361,14 @@ class JobStore:
         raw = self.r.hmget(frames_key(job_id), [str(f) for f in frames])
         return [f for f, rec in zip(frames, raw) if rec and json.loads(rec).get("s") == RUNNING]
 
-    def finish_frame(self, job_id: str, frame: int, state: str, reason: str = "", worker: str = "") -> None:
+    def finish_frame(self, job_id: str, frame: int, state: str, reason: str = "", worker: str = "",
+                     stuck: bool = False) -> None:
+        """``stuck``: the frame failed by outlasting its time limit; a redelivered chunk does not try it
+        again (it would only take down another worker), a retry does."""
         if state not in (DONE, FAILED, CANCELLED):
             raise ValueError(f"a frame cannot finish as {state!r}")
         self._finish(keys=[job_key(job_id), frames_key(job_id)],
-                     args=[str(frame), state, reason, worker, time.time()])
+                     args=[str(frame), state, reason, worker, time.time(), "1" if stuck else "0"])
 
     def cancel(self, job_id: str) -> int:
         """Cancel what has not started; running frames stop at the next frame boundary."""

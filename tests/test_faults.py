@@ -392,3 +392,56 @@ def test_lost_frame_detection_reads_real_broker_messages_for_chunks_and_training
     assert find_lost(client.redis, client.store, grace=60) == {}  # too young to call lost
     client.cancel(render.id)
     assert find_lost(client.redis, client.store, grace=0.1) == {}
+
+
+def test_a_frame_stuck_past_its_time_limit_fails_with_the_reason_and_its_worker_restarts(farm):
+    """Celery's threads and solo pools never stop a task: a frame stuck for good in a model would
+    hold its worker for ever. The watchdog fails it with the reason, the rest of the job goes on
+    (after the worker ends itself and is restarted, as a supervisor or compose would), the broker's
+    redelivery of the stuck chunk does not run the frame again, and a retry does."""
+    from mlfarm.worker.watchdog import EXIT_HUNG
+
+    farm.env_overrides.update({"MLFARM_FRAME_TIME_LIMIT": "2", "MLFARM_CHUNK_SLACK": "2",
+                               "MLFARM_VISIBILITY_TIMEOUT": "8", "MLFARM_RESTORE_INTERVAL": "1"})
+    frames = list(range(1, 7))
+    make_plate(farm.storage / "plate", frames)
+    write_exr(farm.storage / "plate" / "plate.0002.exr", np.full((48, 64, 4), 9.0, np.float32))
+    plate = str(farm.storage / "plate" / "plate.####.exr")
+    out = str(farm.storage / "out" / "o.####.exr")
+    first = farm.start_worker(name="h1@faults")
+    client = farm.farm()
+    spec = client.submit("hang", plate, out, frames, chunk=2)
+    ended: list[int] = []
+    deadline = time.monotonic() + 90
+    while not client.status(spec.id).finished:
+        assert time.monotonic() < deadline, client.status(spec.id).summary()
+        for w in list(farm.workers):
+            if w.proc.poll() is not None:
+                ended.append(w.proc.returncode)
+                farm.workers.remove(w)
+        if not farm.workers:  # like a supervisor or compose restarting a dead container
+            farm.start_worker(name=f"h{len(ended) + 1}@faults", wait=False)
+        time.sleep(0.2)
+    status = client.status(spec.id)
+    assert first.proc.returncode == EXIT_HUNG and ended == [EXIT_HUNG], (ended, first.log()[-2000:])
+    assert status.counts["done"] == 5 and status.counts["failed"] == 1, status.summary()
+    (stuck,) = status.failed_frames
+    assert stuck.frame == 2 and stuck.attempts == 1
+    assert stuck.reason == ("frame 2: model hang took longer than its time limit of 2s (MLFARM_FRAME_TIME_LIMIT); "
+                            "the worker restarted to free the stuck thread"), stuck.reason
+    assert "is past its time limit" in first.log()
+    assert_outputs_whole(out, [1, 3, 4, 5, 6])
+
+    # The stuck chunk was never acknowledged: the broker delivers it again once its visibility
+    # timeout has passed. That delivery must not take down the new worker on the same frame.
+    (second,) = farm.workers
+    second.wait_log("stuck past its time limit before", timeout=60)
+    status = client.status(spec.id)
+    assert [(f.frame, f.attempts, f.reason) for f in status.failed_frames] == [(2, 1, stuck.reason)]
+    assert second.proc.poll() is None
+
+    # Fixed and retried, it renders (the record's stuck mark goes with the retry).
+    make_plate(farm.storage / "plate", [2])
+    assert client.retry(spec.id, failed_only=True) == [2]
+    status = farm.wait_job(spec.id, timeout=60)
+    assert status.state == "done" and {f.frame: f.attempts for f in status.frames}[2] == 2, status.summary()

@@ -11,6 +11,7 @@ frame is recorded with its reason and the rest of the chunk goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -33,6 +34,7 @@ from .middleware import Middleware
 from .model_cache import ModelCache
 from .runtime import LanePools, io_threads
 from .storage import sweep_once
+from .watchdog import Watchdog
 
 
 class InlineExecutor(Executor):
@@ -82,6 +84,8 @@ class ChunkRun:
     lanes: LanePools = field(default_factory=LanePools)
     middleware: Sequence[Middleware] = ()
     stop: threading.Event = field(default_factory=threading.Event)  # set: stop at the next batch
+    watchdog: Watchdog | None = None  # enforces MLFARM_FRAME_TIME_LIMIT on every stage
+    on_stuck: Callable[[ChunkRun], None] | None = None  # after a stage's frames failed for time: the rest
     result: ChunkResult = field(default_factory=ChunkResult)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
 
@@ -115,39 +119,46 @@ class ChunkRun:
     def _fail(self, frame: int, reason: str) -> None:
         self._finish(frame, f"frame {frame}: {reason}")
 
+    def _limit(self, frames: list[int], stage: str) -> contextlib.AbstractContextManager[None]:
+        """``stage`` of ``frames`` must end within MLFARM_FRAME_TIME_LIMIT per frame (``worker/watchdog.py``).
+
+        Per stage, not per chunk: chunks side by side share the lanes and the I/O threads, so a
+        chunk's wall time says little about whether anything is stuck.
+        """
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        limit = self.settings.frame_time_limit * len(frames)
+        what = f"job {self.spec.id}: {stage} of frame{'s' if len(frames) > 1 else ''} {format_frames(frames)}"
+        return self.watchdog.watch(limit, what, lambda: self._stuck(frames, stage, limit))
+
+    def _stuck(self, frames: list[int], stage: str, limit: int) -> None:
+        """From the watchdog's thread: ``frames`` fail for good (until retried), the rest go back."""
+        for f in frames:
+            if f in self.result.done or f in self.result.failed:
+                continue
+            reason = (f"frame {f}: {stage} took longer than its time limit of {limit}s (MLFARM_FRAME_TIME_LIMIT); "
+                      "the worker restarted to free the stuck thread")
+            self.store.finish_frame(self.spec.id, f, FAILED, reason, worker=self.worker, stuck=True)
+            self.result.failed[f] = reason
+        if self.on_stuck is not None:
+            self.on_stuck(self)
+
     # --- stages -------------------------------------------------------------------------
     def _read(self, frame: int, channels: int, model: BaseModel) -> Any:
         """Read a frame and run the model's ``preprocess`` on it, both on an I/O thread."""
         t = time.perf_counter()
         try:
-            image = read_image(frame_path(self.spec.input, frame))
-            return model.preprocess([image.rgba(channels, view=model.raw_frames)])
+            with self._limit([frame], "reading"):
+                image = read_image(frame_path(self.spec.input, frame))
+                return model.preprocess([image.rgba(channels, view=model.raw_frames)])
         finally:
             self.stage_seconds["read"] += time.perf_counter() - t
 
     def _write(self, frame: int, model: BaseModel, outputs: list[Any]) -> None:
         t = time.perf_counter()
         try:
-            outputs = model.postprocess(outputs)
-            images = [o for o in outputs if isinstance(o, np.ndarray) or is_tensor(o)]
-            objects = [o for o in outputs if not (isinstance(o, np.ndarray) or is_tensor(o))]
-            metadata: dict[str, Any] = {
-                "mlfarm/job": self.spec.id,
-                "mlfarm/model": self.spec.model,
-                "mlfarm/model_version": str(model.version),
-                "mlfarm/options": json.dumps(self.spec.options, sort_keys=True),
-                "mlfarm/source": frame_path(self.spec.input, frame),
-                "mlfarm/frame": int(frame),
-            }
-            if objects:
-                metadata["mlfarm/objects"] = json.dumps(objects, sort_keys=True, default=str)
-                if model.sidecar_json:  # written first: once the EXR appears, its sidecar is there too
-                    write_json(sidecar_path(frame_path(self.spec.output, frame)), self.settings.storage_root,
-                               {"job": self.spec.id, "model": self.spec.model, "frame": int(frame),
-                                "source": frame_path(self.spec.input, frame), "objects": objects})
-            write_planes(frame_path(self.spec.output, frame), self.settings.storage_root, model.outputs, images,
-                         metadata, self.settings.exr_compression, self.settings.exr_rgba_half,
-                         self.settings.exr_gpu_compress)
+            with self._limit([frame], "writing"):
+                self._write_frame(frame, model, outputs)
         except Exception as exc:
             reason = describe_error(exc)
             out_path = frame_path(self.spec.output, frame)
@@ -157,12 +168,36 @@ class ChunkRun:
             self.stage_seconds["write"] += time.perf_counter() - t
         self._finish(frame, None)
 
+    def _write_frame(self, frame: int, model: BaseModel, outputs: list[Any]) -> None:
+        """What ``_write`` does for one frame: postprocess, sidecar JSON, the EXR (under its time limit)."""
+        outputs = model.postprocess(outputs)
+        images = [o for o in outputs if isinstance(o, np.ndarray) or is_tensor(o)]
+        objects = [o for o in outputs if not (isinstance(o, np.ndarray) or is_tensor(o))]
+        metadata: dict[str, Any] = {
+            "mlfarm/job": self.spec.id,
+            "mlfarm/model": self.spec.model,
+            "mlfarm/model_version": str(model.version),
+            "mlfarm/options": json.dumps(self.spec.options, sort_keys=True),
+            "mlfarm/source": frame_path(self.spec.input, frame),
+            "mlfarm/frame": int(frame),
+        }
+        if objects:
+            metadata["mlfarm/objects"] = json.dumps(objects, sort_keys=True, default=str)
+            if model.sidecar_json:  # written first: once the EXR appears, its sidecar is there too
+                write_json(sidecar_path(frame_path(self.spec.output, frame)), self.settings.storage_root,
+                           {"job": self.spec.id, "model": self.spec.model, "frame": int(frame),
+                            "source": frame_path(self.spec.input, frame), "objects": objects})
+        write_planes(frame_path(self.spec.output, frame), self.settings.storage_root, model.outputs, images,
+                     metadata, self.settings.exr_compression, self.settings.exr_rgba_half,
+                     self.settings.exr_gpu_compress)
+
     def _infer(self, model: BaseModel, batch: list[tuple[int, Any]]) -> list[tuple[int, list[Any]]]:
         """Infer a batch; if the batch fails, retry frame by frame so one bad frame fails alone."""
         t = time.perf_counter()
         try:
             try:
-                outs = model.infer_batch([item for _, item in batch])
+                with self._limit([f for f, _ in batch], f"model {self.spec.model}"):
+                    outs = model.infer_batch([item for _, item in batch])
                 if len(outs) != len(batch):
                     raise RuntimeError(f"infer_batch returned {len(outs)} results for {len(batch)} frames")
                 return [(f, list(o)) for (f, _), o in zip(batch, outs)]
@@ -172,7 +207,8 @@ class ChunkRun:
             ok = []
             for frame, item in batch:
                 try:
-                    ok.append((frame, list(model.infer_batch([item])[0])))
+                    with self._limit([frame], f"model {self.spec.model}"):
+                        ok.append((frame, list(model.infer_batch([item])[0])))
                 except Exception as exc:
                     self._fail(frame, f"model {self.spec.model}: {describe_error(exc)}")
             return ok
@@ -193,6 +229,8 @@ class ChunkRun:
                 self.result.skipped.append(f)
             elif state == "cancelled":
                 self.result.cancelled.append(f)
+            elif state == "stuck":
+                self.result.failed[f] = f"frame {f}: stuck past its time limit before; retry it to run it again"
             elif state == "giveup":
                 self.result.failed[f] = f"frame {f}: gave up after {self.settings.max_attempts} attempts"
         if todo:

@@ -28,6 +28,7 @@ from .frame_io import configure_openexr
 from .middleware import Middleware, default_middleware
 from .model_cache import ModelCache
 from .sharing import TaskGate
+from .watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ class Runtime:
     worker: str
     lanes: LanePools = field(default_factory=LanePools)
     gate: TaskGate = field(default_factory=TaskGate)  # which tasks run side by side (worker_threads)
+    watchdog: Watchdog = field(init=False)  # MLFARM_FRAME_TIME_LIMIT, where Celery's pools do not enforce it
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
+
+    def __post_init__(self) -> None:
+        self.watchdog = Watchdog(STOP_NOW, on_stop=self.gate.close)
 
     def spec(self, job_id: str) -> JobSpec:
         """A job's spec, fetched once per process: specs never change after submission."""

@@ -27,10 +27,20 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from celery.exceptions import Reject
+
 
 @dataclass(eq=False)
 class _Ticket:
     key: str
+
+
+class GateClosed(Reject):
+    """The process is ending (``TaskGate.close``): a task still waiting for its turn goes back to
+    the queue instead (a Celery ``Reject`` with requeue, whichever task it is)."""
+
+    def __init__(self) -> None:
+        super().__init__("the worker is ending", requeue=True)
 
 
 class TaskGate:
@@ -39,6 +49,7 @@ class TaskGate:
         self._key: str | None = None  # the key the running tasks hold
         self._running = 0
         self._queue: deque[_Ticket] = deque()  # tasks waiting, in arrival order
+        self._closed = False
 
     @contextlib.contextmanager
     def hold(self, key: str) -> Iterator[None]:
@@ -47,9 +58,11 @@ class TaskGate:
         with self._cond:
             self._queue.append(ticket)
             try:
-                self._cond.wait_for(lambda: self._may_start(ticket))
+                self._cond.wait_for(lambda: self._closed or self._may_start(ticket))
             finally:
                 self._queue.remove(ticket)
+            if self._closed:
+                raise GateClosed()
             self._key = key
             self._running += 1
             self._cond.notify_all()  # tasks with this key queued behind this one may start too
@@ -71,6 +84,12 @@ class TaskGate:
             if ahead.key != ticket.key:
                 return False
         return True
+
+    def close(self) -> None:
+        """Turn away every task waiting and every later one (the worker ends: a running task is stuck)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     @property
     def running(self) -> int:

@@ -67,7 +67,11 @@ def register_tasks(app: Celery) -> None:
         rt = runtime()
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
-                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=STOP_NOW)
+                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=STOP_NOW,
+                       watchdog=rt.watchdog)
+        # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
+        # the process ends (worker/watchdog.py), since the stuck thread would otherwise never return.
+        run.on_stuck = lambda r: hand_back(self.app, rt, r, TimeoutError("a frame outlasted its time limit"))
         # A chunk whose frames were running on a worker that died runs alone: if one of them kills
         # this worker too, no other chunk loses an attempt with it (MLFARM_MAX_ATTEMPTS).
         suspects = rt.store.interrupted(job_id, run.frames)
@@ -75,18 +79,19 @@ def register_tasks(app: Celery) -> None:
             log.info("job %s: frames %s were running on a worker that died; chunk %s runs alone", job_id,
                      format_frames(suspects), frames)
         key = f"alone {job_id} {frames}" if suspects else model_key(model, spec.options)
-        try:
-            with rt.gate.hold(key):
-                if STOP_NOW.is_set():  # a cold shutdown began while this chunk waited its turn
-                    raise Reject("worker shutting down", requeue=True)
-                result = run.run(rt.cache)
-        except (Reject, *TASK_POLICY["autoretry_for"]):
-            raise  # Celery sends the chunk again; its claimed frames are claimed again then
-        except BaseException as exc:
-            # Anything else ends this chunk for good (Celery acknowledges a failed task): hand the
-            # frames it had not finished back to the queue, or they would stay "running" forever.
-            hand_back(self.app, rt, run, exc)
-            raise
+        with rt.watchdog.busy():  # until its frames are recorded or handed back
+            try:
+                with rt.gate.hold(key):
+                    if STOP_NOW.is_set():  # a cold shutdown began while this chunk waited its turn
+                        raise Reject("worker shutting down", requeue=True)
+                    result = run.run(rt.cache)
+            except (Reject, *TASK_POLICY["autoretry_for"]):  # GateClosed too: the worker is ending
+                raise  # Celery sends the chunk again; its claimed frames are claimed again then
+            except BaseException as exc:
+                # Anything else ends this chunk for good (Celery acknowledges a failed task): hand the
+                # frames it had not finished back to the queue, or they would stay "running" forever.
+                hand_back(self.app, rt, run, exc)
+                raise
         if result.failed:
             reasons = "; ".join(result.failed[f] for f in sorted(result.failed))
             raise FramesFailed(f"job {job_id}: {len(result.failed)} of {len(run.frames)} frames failed "
