@@ -40,19 +40,28 @@ class LocalFarm:
             self.redis.write_state(self.settings.embedded_state_file)
             self.url = self.redis.url
             log.info("embedded Redis on 127.0.0.1:%d", self.redis.port)
-        env = {**os.environ, "MLFARM_BROKER_URL": self.url,
-               "MLFARM_STORAGE_ROOT": str(self.settings.storage_root)}
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - kept open for the workers' lifetime
-        for i in range(self.n_workers):
-            cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", self.queues,
-                   "--concurrency", str(self.concurrency), "--name", f"local{i + 1}@{os.uname().nodename}"]
-            self.workers.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                                                 stdout=self._log, stderr=subprocess.STDOUT if self._log else None))
+        self.workers = [self._start_worker(i) for i in range(self.n_workers)]
         return self
 
+    def _start_worker(self, i: int) -> subprocess.Popen:
+        env = {**os.environ, "MLFARM_BROKER_URL": self.url, "MLFARM_STORAGE_ROOT": str(self.settings.storage_root)}
+        cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", self.queues,
+               "--concurrency", str(self.concurrency), "--name", f"local{i + 1}@{os.uname().nodename}"]
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                stderr=subprocess.STDOUT if self._log else None)
+
     def alive(self) -> bool:
+        """Whether everything runs; a worker that ended itself over a stuck frame is started again."""
+        from mlfarm.worker.watchdog import EXIT_HUNG
+
+        for i, w in enumerate(self.workers):
+            if w.poll() == EXIT_HUNG:
+                log.warning("worker local%d failed a frame stuck past its time limit and ended; starting it again",
+                            i + 1)
+                self.workers[i] = self._start_worker(i)
         return all(w.poll() is None for w in self.workers) and (
             self.redis is None or self.redis.process is None or self.redis.process.poll() is None)
 
