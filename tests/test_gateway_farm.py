@@ -90,6 +90,28 @@ def test_interactive_request_is_answered_while_a_long_batch_job_fills_the_queue(
     f.cancel(job.id)
 
 
+def test_an_mlclient_frame_stuck_past_its_time_limit_gets_the_reason_and_its_worker_restarts(gateway_farm):
+    """A model that never returns on an artist's frame: the artist gets the reason, not a silent
+    wait, and the worker ends itself (for its supervisor to restart) instead of holding every
+    later request and chunk behind the stuck one."""
+    from mlfarm.worker.watchdog import EXIT_HUNG
+
+    gateway_farm.env_overrides["MLFARM_FRAME_TIME_LIMIT"] = "2"
+    worker = gateway_farm.start_worker(queues="interactive,gpu,cpu")
+    gw = gateway_farm.start_gateway()
+    hang = mc.model_from_info(gw.port, "hang")
+    fine = mc.infer(gw.port, hang, [sample_pixels(1, 16, 16, 3)])
+    assert not fine.HasField("error"), fine.error.msg
+    started = time.monotonic()
+    reply = mc.infer(gw.port, hang, [np.full((16, 16, 3), 9.0, np.float32)])
+    assert "model hang took longer than its time limit of 2s (MLFARM_FRAME_TIME_LIMIT)" in reply.error.msg, \
+        reply.error.msg
+    assert time.monotonic() - started < 20
+    assert worker.proc.wait(30) == EXIT_HUNG
+    assert "is past its time limit" in worker.log()
+    assert gw.alive()
+
+
 def test_concurrent_clients_through_workers(gateway_farm):
     gateway_farm.start_worker(queues="interactive,gpu,cpu")
     gateway_farm.start_worker(queues="interactive,gpu,cpu")

@@ -56,8 +56,14 @@ def serve_request(request_id: str, model: str, options: dict[str, Any], heartbea
         if request.error is None:
             try:
                 checked = validate_options(rt.catalog.describe(model), options)
+                limit = rt.settings.frame_time_limit
+                stuck = RelayReply(error=f"model {model} took longer than its time limit of {limit}s "
+                                         "(MLFARM_FRAME_TIME_LIMIT); the worker restarted", worker=rt.worker)
+                spooled = request.spooled
                 # Alone: run_model calls the model from this thread, outside the chunks' lanes.
-                with rt.gate.hold(f"interactive {request_id}"):
+                with rt.watchdog.busy(), rt.gate.hold(f"interactive {request_id}"), rt.watchdog.watch(
+                        limit, f"interactive request {request_id} ({model})",
+                        lambda: relay.put_reply(request_id, stuck, spooled)):
                     reply.images, reply.objects = run_model(rt.cache.get(model), checked, request.images)
             except Exception as exc:  # the artist gets the reason; the worker goes on
                 reply = RelayReply(error=describe_error(exc), worker=rt.worker)
