@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import redis
 
 from mlfarm.broker.frames import frame_path
 
-from conftest import make_plate
+from conftest import PLUGINS, make_plate, sample_pixels, write_exr
 
 
 def test_models_lists_catalog_with_option_specs(farm):
@@ -119,6 +121,38 @@ def test_up_runs_embedded_redis_and_a_worker_and_stops_cleanly(tmp_path):
         raise AssertionError("embedded Redis still running after mlfarm up stopped")
     except redis.ConnectionError:
         pass
+
+
+def test_up_starts_a_worker_again_after_it_ended_itself_over_a_stuck_frame(tmp_path):
+    """A frame stuck past MLFARM_FRAME_TIME_LIMIT ends its worker (exit 75, worker/watchdog.py):
+    `mlfarm up` starts it again and keeps the farm up, where before any worker's exit stopped it."""
+    env = {**_no_farm_env(tmp_path), "MLFARM_MODELS_PATH": str(PLUGINS), "MLFARM_FRAME_TIME_LIMIT": "2"}
+    up = subprocess.Popen([sys.executable, "-m", "mlfarm", "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "data" / "embedded.json").exists():
+            assert up.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        plate = make_plate(tmp_path / "storage" / "plate", range(1, 4))
+        write_exr(Path(frame_path(plate, 2)), np.full((48, 64, 4), 9.0, np.float32))
+        submit = [sys.executable, "-m", "mlfarm", "submit", "--input", plate, "--frames", "1-3", "--chunk", "1",
+                  "--wait", "--json"]
+        stuck = subprocess.run([*submit, "--model", "hang", "--output", str(tmp_path / "storage" / "h" / "h.####.exr")],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert stuck.returncode == 1, stuck.stderr
+        failed = json.loads(stuck.stdout)["failed"]
+        assert [f["frame"] for f in failed] == [2] and "time limit of 2s" in failed[0]["reason"], failed
+        write_exr(Path(frame_path(plate, 2)), sample_pixels(2))
+        again = subprocess.run([*submit, "--model", "blur", "--output", str(tmp_path / "storage" / "b" / "b.####.exr")],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr  # rendered by the worker started again
+        assert up.poll() is None
+    finally:
+        up.send_signal(signal.SIGINT)
+        output, _ = up.communicate(timeout=60)
+    assert up.returncode == 0, output
+    assert "stuck past its time limit and ended; starting it again" in output, output[-3000:]
 
 
 def test_demo_on_a_fresh_machine(tmp_path):

@@ -80,13 +80,16 @@ def test_a_stuck_stage_fails_its_frames_stops_the_others_and_ends_the_process_af
     assert len(turned_away) == 1 and isinstance(turned_away[0], GateClosed) and turned_away[0].requeue
 
 
-def test_the_process_ends_after_the_grace_even_if_another_chunk_never_finishes():
-    exits, stop = Exits(), threading.Event()
+def test_chunks_that_never_finish_hand_their_work_back_when_the_grace_is_over():
+    """A chunk whose batch waits on the lane behind the stuck one never reaches its next batch to
+    stop there: once the grace is over its work goes back through its release."""
+    exits, stop, released = Exits(), threading.Event(), []
     dog = Watchdog(stop, poll=0.02, grace=0.5, exit_process=exits)
     forever = threading.Event()
 
     def chunk(seconds: float) -> None:
-        with dog.busy(), dog.watch(seconds, "job j: writing of frame 1", lambda: None):
+        with dog.busy(lambda: released.append((seconds, time.monotonic()))), \
+                dog.watch(seconds, "job j: writing of frame 1", lambda: None):
             forever.wait(20)
 
     for seconds in (0.2, 60):
@@ -95,3 +98,5 @@ def test_the_process_ends_after_the_grace_even_if_another_chunk_never_finishes()
     assert exits.done.wait(5)
     forever.set()
     assert exits.status == EXIT_HUNG and 0.5 <= exits.at - start < 3
+    assert sorted(s for s, _ in released) == [0.2, 60]  # the stuck one's too: releases are idempotent
+    assert all(start + 0.5 <= at <= exits.at for _, at in released)

@@ -90,6 +90,7 @@ class ChunkRun:
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
 
     claimed: list[int] = field(default_factory=list)  # frames this run took to render
+    handed_back: bool = False  # its unfinished frames went back to the queue (once)
     started: float = field(default_factory=time.perf_counter)
     first_done: float | None = None  # when the first frame was written: the pipeline's ramp-up
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import redis
@@ -38,8 +39,16 @@ TASK_POLICY: dict[str, Any] = {
 }
 
 
+_handing_back = threading.Lock()
+
+
 def hand_back(app: Celery, rt: Any, run: ChunkRun, exc: BaseException) -> None:
-    """Requeue a dead chunk's unfinished frames (max_attempts bounds how often)."""
+    """Requeue a dead chunk's unfinished frames (max_attempts bounds how often). Once per chunk:
+    its task and the watchdog (worker/watchdog.py) may both come to it."""
+    with _handing_back:
+        if run.handed_back:
+            return
+        run.handed_back = True
     frames = run.unfinished
     if not frames:
         return
@@ -71,7 +80,8 @@ def register_tasks(app: Celery) -> None:
                        watchdog=rt.watchdog)
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
         # the process ends (worker/watchdog.py), since the stuck thread would otherwise never return.
-        run.on_stuck = lambda r: hand_back(self.app, rt, r, TimeoutError("a frame outlasted its time limit"))
+        ended = TimeoutError("the worker ended: a frame outlasted its time limit")
+        run.on_stuck = lambda r: hand_back(self.app, rt, r, ended)
         # A chunk whose frames were running on a worker that died runs alone: if one of them kills
         # this worker too, no other chunk loses an attempt with it (MLFARM_MAX_ATTEMPTS).
         suspects = rt.store.interrupted(job_id, run.frames)
@@ -79,7 +89,7 @@ def register_tasks(app: Celery) -> None:
             log.info("job %s: frames %s were running on a worker that died; chunk %s runs alone", job_id,
                      format_frames(suspects), frames)
         key = f"alone {job_id} {frames}" if suspects else model_key(model, spec.options)
-        with rt.watchdog.busy():  # until its frames are recorded or handed back
+        with rt.watchdog.busy(lambda: hand_back(self.app, rt, run, ended)):  # until its frames are recorded
             try:
                 with rt.gate.hold(key):
                     if STOP_NOW.is_set():  # a cold shutdown began while this chunk waited its turn

@@ -10,8 +10,10 @@ past its limit the watchdog
    not tried again until someone retries them) and hands the chunk's other frames back;
 2. sets ``STOP_NOW``: other chunks stop at their next batch and hand their frames back, as on a
    cold shutdown, and tasks still waiting for their turn go back to the queue (``on_stop``);
-3. ends the process with ``EXIT_HUNG`` once they have (or after ``grace`` seconds). Its supervisor
-   (``mlfarm worker --gpus``, compose's restart policy) starts a fresh one.
+3. ends the process with ``EXIT_HUNG`` once they have, or after ``grace`` seconds, when the tasks
+   still running (e.g. a chunk whose batch is queued on the lane behind the stuck one) hand their
+   work back through their ``release``. Its supervisor (``mlfarm worker --gpus``, ``mlfarm up``)
+   starts a fresh one.
 """
 
 from __future__ import annotations
@@ -51,20 +53,23 @@ class Watchdog:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._busy = 0  # chunks running (``busy``), the stuck one included
+        self._busy: dict[int, Callable[[], None]] = {}  # tasks running (``busy``), the stuck one included
         self.expired: _Watch | None = None
 
     @contextlib.contextmanager
-    def busy(self) -> Iterator[None]:
-        """A chunk, from its start to its last record (hand-backs included): what the process waits
-        for before it ends."""
+    def busy(self, release: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """A task, from its start to its last record (hand-backs included): what the process waits
+        for before it ends. ``release`` hands its unfinished work back if it is still running when
+        the process ends: a chunk whose batch waits on the lane behind the stuck one never gets to
+        its next batch to stop there."""
         with self._lock:
-            self._busy += 1
+            key = next(self._ids)
+            self._busy[key] = release
         try:
             yield
         finally:
             with self._lock:
-                self._busy -= 1
+                self._busy.pop(key, None)
 
     @contextlib.contextmanager
     def watch(self, seconds: float, what: str, on_expire: Callable[[], None]) -> Iterator[None]:
@@ -104,9 +109,16 @@ class Watchdog:
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline:  # let the other chunks hand their frames back
             with self._lock:
-                if self._busy <= 1:  # only the stuck one
+                if len(self._busy) <= 1:  # only the stuck one
                     break
             time.sleep(self.poll)
+        with self._lock:
+            still = list(self._busy.values())
+        for release in still:  # the stuck one's was done by on_expire; releases are idempotent
+            try:
+                release()
+            except Exception:  # the broker redelivers their chunks, the reconciler finds their frames
+                log.exception("could not hand back the work of a task still running")
         time.sleep(1.0)  # Celery's own thread sends the requeues and acknowledgements of those chunks
         logging.shutdown()
         self.exit_process(EXIT_HUNG)
