@@ -100,3 +100,10 @@ def test_chunks_that_never_finish_hand_their_work_back_when_the_grace_is_over():
     assert exits.status == EXIT_HUNG and 0.5 <= exits.at - start < 3
     assert sorted(s for s, _ in released) == [0.2, 60]  # the stuck one's too: releases are idempotent
     assert all(start + 0.5 <= at <= exits.at for _, at in released)
+
+
+def test_the_supervisor_says_why_a_worker_ended_itself():
+    from mlfarm.worker.supervisor import describe_exit
+
+    assert "stuck past MLFARM_FRAME_TIME_LIMIT" in describe_exit(EXIT_HUNG)
+    assert describe_exit(1) == "exit status 1" and describe_exit(-9) == "killed by SIGKILL"

@@ -37,6 +37,7 @@ from mlfarm.settings import Settings
 
 from .cpus import format_cpus, pin_cpus, split_cpus
 from .main import ordered_queues
+from .watchdog import EXIT_HUNG
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ def describe_exit(code: int) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if code == EXIT_HUNG:
+        return f"exit status {code}: it failed a frame stuck past MLFARM_FRAME_TIME_LIMIT (its log names it)"
     return f"exit status {code}"
 
 
