@@ -99,7 +99,7 @@ def up(workers: int, queues: str, concurrency: int) -> None:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        while not stopping and farm.alive():
+        while not stopping and farm.tend():
             time.sleep(0.2)
     finally:
         console.print("mlfarm up: stopping workers (running chunks finish or go back on the queue)...")

@@ -53,8 +53,9 @@ class LocalFarm:
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
                                 stderr=subprocess.STDOUT if self._log else None)
 
-    def alive(self) -> bool:
-        """Whether everything runs; a worker that ended itself over a stuck frame is started again."""
+    def tend(self) -> bool:
+        """Start again any worker that ended itself over a stuck frame (worker/watchdog.py), then say
+        whether everything runs. Not a plain query: ``mlfarm up`` calls it as its keep-alive."""
         from mlfarm.worker.watchdog import EXIT_HUNG
 
         for i, w in enumerate(self.workers):
