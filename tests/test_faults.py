@@ -431,6 +431,10 @@ def test_a_frame_stuck_past_its_time_limit_fails_with_the_reason_and_its_worker_
                             "the worker restarted to free the stuck thread"), stuck.reason
     assert "is past its time limit" in first.log()
     assert_outputs_whole(out, [1, 3, 4, 5, 6])
+    # It stopped taking tasks before sending any back: else it fetches each one straight back, in
+    # a loop until it ends (thousands a second), and a message in that loop at the exit is lost.
+    assert "takes no more tasks" in first.log()
+    assert first.log().count("] received") == 3, first.log()[-3000:]
 
     # The stuck chunk was never acknowledged: the broker delivers it again once its visibility
     # timeout has passed. That delivery must not take down the new worker on the same frame.

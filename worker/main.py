@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
+from typing import Any
 
+from celery import Celery
 from celery.concurrency.thread import TaskPool as CeleryThreads
 from celery.signals import worker_ready
 
@@ -15,6 +18,7 @@ from mlfarm.broker.registry import publish_catalog
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
+from . import runtime
 from .cpus import format_cpus, pin_cpus
 from .gpu import pin_gpu
 from .reconciler import Reconciler
@@ -49,6 +53,20 @@ class TaskThreads(CeleryThreads):
         super().on_stop()
 
 
+def stop_consuming(app: Celery, hostname: str, queues: list[str], timeout: float = 3.0) -> None:
+    """Cancel this worker's task queues through its own remote control, and wait until it has.
+
+    From any thread: Celery runs the command on the consumer's thread, the one place it may run.
+    """
+    for queue in queues:
+        if not app.control.cancel_consumer(queue, destination=[hostname], reply=True, timeout=timeout):
+            log.warning("worker %s did not confirm it stopped taking tasks from queue %s", hostname, queue)
+    log.info("worker %s takes no more tasks (queues %s)", hostname, ",".join(queues))
+
+
+TASK_THREADS = f"{__name__}:TaskThreads"
+
+
 def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu: int | None = None,
                name: str | None = None, loglevel: str = "INFO", cpus: list[int] | None = None) -> None:
     """Run a Celery worker in this process until it is told to stop (SIGTERM: warm shutdown).
@@ -71,7 +89,10 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     install_reconciler(app, Reconciler(app, settings, url, hostname))
 
     @worker_ready.connect(weak=False)
-    def _publish(**_: object) -> None:
+    def _publish(sender: Any, **_: object) -> None:
+        if app.conf.worker_pool == TASK_THREADS:  # its watchdog stops the consumer before it ends
+            taken = [q.name for q in sender.task_consumer.queues]
+            runtime.stop_consuming = functools.partial(stop_consuming, app, hostname, taken)
         descriptions = Catalog.from_settings(settings).describe_all()
         publish_catalog(redis_client(url), descriptions, hostname)
         pinned = f" pinned to GPU {gpu} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
@@ -85,7 +106,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     if concurrency == 1 and settings.worker_threads > 1:
         concurrency = settings.worker_threads
         pool = "prefork"  # Celery's command line only names its own pools; this one is set in the config
-        app.conf.worker_pool = f"{__name__}:TaskThreads"
+        app.conf.worker_pool = TASK_THREADS
     argv = [
         "worker",
         f"--queues={','.join(ordered_queues(queues))}",

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -69,7 +70,21 @@ class Runtime:
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
-        self.watchdog = Watchdog(STOP_NOW, on_stop=self.gate.close)
+        self.watchdog = Watchdog(STOP_NOW, on_stop=self._turn_away)
+
+    def _turn_away(self) -> None:
+        """The process is ending: take no more tasks, then send the waiting ones back to the queue.
+
+        In that order, or the consumer fetches each task it sent back again at once, in a loop, until
+        the process ends; and a process that ends between the broker handing over a message and the
+        consumer recording it as unacknowledged loses it (kombu's Redis transport).
+        """
+        if stop_consuming is not None:
+            try:
+                stop_consuming()
+            except Exception:
+                log.exception("could not stop taking tasks: those waiting go back to the queue anyway")
+        self.gate.close()
 
     def spec(self, job_id: str) -> JobSpec:
         """A job's spec, fetched once per process: specs never change after submission."""
@@ -114,6 +129,9 @@ def start_io(settings: Settings) -> ThreadPoolExecutor:
 #: Set on a cold shutdown (SIGQUIT, Ctrl-C twice): running chunks stop at their next batch and hand
 #: their other frames back. (With the solo pool Celery raises inside the running task instead.)
 STOP_NOW = threading.Event()
+#: Stops this process's Celery consumer taking tasks; set by worker/main.py once the consumer is up,
+#: for the threads pool, whose consumer stays free while a pool thread is stuck.
+stop_consuming: Callable[[], None] | None = None
 _building = threading.Lock()
 
 

@@ -9,7 +9,8 @@ past its limit the watchdog
 1. calls the stage's ``on_expire``: the pipeline fails the stuck frames with the reason (they are
    not tried again until someone retries them) and hands the chunk's other frames back;
 2. sets ``STOP_NOW``: other chunks stop at their next batch and hand their frames back, as on a
-   cold shutdown, and tasks still waiting for their turn go back to the queue (``on_stop``);
+   cold shutdown; and (``on_stop``) the worker stops taking tasks, then sends those still waiting
+   for their turn back to the queue;
 3. ends the process with ``EXIT_HUNG`` once they have, or after ``grace`` seconds, when the tasks
    still running (e.g. a chunk whose batch is queued on the lane behind the stuck one) hand their
    work back through their ``release``. Its supervisor (``mlfarm worker --gpus``, ``mlfarm up``)
