@@ -176,6 +176,7 @@ for i = 5, #ARGV do
     else
       rec.s = 'running'
       rec.a = (rec.a or 0) + 1
+      rec.i = nil
       rec.w = ARGV[1]
       rec.t0 = tonumber(ARGV[2])
       rec.r = ''
@@ -234,6 +235,7 @@ for i = 1, #all, 2 do
     rec.r = ''
     rec.b = rec.a or 0  -- a retry is a new go: the attempt cap counts from here, 'a' keeps the total
     rec.k = nil
+    rec.i = nil
     rec.q = tonumber(ARGV[2])
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     out[#out + 1] = all[i]
@@ -244,17 +246,25 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 return out
 """
 
-# Frames whose chunk message was lost (see broker/reconcile.py): back to queued, unless they
-# finished meanwhile. KEYS as above; ARGV[1] now, ARGV[2..] frames.
+# Frames whose chunk message was lost (see broker/reconcile.py), or that were running on a worker
+# that died (broker/liveness.py): back to queued, unless they finished meanwhile or another worker
+# took them. KEYS as above; ARGV[1] now, ARGV[2] the dead worker ('' for lost messages), whose
+# frames are marked interrupted (``i``: their chunk runs alone, see JobStore.interrupted), ARGV[3..]
+# frames.
 _RECLAIM = """
+local dead = ARGV[2]
 local out = {}
-for i = 2, #ARGV do
+for i = 3, #ARGV do
   local raw = redis.call('HGET', KEYS[2], ARGV[i])
   if raw then
     local rec = cjson.decode(raw)
-    if rec.s == 'queued' or rec.s == 'running' then
+    local take
+    if dead == '' then take = rec.s == 'queued' or rec.s == 'running'
+    else take = rec.s == 'running' and rec.w == dead end
+    if take then
       rec.s = 'queued'
       rec.q = tonumber(ARGV[1])
+      if dead ~= '' then rec.i = 1 end
       redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
       out[#out + 1] = ARGV[i]
     end
@@ -356,10 +366,12 @@ class JobStore:
         return dict(zip(frames, result))
 
     def interrupted(self, job_id: str, frames: list[int]) -> list[int]:
-        """Frames whose record still says running: a worker died in them (or is rendering them
-        still). A chunk of such frames is a suspect: its frames may be what killed that worker."""
+        """Frames whose record still says running, or that were queued again from a worker that
+        died in them: a worker died in them (or is rendering them still). A chunk of such frames is
+        a suspect: its frames may be what killed that worker."""
         raw = self.r.hmget(frames_key(job_id), [str(f) for f in frames])
-        return [f for f, rec in zip(frames, raw) if rec and json.loads(rec).get("s") == RUNNING]
+        records = [(f, json.loads(rec)) for f, rec in zip(frames, raw) if rec]
+        return [f for f, rec in records if rec.get("s") == RUNNING or rec.get("i") == 1]
 
     def finish_frame(self, job_id: str, frame: int, state: str, reason: str = "", worker: str = "",
                      stuck: bool = False) -> None:
@@ -381,9 +393,11 @@ class JobStore:
         """The raw per-frame records (state ``s``, queued-at ``q``, started ``t0``...)."""
         return {int(f): json.loads(raw) for f, raw in self.r.hgetall(frames_key(job_id)).items()}
 
-    def reclaim(self, job_id: str, frames: list[int]) -> list[int]:
-        """Mark frames whose messages were lost as queued again; returns those it changed."""
-        out = self._reclaim(keys=[job_key(job_id), frames_key(job_id)], args=[time.time(), *map(str, frames)])
+    def reclaim(self, job_id: str, frames: list[int], dead_worker: str = "") -> list[int]:
+        """Mark frames whose messages were lost, or (``dead_worker``) that were running on a worker
+        that died, as queued again; returns those it changed."""
+        out = self._reclaim(keys=[job_key(job_id), frames_key(job_id)],
+                            args=[time.time(), dead_worker, *map(str, frames)])
         return sorted(int(f) for f in out)
 
     def requeue(self, job_id: str, states: tuple[str, ...]) -> list[int]:

@@ -9,6 +9,8 @@ only invisible for an instant), then reclaimed and enqueued again.
 
 Training jobs too: their epochs are covered by the job's one training task, wherever it is.
 
+Also frames still "running" on a worker that has died (``requeue_orphans``, broker/liveness.py).
+
 Cheap enough to run every few minutes and after every broker reconnect; see worker/reconciler.py.
 """
 
@@ -19,8 +21,9 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import redis
 from celery import Celery
@@ -31,6 +34,7 @@ from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES, TRAIN_TASK
 from .dispatch import enqueue
 from .frames import parse_frames
 from .jobs import ACTIVE_JOBS, QUEUED, RUNNING, JobNotFound, JobStore
+from .liveness import dead
 
 log = logging.getLogger(__name__)
 
@@ -124,21 +128,67 @@ def find_lost(client: redis.Redis, store: JobStore, grace: float) -> dict[str, l
     return lost
 
 
-def reconcile(app: Celery, settings: Settings, client: redis.Redis, store: JobStore,
-              settle: float = 3.0) -> dict[str, list[int]]:
-    """Enqueue again every frame lost in two looks ``settle`` seconds apart; returns them per job."""
-    first = find_lost(client, store, settings.reconcile_grace)
+K = TypeVar("K")
+
+
+def _seen_twice(find: Callable[[], dict[K, list[int]]], settle: float) -> dict[K, list[int]]:
+    """What ``find`` returns in two looks ``settle`` seconds apart: a frame between two states
+    (a message between BRPOP and the unacked write, a heartbeat late by a moment) is not taken."""
+    first = find()
     if not first:
         return {}
     time.sleep(settle)
-    second = find_lost(client, store, settings.reconcile_grace)
+    both = {key: sorted(set(frames) & set(first.get(key, ()))) for key, frames in find().items()}
+    return {key: frames for key, frames in both.items() if frames}
+
+
+def reconcile(app: Celery, settings: Settings, client: redis.Redis, store: JobStore,
+              settle: float = 3.0) -> dict[str, list[int]]:
+    """Enqueue again every frame lost in two looks ``settle`` seconds apart; returns them per job."""
     requeued: dict[str, list[int]] = {}
-    for job_id, frames in second.items():
-        both = sorted(set(frames) & set(first.get(job_id, ())))
-        reclaimed = store.reclaim(job_id, both) if both else []
+    for job_id, frames in _seen_twice(lambda: find_lost(client, store, settings.reconcile_grace), settle).items():
+        reclaimed = store.reclaim(job_id, frames)
         if reclaimed:
             enqueue(app, settings, store.spec(job_id), reclaimed)
             requeued[job_id] = reclaimed
             log.warning("job %s: frames %s had no chunk message (lost by the broker); queued them again",
                         job_id, ",".join(map(str, reclaimed)))
     return requeued
+
+
+def find_orphans(client: redis.Redis, store: JobStore, dead_after: float) -> dict[tuple[str, str], list[int]]:
+    """Frames running for longer than ``dead_after`` seconds on a worker whose heartbeat has
+    expired (broker/liveness.py), per (job, worker). Training jobs keep their own heartbeat."""
+    now = time.time()
+    running: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for job_id in client.smembers(ACTIVE_JOBS):
+        try:
+            if store.spec(job_id).kind == "train":
+                continue
+        except JobNotFound:
+            continue
+        for frame, rec in store.frame_records(job_id).items():
+            if rec.get("s") == RUNNING and rec.get("w") and now - float(rec.get("t0") or 0) > dead_after:
+                running[(job_id, rec["w"])].append(frame)
+    gone = dead(client, {worker for _, worker in running})
+    return {key: sorted(frames) for key, frames in running.items() if key[1] in gone}
+
+
+def requeue_orphans(app: Celery, settings: Settings, client: redis.Redis, store: JobStore,
+                    settle: float = 3.0) -> dict[str, list[int]]:
+    """Enqueue again the frames of workers that died while rendering them; returns them per job.
+
+    Their chunk is still unacknowledged in the broker, which would redeliver it only after
+    ``MLFARM_VISIBILITY_TIMEOUT``; by then its frames are done and the redelivery skips them. The
+    frames are marked interrupted, so their new chunk runs alone like a redelivered one."""
+    requeued: dict[str, list[int]] = defaultdict(list)
+    found = _seen_twice(lambda: find_orphans(client, store, settings.worker_dead_after), settle)
+    for (job_id, worker), frames in found.items():
+        reclaimed = store.reclaim(job_id, frames, dead_worker=worker)
+        if reclaimed:
+            enqueue(app, settings, store.spec(job_id), reclaimed)
+            requeued[job_id] += reclaimed
+            log.warning("job %s: frames %s were running on worker %s, which has sent no heartbeat for %ss "
+                        "(killed, out of memory, or its host is gone); queued them again", job_id,
+                        ",".join(map(str, reclaimed)), worker, settings.worker_dead_after)
+    return dict(requeued)

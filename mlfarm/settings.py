@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         default=3, ge=0, description="Attempts a frame gets when each one ends without a result (worker killed, "
         "crashed, stopped); then it fails with that reason instead of taking down worker after worker. 0: no limit.",
     )
+    worker_dead_after: int = Field(
+        default=60, ge=4, description="Seconds without a heartbeat after which a worker process counts as dead "
+        "(killed, out of memory, its host gone): the frames it was rendering are queued again. Workers beat "
+        "every quarter of it.",
+    )
     reconcile_interval: int = Field(
         default=300, ge=1, description="Seconds between a worker's checks for frames whose chunk message the "
         "broker lost (also run after every reconnect to Redis).",

@@ -449,3 +449,37 @@ def test_a_frame_stuck_past_its_time_limit_fails_with_the_reason_and_its_worker_
     assert client.retry(spec.id, failed_only=True) == [2]
     status = farm.wait_job(spec.id, timeout=60)
     assert status.state == "done" and {f.frame: f.attempts for f in status.frames}[2] == 2, status.summary()
+
+
+def test_only_frames_of_workers_whose_heartbeat_is_gone_count_as_orphaned(farm):
+    """A frame long in a living worker's hands is not taken from it; a dead worker's frames are,
+    once, and only while that worker still holds them."""
+    from mlfarm.broker.jobs import JobSpec
+    from mlfarm.broker.liveness import mark_alive
+    from mlfarm.broker.reconcile import find_orphans
+
+    client = farm.farm()
+    store, r = client.store, client.redis
+    spec = JobSpec(model="passthrough", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
+                   frames=list(range(1, 7)), chunk=2, queue="cpu")
+    store.create(spec)
+    store.start_frames(spec.id, [1, 2], "alive@a:1")
+    store.start_frames(spec.id, [3, 4], "dead@b:2")
+    store.finish_frame(spec.id, 4, "done", worker="dead@b:2")
+    mark_alive(r, "alive@a:1", 30)
+    time.sleep(1.1)
+    assert find_orphans(r, store, dead_after=60) == {}  # started too recently to tell
+    assert find_orphans(r, store, dead_after=1) == {(spec.id, "dead@b:2"): [3]}
+
+    store.start_frames(spec.id, [3], "alive@a:1")  # the broker redelivered it meanwhile
+    assert store.reclaim(spec.id, [3], dead_worker="dead@b:2") == []
+    assert find_orphans(r, store, dead_after=1) == {}
+
+    store.start_frames(spec.id, [5], "dead@b:2")
+    assert store.interrupted(spec.id, [5, 6]) == [5]
+    assert store.reclaim(spec.id, [5], dead_worker="dead@b:2") == [5]
+    assert store.frame_records(spec.id)[5]["s"] == "queued"
+    assert store.interrupted(spec.id, [5, 6]) == [5]  # still a suspect: its chunk runs alone
+    store.start_frames(spec.id, [5], "alive@a:1")
+    store.finish_frame(spec.id, 5, "done", worker="alive@a:1")
+    assert store.interrupted(spec.id, [5]) == []

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import redis
 
 from mlfarm.broker.frames import frame_path
 from mlfarm.worker.frame_io import read_image
@@ -85,3 +86,42 @@ def test_killed_worker_chunk_is_redelivered_and_completed(farm):
         np.testing.assert_array_equal(got, sample_pixels(f, 320, 180).astype(np.float16).astype(np.float32))
     assert sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) == [
         f"o.{f:04d}.exr" for f in frames]
+
+
+def test_a_killed_workers_frames_are_queued_again_long_before_the_broker_would_redeliver(farm):
+    """SIGKILL (the OOM killer, a host lost) acknowledges nothing, and Redis redelivers a chunk only
+    after MLFARM_VISIBILITY_TIMEOUT (65 min by default, here left so). The dead worker's heartbeat
+    expires instead, and a living worker's reconciler queues the frames it was rendering again."""
+    from mlfarm.broker.liveness import alive_key
+
+    farm.env_overrides.update({"MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_VISIBILITY_TIMEOUT": "3900"})
+    frames = list(range(1, 7))
+    plate = make_plate(farm.storage / "plate", frames, width=160, height=90)
+    out = str(farm.storage / "out" / "o.####.exr")
+    victim = farm.start_worker(name="victim@orphans")
+    client = farm.farm()
+    spec = client.submit("slow", plate, out, frames, {"seconds": 1.0}, chunk=3)
+    victim.wait_log(f"job {spec.id} slow: frames 1-3")
+    time.sleep(1.5)
+    victim.kill()
+    killed_at = client.status(spec.id)
+    in_flight = [fs.frame for fs in killed_at.frames if fs.state == "running"]
+    assert in_flight, killed_at.summary()
+    dead_name = next(fs.worker for fs in killed_at.frames if fs.state == "running")
+    assert redis.Redis.from_url(farm.url).exists(alive_key(dead_name)), "the victim beat while it lived"
+
+    rescuer = farm.start_worker(name="rescuer@orphans")
+    started = time.monotonic()
+    status = farm.wait_job(spec.id, timeout=90)
+    took = time.monotonic() - started
+
+    assert status.state == "done", status.summary()
+    by_frame = {f.frame: f for f in status.frames}
+    for f in in_flight:
+        assert by_frame[f].attempts == 2 and by_frame[f].worker.startswith("rescuer@orphans"), by_frame[f]
+    assert f"were running on worker {dead_name}, which has sent no heartbeat" in rescuer.log()
+    assert "runs alone" in rescuer.log()  # its frames may be what killed the victim
+    assert took < 60, took  # the victim's lock and heartbeat expire within seconds; the broker waits an hour
+    for f in frames:
+        got = read_image(frame_path(out, f)).rgba(4)
+        np.testing.assert_array_equal(got, sample_pixels(f, 160, 90).astype(np.float16).astype(np.float32))

@@ -4,7 +4,8 @@ It looks for lost frames every ``MLFARM_RECONCILE_INTERVAL`` seconds, a few seco
 (re)connection to the broker, when a message may just have been lost, and once more when
 ``MLFARM_RECONCILE_GRACE`` has passed since then: frames lost in a broker outage only count as lost
 once they are older than the grace, and waiting for the next interval would leave them for minutes.
-A Redis lock lets only one worker of the farm do it at a time.
+Every half ``MLFARM_WORKER_DEAD_AFTER`` it also looks for frames still "running" on a worker that
+has died (broker/liveness.py). A Redis lock lets only one worker of the farm do it at a time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from celery import Celery, bootsteps
 
 from mlfarm.broker.connection import redis_client
 from mlfarm.broker.jobs import JobStore
-from mlfarm.broker.reconcile import reconcile
+from mlfarm.broker.reconcile import reconcile, requeue_orphans
 from mlfarm.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,29 @@ class Reconciler(threading.Thread):
         client = redis_client(self.url, role="reconciler")
         store = JobStore(client, self.settings.job_ttl)
         follow_up: float | None = None  # when to look again after a reconnect
+        sweep = max(1.0, self.settings.worker_dead_after / 2)  # dead workers' frames: a cheaper look
+        next_full = time.monotonic() + self.settings.reconcile_interval
         while True:
-            timeout = float(self.settings.reconcile_interval)
-            if follow_up is not None:
-                timeout = max(0.0, min(timeout, follow_up - time.monotonic()))
-            woken = self._wake.wait(timeout)
+            due = min(next_full, follow_up or next_full, time.monotonic() + sweep)
+            woken = self._wake.wait(max(0.0, due - time.monotonic()))
+            now = time.monotonic()
+            full = woken or now >= next_full
             if woken:
                 self._wake.clear()
                 self._wake.wait(5.0)  # let the reconnect settle; a second kick changes nothing
                 self._wake.clear()
                 follow_up = time.monotonic() + self.settings.reconcile_grace + 1.0
-            elif follow_up is not None and time.monotonic() >= follow_up:
+            elif follow_up is not None and now >= follow_up:
                 follow_up = None
+                full = True
+            if full:
+                next_full = now + self.settings.reconcile_interval
             try:
                 if self._lock(client):
-                    requeued = reconcile(self.app, self.settings, client, store)
+                    orphans = requeue_orphans(self.app, self.settings, client, store)
+                    if orphans:
+                        log.warning("reconciler on %s requeued dead workers' frames: %s", self.owner, orphans)
+                    requeued = reconcile(self.app, self.settings, client, store) if full else {}
                     if requeued:
                         log.warning("reconciler on %s requeued lost frames: %s", self.owner, requeued)
             except redis.RedisError as exc:  # the broker is away; the next reconnect kicks us again
@@ -67,7 +76,9 @@ class Reconciler(threading.Thread):
 
     def _lock(self, client: redis.Redis) -> bool:
         """Take the farm's reconcile lock, or keep it if this worker holds it (its follow-up look)."""
-        ttl = max(30, self.settings.reconcile_interval // 2)
+        # It renews the lock every look (at least every half MLFARM_WORKER_DEAD_AFTER); a holder
+        # killed outright must not keep the others from noticing it died for long.
+        ttl = int(self.settings.worker_dead_after + 10)
         if client.set(LOCK, self.owner, nx=True, ex=ttl):
             return True
         if client.get(LOCK) == self.owner:

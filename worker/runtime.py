@@ -7,6 +7,8 @@ context.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import socket
@@ -21,11 +23,13 @@ import redis
 
 from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.jobs import JobSpec, JobStore
+from mlfarm.broker.liveness import mark_alive
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings, get_settings
 
 from .cpus import available_cpus
 from .frame_io import configure_openexr
+from .heartbeat import beating
 from .middleware import Middleware, default_middleware
 from .model_cache import ModelCache
 from .sharing import TaskGate
@@ -67,6 +71,7 @@ class Runtime:
     lanes: LanePools = field(default_factory=LanePools)
     gate: TaskGate = field(default_factory=TaskGate)  # which tasks run side by side (worker_threads)
     watchdog: Watchdog = field(init=False)  # MLFARM_FRAME_TIME_LIMIT, where Celery's pools do not enforce it
+    liveness: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # its heartbeat, for good
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -147,7 +152,7 @@ def _build_runtime() -> Runtime:
     client = redis_client(broker_url(settings), patient=True, role="worker")
     catalog = Catalog.from_settings(settings)
     name = worker_name()
-    return Runtime(
+    rt = Runtime(
         settings=settings,
         client=client,
         store=JobStore(client, settings.job_ttl),
@@ -157,3 +162,9 @@ def _build_runtime() -> Runtime:
         middleware=default_middleware(client, name),
         worker=name,
     )
+    # Beats for the life of the process: one killed outright stops, and the reconciler queues the
+    # frames it was rendering again (broker/liveness.py).
+    beat = functools.partial(mark_alive, client, name, settings.worker_dead_after)
+    beat()
+    rt.liveness.enter_context(beating(beat, settings.worker_dead_after / 4, "alive"))
+    return rt
