@@ -157,16 +157,11 @@ def reconcile(app: Celery, settings: Settings, client: redis.Redis, store: JobSt
 
 
 def find_orphans(client: redis.Redis, store: JobStore, dead_after: float) -> dict[tuple[str, str], list[int]]:
-    """Frames running for longer than ``dead_after`` seconds on a worker whose heartbeat has
-    expired (broker/liveness.py), per (job, worker). Training jobs keep their own heartbeat."""
+    """Frames (a training job's: epochs) running for longer than ``dead_after`` seconds on a worker
+    whose heartbeat has expired (broker/liveness.py), per (job, worker)."""
     now = time.time()
     running: dict[tuple[str, str], list[int]] = defaultdict(list)
     for job_id in client.smembers(ACTIVE_JOBS):
-        try:
-            if store.spec(job_id).kind == "train":
-                continue
-        except JobNotFound:
-            continue
         for frame, rec in store.frame_records(job_id).items():
             if rec.get("s") == RUNNING and rec.get("w") and now - float(rec.get("t0") or 0) > dead_after:
                 running[(job_id, rec["w"])].append(frame)
@@ -180,7 +175,9 @@ def requeue_orphans(app: Celery, settings: Settings, client: redis.Redis, store:
 
     Their chunk is still unacknowledged in the broker, which would redeliver it only after
     ``MLFARM_VISIBILITY_TIMEOUT``; by then its frames are done and the redelivery skips them. The
-    frames are marked interrupted, so their new chunk runs alone like a redelivered one."""
+    frames are marked interrupted, so their new chunk runs alone like a redelivered one. A training
+    job gets a new training task, which resumes from the newest checkpoint once the dead trainer's
+    lease has run out (its late redelivery finds the run done, or alive and is dropped)."""
     requeued: dict[str, list[int]] = defaultdict(list)
     found = _seen_twice(lambda: find_orphans(client, store, settings.worker_dead_after), settle)
     for (job_id, worker), frames in found.items():

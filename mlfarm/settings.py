@@ -261,9 +261,10 @@ class Settings(BaseSettings):
 
     @property
     def train_heartbeat(self) -> float:
-        """Seconds between a trainer's heartbeats; a quarter of the visibility timeout, so a running
-        training task is never redelivered, while one whose worker died is, after the timeout."""
-        return max(0.5, min(30.0, self.visibility_timeout / 4))
+        """Seconds between a trainer's heartbeats: at most a quarter of the visibility timeout, so a
+        running training task is never redelivered, and of ``worker_dead_after``, so the lease of a
+        trainer that died (three beats) has run out by the time its run is queued again."""
+        return max(0.5, min(30.0, self.visibility_timeout / 4, self.worker_dead_after / 4))
 
     @classmethod
     def settings_customise_sources(

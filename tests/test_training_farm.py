@@ -249,3 +249,35 @@ def test_time_limit_stops_with_a_checkpoint_and_says_how_to_resume(farm) -> None
     assert reasons == {f"time limit of 3s reached at step {stopped_at} (checkpoint step-{stopped_at:08d}.safetensors); "
                        f"`mlfarm retry {spec.id}` resumes from it"}
     assert status.counts["done"] == stopped_at // (2 * SLOW) and status.progress["step"] == stopped_at
+
+
+def test_a_killed_trainer_is_resumed_long_before_the_broker_would_redeliver_it(farm) -> None:
+    """The broker left at its default visibility timeout (65 min): the dead trainer's heartbeat
+    expiring is what hands the run on."""
+    farm.env_overrides.update({**ONE_THREAD, "MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_TRAIN_CHECKPOINT_INTERVAL": "1"})
+    first = farm.start_worker(queues="train", name="first@dead")
+    data = make_img2img_data(farm.root / "data", n_val=0)
+    client = farm.farm()
+    config = TrainConfig(name="orphan", template="img2img", data=str(data), epochs=3, batch=4, lr=1e-3,
+                         crop=64, seed=5, crops_per_image=ENDLESS, features=8)
+    spec = submit_training(client, config)
+    first.wait_log("training orphan")
+    deadline = time.monotonic() + 60
+    while not list((run_dir(farm.storage, "orphan") / "checkpoints").glob("*.safetensors")):
+        assert time.monotonic() < deadline, first.log()[-3000:]
+        time.sleep(0.2)
+    first.kill()
+    killed_at = client.status(spec.id).progress["step"]
+
+    second = farm.start_worker(queues="train", name="second@dead")
+    second.wait_log("training orphan", timeout=60)
+    assert "which has sent no heartbeat" in second.log()
+    deadline = time.monotonic() + 60
+    while client.status(spec.id).progress["step"] < killed_at + 5:
+        assert time.monotonic() < deadline, second.log()[-3000:]
+        time.sleep(0.5)
+    client.cancel(spec.id)
+    assert farm.wait_job(spec.id, timeout=60).state == "cancelled"
+    assert "resuming from step" in second.log()
+    log_steps = steps(run_dir(farm.storage, "orphan"))
+    assert log_steps == list(range(1, log_steps[-1] + 1)) and log_steps[-1] > killed_at
