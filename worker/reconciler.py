@@ -62,13 +62,10 @@ class Reconciler(threading.Thread):
             if full:
                 next_full = now + self.settings.reconcile_interval
             try:
-                if self._lock(client):
-                    orphans = requeue_orphans(self.app, self.settings, client, store)
-                    if orphans:
-                        log.warning("reconciler on %s requeued dead workers' frames: %s", self.owner, orphans)
-                    requeued = reconcile(self.app, self.settings, client, store) if full else {}
-                    if requeued:
-                        log.warning("reconciler on %s requeued lost frames: %s", self.owner, requeued)
+                if self._lock(client):  # both log what they queue again, per job
+                    requeue_orphans(self.app, self.settings, client, store)
+                    if full:
+                        reconcile(self.app, self.settings, client, store)
             except redis.RedisError as exc:  # the broker is away; the next reconnect kicks us again
                 log.info("reconciler: %s", exc)
             except Exception:
