@@ -18,6 +18,8 @@ from typing import Any
 
 import redis
 
+from .liveness import dead
+
 PREFIX = "mlfarm"
 JOBS_INDEX = f"{PREFIX}:jobs"
 ACTIVE_JOBS = f"{PREFIX}:jobs:active"  # jobs that may still have frames to render (broker/reconcile.py)
@@ -86,6 +88,7 @@ class JobStatus:
     started: float | None
     ended: float | None
     progress: dict[str, Any] = field(default_factory=dict)  # a training job's step, loss... (issue 6)
+    silent: list[str] = field(default_factory=list)  # workers holding running frames, heartbeat gone
 
     @property
     def total(self) -> int:
@@ -94,6 +97,11 @@ class JobStatus:
     @property
     def finished(self) -> bool:
         return self.state in (DONE, FAILED, CANCELLED)
+
+    @property
+    def stalled(self) -> int:
+        """Running frames held by a worker that stopped responding (``silent``)."""
+        return sum(1 for f in self.frames if f.state == RUNNING and f.worker in self.silent)
 
     @property
     def failed_frames(self) -> list[FrameState]:
@@ -115,6 +123,9 @@ class JobStatus:
             line += f", {c[CANCELLED]} cancelled"
         if c[QUEUED] or c[RUNNING]:
             line += f", {c[RUNNING]} running, {c[QUEUED]} queued"
+        if self.silent:
+            line += (f" ({self.stalled} on {', '.join(self.silent)}, which stopped responding: they are "
+                     "queued again within MLFARM_WORKER_DEAD_AFTER)")
         if self.progress.get("total_steps"):
             line += f"; step {self.progress.get('step', 0)}/{self.progress['total_steps']}"
             if self.progress.get("loss") is not None:
@@ -135,6 +146,7 @@ class JobStatus:
             "failed": [{"frame": f.frame, "reason": f.reason, "attempts": f.attempts} for f in self.failed_frames],
             "spec": asdict(self.spec),
             "progress": self.progress,
+            "silent_workers": self.silent,
         }
 
 
@@ -336,7 +348,8 @@ class JobStore:
         return JobStatus(spec=spec, state=state, counts=counts, frames=frames,
                          started=min(starts) if starts else None,
                          ended=max(ends) if ends and finished else None,
-                         progress=json.loads(job.get("progress") or "{}"))
+                         progress=json.loads(job.get("progress") or "{}"),
+                         silent=sorted(dead(self.r, {f.worker for f in frames if f.state == RUNNING and f.worker})))
 
     def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         """Record how far a training job is (step, loss...); shown by status beside the epoch counts."""

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import redis
 
-from .jobs import PREFIX
+ALIVE_PREFIX = "mlfarm:alive:"  # beside the job records (broker/jobs.py), which ask it who is silent
 
 
 def alive_key(worker: str) -> str:
-    return f"{PREFIX}:alive:{worker}"
+    return f"{ALIVE_PREFIX}{worker}"
 
 
 def mark_alive(client: redis.Redis, worker: str, dead_after: float) -> None:

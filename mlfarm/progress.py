@@ -16,7 +16,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlfarm.broker.jobs import DONE, FAILED, JobStatus
+from mlfarm.broker.frames import format_frames
+from mlfarm.broker.jobs import DONE, FAILED, RUNNING, JobStatus
 
 
 def follow(poll: Callable[[], JobStatus], console: Console, interval: float = 0.5,
@@ -66,6 +67,10 @@ def status_table(status: JobStatus) -> Table:
     eta = status.eta_seconds()
     if eta is not None:
         table.add_row("eta", f"{eta:.0f}s")
+    for worker in status.silent:
+        held = format_frames([f.frame for f in status.frames if f.state == RUNNING and f.worker == worker])
+        table.add_row("[yellow]not responding", f"{worker}: frames {held} are queued again once its heartbeat "
+                                                "has been gone for MLFARM_WORKER_DEAD_AFTER")
     for fs in status.failed_frames:
         table.add_row(f"[red]failed {fs.frame}", f"{fs.reason} (attempts: {fs.attempts})")
     return table

@@ -35,6 +35,7 @@ class Progress:
     cancelled: int = 0
     failures: Tuple[Tuple[int, str], ...] = ()
     error: str = ""
+    stalled: int = 0  # running frames whose worker stopped responding (queued again soon)
 
     @property
     def finished(self) -> bool:
@@ -47,7 +48,8 @@ class Progress:
         return cls(job_id=status.spec.id, model=status.spec.model, state=status.state, total=status.total,
                    done=c.get("done", 0), failed=c.get("failed", 0), running=c.get("running", 0),
                    queued=c.get("queued", 0), cancelled=c.get("cancelled", 0),
-                   failures=tuple((f.frame, f.reason) for f in status.failed_frames))
+                   failures=tuple((f.frame, f.reason) for f in status.failed_frames),
+                   stalled=status.stalled)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ def progress_label(p: Progress, version: str = "") -> str:
     if p.cancelled:
         line += ", %d cancelled" % p.cancelled
     text = "mlfarm %s\n%s\n%s [%s]" % (p.job_id, model, line, p.state)
+    if p.stalled:
+        text += "\n%d on a worker not responding: queued again soon" % p.stalled
     if p.failures:
         text += "\nfailed: %s" % format_frames([f for f, _ in p.failures])
     if p.error:

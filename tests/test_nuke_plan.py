@@ -200,6 +200,8 @@ def test_progress_label_and_failure_text():
     assert failure_text(many).splitlines()[-1] == "... and 5 more"
     assert failure_text(()) == "no failed frames"
     assert "farm unreachable: x" in progress_label(Progress("j", "m", "unknown", 0, error="farm unreachable: x"))
+    stalled = Progress(job_id="j2", model="blur", state="running", total=4, done=1, running=2, queued=1, stalled=2)
+    assert progress_label(stalled).splitlines()[-1] == "2 on a worker not responding: queued again soon"
 
 
 # --- knobs from the catalog ----------------------------------------------------------------------------

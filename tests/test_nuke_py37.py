@@ -66,7 +66,7 @@ SMOKE = textwrap.dedent('''
     class Status:
         class spec:
             id, model = "j", "m"
-        state, total, counts, failed_frames = "done", 1, {"done": 1}, []
+        state, total, counts, failed_frames, stalled = "done", 1, {"done": 1}, [], 0
 
     w = watch.JobWatcher("j", lambda: Status, lambda p: (got.append(p), done.set()), interval=0.01)
     w.start()

@@ -109,6 +109,17 @@ def test_a_killed_workers_frames_are_queued_again_long_before_the_broker_would_r
     assert in_flight, killed_at.summary()
     dead_name = next(fs.worker for fs in killed_at.frames if fs.state == "running")
     assert redis.Redis.from_url(farm.url).exists(alive_key(dead_name)), "the victim beat while it lived"
+    deadline = time.monotonic() + 30  # its key outlives it by MLFARM_WORKER_DEAD_AFTER at most
+    while not client.status(spec.id).silent:
+        assert time.monotonic() < deadline, client.status(spec.id).summary()
+        time.sleep(0.2)
+    silent = client.status(spec.id)
+    assert silent.silent == [dead_name] and f"on {dead_name}, which stopped responding" in silent.summary()
+    from mlfarm.nuke_submit.results import Progress, progress_label
+
+    assert f"{len(in_flight)} on a worker not responding" in progress_label(Progress.from_status(silent))
+    shown = farm.cli("status", spec.id, check=True).stdout
+    assert "not responding" in shown and "victim@orphans" in shown, shown
 
     rescuer = farm.start_worker(name="rescuer@orphans")
     started = time.monotonic()
