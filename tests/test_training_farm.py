@@ -42,6 +42,31 @@ def steps(folder: Path) -> list[int]:
     return [int(r["step"]) for r in read_log(folder)]
 
 
+def submit_endless_run(farm, name: str, seed: int):
+    """A run that trains until it is stopped (cancel, kill, SIGTERM); returns the client and its job."""
+    data = make_img2img_data(farm.root / "data", n_val=0)
+    client = farm.farm()
+    config = TrainConfig(name=name, template="img2img", data=str(data), epochs=3, batch=4, lr=1e-3,
+                         crop=64, seed=seed, crops_per_image=ENDLESS, features=8)
+    return client, submit_training(client, config)
+
+
+def assert_resumed_past(farm, client, spec, name: str, killed_at: int, first: str, second) -> None:
+    """The run, whose trainer ``first`` was killed at ``killed_at``, goes on on ``second`` from its
+    checkpoint; then it is cancelled (the point was the hand-over) and its log is one unbroken run."""
+    second.wait_log(f"training {name}", timeout=60)
+    deadline = time.monotonic() + 60
+    while client.status(spec.id).progress.get("worker", "").startswith(first) or \
+            client.status(spec.id).progress["step"] < killed_at + 5:
+        assert time.monotonic() < deadline, second.log()[-3000:]
+        time.sleep(0.5)
+    client.cancel(spec.id)
+    assert farm.wait_job(spec.id, timeout=60).state == "cancelled"
+    log_steps = steps(run_dir(farm.storage, name))
+    assert log_steps == list(range(1, log_steps[-1] + 1)) and log_steps[-1] > killed_at
+    assert "resuming from step" in second.log()
+
+
 def test_train_img2img_with_the_cli_then_render_a_shot_with_it(farm) -> None:
     farm.env_overrides.update(ONE_THREAD)
     farm.start_worker(queues=TRAIN_QUEUES)
@@ -182,11 +207,7 @@ def test_long_run_is_not_redelivered_and_a_killed_trainer_is_resumed_elsewhere(f
                                "MLFARM_VISIBILITY_TIMEOUT": "12", "MLFARM_RESTORE_INTERVAL": "1",
                                "MLFARM_TRAIN_CHECKPOINT_INTERVAL": "1"})
     first = farm.start_worker(queues="train", name="first@test")
-    data = make_img2img_data(farm.root / "data", n_val=0)
-    client = farm.farm()
-    config = TrainConfig(name="durable", template="img2img", data=str(data), epochs=3, batch=4, lr=1e-3,
-                         crop=64, seed=4, crops_per_image=ENDLESS, features=8)
-    spec = submit_training(client, config)
+    client, spec = submit_endless_run(farm, "durable", seed=4)
     first.wait_log("training durable")
     second = farm.start_worker(queues="train", name="second@test")
     time.sleep(20)  # well past the visibility timeout and several restore sweeps
@@ -195,28 +216,14 @@ def test_long_run_is_not_redelivered_and_a_killed_trainer_is_resumed_elsewhere(f
     first.kill()
     killed_at = client.status(spec.id).progress["step"]
 
-    second.wait_log("training durable", timeout=60)
-    deadline = time.monotonic() + 60
-    while client.status(spec.id).progress.get("worker", "").startswith("first@test") or \
-            client.status(spec.id).progress["step"] < killed_at + 5:
-        assert time.monotonic() < deadline, second.log()[-3000:]
-        time.sleep(0.5)
-    client.cancel(spec.id)  # enough: the point was the hand-over
-    assert farm.wait_job(spec.id, timeout=60).state == "cancelled"
-    log_steps = steps(run_dir(farm.storage, "durable"))
-    assert log_steps == list(range(1, log_steps[-1] + 1)) and log_steps[-1] > killed_at
-    assert "resuming from step" in second.log()
+    assert_resumed_past(farm, client, spec, "durable", killed_at, "first@test", second)
 
 
 def test_warm_shutdown_checkpoints_and_hands_the_run_on(farm) -> None:
     """SIGTERM: the trainer checkpoints, puts its task back, and the worker exits without finishing the run."""
     farm.env_overrides.update(ONE_THREAD)
     first = farm.start_worker(queues="train", name="first@test")
-    data = make_img2img_data(farm.root / "data", n_val=0)
-    client = farm.farm()
-    config = TrainConfig(name="handover", template="img2img", data=str(data), epochs=3, batch=4, lr=1e-3,
-                         crop=64, seed=8, crops_per_image=ENDLESS, features=8)
-    spec = submit_training(client, config)
+    client, spec = submit_endless_run(farm, "handover", seed=8)
     deadline = time.monotonic() + 60
     while client.status(spec.id).progress.get("step", 0) < 3:
         assert time.monotonic() < deadline, first.log()[-3000:]
@@ -256,11 +263,7 @@ def test_a_killed_trainer_is_resumed_long_before_the_broker_would_redeliver_it(f
     expiring is what hands the run on."""
     farm.env_overrides.update({**ONE_THREAD, "MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_TRAIN_CHECKPOINT_INTERVAL": "1"})
     first = farm.start_worker(queues="train", name="first@dead")
-    data = make_img2img_data(farm.root / "data", n_val=0)
-    client = farm.farm()
-    config = TrainConfig(name="orphan", template="img2img", data=str(data), epochs=3, batch=4, lr=1e-3,
-                         crop=64, seed=5, crops_per_image=ENDLESS, features=8)
-    spec = submit_training(client, config)
+    client, spec = submit_endless_run(farm, "orphan", seed=5)
     first.wait_log("training orphan")
     deadline = time.monotonic() + 60
     while not list((run_dir(farm.storage, "orphan") / "checkpoints").glob("*.safetensors")):
@@ -270,14 +273,5 @@ def test_a_killed_trainer_is_resumed_long_before_the_broker_would_redeliver_it(f
     killed_at = client.status(spec.id).progress["step"]
 
     second = farm.start_worker(queues="train", name="second@dead")
-    second.wait_log("training orphan", timeout=60)
+    assert_resumed_past(farm, client, spec, "orphan", killed_at, "first@dead", second)
     assert "which has sent no heartbeat" in second.log()
-    deadline = time.monotonic() + 60
-    while client.status(spec.id).progress["step"] < killed_at + 5:
-        assert time.monotonic() < deadline, second.log()[-3000:]
-        time.sleep(0.5)
-    client.cancel(spec.id)
-    assert farm.wait_job(spec.id, timeout=60).state == "cancelled"
-    assert "resuming from step" in second.log()
-    log_steps = steps(run_dir(farm.storage, "orphan"))
-    assert log_steps == list(range(1, log_steps[-1] + 1)) and log_steps[-1] > killed_at
