@@ -136,3 +136,25 @@ def test_a_killed_workers_frames_are_queued_again_long_before_the_broker_would_r
     for f in frames:
         got = read_image(frame_path(out, f)).rgba(4)
         np.testing.assert_array_equal(got, sample_pixels(f, 160, 90).astype(np.float16).astype(np.float32))
+
+
+def test_a_failed_heartbeat_is_tried_again_within_a_second_not_a_beat_later():
+    """After a Redis outage longer than a beat's lifetime every key has expired: a living worker's
+    must be back before the reconciler's first look (5 s after it reconnects), or its frames would be
+    taken from it."""
+    from mlfarm.worker.heartbeat import beating
+
+    calls: list[float] = []
+
+    def beat() -> None:
+        calls.append(time.monotonic())
+        if len(calls) <= 2:
+            raise redis.ConnectionError("Redis is away")
+
+    start = time.monotonic()
+    with beating(beat, interval=3.0, what="test"):
+        while len(calls) < 4 and time.monotonic() - start < 20:
+            time.sleep(0.05)
+    gaps = [round(b - a, 1) for a, b in zip([start, *calls], calls)]
+    assert len(calls) == 4, gaps
+    assert gaps[0] >= 2.9 and 0.9 <= gaps[1] <= 1.5 and 0.9 <= gaps[2] <= 1.5 and gaps[3] >= 2.9, gaps

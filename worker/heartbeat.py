@@ -18,16 +18,25 @@ def beating(beat: Callable[[], None], interval: float, what: str) -> Iterator[No
 
     A thread, so it beats while the model or trainer holds this one; a daemon, so it dies with the
     process, which is the point: a heartbeat that stops says the worker is gone. A failed beat is
-    logged and the next one tries again; the work itself goes on.
+    logged and tried again every second until Redis answers (after an outage longer than the beat's
+    lifetime, every key has expired: the sooner they are back, the fewer living workers look dead);
+    the work itself goes on.
     """
     stop = threading.Event()
 
     def run() -> None:
-        while not stop.wait(interval):
+        wait = interval
+        while not stop.wait(wait):
             try:
                 beat()
             except redis.RedisError as exc:
-                log.warning("%s: heartbeat failed: %s", what, exc)
+                if wait == interval:  # the first failure of a run of them
+                    log.warning("%s: heartbeat failed, trying every second: %s", what, exc)
+                wait = min(interval, 1.0)
+            else:
+                if wait != interval:
+                    log.info("%s: heartbeat back", what)
+                wait = interval
 
     thread = threading.Thread(target=run, name=f"mlfarm-heartbeat-{what}"[:60], daemon=True)
     thread.start()
