@@ -77,6 +77,8 @@ def assert_outputs_whole(out: str, frames: list[int], **kw: int) -> None:
 @pytest.mark.parametrize("outage_s", [2, 30])
 def test_redis_restart_or_outage_mid_job_loses_nothing(own_farm, outage_s):
     harness, server = own_farm
+    if outage_s > 5:  # longer than a heartbeat lives: no living worker may be taken for dead after it
+        harness.env_overrides["MLFARM_WORKER_DEAD_AFTER"] = "8"
     harness.start_worker(name="a@faults")
     harness.start_worker(name="b@faults")
     frames = list(range(1, 41))
@@ -108,6 +110,7 @@ def test_redis_restart_or_outage_mid_job_loses_nothing(own_farm, outage_s):
     assert_outputs_whole(out, frames)
     for w in harness.workers:
         assert w.proc.poll() is None, f"worker {w.name} died:\n{w.log()[-3000:]}"
+        assert "which has sent no heartbeat" not in w.log(), w.log()[-3000:]
     stdout, stderr = watcher.communicate(timeout=60)
     assert watcher.returncode == 0, stderr
     assert json.loads(stdout)["counts"]["done"] == 40

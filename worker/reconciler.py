@@ -5,7 +5,8 @@ It looks for lost frames every ``MLFARM_RECONCILE_INTERVAL`` seconds, a few seco
 ``MLFARM_RECONCILE_GRACE`` has passed since then: frames lost in a broker outage only count as lost
 once they are older than the grace, and waiting for the next interval would leave them for minutes.
 Every half ``MLFARM_WORKER_DEAD_AFTER`` it also looks for frames still "running" on a worker that
-has died (broker/liveness.py). A Redis lock lets only one worker of the farm do it at a time.
+has died (broker/liveness.py), but never within that time of an outage, when no heartbeat could
+get through. A Redis lock lets only one worker of the farm do it at a time.
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ class Reconciler(threading.Thread):
         client = redis_client(self.url, role="reconciler")
         store = JobStore(client, self.settings.job_ttl)
         follow_up: float | None = None  # when to look again after a reconnect
-        sweep = max(1.0, self.settings.worker_dead_after / 2)  # dead workers' frames: a cheaper look
+        dead_after = self.settings.worker_dead_after
+        sweep = max(1.0, dead_after / 2)  # dead workers' frames: a cheaper look
         next_full = time.monotonic() + self.settings.reconcile_interval
+        # No worker is judged dead within MLFARM_WORKER_DEAD_AFTER of a (re)connection or a failed
+        # look: an outage stops every heartbeat, and the living must have the time to beat again.
+        judge_after = 0.0
         while True:
             due = min(next_full, follow_up or next_full, time.monotonic() + sweep)
             woken = self._wake.wait(max(0.0, due - time.monotonic()))
@@ -56,6 +61,7 @@ class Reconciler(threading.Thread):
                 self._wake.wait(5.0)  # let the reconnect settle; a second kick changes nothing
                 self._wake.clear()
                 follow_up = time.monotonic() + self.settings.reconcile_grace + 1.0
+                judge_after = time.monotonic() + dead_after
             elif follow_up is not None and now >= follow_up:
                 follow_up = None
                 full = True
@@ -63,11 +69,13 @@ class Reconciler(threading.Thread):
                 next_full = now + self.settings.reconcile_interval
             try:
                 if self._lock(client):  # both log what they queue again, per job
-                    requeue_orphans(self.app, self.settings, client, store)
+                    if time.monotonic() >= judge_after:
+                        requeue_orphans(self.app, self.settings, client, store)
                     if full:
                         reconcile(self.app, self.settings, client, store)
             except redis.RedisError as exc:  # the broker is away; the next reconnect kicks us again
                 log.info("reconciler: %s", exc)
+                judge_after = time.monotonic() + dead_after
             except Exception:
                 log.exception("reconciler failed; it will try again")
 
