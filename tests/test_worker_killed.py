@@ -93,6 +93,7 @@ def test_a_killed_workers_frames_are_queued_again_long_before_the_broker_would_r
     after MLFARM_VISIBILITY_TIMEOUT (65 min by default, here left so). The dead worker's heartbeat
     expires instead, and a living worker's reconciler queues the frames it was rendering again."""
     from mlfarm.broker.liveness import alive_key
+    from mlfarm.nuke_submit.results import Progress, progress_label
 
     farm.env_overrides.update({"MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_VISIBILITY_TIMEOUT": "3900"})
     frames = list(range(1, 7))
@@ -115,8 +116,6 @@ def test_a_killed_workers_frames_are_queued_again_long_before_the_broker_would_r
         time.sleep(0.2)
     silent = client.status(spec.id)
     assert silent.silent == [dead_name] and f"on {dead_name}, which stopped responding" in silent.summary()
-    from mlfarm.nuke_submit.results import Progress, progress_label
-
     assert f"{len(in_flight)} on a worker not responding" in progress_label(Progress.from_status(silent))
     shown = farm.cli("status", spec.id, check=True).stdout
     assert "not responding" in shown and "victim@orphans" in shown, shown
@@ -139,9 +138,8 @@ def test_a_killed_workers_frames_are_queued_again_long_before_the_broker_would_r
 
 
 def test_a_failed_heartbeat_is_tried_again_within_a_second_not_a_beat_later():
-    """After a Redis outage longer than a beat's lifetime every key has expired: a living worker's
-    must be back before the reconciler's first look (5 s after it reconnects), or its frames would be
-    taken from it."""
+    """After a Redis outage longer than a beat's lifetime every alive key has expired: a living
+    worker's must be back soon after Redis is, before the reconciler judges anyone dead again."""
     from mlfarm.worker.heartbeat import beating
 
     calls: list[float] = []
@@ -157,4 +155,4 @@ def test_a_failed_heartbeat_is_tried_again_within_a_second_not_a_beat_later():
             time.sleep(0.05)
     gaps = [round(b - a, 1) for a, b in zip([start, *calls], calls)]
     assert len(calls) == 4, gaps
-    assert gaps[0] >= 2.9 and 0.9 <= gaps[1] <= 1.5 and 0.9 <= gaps[2] <= 1.5 and gaps[3] >= 2.9, gaps
+    assert gaps[0] >= 2.9 and 0.9 <= gaps[1] <= 2.0 and 0.9 <= gaps[2] <= 2.0 and gaps[3] >= 2.9, gaps
