@@ -38,13 +38,22 @@ def test_a_stage_that_ends_in_time_never_fires():
 def test_a_stuck_stage_fails_its_frames_stops_the_others_and_ends_the_process_after_they_finish():
     exits, stop, expired = Exits(), threading.Event(), []
     gate = TaskGate()
-    dog = Watchdog(stop, on_stop=gate.close, poll=0.02, grace=10, exit_process=exits)
+    order: list[str] = []
+
+    def turn_away() -> None:  # the runtime's: stop consuming, then close the gate
+        order.append("no more tasks")
+        gate.close()
+
+    dog = Watchdog(stop, on_stop=turn_away, poll=0.02, grace=10, exit_process=exits)
     stuck_forever = threading.Event()
     other_ended = threading.Event()
 
     def stuck() -> None:
-        with dog.busy(), gate.hold("model m"), dog.watch(0.3, "job j: model m of frame 2",
-                                                         lambda: expired.append(time.monotonic())):
+        def fail_and_hand_back() -> None:
+            order.append("handed back")
+            expired.append(time.monotonic())
+
+        with dog.busy(), gate.hold("model m"), dog.watch(0.3, "job j: model m of frame 2", fail_and_hand_back):
             stuck_forever.wait(20)
 
     def other() -> None:  # a chunk beside it: stops at its next batch once stop is set, then hands back
@@ -74,6 +83,7 @@ def test_a_stuck_stage_fails_its_frames_stops_the_others_and_ends_the_process_af
     stuck_forever.set()
     assert exits.status == EXIT_HUNG
     assert expired and expired[0] - start >= 0.3
+    assert order == ["no more tasks", "handed back"]  # nothing handed back that this process could fetch
     assert stop.is_set() and dog.expired is not None and dog.expired.what == "job j: model m of frame 2"
     assert other_ended.is_set() and exits.at >= expired[0] + 0.4  # it waited for the other chunk
     waiter.join(2)

@@ -6,12 +6,13 @@ model, a GPU driver or a hung file system would hold its thread for ever, and wi
 turn for every other job (``worker/sharing.py``). A thread cannot be killed, so when a stage runs
 past its limit the watchdog
 
-1. calls the stage's ``on_expire``: the pipeline fails the stuck frames with the reason (they are
+1. (``on_stop``) stops the worker taking tasks, then sends those still waiting for their turn back
+   to the queue;
+2. calls the stage's ``on_expire``: the pipeline fails the stuck frames with the reason (they are
    not tried again until someone retries them) and hands the chunk's other frames back;
-2. sets ``STOP_NOW``: other chunks stop at their next batch and hand their frames back, as on a
-   cold shutdown; and (``on_stop``) the worker stops taking tasks, then sends those still waiting
-   for their turn back to the queue;
-3. ends the process with ``EXIT_HUNG`` once they have, or after ``grace`` seconds, when the tasks
+3. sets ``STOP_NOW``: other chunks stop at their next batch and hand their frames back, as on a
+   cold shutdown;
+4. ends the process with ``EXIT_HUNG`` once they have, or after ``grace`` seconds, when the tasks
    still running (e.g. a chunk whose batch is queued on the lane behind the stuck one) hand their
    work back through their ``release``. Its supervisor (``mlfarm worker --gpus``, ``mlfarm up``)
    starts a fresh one.
@@ -101,12 +102,14 @@ class Watchdog:
         self.expired = late
         log.critical("%s is past its time limit (MLFARM_FRAME_TIME_LIMIT): the worker fails it and restarts, "
                      "since a stuck thread cannot be stopped", late.what)
+        # Taking no more tasks comes first: what on_expire and the stopping chunks hand back goes to
+        # the queue, and must not be fetched again by this ending process.
+        self.on_stop()
         try:
             late.on_expire()
         except Exception:  # the records may stay "running": the broker redelivers, the reconciler finds them
             log.exception("could not record %s as failed", late.what)
         self.stop.set()
-        self.on_stop()
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline:  # let the other chunks hand their frames back
             with self._lock:
