@@ -85,7 +85,7 @@ class ChunkRun:
     middleware: Sequence[Middleware] = ()
     stop: threading.Event = field(default_factory=threading.Event)  # set: stop at the next batch
     watchdog: Watchdog | None = None  # enforces MLFARM_FRAME_TIME_LIMIT on every stage
-    on_stuck: Callable[[ChunkRun], None] | None = None  # after a stage's frames failed for time: the rest
+    on_stuck: Callable[[], None] | None = None  # after a stage's frames failed for time: hand the rest back
     result: ChunkResult = field(default_factory=ChunkResult)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
 
@@ -142,7 +142,7 @@ class ChunkRun:
             self.store.finish_frame(self.spec.id, f, FAILED, reason, worker=self.worker, stuck=True)
             self.result.failed[f] = reason
         if self.on_stuck is not None:
-            self.on_stuck(self)
+            self.on_stuck()
 
     # --- stages -------------------------------------------------------------------------
     def _read(self, frame: int, channels: int, model: BaseModel) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
@@ -80,8 +81,10 @@ def register_tasks(app: Celery) -> None:
                        watchdog=rt.watchdog)
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
         # the process ends (worker/watchdog.py), since the stuck thread would otherwise never return.
-        ended = TimeoutError("the worker ended: a frame outlasted its time limit")
-        run.on_stuck = lambda r: hand_back(self.app, rt, r, ended)
+        # The same hand-back releases the chunk if it is still running when the process ends.
+        release = functools.partial(hand_back, self.app, rt, run,
+                                    TimeoutError("the worker ended: a frame outlasted its time limit"))
+        run.on_stuck = release
         # A chunk whose frames were running on a worker that died runs alone: if one of them kills
         # this worker too, no other chunk loses an attempt with it (MLFARM_MAX_ATTEMPTS).
         suspects = rt.store.interrupted(job_id, run.frames)
@@ -89,7 +92,7 @@ def register_tasks(app: Celery) -> None:
             log.info("job %s: frames %s were running on a worker that died; chunk %s runs alone", job_id,
                      format_frames(suspects), frames)
         key = f"alone {job_id} {frames}" if suspects else model_key(model, spec.options)
-        with rt.watchdog.busy(lambda: hand_back(self.app, rt, run, ended)):  # until its frames are recorded
+        with rt.watchdog.busy(release):  # until its frames are recorded
             try:
                 with rt.gate.hold(key):
                     if STOP_NOW.is_set():  # a cold shutdown began while this chunk waited its turn
