@@ -10,9 +10,10 @@ well over 20 detections on every frame, and every side caps at 20.
 (b) network the network alone on GPU-resident frames: transform, backbone, RPN, box and mask heads,
             no mask paste; batch 1 (as the issue measured it) and the worker's batch size; batch 1 is
             measured again after the farm runs and (c) compared with the mean of both. Built as
-            torchvision makes it; (b') is the same with the batch norms folded into the convolutions,
-            as the worker runs it; (b'') adds the front (transform, backbone, RPN head and anchors)
-            replayed as a CUDA graph, as the worker runs it with MLFARM_MRCNN_CUDA_GRAPHS=true.
+            torchvision makes it; (b') is the same with the batch norms folded into the convolutions
+            and the ReLUs fused with them, as the worker runs it; (b'') adds the front (transform,
+            backbone, RPN head and anchors) replayed as a CUDA graph, as the worker runs it with
+            MLFARM_MRCNN_CUDA_GRAPHS=true.
 (c) farm    EXR plate on disk -> Farm.submit (what `mlfarm submit` calls) -> one GPU worker process
             -> EXR planes (rgba, matte, instance.id, class.id, score) + sidecar JSON on disk.
 (c2)        the same with one worker per GPU on every visible GPU (when there are several).
@@ -400,7 +401,7 @@ def main() -> None:
         b8 = network_ms(torch, net, gpu_imgs, 8, device) if len(gpu_imgs) >= 16 else None
         if b8:
             figures["b_network_batch8_fps"] = 1000 / b8
-        # (b') the same weights, batch norms folded into the convolutions.
+        # (b') the same weights, batch norms folded into the convolutions and ReLUs fused with them.
         folded = network.build(ARCH, weights).to(device)
         network.configure(folded, 800, 1333, thresh, DETECTIONS)
         f1 = network_ms(torch, folded, gpu_imgs, 1, device)
@@ -432,7 +433,7 @@ def main() -> None:
               f"{1000 / bb:.2f} at batch {batch} ({bb:.1f} ms/frame)"
               + (f", {1000 / b8:.2f} at batch 8" if b8 else ""), flush=True)
         print(f"(b') norms folded   : {1000 / f1:7.2f} frames/s at batch 1, {1000 / fb:.2f} at batch {batch} "
-              "(the network as the worker runs it)", flush=True)
+              "(and ReLUs fused: the network as the worker runs it)", flush=True)
         print(f"(b'') + CUDA graph  : {1000 / g1:7.2f} frames/s at batch 1, {1000 / gb:.2f} at batch {batch} "
               "(as the worker runs it with MLFARM_MRCNN_CUDA_GRAPHS=true)", flush=True)
 

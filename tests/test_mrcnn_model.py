@@ -82,6 +82,69 @@ def test_batch_norms_fold_into_their_convolutions_without_changing_the_features(
         torch.testing.assert_close(after[level], features, rtol=1e-4, atol=1e-4 * float(features.abs().max()))
 
 
+def _folded_net(arch: str, seed: int):
+    """``arch`` with random weights, its batch norms folded (as ``build`` does before fusing)."""
+    import torchvision.models.detection as detection
+
+    from mlfarm.models.builtin.mrcnn.network import fold_batch_norms
+
+    torch.manual_seed(seed)
+    net = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=91).eval()
+    fold_batch_norms(net)
+    return net
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_relu_after_a_convolution_is_fused_and_the_network_finds_the_same(arch):
+    """After folding, each bottleneck's three convolutions (the last with the residual sum) and
+    every other convolution a ReLU follows become fused calls (the ReLUs left follow a transposed
+    convolution or a linear layer, which cuDNN's calls do not take), and the network finds what it
+    found: here on the CPU, where the fused modules run their steps one by one; the cuDNN calls
+    themselves are checked on a GPU below."""
+    from torchvision.models.resnet import Bottleneck
+
+    from mlfarm.models.builtin.mrcnn import network
+
+    net = _folded_net(arch, 3)
+    blocks = sum(isinstance(m, Bottleneck) for m in net.modules())
+    relus = sum(isinstance(m, torch.nn.ReLU) for m in net.modules()) - blocks  # a block's one ReLU serves 3 convs
+    assert blocks == 16
+    network.configure(net, 64, 100, 0.0, 10)
+    image = torch.rand(3, 80, 96)
+    with torch.inference_mode():
+        before = network.run(net, [image])[0]
+        fused = network.fuse_relus(net)
+        after = network.run(net, [image])[0]
+    left = [list(parent.children())[i - 1] for parent in net.modules()
+            for i, m in enumerate(parent.children()) if isinstance(m, torch.nn.ReLU)]
+    assert left and all(isinstance(m, (torch.nn.ConvTranspose2d, torch.nn.Linear)) for m in left)
+    assert fused == 3 * blocks + relus - len(left)
+    assert not any(isinstance(m, Bottleneck) for m in net.modules())
+    assert sum(isinstance(m, network.ConvReLU) for m in net.modules()) == fused
+    assert len(before["labels"]) > 0
+    for key in ("labels", "scores", "boxes", "masks"):
+        torch.testing.assert_close(after[key], before[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's fused calls need a CUDA GPU")
+def test_cudnns_fused_calls_compute_what_the_separate_steps_compute():
+    from mlfarm.models.builtin.mrcnn import network
+
+    plain = _folded_net(V1, 4).cuda()
+    fused = _folded_net(V1, 4).cuda()
+    network.fuse_relus(fused)
+    image = torch.rand(2, 3, 256, 320, device="cuda")
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # both sides in full fp32, so they agree closely
+    try:
+        with torch.inference_mode():
+            want, got = plain.backbone(image), fused.backbone(image)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    for level, features in want.items():
+        torch.testing.assert_close(got[level], features, rtol=1e-4, atol=1e-4 * float(features.abs().max()))
+
+
 def test_the_network_split_in_front_and_heads_finds_what_torchvisions_forward_finds():
     """``network.front`` (normalising with tensors made once: a CUDA graph cannot capture
     torchvision's per-call copy of them) then ``network.heads`` is torchvision's forward, stopped

@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchvision.models import detection
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .coco import NUM_CLASSES
@@ -27,7 +30,8 @@ from .weights import WeightsError, load_state_dict
 
 def build(arch: str, weights: Path, fold: bool = True) -> torch.nn.Module:
     """The architecture with randomly initialised layers, then every tensor from ``weights`` (strict);
-    with ``fold``, its batch norms folded into their convolutions (``fold_batch_norms``)."""
+    with ``fold``, its batch norms folded into their convolutions (``fold_batch_norms``) and each
+    convolution's ReLU (and residual sum) fused with it (``fuse_relus``)."""
     net = getattr(detection, arch)(weights=None, weights_backbone=None, num_classes=NUM_CLASSES)
     state = load_state_dict(weights, torch)
     try:
@@ -38,6 +42,7 @@ def build(arch: str, weights: Path, fold: bool = True) -> torch.nn.Module:
     net.eval()
     if fold:
         fold_batch_norms(net)
+        fuse_relus(net)
     return net
 
 
@@ -83,6 +88,78 @@ def fold_batch_norms(net: torch.nn.Module) -> int:
                 setattr(parent, norm_name, torch.nn.Identity())
                 folded += 1
     return folded
+
+
+class ConvReLU(torch.nn.Module):
+    """``relu(conv(x) + residual)``: on a GPU one cuDNN call (convolution, bias, sum and ReLU fused:
+    ``torch.cudnn_convolution_relu`` and ``cudnn_convolution_add_relu``), elsewhere and under
+    autocast (which does not cast those calls) the same steps one by one."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.conv
+        if x.is_cuda and torch.backends.cudnn.enabled and not torch.is_autocast_enabled("cuda"):
+            if residual is None:
+                return torch.cudnn_convolution_relu(x, c.weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+            return torch.cudnn_convolution_add_relu(x, c.weight, residual, 1.0, c.bias, c.stride, c.padding,
+                                                    c.dilation, c.groups)
+        out = c(x)
+        return F.relu(out if residual is None else out + residual)
+
+
+class FusedBottleneck(torch.nn.Module):
+    """torchvision's ResNet ``Bottleneck`` with its norms folded: three fused calls instead of nine
+    operations (three convolutions, their bias sums and ReLUs, and the residual sum)."""
+
+    def __init__(self, block: Bottleneck):
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = ConvReLU(block.conv1), ConvReLU(block.conv2), ConvReLU(block.conv3)
+        self.downsample = block.downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.conv3(self.conv2(self.conv1(x)), identity)
+
+
+def _folded(block: Bottleneck) -> bool:
+    return all(isinstance(getattr(block, f"bn{i}"), torch.nn.Identity) for i in (1, 2, 3))
+
+
+def fuse_relus(net: torch.nn.Module) -> int:
+    """Fuse every convolution that a ReLU follows (after ``fold_batch_norms``); returns how many.
+
+    Why: on a GPU worker each tensor operation hands the GIL back and waits to take it again, and
+    after folding, ResNet-50's convolutions were each still three operations (convolution, bias,
+    ReLU), plus a residual sum per block: ~45% of the network's kernels by count, and on an H100
+    2.2 of its 7.0 GPU ms a 1080p frame went to those sums and ReLUs alone, each a pass over a
+    full feature map (benchmarks/profile_mrcnn_gpu.py). Fused, cuDNN applies them as the
+    convolution writes its output.
+
+    Found where the order of the forward pass is certain: ResNet bottlenecks whose norms were
+    folded, and a convolution followed by a ReLU (norms folded away between them) among the
+    children of a ``Sequential`` (torchvision's conv-norm-activation blocks, the RPN and mask
+    heads) or of the backbone's layer getter (the ResNet stem).
+    """
+    fused = 0
+    for parent in list(net.modules()):
+        if isinstance(parent, torch.nn.Sequential):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Bottleneck) and _folded(child):
+                    setattr(parent, name, FusedBottleneck(child))
+                    fused += 3
+        if not isinstance(parent, (torch.nn.Sequential, IntermediateLayerGetter)):
+            continue
+        children = [(n, m) for n, m in parent.named_children() if not isinstance(m, torch.nn.Identity)]
+        for (conv_name, conv), (relu_name, relu) in zip(children, children[1:]):
+            if type(conv) is torch.nn.Conv2d and type(relu) is torch.nn.ReLU and conv.padding_mode == "zeros" \
+                    and not isinstance(conv.padding, str):
+                setattr(parent, conv_name, ConvReLU(conv))
+                setattr(parent, relu_name, torch.nn.Identity())
+                fused += 1
+    return fused
 
 
 def configure(net: Any, min_size: int, max_size: int, score_thresh: float, detections: int) -> None:
