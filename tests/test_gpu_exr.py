@@ -89,7 +89,7 @@ def test_the_file_is_openexrs_own_with_compressed_and_raw_lines(tmp_path):
 def test_predictor_and_adler32_are_zlibs_and_openexrs():
     rng = np.random.default_rng(9)
     lines = rng.integers(0, 256, (3, 65536), dtype=np.uint8)  # the longest line nvCOMP takes
-    lines[1] = 255  # the largest sums: int64 must not overflow
+    lines[1] = 255  # the largest sums: they must stay exact
     sums = gpu_exr.adler32_lines(torch, torch.from_numpy(lines)).tolist()
     assert sums == [zlib.adler32(r.tobytes()) for r in lines]
     raw = rng.integers(0, 256, (1, 10), dtype=np.uint8)

@@ -240,12 +240,19 @@ def device_channels(outputs: Mapping[str, int | Sequence[str]], images: Sequence
     import torch
 
     device = next(im.device for im in images if is_tensor(im))
-    tensors = [(im if is_tensor(im) else torch.from_numpy(np.asarray(im))).to(device) for im in images[:len(outputs)]]
+
+    def on_device(im: Any) -> Any:
+        t = im if is_tensor(im) else torch.from_numpy(np.asarray(im))
+        return t if t.device == device else t.to(device)
+
+    # Conversions only where needed: on a GPU worker each tensor operation hands the GIL over.
     channels: list[tuple[str, Any]] = []
-    for i, img, names in _planes(outputs, tensors):
+    for i, img, names in _planes(outputs, [on_device(im) for im in images[:len(outputs)]]):
         half = rgba_half and (i == 0 or img.dtype == torch.float16)  # as write_exr's data_channels
         dtype = torch.float16 if half else torch.float32
-        channels.extend((name, img[:, :, c].to(dtype)) for c, name in enumerate(names))
+        for c, name in enumerate(names):
+            plane = img[:, :, c]
+            channels.append((name, plane if plane.dtype == dtype else plane.to(dtype)))
     return channels
 
 
