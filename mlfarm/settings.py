@@ -186,7 +186,7 @@ class Settings(BaseSettings):
     workers_per_gpu: int = Field(
         default=1, ge=1, le=8, description="`mlfarm worker --gpus`: worker processes per GPU, each its own Python "
         "(its own GIL) and CUDA context, taking chunks side by side, each on its own share of the cores. Measured "
-        "on an H100 with Mask R-CNN at 1080p: 2 gave 1.20-1.39x the frames/s of 1 (GPU busy 82-90% instead of "
+        "on an H100 with Mask R-CNN at 1080p: 2 gave 1.23-1.34x the frames/s of 1 (GPU busy 80-90% instead of "
         "53-64%). Each process holds its own copy of the models in GPU memory (Mask R-CNN: about 7 GiB).",
     )
     split_cpus: bool = Field(
