@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -89,8 +90,14 @@ def main() -> None:
     ap.add_argument("--per-step", type=int, default=6, help="kernels to list under each step")
     ap.add_argument("--deflate-type", type=int, default=None, help="nvCOMP's deflate effort (worker/gpu_exr.py)")
     args = ap.parse_args()
-
     tmp = Path(tempfile.mkdtemp(prefix="mlfarm-gpuprof-"))
+    try:
+        profile_steps(args, tmp)
+    finally:  # the weights file and the written frames: a few hundred MB
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
     os.environ.update(MLFARM_WEIGHTS_DIR=str(tmp / "weights"), MLFARM_STORAGE_ROOT=str(tmp),
                       MLFARM_MRCNN_BATCH_SIZE=str(args.batch))
     weights = make_weights(tmp / "weights")
