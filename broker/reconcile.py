@@ -7,6 +7,12 @@ queued or running, but that no message in any queue or in the unacked hash cover
 frames are checked twice, a few seconds apart (a message between BRPOP and the unacked write is
 only invisible for an instant), then reclaimed and enqueued again.
 
+A message in the unacked hash covers its frames only while a living worker holds it (each
+consumer reports what it holds, broker/liveness.py). A worker whose broker connection breaks drops
+the messages it had taken but not started yet, and with Redis down kombu cannot put them back; a
+worker killed outright drops them too. Either way they would sit there until the visibility timeout
+(an hour), with their frames queued.
+
 Training jobs too: their epochs are covered by the job's one training task, wherever it is.
 
 Also frames still "running" on a worker that has died (``requeue_orphans``, broker/liveness.py).
@@ -21,9 +27,10 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from itertools import chain
+from typing import NamedTuple, TypeVar
 
 import redis
 from celery import Celery
@@ -34,11 +41,12 @@ from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES, TRAIN_TASK
 from .dispatch import enqueue
 from .frames import parse_frames
 from .jobs import ACTIVE_JOBS, QUEUED, RUNNING, JobNotFound, JobStore
-from .liveness import dead
+from .liveness import Holdings, dead, holdings
 
 log = logging.getLogger(__name__)
 
 UNACKED = "unacked"  # kombu's default unacked_key
+UNACKED_INDEX = "unacked_index"  # kombu's default unacked_index_key: when each message was taken
 
 
 def queue_keys() -> list[str]:
@@ -46,14 +54,20 @@ def queue_keys() -> list[str]:
     return [q if step == 0 else f"{q}:{step}" for q in QUEUES for step in PRIORITY_STEPS]
 
 
-def _task_kwargs(raw: str | bytes) -> tuple[str, dict] | None:
-    """(task name, kwargs) of a chunk or training message as kombu stores it, else None."""
+class TaskMessage(NamedTuple):
+    task: str
+    id: str
+    kwargs: dict
+
+
+def parse_message(raw: str | bytes) -> TaskMessage | None:
+    """A chunk or training message as kombu stores it, else None."""
     try:
         message = json.loads(raw)
         if isinstance(message, list):  # unacked entries are [message, exchange, routing_key]
             message = message[0]
-        task = message.get("headers", {}).get("task")
-        if task not in (CHUNK_TASK, TRAIN_TASK):
+        headers = message.get("headers", {})
+        if headers.get("task") not in (CHUNK_TASK, TRAIN_TASK):
             return None
         if message.get("content-type") != "application/json":
             return None  # not ours to read (and never unpickled)
@@ -61,51 +75,68 @@ def _task_kwargs(raw: str | bytes) -> tuple[str, dict] | None:
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         _, kwargs, _ = json.loads(body)
-        return task, kwargs
+        return TaskMessage(headers["task"], headers.get("id", ""), kwargs)
     except (ValueError, KeyError, TypeError, IndexError):
         return None
 
 
-def _messages(client: redis.Redis) -> Iterator[str]:
-    pipe = client.pipeline(transaction=False)
-    for key in queue_keys():
-        pipe.lrange(key, 0, -1)
-    for items in pipe.execute():
-        yield from items
-    yield from client.hvals(UNACKED)
-
-
 @dataclass
 class Coverage:
-    """What the messages in the broker (queued, or unacked: being worked on) will still render."""
+    """What the messages in the broker (queued, or unacked: being worked on) will still render.
+
+    A message in kombu's unacknowledged hash that no living consumer holds (broker/liveness.py)
+    renders nothing: its frames that no worker started are not covered. Those a worker started are
+    left to ``requeue_orphans``, which knows whether that worker died and marks them interrupted."""
 
     frames: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))  # chunk tasks
     whole_jobs: set[str] = field(default_factory=set)  # a training task covers every epoch left
+    unheld_frames: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    unheld_jobs: set[str] = field(default_factory=set)
 
-    def covers(self, job_id: str, frame: int) -> bool:
-        return job_id in self.whole_jobs or frame in self.frames.get(job_id, ())
-
-
-def coverage(client: redis.Redis) -> Coverage:
-    cov = Coverage()
-    for raw in _messages(client):
-        found = _task_kwargs(raw)
-        if not found or "job_id" not in found[1]:
-            continue
-        task, kwargs = found
-        if task == TRAIN_TASK:
-            cov.whole_jobs.add(kwargs["job_id"])
-            continue
+    def add(self, message: TaskMessage, held: bool) -> None:
+        job_id = message.kwargs.get("job_id")
+        if not isinstance(job_id, str):
+            return
+        if message.task == TRAIN_TASK:
+            (self.whole_jobs if held else self.unheld_jobs).add(job_id)
+            return
         try:
-            cov.frames[kwargs["job_id"]].update(parse_frames(kwargs.get("frames", "")))
+            frames = parse_frames(message.kwargs.get("frames", ""))
         except ValueError:
-            continue
+            return
+        (self.frames if held else self.unheld_frames)[job_id].update(frames)
+
+    def covers(self, job_id: str, frame: int, state: str) -> bool:
+        if job_id in self.whole_jobs or frame in self.frames.get(job_id, ()):
+            return True
+        return state == RUNNING and (job_id in self.unheld_jobs or frame in self.unheld_frames.get(job_id, ()))
+
+
+def coverage(client: redis.Redis, holders: Holdings | None = None) -> Coverage:
+    """``holders``: what the living consumers hold; None counts every unacknowledged message as held
+    (right after a broker outage, when the living have not reported again yet)."""
+    pipe = client.pipeline(transaction=False)
+    for key in queue_keys():
+        pipe.lrange(key, 0, -1)
+    pipe.hgetall(UNACKED)
+    pipe.zrange(UNACKED_INDEX, 0, -1, withscores=True)
+    *queued, unacked, index = pipe.execute()
+    taken_at = dict(index)
+    now = time.time()
+    cov = Coverage()
+    for raw in chain.from_iterable(queued):
+        if message := parse_message(raw):
+            cov.add(message, held=True)
+    for tag, raw in unacked.items():
+        if message := parse_message(raw):
+            cov.add(message, held=holders is None or holders.may_hold(message.id, taken_at.get(tag, now)))
     return cov
 
 
-def find_lost(client: redis.Redis, store: JobStore, grace: float) -> dict[str, list[int]]:
+def find_lost(client: redis.Redis, store: JobStore, grace: float, holders: Holdings | None = None
+              ) -> dict[str, list[int]]:
     """Frames queued or running for longer than ``grace`` seconds that no message covers."""
-    cov = coverage(client)
+    cov = coverage(client, holders)
     now = time.time()
     lost: dict[str, list[int]] = {}
     for job_id in client.smembers(ACTIVE_JOBS):
@@ -114,15 +145,15 @@ def find_lost(client: redis.Redis, store: JobStore, grace: float) -> dict[str, l
         except JobNotFound:
             client.srem(ACTIVE_JOBS, job_id)
             continue
-        if store.is_cancelled(job_id) or job_id in cov.whole_jobs:
+        if store.is_cancelled(job_id):
             continue
         pending = {f: r for f, r in store.frame_records(job_id).items() if r.get("s") in (QUEUED, RUNNING)}
         if not pending:
             client.srem(ACTIVE_JOBS, job_id)
             continue
         stale = [f for f, r in pending.items()
-                 if not cov.covers(job_id, f) and
-                 now - float(r.get("t0") if r.get("s") == RUNNING else r.get("q") or spec.created) > grace]
+                 if not cov.covers(job_id, f, r["s"]) and
+                 now - float(r.get("t0") if r["s"] == RUNNING else r.get("q") or spec.created) > grace]
         if stale:
             lost[job_id] = sorted(stale)
     return lost
@@ -143,16 +174,22 @@ def _seen_twice(find: Callable[[], dict[K, list[int]]], settle: float) -> dict[K
 
 
 def reconcile(app: Celery, settings: Settings, client: redis.Redis, store: JobStore,
-              settle: float = 3.0) -> dict[str, list[int]]:
-    """Enqueue again every frame lost in two looks ``settle`` seconds apart; returns them per job."""
+              settle: float = 3.0, judge_holders: bool = True) -> dict[str, list[int]]:
+    """Enqueue again every frame lost in two looks ``settle`` seconds apart; returns them per job.
+    ``judge_holders``: whether the consumers' reports of what they hold can be trusted, i.e. not
+    within MLFARM_WORKER_DEAD_AFTER of a broker outage (worker/reconciler.py)."""
+    def find() -> dict[str, list[int]]:
+        return find_lost(client, store, settings.reconcile_grace, holdings(client) if judge_holders else None)
+
     requeued: dict[str, list[int]] = {}
-    for job_id, frames in _seen_twice(lambda: find_lost(client, store, settings.reconcile_grace), settle).items():
+    for job_id, frames in _seen_twice(find, settle).items():
         reclaimed = store.reclaim(job_id, frames)
         if reclaimed:
             enqueue(app, settings, store.spec(job_id), reclaimed)
             requeued[job_id] = reclaimed
-            log.warning("job %s: frames %s had no chunk message (lost by the broker); queued them again",
-                        job_id, ",".join(map(str, reclaimed)))
+            log.warning("job %s: frames %s had no chunk message that a living worker holds (the broker lost "
+                        "it, or a worker dropped it unstarted when its broker connection broke or it was "
+                        "killed); queued them again", job_id, ",".join(map(str, reclaimed)))
     return requeued
 
 

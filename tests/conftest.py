@@ -162,8 +162,33 @@ class FarmHarness:
                 return status
             if time.monotonic() > deadline:
                 logs = "\n".join(w.log()[-3000:] for w in self.workers)
-                raise TimeoutError(f"job {job_id} still {status.summary()} after {timeout}s\n{logs}")
+                raise TimeoutError(f"job {job_id} still {status.summary()} after {timeout}s\n"
+                                   f"{self.broker_view(job_id)}\n{logs}")
             time.sleep(0.1)
+
+    def broker_view(self, job_id: str) -> str:
+        """What the broker holds for a job, and its unfinished frames' records: a stuck job's
+        failure message says whether its frames' messages are queued, unacked or gone."""
+        from mlfarm.broker.liveness import HOLDS_PREFIX
+        from mlfarm.broker.reconcile import UNACKED, UNACKED_INDEX, parse_message, queue_keys
+
+        client = self.farm().redis
+
+        def ours(raw: str) -> str:
+            message = parse_message(raw)
+            return f"{message.id} {message.kwargs}" if message and message.kwargs.get("job_id") == job_id else ""
+
+        lines = []
+        for key in queue_keys():
+            lines += [f"queue {key}: {m}" for raw in client.lrange(key, 0, -1) if (m := ours(raw))]
+        taken_at = dict(client.zrange(UNACKED_INDEX, 0, -1, withscores=True))
+        lines += [f"unacked {tag} since {taken_at.get(tag)}: {m}"
+                  for tag, raw in client.hgetall(UNACKED).items() if (m := ours(raw))]
+        lines += [f"{key}: {client.get(key)}" for key in client.scan_iter(match=f"{HOLDS_PREFIX}*")]
+        lines.append(f"now {time.time()}")
+        records = self.farm().store.frame_records(job_id)
+        lines += [f"frame {f}: {r}" for f, r in sorted(records.items()) if r.get("s") != "done"]
+        return "\n".join(lines) or "the broker holds no message of this job"
 
     def stop(self) -> None:
         for w in self.workers:

@@ -398,6 +398,87 @@ def test_lost_frame_detection_reads_real_broker_messages_for_chunks_and_training
     assert find_lost(client.redis, client.store, grace=0.1) == {}
 
 
+def take_without_acknowledging(app, queue: str):
+    """Take one message off ``queue`` through kombu, as a worker's consumer does (into the unacked
+    hash, stamped with the time), then drop it the way a worker does that lost its broker
+    connection or was killed: kombu does not put it back."""
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        message = channel.basic_get(queue, no_ack=False)
+        assert message is not None, f"no message on queue {queue}"
+        channel.do_restore = False
+        return message
+
+
+def test_a_taken_message_covers_its_frames_only_while_a_living_worker_holds_it(farm):
+    """No worker runs here: the consumers' reports are written as a worker writes them."""
+    from mlfarm.broker.celery_app import make_celery
+    from mlfarm.broker.dispatch import enqueue
+    from mlfarm.broker.jobs import JobSpec
+    from mlfarm.broker.liveness import HOLD_MARGIN, holdings, mark_holding
+    from mlfarm.broker.reconcile import UNACKED_INDEX, find_lost
+
+    client = farm.farm()
+    r, store = client.redis, client.store
+    app = make_celery(farm.settings(), farm.url)
+    spec = JobSpec(model="passthrough", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
+                   frames=[1, 2, 3, 4], chunk=2, queue="cpu")
+    store.create(spec)
+    enqueue(app, farm.settings(), spec, spec.frames)
+    message = take_without_acknowledging(app, "cpu")
+    task_id = message.headers["id"]
+    taken_at = r.zscore(UNACKED_INDEX, message.delivery_tag)
+    assert taken_at is not None and time.time() - taken_at < 5
+    time.sleep(0.3)
+
+    assert find_lost(r, store, grace=0.1) == {}  # without the reports, every taken message counts
+    assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {spec.id: [1, 2]}  # no living worker
+    mark_holding(r, "w1@a", [task_id], 30)
+    mark_holding(r, "w2@b", [], 30)
+    assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {}  # w1 holds it
+    mark_holding(r, "w1@a", ["some-other-task"], 30, at=taken_at + HOLD_MARGIN / 2)
+    assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {}  # too soon after it to tell
+    mark_holding(r, "w1@a", ["some-other-task"], 30, at=taken_at + HOLD_MARGIN + 1)
+    assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {}  # w2's report is still older
+    mark_holding(r, "w2@b", [], 30, at=taken_at + HOLD_MARGIN + 1)
+    assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {spec.id: [1, 2]}
+    assert find_lost(r, store, grace=60, holders=holdings(r)) == {}  # too young to call lost
+    # A frame a worker started is the dead-worker sweep's to take (it marks it interrupted).
+    store.start_frames(spec.id, [1], "w3@c")
+    assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {spec.id: [2]}
+
+
+def test_a_killed_workers_taken_but_unstarted_chunk_is_queued_again_within_seconds(farm):
+    """A chunk waiting its turn in a worker (another job's chunk is running) has frames still
+    queued and a message only that worker held. Killed outright, the worker takes it along: kombu
+    would hand it out again after MLFARM_VISIBILITY_TIMEOUT (an hour). The reconciler sees that no
+    living worker holds it."""
+    farm.env_overrides.update({"MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_RECONCILE_GRACE": "1",
+                               "MLFARM_RECONCILE_INTERVAL": "2"})
+    from mlfarm.broker.reconcile import UNACKED, parse_message
+
+    client = farm.farm()
+    plate = make_plate(farm.storage / "plate", [1, 2])
+    victim = farm.start_worker(name="victim@faults")
+    slow = client.submit("slow", plate, str(farm.storage / "slow" / "o.####.exr"), [1], {"seconds": 10})
+    victim.wait_log(f"job {slow.id} slow: frames 1")
+    waiting = client.submit("passthrough", plate, str(farm.storage / "waiting" / "o.####.exr"), [1, 2], chunk=2)
+    deadline = time.monotonic() + 30
+    while not any((m := parse_message(raw)) and m.kwargs["job_id"] == waiting.id
+                  for raw in client.redis.hvals(UNACKED)):
+        assert time.monotonic() < deadline, "the worker never took the second job's chunk"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert all(f.state == "queued" for f in client.status(waiting.id).frames)  # waiting its turn
+    victim.kill()
+    rescuer = farm.start_worker(name="rescuer@faults")
+    status = farm.wait_job(waiting.id, timeout=60)
+    assert status.state == "done", status.summary()
+    rescuer.wait_log(f"job {waiting.id}: frames 1,2 had no chunk message that a living worker holds")
+    assert all(f.attempts == 1 for f in status.frames)
+    assert farm.wait_job(slow.id, timeout=90).state == "done"  # the dead worker's running frame too
+
+
 def test_a_frame_stuck_past_its_time_limit_fails_with_the_reason_and_its_worker_restarts(farm):
     """Celery's threads and solo pools never stop a task: a frame stuck for good in a model would
     hold its worker for ever. The watchdog fails it with the reason, the rest of the job goes on

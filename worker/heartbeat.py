@@ -5,16 +5,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import redis
+from celery.worker import state as worker_state
+
+from mlfarm.broker.liveness import mark_holding
 
 log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def beating(beat: Callable[[], None], interval: float, what: str) -> Iterator[None]:
-    """Call ``beat`` every ``interval`` seconds on a daemon thread until the block ends.
+def beating(beat: Callable[[], None], interval: float, what: str, now: bool = False) -> Iterator[None]:
+    """Call ``beat`` every ``interval`` seconds (``now``: and at once) on a daemon thread until the
+    block ends.
 
     A thread, so it beats while the model or trainer holds this one; a daemon, so it dies with the
     process, which is the point: a heartbeat that stops says the worker is gone. A failed beat is
@@ -25,16 +30,16 @@ def beating(beat: Callable[[], None], interval: float, what: str) -> Iterator[No
     stop = threading.Event()
 
     def run() -> None:
-        wait = interval
+        wait = 0.0 if now else interval
         while not stop.wait(wait):
             try:
                 beat()
             except redis.RedisError as exc:
-                if wait == interval:  # the first failure of a run of them
+                if wait == interval or wait == 0:  # the first failure of a run of them
                     log.warning("%s: heartbeat failed, trying every second: %s", what, exc)
                 wait = min(interval, 1.0)
             else:
-                if wait != interval:
+                if 0 < wait < interval:
                     log.info("%s: heartbeat back", what)
                 wait = interval
 
@@ -45,3 +50,16 @@ def beating(beat: Callable[[], None], interval: float, what: str) -> Iterator[No
     finally:
         stop.set()
         thread.join()
+
+
+@contextlib.contextmanager
+def reporting_holdings(client: redis.Redis, worker: str, dead_after: float) -> Iterator[None]:
+    """Report the task messages this process's Celery consumer holds (taken, waiting their turn,
+    scheduled or running) every quarter of ``dead_after``: a message no living consumer holds is
+    one the reconciler may queue again (broker/liveness.py, broker/reconcile.py)."""
+    def beat() -> None:
+        at = time.time()  # before reading: a message taken after this may be missing from the copy
+        mark_holding(client, worker, worker_state.requests.copy(), dead_after, at)
+
+    with beating(beat, dead_after / 4, "holdings", now=True):
+        yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -21,6 +22,7 @@ from mlfarm.settings import Settings
 from . import runtime
 from .cpus import format_cpus, pin_cpus
 from .gpu import pin_gpu
+from .heartbeat import reporting_holdings
 from .reconciler import Reconciler
 from .reconciler import install as install_reconciler
 from .runtime import STOP_NOW
@@ -87,12 +89,15 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     app = make_celery(settings, url)
     register_tasks(app)
     install_reconciler(app, Reconciler(app, settings, url, hostname))
+    reports = contextlib.ExitStack()  # until the process ends, a warm shutdown's last chunks included
 
     @worker_ready.connect(weak=False)
     def _publish(sender: Any, **_: object) -> None:
         if app.conf.worker_pool == TASK_THREADS:  # its watchdog stops the consumer before it ends
             taken = [q.name for q in sender.task_consumer.queues]
             runtime.stop_consuming = functools.partial(stop_consuming, app, hostname, taken)
+        reports.enter_context(reporting_holdings(redis_client(url, role="holdings"), hostname,
+                                                 settings.worker_dead_after))
         descriptions = Catalog.from_settings(settings).describe_all()
         publish_catalog(redis_client(url), descriptions, hostname)
         pinned = f" pinned to GPU {gpu} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
@@ -118,4 +123,5 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
         "--without-mingle",
         "--without-gossip",
     ]
-    app.worker_main(argv)
+    with reports:
+        app.worker_main(argv)

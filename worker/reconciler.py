@@ -2,11 +2,12 @@
 
 It looks for lost frames every ``MLFARM_RECONCILE_INTERVAL`` seconds, a few seconds after every
 (re)connection to the broker, when a message may just have been lost, and once more when
-``MLFARM_RECONCILE_GRACE`` has passed since then: frames lost in a broker outage only count as lost
-once they are older than the grace, and waiting for the next interval would leave them for minutes.
-Every half ``MLFARM_WORKER_DEAD_AFTER`` it also looks for frames still "running" on a worker that
-has died (broker/liveness.py), but never within that time of an outage, when no heartbeat could
-get through. A Redis lock lets only one worker of the farm do it at a time.
+``MLFARM_RECONCILE_GRACE`` and ``MLFARM_WORKER_DEAD_AFTER`` have passed since then: frames lost in a
+broker outage only count as lost once they are older than the grace, and waiting for the next
+interval would leave them for minutes. Every half ``MLFARM_WORKER_DEAD_AFTER`` it also looks for
+frames still "running" on a worker that has died (broker/liveness.py). Neither heartbeats nor the
+workers' reports of the messages they hold are trusted within that time of an outage, when none
+could get through. A Redis lock lets only one worker of the farm do it at a time.
 """
 
 from __future__ import annotations
@@ -44,15 +45,16 @@ class Reconciler(threading.Thread):
     def run(self) -> None:
         client = redis_client(self.url, role="reconciler")
         store = JobStore(client, self.settings.job_ttl)
-        follow_up: float | None = None  # when to look again after a reconnect
+        follow_ups: list[float] = []  # when to look again after a reconnect
         dead_after = self.settings.worker_dead_after
         sweep = max(1.0, dead_after / 2)  # dead workers' frames: a cheaper look
         next_full = time.monotonic() + self.settings.reconcile_interval
-        # No worker is judged dead within MLFARM_WORKER_DEAD_AFTER of a (re)connection or a failed
-        # look: an outage stops every heartbeat, and the living must have the time to beat again.
+        # No worker is judged dead, nor its reports of what it holds trusted, within
+        # MLFARM_WORKER_DEAD_AFTER of a (re)connection or a failed look: an outage stops every
+        # heartbeat, and the living must have the time to beat again.
         judge_after = 0.0
         while True:
-            due = min(next_full, follow_up or next_full, time.monotonic() + sweep)
+            due = min(next_full, *follow_ups, time.monotonic() + sweep)
             woken = self._wake.wait(max(0.0, due - time.monotonic()))
             now = time.monotonic()
             full = woken or now >= next_full
@@ -60,19 +62,23 @@ class Reconciler(threading.Thread):
                 self._wake.clear()
                 self._wake.wait(5.0)  # let the reconnect settle; a second kick changes nothing
                 self._wake.clear()
-                follow_up = time.monotonic() + self.settings.reconcile_grace + 1.0
-                judge_after = time.monotonic() + dead_after
-            elif follow_up is not None and now >= follow_up:
-                follow_up = None
+                now = time.monotonic()
+                judge_after = now + dead_after
+                # Once frames lost in the outage are older than the grace, and once the reports are
+                # trusted again.
+                follow_ups = sorted(now + wait + 1.0 for wait in {self.settings.reconcile_grace, dead_after})
+            elif follow_ups and now >= follow_ups[0]:
+                follow_ups.pop(0)
                 full = True
             if full:
                 next_full = now + self.settings.reconcile_interval
             try:
                 if self._lock(client):  # both log what they queue again, per job
-                    if time.monotonic() >= judge_after:
+                    judge = time.monotonic() >= judge_after
+                    if judge:
                         requeue_orphans(self.app, self.settings, client, store)
                     if full:
-                        reconcile(self.app, self.settings, client, store)
+                        reconcile(self.app, self.settings, client, store, judge_holders=judge)
             except redis.RedisError as exc:  # the broker is away; the next reconnect kicks us again
                 log.info("reconciler: %s", exc)
                 judge_after = time.monotonic() + dead_after
