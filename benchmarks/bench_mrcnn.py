@@ -297,7 +297,8 @@ def main() -> None:
                     help="worker settings to compare, one farm run each: variants separated by ';', each a list of "
                     "KEY=VALUE environment variables, e.g. 'MLFARM_EXR_THREADS=0;MLFARM_EXR_THREADS=-1' "
                     "(default: one run with the settings' defaults); two keys are the bench's own: "
-                    "WORKERS_PER_GPU=K (K worker processes share each GPU) and CHUNK=N (frames per task)")
+                    "WORKERS_PER_GPU=K (K worker processes share each GPU; default auto, as `mlfarm worker "
+                    "--gpus` decides) and CHUNK=N (frames per task)")
     ap.add_argument("--profile", default=None,
                     help="with py-spy installed: sample worker 0 in an extra run after the first into this file")
     ap.add_argument("--profile-gil", action="store_true",
@@ -332,6 +333,7 @@ def main() -> None:
     from mlfarm.models.colour import linear_to_srgb
     from mlfarm.nuke_submit.client import Farm
     from mlfarm.settings import Settings
+    from mlfarm.worker.supervisor import gpu_memory_gib, workers_per_gpu
 
     device = args.device
     cuda = device.startswith("cuda")
@@ -467,7 +469,12 @@ def main() -> None:
         for number, (storage, grain, variant) in enumerate(runs):
             where = " ".join([f"{storage} grain {grain:g}", *(f"{k}={v}" for k, v in variant.items())])
             variant = dict(variant)
-            per_gpu = int(variant.pop("WORKERS_PER_GPU", 1))  # bench keys, not worker settings
+            # Bench keys, not worker settings. Worker processes a GPU as `mlfarm worker --gpus` starts them.
+            per_gpu_setting = variant.pop("WORKERS_PER_GPU", "auto")
+            per_gpu, why = workers_per_gpu(per_gpu_setting if per_gpu_setting == "auto" else int(per_gpu_setting),
+                                           gpu_memory_gib([str(i) for i in range(n_gpus)]) if cuda else [None],
+                                           len(os.sched_getaffinity(0)))
+            print(f"[{where}] {per_gpu} worker process(es) a GPU ({why})", flush=True)
             chunk = int(variant.pop("CHUNK", args.chunk))
             # As `mlfarm worker --gpus` places them: every worker process on its own share of the cores.
             run_shares = shares

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
@@ -20,6 +20,12 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+#: MLFARM_WORKERS_PER_GPU=auto takes two processes a GPU where each GPU has this much memory (two
+#: copies of the models: Mask R-CNN takes about 7 GiB) and the host this many cores a GPU (each
+#: process reads and writes EXRs on its own share).
+AUTO_TWO_MIN_GPU_GIB = 32
+AUTO_TWO_MIN_CORES = 8
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -183,11 +189,13 @@ class Settings(BaseSettings):
         default="", description="Cores a worker runs on, e.g. 0-15 (as `mlfarm worker --cpus`); empty: every core "
         "it may use. One container per GPU: give each its own share.",
     )
-    workers_per_gpu: int = Field(
-        default=1, ge=1, le=8, description="`mlfarm worker --gpus`: worker processes per GPU, each its own Python "
+    workers_per_gpu: Literal["auto"] | Annotated[int, Field(ge=1, le=8)] = Field(
+        default="auto", description="`mlfarm worker --gpus`: worker processes per GPU, each its own Python "
         "(its own GIL) and CUDA context, taking chunks side by side, each on its own share of the cores. Measured "
-        "on an H100 with Mask R-CNN at 1080p: 2 gave 1.23-1.34x the frames/s of 1 (GPU busy 80-90% instead of "
-        "53-64%). Each process holds its own copy of the models in GPU memory (Mask R-CNN: about 7 GiB).",
+        "on an H100 with Mask R-CNN at 1080p: 2 gave 1.06-1.34x the frames/s of 1 (GPU busy 80-90% instead of "
+        "53-69%). Each process holds its own copy of the models in GPU memory (Mask R-CNN: about 7 GiB); only "
+        "the first of a GPU takes training runs. auto: 2 where every GPU has at least "
+        f"{AUTO_TWO_MIN_GPU_GIB} GiB and there are at least {AUTO_TWO_MIN_CORES} cores a GPU, else 1.",
     )
     split_cpus: bool = Field(
         default=True, description="`mlfarm worker --gpus` with several GPUs: pin each GPU's worker to its own "

@@ -22,8 +22,10 @@ from mlfarm.worker.supervisor import (
     Supervisor,
     build_children,
     child_name,
+    gpu_memory_gib,
     parse_gpus,
     visible_gpus,
+    workers_per_gpu,
 )
 
 from conftest import MlfarmProcess, make_plate
@@ -93,6 +95,8 @@ def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, superviso
         sup.wait_ready(f"render-gpu{gpu}@{host}")
     children = {gpu: (name, pid) for name, gpu, pid in sup.started()}
     assert sorted(children) == ["0", "1"]
+    # MLFARM_WORKERS_PER_GPU=auto, and these "GPUs" are not there to ask: one process each.
+    assert "one worker per GPU (auto: a GPU's memory is unknown)" in sup.log()
     # Each GPU's worker has its own half of the cores (this machine's two: one each).
     shares = [os.sched_getaffinity(children[g][1]) for g in ("0", "1")]
     assert shares == [set(s) for s in split_cpus(2)] and not shares[0] & shares[1], shares
@@ -166,13 +170,16 @@ def test_several_workers_share_a_gpu_each_on_its_own_cores_and_all_take_chunks(f
     own share of the cores, and both render chunks of one job."""
     farm.env_overrides["MLFARM_WORKERS_PER_GPU"] = "2"
     host = "farmhost"
-    sup = supervisors("--gpus", "0", "--name", "render-gpu{gpu}@" + host)
+    sup = supervisors("--gpus", "0", "--name", "render-gpu{gpu}@" + host, "--queues", "gpu,cpu,train")
     names = [f"render-gpu0.{k}@{host}" for k in (0, 1)]
     for name in names:
         sup.wait_ready(name)
     children = sup.started()
     assert [(n, g) for n, g, _ in children] == [(names[0], "0"), (names[1], "0")]
     assert [proc_environ(pid)["CUDA_VISIBLE_DEVICES"] for _, _, pid in children] == ["0", "0"]
+    # A training run takes its whole GPU: only the first process of the GPU takes them.
+    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for _, _, pid in children]
+    assert [c[c.index(b"--queues") + 1] for c in cmdlines] == [b"gpu,cpu,train", b"gpu,cpu"]
     shares = [os.sched_getaffinity(pid) for _, _, pid in children]
     assert shares == [set(s) for s in split_cpus(2)] and not shares[0] & shares[1], shares
     assert "2 workers per GPU" in sup.log()
@@ -252,14 +259,30 @@ def test_gpu_lists_and_names():
 
 def test_workers_per_gpu_make_that_many_children_per_gpu_in_order():
     shares = [[0], [1], [2], [3]]
-    children = build_children(["0", "1"], ["--queues", "gpu"], None, env={}, cpu_shares=shares, per_gpu=2)
+    children = build_children(["0", "1"], ["gpu", "train"], [], None, env={}, cpu_shares=shares, per_gpu=2)
     assert [(c.gpu, c.env["CUDA_VISIBLE_DEVICES"]) for c in children] == [("0", "0"), ("0", "0"), ("1", "1"),
                                                                           ("1", "1")]
     assert [c.name.split("@")[0] for c in children] == ["mlfarm-gpu0.0", "mlfarm-gpu0.1", "mlfarm-gpu1.0",
                                                          "mlfarm-gpu1.1"]
     assert [c.argv[c.argv.index("--cpus") + 1] for c in children] == ["0", "1", "2", "3"]
-    one = build_children(["0"], [], None, env={})
+    assert [c.argv[c.argv.index("--queues") + 1] for c in children] == ["gpu,train", "gpu", "gpu,train", "gpu"]
+    one = build_children(["0"], ["gpu"], [], None, env={})
     assert [c.name.split("@")[0] for c in one] == ["mlfarm-gpu0"]
+
+
+def test_auto_workers_per_gpu_takes_two_only_where_memory_and_cores_allow(tmp_path, monkeypatch):
+    assert workers_per_gpu("auto", [79.6, 79.6], 32) == (2, "auto: 80 GiB a GPU, 32 cores")
+    assert workers_per_gpu("auto", [79.6, 23.6], 32)[0] == 1  # the smallest card decides
+    assert workers_per_gpu("auto", [79.6, 79.6], 15) == (1, "auto: 15 cores for 2 GPU(s), under 8 a GPU")
+    assert workers_per_gpu("auto", [79.6, None], 32) == (1, "auto: a GPU's memory is unknown")
+    assert workers_per_gpu(3, [], 2) == (3, "MLFARM_WORKERS_PER_GPU")
+    # nvidia-smi's own output format (MiB, one line per GPU asked for with -i)
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$(dirname \"$0\")/args\"\nprintf '81559\\n24564\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert [round(m, 1) for m in gpu_memory_gib(["0", "GPU-8a1b"])] == [79.6, 24.0]
+    assert "-i 0,GPU-8a1b" in (tmp_path / "args").read_text()
 
 
 def test_cpu_lists_and_shares():

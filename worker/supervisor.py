@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from mlfarm.broker.connection import broker_url
-from mlfarm.settings import Settings
+from mlfarm.settings import AUTO_TWO_MIN_CORES, AUTO_TWO_MIN_GPU_GIB, Settings
 
 from .cpus import format_cpus, pin_cpus, split_cpus
 from .main import ordered_queues
@@ -100,6 +100,47 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
         return ids
     found = _nvidia_smi_indices()
     return found if found is not None else _torch_indices()
+
+
+def gpu_memory_gib(gpus: list[str]) -> list[float | None]:
+    """Total memory of each GPU (ids as ``CUDA_VISIBLE_DEVICES`` takes them), from nvidia-smi or
+    torch in one throwaway subprocess; None where neither can tell."""
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i",
+                                  ",".join(gpus)], capture_output=True, text=True, timeout=30, check=True).stdout
+            found = [float(line) / 1024 for line in out.split()]
+            if len(found) == len(gpus):
+                return list(found)
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:
+            log.info("nvidia-smi could not tell the GPUs' memory (%s); asking torch", exc)
+    probe = ("import torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
+             "print(*(torch.cuda.get_device_properties(i).total_memory for i in range(n)))")
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus),
+                                  "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}).stdout
+        found = [int(b) / 2**30 for b in out.split()]
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("could not tell the GPUs' memory: %s", exc)
+        found = []
+    return list(found) if len(found) == len(gpus) else [None] * len(gpus)
+
+
+def workers_per_gpu(setting: int | str, memory_gib: list[float | None], cores: int) -> tuple[int, str]:
+    """How many worker processes share each GPU, and why. ``auto``: two where each GPU has the
+    memory for two copies of the models and the host the cores for two processes' EXR work."""
+    if setting != "auto":
+        return int(setting), "MLFARM_WORKERS_PER_GPU"
+    if not memory_gib or any(m is None for m in memory_gib):
+        return 1, "auto: a GPU's memory is unknown"
+    smallest = min(m for m in memory_gib if m is not None)
+    if smallest < AUTO_TWO_MIN_GPU_GIB:
+        return 1, f"auto: {smallest:.0f} GiB on a GPU, under {AUTO_TWO_MIN_GPU_GIB}"
+    if cores < AUTO_TWO_MIN_CORES * len(memory_gib):
+        return 1, f"auto: {cores} cores for {len(memory_gib)} GPU(s), under {AUTO_TWO_MIN_CORES} a GPU"
+    return 2, f"auto: {smallest:.0f} GiB a GPU, {cores} cores"
 
 
 def parse_gpus(spec: str, env: dict[str, str] | None = None) -> list[str]:
@@ -282,19 +323,24 @@ class Supervisor:
         log.warning("supervisor: %s; restarting it in %.0f s", what, wait)
 
 
-def build_children(gpus: list[str], worker_args: list[str], name_template: str | None,
+def build_children(gpus: list[str], queues: list[str], worker_args: list[str], name_template: str | None,
                    env: dict[str, str] | None = None, cpu_shares: list[list[int]] | None = None,
                    per_gpu: int = 1) -> list[Child]:
-    """``per_gpu`` children per GPU: ``python -m mlfarm worker <worker_args> --name <name>`` pinned
-    to it, and child i to ``cpu_shares[i]`` (its cores) where given."""
+    """``per_gpu`` children per GPU: ``python -m mlfarm worker --queues ... <worker_args> --name
+    <name>`` pinned to it, and child i to ``cpu_shares[i]`` (its cores) where given. Only the first
+    child of a GPU takes the ``train`` queue: a training run takes its whole GPU."""
     base = dict(os.environ if env is None else env)
     base.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     base.setdefault("MLFARM_LOG_LEVEL", logging.getLevelName(logging.getLogger().getEffectiveLevel()))
     children = []
     for position, gpu in enumerate(gpus):
         for instance in range(per_gpu):
+            taken = [q for q in queues if instance == 0 or q != "train"]
+            if not taken:
+                continue
             name = child_name(name_template, gpu, position, len(gpus) > 1, instance=instance if per_gpu > 1 else None)
-            argv = [sys.executable, "-m", "mlfarm", "worker", *worker_args, "--name", name]
+            argv = [sys.executable, "-m", "mlfarm", "worker", "--queues", ",".join(taken), *worker_args,
+                    "--name", name]
             if cpu_shares:
                 argv += ["--cpus", format_cpus(cpu_shares[len(children)])]
             children.append(Child(gpu=gpu, name=name, argv=argv, env={**base, "CUDA_VISIBLE_DEVICES": gpu}))
@@ -316,16 +362,19 @@ def run_gpu_workers(settings: Settings, gpus_spec: str, queues: str, concurrency
         log.setLevel(logging.INFO)  # the few lifecycle lines are what a wrangler reads in `docker logs`
     broker_url(settings)
     ordered = ordered_queues([q.strip() for q in queues.split(",") if q.strip()])
-    worker_args = ["--queues", ",".join(ordered), "--concurrency", str(concurrency), "--loglevel", loglevel]
+    worker_args = ["--concurrency", str(concurrency), "--loglevel", loglevel]
     gpus = parse_gpus(gpus_spec)
-    per_gpu = settings.workers_per_gpu
     if cpus:
         pin_cpus(cpus)  # the children inherit it; shared out below, or all theirs with MLFARM_SPLIT_CPUS=false
+    memory = gpu_memory_gib(gpus) if settings.workers_per_gpu == "auto" else []
+    per_gpu, why = workers_per_gpu(settings.workers_per_gpu, memory, len(os.sched_getaffinity(0)))
+    if ordered == ["train"]:
+        per_gpu = 1  # only the first process of a GPU trains (see build_children)
     count = len(gpus) * per_gpu
     shares = split_cpus(count) if settings.split_cpus and count > 1 else None
-    children = build_children(gpus, worker_args, name_template, cpu_shares=shares, per_gpu=per_gpu)
+    children = build_children(gpus, ordered, worker_args, name_template, cpu_shares=shares, per_gpu=per_gpu)
     placed = [f"{c.name}=GPU {c.gpu}" + (f" cores {format_cpus(shares[i])}" if shares else "")
               for i, c in enumerate(children)]
-    log.info("supervisor: %s: %s", "one worker per GPU" if per_gpu == 1 else f"{per_gpu} workers per GPU",
-             ", ".join(placed))
+    log.info("supervisor: %s (%s): %s", "one worker per GPU" if per_gpu == 1 else f"{per_gpu} workers per GPU",
+             why, ", ".join(placed))
     return Supervisor(children, settings.supervisor_max_restart_delay).run()
