@@ -412,7 +412,7 @@ def take_without_acknowledging(app, queue: str):
 
 def test_a_taken_message_covers_its_frames_only_while_a_living_worker_holds_it(farm):
     """No worker runs here: the consumers' reports are written as a worker writes them."""
-    from mlfarm.broker.celery_app import make_celery
+    from mlfarm.broker.celery_app import TRAIN_TASK, make_celery
     from mlfarm.broker.dispatch import enqueue
     from mlfarm.broker.jobs import JobSpec
     from mlfarm.broker.liveness import HOLD_MARGIN, holdings, mark_holding
@@ -446,6 +446,20 @@ def test_a_taken_message_covers_its_frames_only_while_a_living_worker_holds_it(f
     # A frame a worker started is the dead-worker sweep's to take (it marks it interrupted).
     store.start_frames(spec.id, [1], "w3@c")
     assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {spec.id: [2]}
+
+    # A training run's message likewise: taken and dropped, its epochs wait for nobody.
+    train = JobSpec(model="grade", input="", output="", frames=[1, 2, 3], kind="train", queue="train")
+    store.create(train)
+    app.send_task(TRAIN_TASK, kwargs={"job_id": train.id}, queue="train")
+    taken = take_without_acknowledging(app, "train")
+    time.sleep(0.3)
+    assert train.id not in find_lost(r, store, grace=0.1)
+    taken_at = r.zscore(UNACKED_INDEX, taken.delivery_tag)
+    mark_holding(r, "w1@a", [task_id], 30, at=taken_at + HOLD_MARGIN + 1)
+    mark_holding(r, "w2@b", [taken.headers["id"]], 30, at=taken_at + HOLD_MARGIN + 1)
+    assert train.id not in find_lost(r, store, grace=0.1, holders=holdings(r))  # w2 holds it
+    mark_holding(r, "w2@b", [], 30, at=taken_at + HOLD_MARGIN + 1)
+    assert find_lost(r, store, grace=0.1, holders=holdings(r)) == {train.id: [1, 2, 3]}  # w1 holds the chunk
 
 
 def test_a_killed_workers_taken_but_unstarted_chunk_is_queued_again_within_seconds(farm):
