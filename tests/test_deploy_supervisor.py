@@ -283,6 +283,10 @@ def test_auto_workers_per_gpu_takes_two_only_where_memory_and_cores_allow(tmp_pa
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     assert [round(m, 1) for m in gpu_memory_gib(["0", "GPU-8a1b"])] == [79.6, 24.0]
     assert "-i 0,GPU-8a1b" in (tmp_path / "args").read_text()
+    (tmp_path / "args").unlink()
+    # nvidia-smi would report a MIG slice's whole GPU: torch is asked (here it sees no GPU at all)
+    assert gpu_memory_gib(["MIG-4b1f-77"]) == [None]
+    assert not (tmp_path / "args").exists()
 
 
 def test_cpu_lists_and_shares():

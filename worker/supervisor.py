@@ -104,15 +104,16 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
 
 def gpu_memory_gib(gpus: list[str]) -> list[float | None]:
     """Total memory of each GPU (ids as ``CUDA_VISIBLE_DEVICES`` takes them), from nvidia-smi or
-    torch in one throwaway subprocess; None where neither can tell."""
+    torch in one throwaway subprocess; None where neither can tell. A MIG slice is asked of torch:
+    nvidia-smi's ``--query-gpu`` speaks of whole GPUs."""
     exe = shutil.which("nvidia-smi")
-    if exe:
+    if exe and not any(g.startswith("MIG-") for g in gpus):
         try:
             out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i",
                                   ",".join(gpus)], capture_output=True, text=True, timeout=30, check=True).stdout
-            found = [float(line) / 1024 for line in out.split()]
-            if len(found) == len(gpus):
-                return list(found)
+            from_smi: list[float | None] = [float(line) / 1024 for line in out.split()]
+            if len(from_smi) == len(gpus):
+                return from_smi
         except (OSError, subprocess.SubprocessError, ValueError) as exc:
             log.info("nvidia-smi could not tell the GPUs' memory (%s); asking torch", exc)
     probe = ("import torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
@@ -121,11 +122,11 @@ def gpu_memory_gib(gpus: list[str]) -> list[float | None]:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True,
                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(gpus),
                                   "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}).stdout
-        found = [int(b) / 2**30 for b in out.split()]
+        found: list[float | None] = [int(b) / 2**30 for b in out.split()]
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         log.warning("could not tell the GPUs' memory: %s", exc)
         found = []
-    return list(found) if len(found) == len(gpus) else [None] * len(gpus)
+    return found if len(found) == len(gpus) else [None] * len(gpus)
 
 
 def workers_per_gpu(setting: int | str, memory_gib: list[float | None], cores: int) -> tuple[int, str]:
