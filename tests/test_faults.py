@@ -118,6 +118,47 @@ def test_redis_restart_or_outage_mid_job_loses_nothing(own_farm, outage_s):
         assert "farm unreachable" in stderr
 
 
+def test_a_chunk_a_worker_holds_for_later_is_not_lost_when_its_broker_connection_breaks(own_farm):
+    """A chunk that retries after a broker error comes back with a countdown: the worker holds it
+    until then. If its connection breaks meanwhile, Celery drops the held copy (the broker is
+    expected to hand it out again) and kombu, with Redis away, cannot put it back: it waits in the
+    unacked hash for MLFARM_VISIBILITY_TIMEOUT (an hour). The reconciler sees no living worker
+    holds it and queues its frames again."""
+    from mlfarm.broker.celery_app import CHUNK_TASK, make_celery
+    from mlfarm.broker.jobs import JobSpec
+    from mlfarm.broker.reconcile import UNACKED, parse_message
+
+    harness, server = own_farm
+    harness.env_overrides.update({"MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_RECONCILE_GRACE": "1",
+                                  "MLFARM_RECONCILE_INTERVAL": "2"})
+    worker = harness.start_worker(name="holder@faults")
+    client = harness.farm()
+    plate = make_plate(harness.storage / "plate", [1, 2])
+    spec = JobSpec(model="passthrough", input=plate, output=str(harness.storage / "out" / "o.####.exr"),
+                   frames=[1, 2], queue="cpu")
+    client.store.create(spec)
+    app = make_celery(harness.settings(), harness.url)
+    app.send_task(CHUNK_TASK, kwargs={"job_id": spec.id, "model": spec.model, "frames": "1,2"}, queue="cpu",
+                  countdown=60)
+    deadline = time.monotonic() + 30
+    while not any((m := parse_message(raw)) and m.kwargs["job_id"] == spec.id
+                  for raw in client.redis.hvals(UNACKED)):
+        assert time.monotonic() < deadline, "the worker never took the chunk"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    server.stop()
+    time.sleep(10)  # the worker notices within seconds, while Redis is still away
+    server.start()
+    status = harness.wait_job(spec.id, timeout=40)  # the countdown (60 s) has not run out
+    assert status.state == "done", status.summary()
+    assert all(f.attempts == 1 for f in status.frames)
+    worker.wait_log(f"job {spec.id}: frames 1,2 had no chunk message that a living worker holds")
+    assert_outputs_whole(str(harness.storage / "out" / "o.####.exr"), [1, 2])
+    # Closing the broken connection failed inside kombu (worker/consumer.py): the worker lives on.
+    assert worker.proc.poll() is None, worker.log()[-3000:]
+    assert "Unrecoverable error" not in worker.log(), worker.log()[-3000:]
+
+
 def _mount(*args: str) -> None:
     proc = subprocess.run(["mount", *args], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -20,6 +20,7 @@ from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
 from . import runtime
+from .consumer import ReconnectingConsumer
 from .cpus import format_cpus, pin_cpus
 from .gpu import pin_gpu
 from .heartbeat import reporting_holdings
@@ -87,6 +88,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     os.environ["MLFARM_WORKER_NAME"] = hostname
     url = broker_url(settings)
     app = make_celery(settings, url)
+    app.conf.worker_consumer = f"{ReconnectingConsumer.__module__}:{ReconnectingConsumer.__name__}"
     register_tasks(app)
     install_reconciler(app, Reconciler(app, settings, url, hostname))
     reports = contextlib.ExitStack()  # until the process ends, a warm shutdown's last chunks included
