@@ -65,6 +65,17 @@ def wait_done_at_least(harness: FarmHarness, job_id: str, n: int, timeout: float
         time.sleep(0.05)
 
 
+def wait_until_taken(client, job_id: str, timeout: float = 30) -> None:
+    """Until a worker has taken a chunk of the job: its message is in kombu's unacked hash."""
+    from mlfarm.broker.reconcile import UNACKED, parse_message
+
+    deadline = time.monotonic() + timeout
+    while not any((m := parse_message(raw)) and m.kwargs["job_id"] == job_id for raw in client.hvals(UNACKED)):
+        assert time.monotonic() < deadline, f"no worker took a chunk of job {job_id}"
+        time.sleep(0.05)
+    time.sleep(0.5)  # and registered it
+
+
 def assert_outputs_whole(out: str, frames: list[int], **kw: int) -> None:
     folder = Path(out).parent
     visible = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
@@ -126,7 +137,6 @@ def test_a_chunk_a_worker_holds_for_later_is_not_lost_when_its_broker_connection
     holds it and queues its frames again."""
     from mlfarm.broker.celery_app import CHUNK_TASK, make_celery
     from mlfarm.broker.jobs import JobSpec
-    from mlfarm.broker.reconcile import UNACKED, parse_message
 
     harness, server = own_farm
     harness.env_overrides.update({"MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_RECONCILE_GRACE": "1",
@@ -140,12 +150,7 @@ def test_a_chunk_a_worker_holds_for_later_is_not_lost_when_its_broker_connection
     app = make_celery(harness.settings(), harness.url)
     app.send_task(CHUNK_TASK, kwargs={"job_id": spec.id, "model": spec.model, "frames": "1,2"}, queue="cpu",
                   countdown=60)
-    deadline = time.monotonic() + 30
-    while not any((m := parse_message(raw)) and m.kwargs["job_id"] == spec.id
-                  for raw in client.redis.hvals(UNACKED)):
-        assert time.monotonic() < deadline, "the worker never took the chunk"
-        time.sleep(0.05)
-    time.sleep(0.5)
+    wait_until_taken(client.redis, spec.id)
     server.stop()
     time.sleep(10)  # the worker notices within seconds, while Redis is still away
     server.start()
@@ -510,7 +515,6 @@ def test_a_killed_workers_taken_but_unstarted_chunk_is_queued_again_within_secon
     living worker holds it."""
     farm.env_overrides.update({"MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_RECONCILE_GRACE": "1",
                                "MLFARM_RECONCILE_INTERVAL": "2"})
-    from mlfarm.broker.reconcile import UNACKED, parse_message
 
     client = farm.farm()
     plate = make_plate(farm.storage / "plate", [1, 2])
@@ -518,12 +522,7 @@ def test_a_killed_workers_taken_but_unstarted_chunk_is_queued_again_within_secon
     slow = client.submit("slow", plate, str(farm.storage / "slow" / "o.####.exr"), [1], {"seconds": 10})
     victim.wait_log(f"job {slow.id} slow: frames 1")
     waiting = client.submit("passthrough", plate, str(farm.storage / "waiting" / "o.####.exr"), [1, 2], chunk=2)
-    deadline = time.monotonic() + 30
-    while not any((m := parse_message(raw)) and m.kwargs["job_id"] == waiting.id
-                  for raw in client.redis.hvals(UNACKED)):
-        assert time.monotonic() < deadline, "the worker never took the second job's chunk"
-        time.sleep(0.05)
-    time.sleep(0.5)
+    wait_until_taken(client.redis, waiting.id)
     assert all(f.state == "queued" for f in client.status(waiting.id).frames)  # waiting its turn
     victim.kill()
     rescuer = farm.start_worker(name="rescuer@faults")
