@@ -46,6 +46,15 @@ def terminate(proc: subprocess.Popen, timeout: float = 30) -> int:
     return proc.returncode
 
 
+def assert_no_unrecoverable_error(processes: list[MlfarmProcess]) -> None:
+    """Celery logs "Unrecoverable error" when it gives up on a worker for an exception in its own
+    machinery (a kombu slip while reconnecting, say): in any test, that is a worker lost."""
+    for proc in processes:
+        log = proc.log()
+        at = log.find("Unrecoverable error")
+        assert at < 0, f"{proc.log_path.stem}: Celery stopped the worker:\n{log[at:at + 3000]}"
+
+
 class MlfarmProcess:
     """`python -m mlfarm <args>` in its own process, its output in a log file the test reads."""
 
@@ -193,6 +202,7 @@ class FarmHarness:
     def stop(self) -> None:
         for w in self.workers:
             w.stop()
+        assert_no_unrecoverable_error(self.workers)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from mlfarm.worker.supervisor import (
     workers_per_gpu,
 )
 
-from conftest import MlfarmProcess, make_plate
+from conftest import MlfarmProcess, assert_no_unrecoverable_error, make_plate
 
 FAST_REDELIVERY = {  # a chunk whose worker was SIGKILLed is redelivered within seconds, not an hour
     "MLFARM_FRAME_TIME_LIMIT": "3",
@@ -85,6 +85,7 @@ def supervisors(farm):
     yield start
     for s in started:
         s.stop()
+    assert_no_unrecoverable_error(started)
 
 
 def test_one_pinned_worker_per_gpu_and_a_killed_one_is_restarted(farm, supervisors):
