@@ -48,6 +48,13 @@ class TaskThreads(CeleryThreads):
     pool's chunks do when Celery raises inside them.
     """
 
+    def terminate_job(self, pid: int, signal: int | None = None) -> None:
+        """Celery's cold shutdown cancels each running task through this; a thread cannot be
+        killed, so the running chunks are told to stop at their next batch (``STOP_NOW``) and hand
+        their other frames back. (The base class raises, which Celery took as an unrecoverable
+        error, logged as CRITICAL on every cold shutdown.)"""
+        STOP_NOW.set()
+
     def on_stop(self) -> None:
         from celery.worker import state
 
