@@ -49,11 +49,13 @@ class TaskThreads(CeleryThreads):
     """
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
-        """Celery's cold shutdown cancels each running task through this; a thread cannot be
-        killed, so the running chunks are told to stop at their next batch (``STOP_NOW``) and hand
-        their other frames back. (The base class raises, which Celery took as an unrecoverable
-        error, logged as CRITICAL on every cold shutdown.)"""
-        STOP_NOW.set()
+        """Celery cancels a running task through this: on a cold shutdown, and for a revoke with
+        terminate (Flower's "terminate"). A thread cannot be killed, so this does nothing: on a
+        cold shutdown ``on_stop`` then tells the chunks to stop at their next batch, and a revoked
+        chunk runs on (``mlfarm cancel`` stops a job). The base class raises instead, which Celery
+        took as an unrecoverable error, logged as CRITICAL on every cold shutdown."""
+        log.info("a running task cannot be killed on the threads pool; it stops at its next batch on a "
+                 "cold shutdown, and otherwise runs on")
 
     def on_stop(self) -> None:
         from celery.worker import state
