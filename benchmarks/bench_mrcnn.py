@@ -455,6 +455,8 @@ def main() -> None:
         from mlfarm.worker.cpus import format_cpus, split_cpus
 
         shares = None if args.no_share_cores or n_gpus < 2 else split_cpus(n_gpus)
+        # For MLFARM_WORKERS_PER_GPU=auto, asked once: one nvidia-smi (or torch) subprocess.
+        gpu_memory = gpu_memory_gib([str(i) for i in range(n_gpus)]) if cuda else [None]
         print(f"(c) worker settings: precision {precision}, channels_last {channels_last}, "
               f"{args.io_threads or 'the default (cores - 2)'} I/O threads, chunk {args.chunk}"
               + (f", cores per worker {' / '.join(format_cpus(c) for c in shares)}" if shares else ""), flush=True)
@@ -472,8 +474,7 @@ def main() -> None:
             # Bench keys, not worker settings. Worker processes a GPU as `mlfarm worker --gpus` starts them.
             per_gpu_setting = variant.pop("WORKERS_PER_GPU", "auto")
             per_gpu, why = workers_per_gpu(per_gpu_setting if per_gpu_setting == "auto" else int(per_gpu_setting),
-                                           gpu_memory_gib([str(i) for i in range(n_gpus)]) if cuda else [None],
-                                           len(os.sched_getaffinity(0)))
+                                           gpu_memory, len(os.sched_getaffinity(0)))
             print(f"[{where}] {per_gpu} worker process(es) a GPU ({why})", flush=True)
             chunk = int(variant.pop("CHUNK", args.chunk))
             # As `mlfarm worker --gpus` places them: every worker process on its own share of the cores.

@@ -107,10 +107,10 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
         if app.conf.worker_pool == TASK_THREADS:  # its watchdog stops the consumer before it ends
             taken = [q.name for q in sender.task_consumer.queues]
             runtime.stop_consuming = functools.partial(stop_consuming, app, hostname, taken)
-        reports.enter_context(reporting_holdings(redis_client(url, role="holdings"), hostname,
-                                                 settings.worker_dead_after))
+        client = redis_client(url, role="worker")  # the catalog now, the holdings reports for the process's life
+        reports.enter_context(reporting_holdings(client, hostname, settings.worker_dead_after))
         descriptions = Catalog.from_settings(settings).describe_all()
-        publish_catalog(redis_client(url), descriptions, hostname)
+        publish_catalog(client, descriptions, hostname)
         pinned = f" pinned to GPU {gpu} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
             if gpu is not None else ""
         if cpus:
