@@ -125,10 +125,12 @@ def coverage(client: redis.Redis, holders: Holdings | None = None) -> Coverage:
     now = time.time()
     cov = Coverage()
     for raw in chain.from_iterable(queued):
-        if message := parse_message(raw):
+        message = parse_message(raw)
+        if message:
             cov.add(message, held=True)
     for tag, raw in unacked.items():
-        if message := parse_message(raw):
+        message = parse_message(raw)
+        if message:
             cov.add(message, held=holders is None or holders.may_hold(message.id, taken_at.get(tag, now)))
     return cov
 

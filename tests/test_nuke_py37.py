@@ -20,9 +20,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def python37() -> str | None:
-    """A Python 3.7 that really runs (a pyenv shim on PATH may not)."""
-    candidates = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.7*/bin/python3.7")))
-    candidates += [p for p in [shutil.which("python3.7")] if p]
+    """A Python 3.7 that really runs (a pyenv shim on PATH may not).
+
+    pyenv's versions are looked for beside the shim on PATH too, not only under ~/.pyenv: a run
+    with another HOME (a clean-machine check) must still find the interpreter CI has.
+    """
+    on_path = shutil.which("python3.7")
+    roots = [os.environ.get("PYENV_ROOT", ""), os.path.expanduser("~/.pyenv")]
+    if on_path and Path(on_path).parent.name == "shims":
+        roots.append(str(Path(on_path).parent.parent))
+    candidates = [py for root in roots if root for py in sorted(glob.glob(f"{root}/versions/3.7*/bin/python3.7"))]
+    candidates += [p for p in [on_path] if p]
     for py in candidates:
         try:
             ok = subprocess.run([py, "-c", "import sys; assert sys.version_info[:2] == (3, 7)"],
