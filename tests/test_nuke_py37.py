@@ -6,6 +6,7 @@ PATH); skipped, saying so, where none is.
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import os
@@ -108,10 +109,29 @@ STARTUP_NUKE = textwrap.dedent('''
 ''')
 
 
+def client_chain_files() -> list[str]:
+    return sorted({p for pattern in CLIENT_CHAIN for p in glob.glob(str(REPO / pattern))})
+
+
+def test_nuke_side_modules_parse_as_python_37_everywhere():
+    """The grammar check runs where no 3.7 interpreter is (a walrus once reached CI this way)."""
+    files = client_chain_files()
+    assert len(files) > 15
+    refused = []
+    for f in files:
+        try:
+            ast.parse(Path(f).read_text(encoding="utf-8"), f, feature_version=(3, 7))
+        except SyntaxError as exc:
+            refused.append(f"{Path(f).relative_to(REPO)}:{exc.lineno}: {exc.msg}")
+    assert not refused, "\n".join(refused)
+    with pytest.raises(SyntaxError, match="3.8"):
+        ast.parse("if (x := 1):\n    pass\n", feature_version=(3, 7))
+
+
 @pytest.mark.skipif(python37() is None, reason="no Python 3.7 interpreter here (Nuke 13's Python)")
 def test_nuke_side_modules_compile_and_work_on_python_37(tmp_path):
     py = python37()
-    files = sorted({p for pattern in CLIENT_CHAIN for p in glob.glob(str(REPO / pattern))})
+    files = client_chain_files()
     assert len(files) > 15
     compile_all = "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec')\n"
     proc = subprocess.run([py, "-B", "-c", compile_all, *files], capture_output=True, text=True, timeout=60)
