@@ -31,16 +31,19 @@ def beating(beat: Callable[[], None], interval: float, what: str, now: bool = Fa
 
     def run() -> None:
         wait = 0.0 if now else interval
+        failing = False
         while not stop.wait(wait):
             try:
                 beat()
             except redis.RedisError as exc:
-                if wait == interval or wait == 0:  # the first failure of a run of them
+                if not failing:  # the first failure of a run of them
                     log.warning("%s: heartbeat failed, trying every second: %s", what, exc)
+                failing = True
                 wait = min(interval, 1.0)
             else:
-                if 0 < wait < interval:
+                if failing:
                     log.info("%s: heartbeat back", what)
+                failing = False
                 wait = interval
 
     thread = threading.Thread(target=run, name=f"mlfarm-heartbeat-{what}"[:60], daemon=True)
