@@ -473,8 +473,7 @@ def main() -> None:
             variant = dict(variant)
             # Bench keys, not worker settings. Worker processes a GPU as `mlfarm worker --gpus` starts them.
             per_gpu_setting = variant.pop("WORKERS_PER_GPU", "auto")
-            per_gpu, why = workers_per_gpu(per_gpu_setting if per_gpu_setting == "auto" else int(per_gpu_setting),
-                                           gpu_memory, len(os.sched_getaffinity(0)))
+            per_gpu, why = workers_per_gpu(per_gpu_setting, gpu_memory, len(os.sched_getaffinity(0)))
             print(f"[{where}] {per_gpu} worker process(es) a GPU ({why})", flush=True)
             chunk = int(variant.pop("CHUNK", args.chunk))
             # As `mlfarm worker --gpus` places them: every worker process on its own share of the cores.
