@@ -22,7 +22,7 @@ from pathlib import Path, PurePath
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-MARKER = re.compile(r"^<!--\s*mlfarm:(?P<what>settings|cli)(?P<args>[^>]*?)\s*-->\s*$", re.MULTILINE)
+MARKER = re.compile(r"^<!--\s*mlfarm:(?P<what>settings|cli)(?P<args>[^>]*?)\s*-->[ \t]*$", re.MULTILINE)
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
