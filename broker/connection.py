@@ -58,14 +58,19 @@ def broker_url(settings: Settings) -> str:
     return url
 
 
-def redis_client(url: str, timeout: float = 10.0, patient: bool = False, role: str = "client") -> redis.Redis:
+def redis_client(url: str, timeout: float = 10.0, patient: bool = False, role: str = "client",
+                 retries: int | None = None) -> redis.Redis:
     """A client for job records.
 
     Submitters fail fast (a few retries, about a second) so an artist hears at once that the farm
     is unreachable; workers are ``patient`` and ride out a Redis restart or a short outage (about a
-    minute of retries with backoff) instead of failing the frames they are rendering. The
-    connection is named ``mlfarm-<role>:<host>:<pid>`` so `CLIENT LIST` tells a wrangler who is who.
+    minute of retries with backoff) instead of failing the frames they are rendering. A client whose
+    user waits on every call (Nuke's interface) passes ``retries=0``, so one ``timeout`` bounds a call
+    even against a Redis that accepts connections but never answers. The connection is named
+    ``mlfarm-<role>:<host>:<pid>`` so `CLIENT LIST` tells a wrangler who is who.
     """
+    if retries is None:
+        retries = 16 if patient else 4
     backoff = ExponentialBackoff(cap=5.0, base=0.1) if patient else ExponentialBackoff(cap=1.0, base=0.05)
     return redis.Redis.from_url(
         url,
@@ -74,7 +79,7 @@ def redis_client(url: str, timeout: float = 10.0, patient: bool = False, role: s
         socket_timeout=timeout,
         socket_keepalive=True,
         health_check_interval=30,
-        retry=Retry(backoff, retries=16 if patient else 4),
+        retry=Retry(backoff, retries=retries),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         client_name=f"mlfarm-{role}:{socket.gethostname()}:{os.getpid()}",
     )

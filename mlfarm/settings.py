@@ -223,6 +223,10 @@ class Settings(BaseSettings):
         "os.pathsep: Read nodes of EXR sequences there are read by the farm directly, not rendered first.",
     )
     nuke_poll_interval: float = Field(default=2.0, gt=0, description="Seconds between progress polls in Nuke.")
+    nuke_timeout: float = Field(
+        default=3.0, gt=0, description="Seconds Nuke waits for the farm's Redis to connect or answer before "
+        "telling the artist it cannot reach the farm. No retries: Nuke's interface waits meanwhile.",
+    )
 
     # --- model weights and Mask R-CNN (issue 8, models/builtin/mrcnn) ------------------------
     weights_dir: Path = Field(

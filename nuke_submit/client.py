@@ -32,10 +32,16 @@ class SubmitError(ValueError):
 class Farm:
     """A connection to one farm (its Redis) for submitting and following jobs."""
 
-    def __init__(self, settings: Settings | None = None, url: str | None = None):
+    def __init__(self, settings: Settings | None = None, url: str | None = None, timeout: float | None = None):
+        """``timeout``: for a client someone waits on (Nuke's interface), every call to the farm gives
+        up after this many seconds, without retries; by default calls ride out short hiccups."""
         self.settings = settings or get_settings()
         self.url = url or broker_url(self.settings)
-        self.redis = redis_client(self.url)
+        self.timeout = timeout
+        if timeout is None:
+            self.redis = redis_client(self.url)
+        else:
+            self.redis = redis_client(self.url, timeout=timeout, retries=0)
         self.store = JobStore(self.redis, self.settings.job_ttl)
         self._app = None
 
@@ -43,6 +49,13 @@ class Farm:
     def app(self):
         if self._app is None:
             self._app = make_celery(self.settings, self.url)
+            if self.timeout is not None:
+                conf = self._app.conf
+                conf.broker_transport_options = dict(conf.broker_transport_options, socket_timeout=self.timeout,
+                                                     socket_connect_timeout=self.timeout)
+                conf.broker_connection_timeout = self.timeout
+                conf.broker_connection_max_retries = 0
+                conf.task_publish_retry_policy = {"max_retries": 0}
         return self._app
 
     # --- catalog -----------------------------------------------------------------------

@@ -3,10 +3,13 @@
 Every decision (frames, paths, names, colour, label text) is made by the pure modules beside this
 one; this module only reads and writes knobs, creates nodes and runs Nuke's own render for the
 render-first path. Nodes are touched on Nuke's main thread only: progress arrives from a polling
-thread through ``nuke.executeInMainThread``.
+thread through ``nuke.executeInMainThread``, and nothing on the main thread waits on the farm for
+longer than ``MLFARM_NUKE_TIMEOUT`` (a hung Redis must not freeze Nuke).
 
-The farm client (Celery, redis-py, pydantic-settings) is imported on first use, so the menu
-installs, and says what is missing, even where those are not installed for Nuke's Python.
+Only names of Nuke's documented Python API are used (tests/nuke_stub/nuke_api.py lists them). The
+farm client (Celery, redis-py, pydantic-settings) and ``nukescripts`` are imported on first use, so
+the menu installs, and says what is missing, even where those are not installed for Nuke's Python,
+and ``nuke -t`` (no panels) imports this module too.
 """
 
 from __future__ import annotations
@@ -20,25 +23,28 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import nuke
 
-from mlfarm.broker.frames import PatternError, check_pattern, parse_frames
+from mlfarm.broker.frames import PatternError, check_pattern, format_frames, parse_frames
 from mlfarm.models.options import OptionError, validate_options
 
 from .knobs import KnobSpec, option_knobs, options_from_knobs
 from .plan import (
     FRAME_MODES,
+    READ_TIMING_KNOBS,
     PlanError,
+    ReadTiming,
     check_frames_exist,
     choose_frames,
     farm_pattern,
     frame_runs,
     output_pattern,
+    place_beside,
     reads_directly,
     render_pattern,
     reserve_output,
     shot_name,
     write_channels,
 )
-from .results import Progress, failure_text, progress_label, read_settings
+from .results import Progress, expired_progress, failure_text, progress_label, read_settings
 from .watch import JobWatcher, Watchers
 
 log = logging.getLogger(__name__)
@@ -63,19 +69,49 @@ class Submission:
 
 
 # --- the farm ------------------------------------------------------------------------------------
-def connect():
-    """A ``Farm`` for the configured broker, checked to answer, or a PlanError saying what is wrong."""
+def farm_client():
+    """A ``Farm`` whose every call gives up after ``MLFARM_NUKE_TIMEOUT``; contacts nothing yet."""
     try:
+        from mlfarm.settings import get_settings
+
         from .client import Farm
     except ImportError as exc:
         raise PlanError("the ML Farm client libraries are not installed for Nuke's Python (%s); "
-                        "see 'Nuke setup' in the mlfarm README" % exc) from None
+                        "see 'Nuke setup' in the mlfarm docs" % exc) from None
     try:
-        farm = Farm()
-        farm.redis.ping()
-    except Exception as exc:  # no broker configured, insecure URL, Redis down: all need the same fix
+        settings = get_settings()
+        return Farm(settings, timeout=settings.nuke_timeout)
+    except Exception as exc:  # no broker configured, insecure URL, a bad settings file
         raise PlanError("cannot reach the farm: %s" % exc) from None
+
+
+def connect():
+    """A ``Farm`` for the configured broker, checked to answer within the Nuke timeout, or a PlanError
+    saying what is wrong."""
+    farm = farm_client()
+    try:
+        farm.redis.ping()
+    except Exception as exc:  # Redis down, hung, or refusing our password: all need the same fix
+        raise PlanError("cannot reach the farm (no answer within %gs): %s" % (farm.timeout, exc)) from None
     return farm
+
+
+class JobExpired(PlanError):
+    """A results Read's job is no longer on the farm: its record outlived the job TTL."""
+
+
+def _job_call(read: Any, farm: Any, call: Any) -> Any:
+    """``call(job_id)`` for a results Read's job; an expired record becomes a message an artist can act on."""
+    job_id = read[JOB_KNOB].value()
+    try:
+        return call(job_id)
+    except KeyError:  # the farm's JobNotFound: the record expired after MLFARM_JOB_TTL
+        days = farm.settings.job_ttl / 86400.0
+        read["label"].setValue(progress_label(expired_progress(job_id)))
+        raise JobExpired(
+            "job %s is no longer on the farm: job records are kept %g days after their last change. "
+            "The frames it rendered are still on disk (%s); to render again, submit the source node again."
+            % (job_id, days, os.path.dirname(read["file"].value()))) from None
 
 
 def _user_error(exc: Exception) -> bool:
@@ -102,6 +138,13 @@ def _source_pattern(node: Any) -> Optional[str]:
     if node.Class() != "Read":
         return None
     return farm_pattern(nuke.filename(node) or node["file"].value())
+
+
+def read_timing(node: Any) -> Optional[ReadTiming]:
+    """How a Read maps timeline frames to its files' frames (``None`` for any other node)."""
+    if node.Class() != "Read":
+        return None
+    return ReadTiming.from_knobs({k: node[k].value() for k in READ_TIMING_KNOBS if node.knob(k) is not None})
 
 
 def _frames_arg(node: Any, frames: Union[None, str, Sequence[int]]) -> List[int]:
@@ -137,9 +180,10 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
     farm = farm or connect()
     settings = farm.settings
     description = farm.describe(model, include_local=False)
-    frame_list = _frames_arg(node, frames)
+    frame_list = _frames_arg(node, frames)  # timeline frames: what the node shows at each
     typed = validate_options(description, dict(options or {}))
     source = _source_pattern(node)
+    timing = read_timing(node)
     shot = shot or shot_name(nuke.root().name(), source or "")
     out = output or output_pattern(settings.nuke_output_template, str(settings.storage_root), shot, model)
     try:
@@ -147,21 +191,30 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
     except PatternError as exc:
         raise PlanError(str(exc)) from None
     farm.check_output(out)
-    if source is not None:
-        check_frames_exist(source, frame_list)
-    if source is not None and reads_directly(node.Class(), source, settings.nuke_read_roots):
-        input_pattern, rendered = source, False
-    else:
-        input_pattern, rendered = render_first(node, frame_list, shot, description, settings), True
+    file_frames = None  # type: Optional[List[int]]
+    if source is not None and timing is not None and timing.shift() is not None:
+        file_frames = timing.file_frames(frame_list)
+        if not file_frames:
+            raise PlanError("%s shows none of its files at frames %s (black outside %d-%d)"
+                            % (node.name(), format_frames(frame_list), timing.first, timing.last))
+        check_frames_exist(source, file_frames)
+    if file_frames is not None and reads_directly(node.Class(), source, settings.nuke_read_roots):
+        # The farm reads the files themselves: submit their frame numbers, and give the results Read
+        # the source's timing so each result lines up with its plate frame in the comp.
+        input_pattern, rendered, job_frames = source, False, file_frames
+        result_timing = timing.for_results(file_frames)  # type: Optional[ReadTiming]
+    else:  # Nuke renders what the timeline shows, numbered by timeline frame: no retime left to apply
+        input_pattern = render_first(node, frame_list, shot, description, settings)
+        rendered, job_frames, result_timing = True, frame_list, None
     try:
-        spec = farm.submit(model, input_pattern, out, frame_list, typed, chunk, priority,
+        spec = farm.submit(model, input_pattern, out, job_frames, typed, chunk, priority,
                            name="%s %s" % (shot, node.name()), include_local=False)
     except Exception:
         if rendered:  # refused (e.g. the chunk size): the render made for it goes too
             shutil.rmtree(os.path.dirname(input_pattern), ignore_errors=True)
         raise
     reserve_output(out, spec.id)
-    read = create_results_read(node, spec, description, rendered)
+    read = create_results_read(node, spec, description, rendered, result_timing)
     if watch:
         follow(read, farm)
     return Submission(job_id=spec.id, spec=spec, read=read, rendered_first=rendered, input=input_pattern)
@@ -192,8 +245,30 @@ def render_first(node: Any, frames: Sequence[int], shot: str, description: Dict[
     return pattern
 
 
-def create_results_read(source: Any, spec: Any, description: Dict[str, Any], rendered_first: bool) -> Any:
-    """A Read beside ``source`` for the job's output, with its range, colour handling and label."""
+#: Node sizes in the graph when Nuke has not drawn a node yet (it answers 0 then).
+DEFAULT_NODE_SIZE = (80, 18)
+READ_NODE_SIZE = (80, 78)  # a Read shows a thumbnail
+
+
+def _rect(node: Any) -> tuple:
+    fallback = READ_NODE_SIZE if node.Class() == "Read" else DEFAULT_NODE_SIZE
+    return (node.xpos(), node.ypos(), node.screenWidth() or fallback[0], node.screenHeight() or fallback[1])
+
+
+def place_results_read(read: Any, source: Any) -> None:
+    """Put a new results Read right of its source, level with it, where it overlaps no node."""
+    others = [_rect(n) for n in nuke.allNodes() if n is not read]
+    x, y = place_beside(_rect(source), _rect(read)[2:], others)
+    read.setXYpos(int(x), int(y))
+
+
+def create_results_read(source: Any, spec: Any, description: Dict[str, Any], rendered_first: bool,
+                        timing: Optional[ReadTiming] = None) -> Any:
+    """A Read beside ``source`` for the job's output, with its range, timing, colour handling and label.
+
+    ``timing``: the source Read's timing for these frames, so the results line up with the plate in
+    the comp; ``None`` when the results are numbered by timeline frame (a render-first submission).
+    """
     is_read = source.Class() == "Read"
     source_raw = bool(source["raw"].value()) if is_read and source.knob("raw") is not None else True
     source_cs = source["colorspace"].value() if is_read and source.knob("colorspace") is not None else None
@@ -205,13 +280,16 @@ def create_results_read(source: Any, spec: Any, description: Dict[str, Any], ren
         read[knob].setValue(rs.first)
     for knob in ("last", "origlast"):
         read[knob].setValue(rs.last)
+    if timing is not None:
+        for knob in ("frame_mode", "frame", "before", "after"):
+            read[knob].setValue(getattr(timing, knob))
     read["raw"].setValue(rs.raw)
     if rs.colorspace:
         read["colorspace"].setValue(rs.colorspace)
     read["on_error"].setValue("checkerboard")  # frames still rendering are obvious, not errors
     read["label"].setValue(rs.label)
     read.setName(rs.name)
-    read.setXYpos(source.xpos() + 150, source.ypos())
+    place_results_read(read, source)
     read.addKnob(nuke.Tab_Knob("mlfarm", "ML Farm"))
     for name, label, value in ((JOB_KNOB, "job", rs.knobs[JOB_KNOB]),
                                (FRAMES_KNOB, "frames", rs.knobs[FRAMES_KNOB]),
@@ -246,7 +324,10 @@ def _apply_or_stop(read: Any, progress: Progress) -> None:
 
 
 def follow(read: Any, farm: Any) -> JobWatcher:
-    """Poll the job on a background thread; every change is applied on the main thread."""
+    """Poll the job on a background thread; every change is applied on the main thread.
+
+    Returns at once: the first poll, like every later one, happens on the watcher's thread.
+    """
     job_id = read[JOB_KNOB].value()
 
     def deliver(progress: Progress) -> None:
@@ -259,10 +340,9 @@ def follow(read: Any, farm: Any) -> JobWatcher:
 def refresh_node(read: Any, farm: Any = None) -> Progress:
     """Bring one results Read up to date now, and keep following it if its job is still running."""
     farm = farm or connect()
-    job_id = read[JOB_KNOB].value()
-    progress = Progress.from_status(farm.status(job_id))
+    progress = Progress.from_status(_job_call(read, farm, farm.status))
     apply_progress(read, progress)
-    if not progress.finished and not WATCHERS.running(job_id):
+    if not progress.finished and not WATCHERS.running(progress.job_id):
         follow(read, farm)
     return progress
 
@@ -273,25 +353,23 @@ def result_reads() -> List[Any]:
             if n.knob(JOB_KNOB) is not None and n[JOB_KNOB].value()]
 
 
-def refresh_results(farm: Any = None) -> List[Progress]:
-    """Refresh every results Read in the script (after reopening it, or after a network hiccup)."""
-    farm = farm or connect()
-    out = []
-    for read in result_reads():
-        try:
-            out.append(refresh_node(read, farm))
-        except KeyError as exc:  # the job record expired
-            read["label"].setValue("mlfarm %s\n%s" % (read[JOB_KNOB].value(), exc))
-    return out
+def refresh_results(farm: Any = None) -> List[JobWatcher]:
+    """Follow every results Read in the script again (after reopening it, or after a network hiccup).
+
+    Never waits on the farm: each Read gets a watcher whose polls run off the main thread, so a farm
+    that is down or hung shows on the labels ("farm unreachable", then the progress once it answers)
+    instead of freezing Nuke.
+    """
+    farm = farm or farm_client()
+    return [follow(read, farm) for read in result_reads()]
 
 
 def retry_failed(read: Any, farm: Any = None) -> List[int]:
     """Requeue only the failed frames of a results Read's job and follow it again."""
     farm = farm or connect()
-    job_id = read[JOB_KNOB].value()
-    frames = farm.retry(job_id, failed_only=True)
+    frames = _job_call(read, farm, lambda job_id: farm.retry(job_id, failed_only=True))
     if frames:
-        apply_progress(read, Progress.from_status(farm.status(job_id)))
+        apply_progress(read, Progress.from_status(_job_call(read, farm, farm.status)))
         follow(read, farm)  # always a fresh watcher: the last one stopped when it saw the job end
     return frames
 
@@ -299,8 +377,7 @@ def retry_failed(read: Any, farm: Any = None) -> List[int]:
 def cancel_job(read: Any, farm: Any = None) -> int:
     """Cancel a results Read's job: queued frames are dropped, running ones stop at the next frame."""
     farm = farm or connect()
-    job_id = read[JOB_KNOB].value()
-    dropped = farm.cancel(job_id)
+    dropped = _job_call(read, farm, farm.cancel)
     refresh_node(read, farm)
     return dropped
 
@@ -324,11 +401,16 @@ def make_knob(spec: KnobSpec) -> Any:
     return knob
 
 
-class SubmitPanel(nuke.PythonPanel):
-    """*ML Farm > Submit selected...*: model, its options, frames, chunk, priority, output."""
+class _SubmitPanel(object):
+    """*ML Farm > Submit selected...*: model, its options, frames, chunk, priority, output.
+
+    Mixed into ``nukescripts.PythonPanel`` by :func:`SubmitPanel` on first use. The panel makes its own
+    OK and Cancel buttons (``okButton``/``cancelButton``, which ``nukescripts.PythonPanel`` then uses
+    instead of adding its own) so that it can keep them last when a model switch changes the option knobs.
+    """
 
     def __init__(self, node: Any, farm: Any):
-        nuke.PythonPanel.__init__(self, "ML Farm: submit %s" % node.name(), "uk.co.mlfarm.submit")
+        super(_SubmitPanel, self).__init__("ML Farm: submit %s" % node.name(), "uk.co.mlfarm.submit")
         self.node = node
         self.farm = farm
         self.catalog = farm.catalog(include_local=False)
@@ -354,15 +436,21 @@ class SubmitPanel(nuke.PythonPanel):
         self.shot.setValue(shot_name(nuke.root().name(), source or ""))
         self.option_knobs = []  # type: List[Any]
         self.specs = []  # type: List[KnobSpec]
+        self.okButton = nuke.Script_Knob("OK", "Submit")  # noqa: N815 - the names nukescripts looks for
+        self.cancelButton = nuke.Script_Knob("Cancel")  # noqa: N815
         self.rebuild_options()
 
     def rebuild_options(self) -> None:
-        """Replace the option knobs with the chosen model's, and point the output at its next version."""
-        for knob in self.option_knobs:
-            self.removeKnob(knob)
+        """Replace the option knobs with the chosen model's, and point the output at its next version.
+
+        OK and Cancel are taken off and put back after the new knobs, so they stay at the bottom.
+        """
+        for knob in self.option_knobs + [self.okButton, self.cancelButton]:
+            if knob.name() in self.knobs():
+                self.removeKnob(knob)
         self.specs = option_knobs(self.catalog[self.model.value()])
         self.option_knobs = [make_knob(s) for s in self.specs]
-        for knob in self.option_knobs:
+        for knob in self.option_knobs + [self.okButton, self.cancelButton]:
             self.addKnob(knob)
         self.update_output()
 
@@ -391,6 +479,20 @@ class SubmitPanel(nuke.PythonPanel):
                       int(self.priority.value()), self.output.value(), self.shot.value(), self.farm, watch)
 
 
+_panel_class = None
+
+
+def SubmitPanel(node: Any, farm: Any) -> Any:  # noqa: N802 - reads as the class it makes
+    """The submit panel for ``node``: a ``nukescripts.PythonPanel``, made on first use so that importing
+    this module needs no ``nukescripts`` (``nuke -t`` has no panels)."""
+    global _panel_class
+    if _panel_class is None:
+        import nukescripts
+
+        _panel_class = type("SubmitPanel", (_SubmitPanel, nukescripts.PythonPanel), {})
+    return _panel_class(node, farm)
+
+
 # --- menu commands: each reports refusals with nuke.message instead of raising --------------------------
 def submit_selected() -> Optional[Submission]:
     try:
@@ -409,12 +511,15 @@ def submit_selected() -> Optional[Submission]:
 
 
 def refresh_on_script_load() -> None:
-    """Registered with ``nuke.addOnScriptLoad``: follow an opened script's jobs again, without pop-ups."""
+    """Registered with ``nuke.addOnScriptLoad``: follow an opened script's jobs again, without pop-ups.
+
+    Waits on nothing: the labels fill in from the watchers' threads.
+    """
     if not result_reads():
         return
     try:
         refresh_results()
-    except Exception as exc:  # a farm that is down must not nag at every script open
+    except Exception as exc:  # a farm that is misconfigured must not nag at every script open
         log.warning("mlfarm: results not refreshed after opening the script: %s", exc)
 
 

@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from mlfarm.broker.frames import PatternError, check_pattern, format_frames, frame_path, parse_frames
@@ -64,6 +65,122 @@ def frame_runs(frames: Sequence[int]) -> List[Tuple[int, int, int]]:
         step = expanded[1] - expanded[0] if len(expanded) > 1 else 1
         runs.append((expanded[0], expanded[-1], step))
     return runs
+
+
+# --- a Read's timing ---------------------------------------------------------------------------
+#: A Read's knobs that decide which file frame each of its output frames shows.
+READ_TIMING_KNOBS = ("first", "last", "frame_mode", "frame", "before", "after")
+
+_FRAME_EXPRESSION = re.compile(r"^frame(?:([+-])(\d+))?$")
+
+
+@dataclass(frozen=True)
+class ReadTiming:
+    """How a Read maps its output frames (the timeline) to its files' frame numbers, as Nuke does.
+
+    ``first``/``last`` are the files' frames the Read uses; ``frame_mode`` "start at" shows ``first``
+    at output frame ``frame``, "offset" shows file frame f at f + ``frame``, and "expression" shows
+    the file frame the expression gives (only ``frame`` plus or minus a number is understood here;
+    anything else is ``None`` from :meth:`shift`, and such a Read is rendered by Nuke first).
+    ``before``/``after`` say what shows outside first..last: hold, loop, bounce or black.
+    """
+
+    first: int
+    last: int
+    frame_mode: str = "expression"
+    frame: str = ""
+    before: str = "hold"
+    after: str = "hold"
+
+    @classmethod
+    def from_knobs(cls, values: Mapping[str, Any]) -> "ReadTiming":
+        return cls(first=int(values["first"]), last=int(values["last"]),
+                   frame_mode=str(values.get("frame_mode") or "expression"), frame=str(values.get("frame") or ""),
+                   before=str(values.get("before") or "hold"), after=str(values.get("after") or "hold"))
+
+    def shift(self) -> Optional[int]:
+        """Output frame minus file frame; ``None`` for a frame expression that is not a plain offset."""
+        text = self.frame.strip()
+        try:
+            if self.frame_mode == "start at":
+                return int(float(text)) - self.first if text else 0
+            if self.frame_mode == "offset":
+                return int(float(text)) if text else 0
+        except ValueError:
+            return None
+        if self.frame_mode != "expression":
+            return None
+        if not text:
+            return 0
+        match = _FRAME_EXPRESSION.match(text.replace(" ", ""))
+        if match is None:
+            return None
+        amount = int(match.group(2) or 0)
+        return -amount if match.group(1) == "+" else amount
+
+    def file_frame(self, frame: int) -> Optional[int]:
+        """The file frame output ``frame`` shows, or ``None`` (black, or an expression not understood)."""
+        shift = self.shift()
+        if shift is None:
+            return None
+        f = int(frame) - shift
+        if self.first <= f <= self.last:
+            return f
+        rule = self.before if f < self.first else self.after
+        n = self.last - self.first + 1
+        if rule == "hold":
+            return self.first if f < self.first else self.last
+        if rule == "loop":
+            return self.first + (f - self.first) % n
+        if rule == "bounce":
+            period = max(1, 2 * n - 2)
+            k = (f - self.first) % period
+            return self.first + (k if k < n else period - k)
+        return None
+
+    def file_frames(self, frames: Iterable[int]) -> List[int]:
+        """The distinct file frames that output ``frames`` show, in order (black frames have none)."""
+        out = {self.file_frame(f) for f in frames}
+        out.discard(None)
+        return sorted(out)  # type: ignore[arg-type]
+
+    def for_results(self, frames: Sequence[int]) -> "ReadTiming":
+        """The timing of a Read of results numbered like these files, so it lines up with this one.
+
+        The results cover only the submitted ``frames``, so a "start at" becomes the same "offset".
+        """
+        shift = self.shift() or 0
+        mode, text = ("offset", str(shift)) if shift else ("expression", "")
+        return ReadTiming(first=min(frames), last=max(frames), frame_mode=mode, frame=text,
+                          before=self.before, after=self.after)
+
+
+# --- placing a node in the graph -----------------------------------------------------------------
+#: Space left between a new node and its neighbours, in node-graph units.
+PLACE_GAP = 30
+
+
+def _overlaps(a: Tuple[int, int, int, int], b: Tuple[int, int, int, int], gap: int) -> bool:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    return ax < bx + bw + gap and bx < ax + aw + gap and ay < by + bh + gap and by < ay + ah + gap
+
+
+def place_beside(source: Tuple[int, int, int, int], size: Tuple[int, int],
+                 others: Iterable[Tuple[int, int, int, int]], gap: int = PLACE_GAP) -> Tuple[int, int]:
+    """Where a new node of ``size`` goes: right of ``source`` (x, y, w, h), level with it, in the first
+    column where it overlaps no other node; the next free spot further right otherwise."""
+    taken = [tuple(int(v) for v in r) for r in others]
+    sx, sy, sw, _ = (int(v) for v in source)
+    w, h = int(size[0]), int(size[1])
+    x = sx + sw + gap
+    for _ in range(10000):
+        spot = (x, sy, w, h)
+        blocking = [r for r in taken if _overlaps(spot, r, gap)]  # type: ignore[arg-type]
+        if not blocking:
+            return x, sy
+        x = max(r[0] + r[2] for r in blocking) + gap
+    return x, sy
 
 
 # --- input patterns ----------------------------------------------------------------------------

@@ -20,6 +20,10 @@ COLOUR_PLANES = ("rgba", "rgb")
 MAX_LISTED_FAILURES = 20
 
 
+#: The state shown for a job whose record the farm no longer has (kept MLFARM_JOB_TTL after its last change).
+EXPIRED = "expired"
+
+
 @dataclass(frozen=True)
 class Progress:
     """A job's progress as the Nuke main thread receives it: plain values, safe to pass between threads."""
@@ -39,7 +43,7 @@ class Progress:
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "failed", "cancelled")
+        return self.state in ("done", "failed", "cancelled", EXPIRED)
 
     @classmethod
     def from_status(cls, status: Any) -> Progress:
@@ -100,8 +104,16 @@ def node_name(model: str, output: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", base)
 
 
+def expired_progress(job_id: str) -> Progress:
+    """What a results Read shows once its job's record has expired on the farm."""
+    return Progress(job_id=job_id, model="", state=EXPIRED, total=0)
+
+
 def progress_label(p: Progress, version: str = "") -> str:
     """The Read node's label: job id, model and progress, kept short enough for the node graph."""
+    if p.state == EXPIRED:
+        return ("mlfarm %s\njob record expired on the farm\nframes on disk are kept; resubmit to render again"
+                % p.job_id)
     model = "%s v%s" % (p.model, version) if version else p.model
     line = "%d/%d done" % (p.done, p.total)
     if p.failed:

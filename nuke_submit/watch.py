@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from .results import Progress
+from .results import Progress, expired_progress
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ class JobWatcher(threading.Thread):
             try:
                 progress = Progress.from_status(self._poll())
                 wait = next_wait(self.interval, time.thread_time() - started, self.peers())
-            except Exception as exc:  # the farm's Redis unreachable, the record expired...
+            except KeyError:  # the farm's JobNotFound: the record expired, nothing more will come
+                progress = expired_progress(self.job_id)
+            except Exception as exc:  # the farm's Redis unreachable or hung
                 log.warning("mlfarm: following job %s: %s", self.job_id, exc)
                 base = self.last or Progress(job_id=self.job_id, model="", state="unknown", total=0)
                 progress = replace(base, error="farm unreachable: %s" % exc)

@@ -14,6 +14,7 @@ from mlfarm.models.catalog import Catalog, discover
 from mlfarm.nuke_submit.knobs import PREFIX, option_knobs, options_from_knobs
 from mlfarm.nuke_submit.plan import (
     PlanError,
+    ReadTiming,
     check_frames_exist,
     choose_frames,
     farm_pattern,
@@ -21,13 +22,21 @@ from mlfarm.nuke_submit.plan import (
     masked_url,
     missing_frames,
     output_pattern,
+    place_beside,
     reads_directly,
     render_pattern,
     reserve_output,
     shot_name,
     write_channels,
 )
-from mlfarm.nuke_submit.results import MAX_LISTED_FAILURES, Progress, failure_text, progress_label, read_settings
+from mlfarm.nuke_submit.results import (
+    MAX_LISTED_FAILURES,
+    Progress,
+    expired_progress,
+    failure_text,
+    progress_label,
+    read_settings,
+)
 from mlfarm.nuke_submit.watch import MAX_WAIT, POLL_CPU_BUDGET, next_wait
 from mlfarm.settings import Settings
 
@@ -235,3 +244,70 @@ def test_polls_are_spaced_so_following_jobs_stays_within_budget():
     assert next_wait(0.1, 0.01, 0) == pytest.approx(0.01 / POLL_CPU_BUDGET)  # no peers counted: itself
     assert next_wait(2.0, 10.0, 50) == MAX_WAIT  # labels never go stale for longer than this
     assert next_wait(45.0, 10.0, 50) == 45.0  # a configured interval above the cap is kept
+
+
+# --- a Read's timing -------------------------------------------------------------------------------
+def test_a_read_starting_at_another_frame_maps_timeline_frames_to_its_files():
+    # Files 1001-1006 shown from frame 1 ("start at" 1): the timeline's 1-6 are the files' 1001-1006.
+    t = ReadTiming(first=1001, last=1006, frame_mode="start at", frame="1")
+    assert t.shift() == -1000
+    assert [t.file_frame(f) for f in range(1, 7)] == list(range(1001, 1007))
+    assert t.file_frames(range(1, 7)) == list(range(1001, 1007))
+    assert t.file_frames([2, 4]) == [1002, 1004]
+    assert t.file_frame(0) == 1001 and t.file_frame(9) == 1006  # hold, Nuke's default, before and after
+    results = t.for_results([1002, 1004])
+    assert (results.first, results.last, results.frame_mode, results.frame) == (1002, 1004, "offset", "-1000")
+    assert results.file_frame(2) == 1002 and results.file_frame(4) == 1004  # lines up with the plate
+
+
+def test_offsets_and_plain_frame_expressions_are_understood_others_are_not():
+    assert ReadTiming(1003, 1006, "offset", "-1000").file_frames(range(3, 7)) == [1003, 1004, 1005, 1006]
+    assert ReadTiming(1, 10, "offset", "").shift() == 0
+    assert ReadTiming(1, 10).shift() == 0 and ReadTiming(1, 10, "expression", "frame").shift() == 0
+    assert ReadTiming(1, 10, "expression", "frame + 10").file_frame(1) == 10  # held at last
+    assert ReadTiming(1, 20, "expression", "frame+10").file_frame(3) == 13
+    assert ReadTiming(1, 20, "expression", "frame-2").file_frame(5) == 3
+    for mode, frame in (("expression", "7-frame"), ("expression", "frame*2"), ("offset", "abc"), ("nope", "")):
+        t = ReadTiming(1, 6, mode, frame)
+        assert t.shift() is None and t.file_frame(3) is None and t.file_frames([1, 2]) == []
+    identity = ReadTiming(1001, 1006).for_results([1001, 1006])
+    assert (identity.frame_mode, identity.frame) == ("expression", "")
+
+
+def test_frames_outside_a_read_follow_its_before_and_after_rules():
+    loop = ReadTiming(1, 4, before="loop", after="loop")
+    assert [loop.file_frame(f) for f in range(-1, 10)] == [3, 4, 1, 2, 3, 4, 1, 2, 3, 4, 1]
+    bounce = ReadTiming(1, 4, before="bounce", after="bounce")
+    assert [bounce.file_frame(f) for f in range(1, 11)] == [1, 2, 3, 4, 3, 2, 1, 2, 3, 4]
+    black = ReadTiming(1, 4, before="black", after="black")
+    assert black.file_frame(0) is None and black.file_frame(5) is None
+    assert black.file_frames(range(-2, 8)) == [1, 2, 3, 4]
+    assert ReadTiming(1, 4).file_frames(range(-2, 8)) == [1, 2, 3, 4]  # held frames are rendered once
+
+
+# --- placing the results Read ----------------------------------------------------------------------
+def overlapping(a, b):
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def test_new_reads_go_beside_the_source_and_never_onto_another_node():
+    source = (100, 200, 80, 78)
+    placed = []
+    obstacle = (215, 210, 80, 18)  # a node just right of the source
+    for _ in range(4):  # resubmitting from the same node four times
+        x, y = place_beside(source, (80, 78), [source, obstacle] + placed)
+        placed.append((x, y, 80, 78))
+    assert all(y == 200 and x > 100 + 80 for x, y, _, _ in placed)  # level with the source, to its right
+    everything = [source, obstacle] + placed
+    for i, a in enumerate(everything):
+        for b in everything[i + 1:]:
+            assert not overlapping(a, b), (a, b)
+    assert placed[0][0] > obstacle[0] + obstacle[2]  # stepped past the obstacle
+    assert place_beside(source, (80, 78), [source]) == (100 + 80 + 30, 200)  # nothing in the way: right beside it
+
+
+def test_an_expired_jobs_label_says_what_happened_and_what_to_do():
+    p = expired_progress("abc123")
+    assert p.finished
+    assert progress_label(p) == ("mlfarm abc123\njob record expired on the farm\n"
+                                 "frames on disk are kept; resubmit to render again")

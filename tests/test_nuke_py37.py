@@ -83,14 +83,12 @@ SMOKE = textwrap.dedent('''
     print("ok")
 ''')
 
-FAKE_NUKE = "class PythonPanel(object):\n    pass\n"
+FAKE_NUKE = "env = {'gui': False}\n"  # Nuke has no nuke.PythonPanel: the panel class is nukescripts'
 
 #: Just enough of `nuke` for Nuke's start-up to run mlfarm's init.py and menu.py.
 STARTUP_NUKE = textwrap.dedent('''
     import sys
     commands = []
-    class PythonPanel(object):
-        pass
     class _Menu(object):
         def addMenu(self, name, **kw):
             return self

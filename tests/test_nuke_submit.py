@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from mlfarm.broker.frames import frame_path, to_printf
+from mlfarm.broker.jobs import frames_key, job_key
 from mlfarm.nuke_submit.client import SubmitError
 from mlfarm.nuke_submit.plan import PlanError
 from mlfarm.settings import get_settings
@@ -113,7 +116,7 @@ def test_submit_a_read_on_shared_storage_creates_a_results_read_that_follows_the
     assert (read["first"].value(), read["last"].value()) == (1001, 1006)
     assert (read["origfirst"].value(), read["origlast"].value()) == (1001, 1006)
     assert read["raw"].value() is False and read["colorspace"].value() == "ACES - ACEScg"  # as the plate
-    assert (read.xpos(), read.ypos()) == (250, 200)
+    assert read.ypos() == 200 and read.xpos() > 100 + source.screenWidth()  # beside the source, to its right
     assert read["mlfarm_job"].value() == sub.job_id
     assert read["label"].value().splitlines()[:2] == [f"mlfarm {sub.job_id}", "slow v1"]
 
@@ -121,6 +124,14 @@ def test_submit_a_read_on_shared_storage_creates_a_results_read_that_follows_the
     assert "/passthrough/v001/" in again.spec.output
     third = ui.submit(source, "slow", {"seconds": 0}, frames="1001", farm=f, watch=False)
     assert third.spec.output == expected_out.replace("v001", "v002")  # never the running job's folder
+    assert third.read.name() == "ML_slow_v002" and f"mlfarm {third.job_id}" in third.read["label"].value()
+    # Each results Read has a place of its own, level with the source: none lands on another node.
+    rects = [(n.xpos(), n.ypos(), n.screenWidth(), n.screenHeight()) for n in nuke.allNodes()]
+    assert len(rects) == 4 and len(set(rects)) == 4
+    for i, a in enumerate(rects):
+        for b in rects[i + 1:]:
+            assert not (a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3])
+    assert {r.ypos() for r in (read, again.read, third.read)} == {200}
     nuke.delete(again.read)
     nuke.delete(third.read)
 
@@ -380,3 +391,143 @@ def test_the_nuke_path_init_puts_the_client_folder_on_the_path(nuke, tmp_path, m
     copy.write_text(init.read_text())
     exec(compile(copy.read_text(), str(copy), "exec"), {"__file__": str(copy)})
     assert sys.path[0] == str(tmp_path / "sité")
+
+
+def test_a_retimed_read_submits_its_files_frames_and_the_results_line_up_with_it(farm, nuke, ui):
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    plate = make_plate(farm.storage / "retimed", range(1001, 1011))
+    # Files 1001-1006 shown from frame 1 ("start at" 1), as an artist lines a plate up with a comp at 1.
+    start_at = nuke.nodes.Read(file=plate, first=1001, last=1006, origfirst=1001, origlast=1010,
+                               frame_mode="start at", frame="1")
+    assert (start_at.firstFrame(), start_at.lastFrame()) == (1, 6)
+    whole = ui.submit(start_at, "passthrough", farm=f)
+    assert not whole.rendered_first and whole.spec.frames == list(range(1001, 1007))  # the files' numbers
+    assert (whole.read.firstFrame(), whole.read.lastFrame()) == (1, 6)  # the same timing as the plate
+    assert (whole.read["frame_mode"].value(), whole.read["frame"].value()) == ("offset", "-1000")
+
+    # An offset into a longer sequence, part of it submitted: only the files shown at those frames.
+    offset = nuke.nodes.Read(file=plate, first=1003, last=1008, frame_mode="offset", frame="-1000")
+    part = ui.submit(offset, "passthrough", frames="4-5", farm=f)
+    assert part.spec.frames == [1004, 1005]
+    assert (part.read.firstFrame(), part.read.lastFrame()) == (4, 5)
+
+    # A frame expression only Nuke evaluates (the plate backwards): Nuke renders the timeline's frames first.
+    backwards = nuke.nodes.Read(file=plate, first=1001, last=1004, frame="2005-frame")
+    reverse = ui.submit(backwards, "passthrough", farm=f)
+    assert reverse.rendered_first and reverse.spec.frames == [1001, 1002, 1003, 1004]
+
+    pump(nuke, lambda: all("[done]" in s.read["label"].value() for s in (whole, part, reverse)))
+    for t in (1, 4, 6):  # each result sits at the timeline frame of the plate frame it came from
+        np.testing.assert_allclose(whole.read.pixels(t), start_at.pixels(t), **HALF)
+        np.testing.assert_allclose(whole.read.pixels(t), sample_pixels(1000 + t), **HALF)
+    for t in (4, 5):
+        np.testing.assert_allclose(part.read.pixels(t), sample_pixels(1000 + t), **HALF)
+    np.testing.assert_allclose(reverse.read.pixels(1001), sample_pixels(1004), **HALF)
+    np.testing.assert_allclose(reverse.read.pixels(1004), backwards.pixels(1004), **HALF)
+
+    black = nuke.nodes.Read(file=plate, first=1001, last=1002, before="black", after="black")
+    with pytest.raises(PlanError, match=r"Read\d+ shows none of its files at frames 5,6 \(black outside 1001-1002\)"):
+        ui.submit(black, "passthrough", frames="5-6", farm=f, watch=False)
+
+
+def test_ok_and_cancel_stay_last_when_the_model_changes_in_the_open_dialog(farm, nuke, ui):
+    farm.start_worker()
+    f = farm.farm()
+    source = nuke.nodes.Read(file=make_plate(farm.storage / "plates", [1, 2]), first=1, last=2)
+    panel = ui.SubmitPanel(source, f)
+    orders = []
+
+    def artist(open_panel):  # switches models while the dialog is up, then presses Cancel
+        for model in ("slow", "passthrough", "slow"):
+            nuke.user_sets(open_panel, "model", model)
+            orders.append(list(open_panel.knobs()))
+        open_panel.knobChangedCallback(open_panel.cancelButton)
+        return True
+
+    nuke.modal_answer = artist
+    assert panel.showModalDialog() is False  # Cancel was pressed
+    assert [o[-2:] for o in orders] == [["OK", "Cancel"]] * 3
+    assert "opt_seconds" in orders[0] and "opt_seconds" not in orders[1] and "opt_seconds" in orders[2]
+    assert panel.okButton.label() == "Submit"
+
+
+@pytest.fixture
+def hung_farm(monkeypatch, tmp_path):
+    """Settings pointing at a 'Redis' that accepts connections and never answers (a hung broker)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(128)  # the kernel completes every handshake; nothing ever reads or replies
+    for key in [k for k in os.environ if k.startswith("MLFARM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFARM_BROKER_URL", f"redis://127.0.0.1:{server.getsockname()[1]}/0")
+    monkeypatch.setenv("MLFARM_NUKE_TIMEOUT", "1")
+    monkeypatch.setenv("MLFARM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MLFARM_STORAGE_ROOT", str(tmp_path / "storage"))
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+    server.close()
+
+
+def timed(call, *args) -> float:
+    started = time.monotonic()
+    call(*args)
+    return time.monotonic() - started
+
+
+def test_a_farm_that_does_not_answer_never_freezes_nuke_longer_than_the_timeout(hung_farm, nuke, ui):
+    from mlfarm.nuke_submit import menu
+
+    menu.install()
+    plate = make_plate(hung_farm / "storage" / "plates", [1, 2, 3])
+    source = nuke.nodes.Read(file=plate, first=1, last=3)
+    source.setSelected(True)
+    assert timed(ui.submit_selected) < 2.5
+    assert nuke.messages[-1].startswith("ML Farm: cannot reach the farm (no answer within 1s): ")
+
+    # A script with a results Read, opened while the farm hangs: opening it waits on nothing.
+    spec = SimpleNamespace(id="0123abcd", model="blur", model_version="1", frames=[1, 2, 3],
+                           output=str(hung_farm / "storage" / "out" / "o.####.exr"))
+    name = ui.create_results_read(source, spec, {"outputs": {"rgba": 4}}, False).name()
+    nuke.scriptSaveAs(str(hung_farm / "shot.nk"))
+    assert timed(nuke.scriptOpen, str(hung_farm / "shot.nk")) < 0.5
+    read = nuke.toNode(name)
+    pump(nuke, lambda: "farm unreachable" in read["label"].value(), timeout=30)
+
+    for button in ("mlfarm_refresh", "mlfarm_retry", "mlfarm_cancel"):
+        before = len(nuke.messages)
+        assert timed(read[button].execute) < 2.5, button
+        assert len(nuke.messages) == before + 1
+        assert nuke.messages[-1].startswith("ML Farm: cannot reach the farm (no answer within 1s): "), button
+    assert timed(ui.refresh_results_command) < 0.5  # follows again off the main thread
+    assert timed(ui.show_settings) < 2.5 and "cannot reach the farm" in nuke.messages[-1]
+
+
+def test_a_results_read_whose_job_record_expired_says_what_happened_and_what_to_do(farm_env, nuke, ui):
+    farm = farm_env
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    source = nuke.nodes.Read(file=make_plate(farm.storage / "plates", [1, 2, 3]), first=1, last=3)
+    sub = ui.submit(source, "passthrough", farm=f)
+    read = sub.read
+    pump(nuke, lambda: "[done]" in read["label"].value())
+    assert f.redis.delete(job_key(sub.job_id), frames_key(sub.job_id)) == 2  # as MLFARM_JOB_TTL does
+    days = f.settings.job_ttl / 86400
+    folder = os.path.dirname(read["file"].value())
+    expected = (f"ML Farm: job {sub.job_id} is no longer on the farm: job records are kept {days:g} days after "
+                f"their last change. The frames it rendered are still on disk ({folder}); "
+                "to render again, submit the source node again.")
+    expired_label = (f"mlfarm {sub.job_id}\njob record expired on the farm\n"
+                     "frames on disk are kept; resubmit to render again")
+    for button in ("mlfarm_refresh", "mlfarm_retry", "mlfarm_cancel"):
+        read["label"].setValue("")
+        read[button].execute()
+        assert nuke.messages[-1] == expected, button
+        assert read["label"].value() == expired_label
+    assert os.path.isfile(frame_path(sub.spec.output, 2))  # nothing on disk was touched
+
+    read["label"].setValue("")
+    ui.refresh_results()  # as after reopening the script: the watcher says so too, then stops
+    pump(nuke, lambda: read["label"].value() == expired_label)
+    pump(nuke, lambda: not ui.WATCHERS.running(sub.job_id), timeout=10)

@@ -21,8 +21,11 @@ def _mlfarm_site():
     return os.path.expanduser("~/.nuke/mlfarm-site")
 
 
-_site = _mlfarm_site()
-if os.path.isdir(_site):
-    nuke.pluginAddPath(_site)
-else:
-    nuke.tprint("mlfarm: %s not found; see 'Nuke setup' in the mlfarm README" % _site)
+try:
+    _site = _mlfarm_site()
+    if os.path.isdir(_site):
+        nuke.pluginAddPath(_site)
+    else:
+        nuke.tprint("mlfarm: %s not found; see 'Nuke setup' in the mlfarm docs" % _site)
+except Exception as _exc:  # one readable line; Nuke's start-up goes on
+    nuke.tprint("mlfarm: not set up: %s: %s" % (type(_exc).__name__, _exc))

@@ -1,17 +1,30 @@
 """A small stand-in for Nuke's ``nuke`` module, following Nuke's documented Python API for just
 what mlfarm's Nuke layer calls. Tests put this folder on ``sys.path``; nothing else sees it.
 
+It offers only names of Foundry's documented API (``nuke_api.py`` lists them; tests/test_nuke_api.py
+checks both this module and mlfarm's Nuke-side code against that list), plus the ``STUB_ONLY``
+helpers tests drive it with. The panel class is not here: it is ``nukescripts.PythonPanel``.
+
 What it models, and how faithfully:
 - nodes with knobs (``value()/setValue()/getValue()``, ``knob()``, ``node[...]``), ``nuke.nodes.X()``,
   ``createNode``, ``toNode``, ``selectedNode`` (ValueError when nothing is selected, as Nuke does),
   ``allNodes``, ``delete``, ``root()`` with ``first_frame``/``last_frame``, ``filename``;
+- typed knobs: ``setValue`` refuses what Nuke refuses (a number on a String_Knob, text on an
+  Int_Knob, a choice an Enumeration_Knob does not have);
+- node placement: ``xpos/ypos/setXYpos`` and ``screenWidth/screenHeight`` (a Read is taller: it shows a
+  thumbnail);
+- a Read's timing as Nuke applies it: ``first``/``last`` (the files' frames), ``origfirst``/``origlast``,
+  ``frame_mode`` (expression, start at, offset) with ``frame``, and ``before``/``after`` (hold, loop,
+  bounce, black) decide which file each output frame shows and the node's ``firstFrame/lastFrame``;
 - pixels: a Read reads its EXR frames with OpenImageIO, ``Grade`` multiplies, ``Constant`` is flat,
   and ``execute()`` on a Write writes EXR frames with OpenImageIO;
 - threads: knobs may only be touched on the main thread (touching them elsewhere raises, where real
   Nuke would misbehave); ``executeInMainThread`` queues the call until the test runs
   ``process_events()``, like Nuke's event loop would;
-- ``message``, ``menu``, ``PythonPanel`` (``showModalDialog`` answers what the test set), and
-  ``scriptSaveAs``/``scriptOpen`` to a small JSON file so user knobs survive like in a .nk script.
+- start-up: ``start(nuke_path)`` runs each plugin folder's ``init.py``, then (GUI) its ``menu.py``, as
+  Nuke does; an exception there is printed and start-up goes on, as in Nuke;
+- ``message``, ``menu``, and ``scriptSaveAs``/``scriptOpen`` to a small JSON file so user knobs survive
+  like in a .nk script.
 """
 
 from __future__ import annotations
@@ -19,7 +32,9 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
 import threading
+import traceback
 
 import numpy as np
 import OpenImageIO as oiio
@@ -28,9 +43,17 @@ _MAIN = threading.main_thread()
 
 # --- what tests inspect ---------------------------------------------------------------------------
 messages: list[str] = []
+printed: list[str] = []  # what tprint wrote to the terminal
 executed: list[tuple[str, int, int, int]] = []  # (write node name, first, last, incr)
-modal_answer = True  # what PythonPanel.showModalDialog() returns
+#: What nukescripts.PythonPanel.showModalDialog() returns: a bool, or a callable given the open panel
+#: (the artist's edits while the dialog is up) that returns one.
+modal_answer = True
+startup_errors: list[str] = []  # tracebacks of init.py/menu.py files that raised during start()
+plugin_path: list[str] = []  # folders pluginAddPath added, in order
 env = {"gui": True, "NukeVersionMajor": 15}
+NUKE_VERSION_MAJOR = 15
+NUKE_VERSION_MINOR = 1
+STARTLINE = 0x1000
 
 _events: collections.deque = collections.deque()
 _nodes: list[Node] = []
@@ -42,11 +65,14 @@ def reset() -> None:
     global modal_answer
     scriptClear()
     messages.clear()
+    printed.clear()
+    startup_errors.clear()
     executed.clear()
     _events.clear()
     _menus.clear()
     _on_script_load.clear()
     modal_answer = True
+    env["gui"] = True
 
 
 def scriptClear() -> None:  # noqa: N802
@@ -141,12 +167,19 @@ class Knob:
         return {"cls": type(self).__name__, "label": self._label, "value": self._value}
 
 
+def _number(knob: Knob, value) -> float:
+    """Nuke's number knobs take numbers (bools are ints in Python, as in Nuke); text is a TypeError."""
+    if isinstance(value, (int, float)):
+        return value
+    raise TypeError(f"{knob.Class()} {knob.name()}: setValue() takes a number, not {type(value).__name__} {value!r}")
+
+
 class Int_Knob(Knob):  # noqa: N801 - Nuke's class names
     def __init__(self, name: str, label: str | None = None):
         super().__init__(name, label, 0)
 
     def _coerce(self, value):
-        return int(value)
+        return int(_number(self, value))
 
 
 class Double_Knob(Knob):  # noqa: N801
@@ -154,7 +187,7 @@ class Double_Knob(Knob):  # noqa: N801
         super().__init__(name, label, 0.0)
 
     def _coerce(self, value):
-        return float(value)
+        return float(_number(self, value))
 
 
 class Boolean_Knob(Knob):  # noqa: N801
@@ -162,7 +195,7 @@ class Boolean_Knob(Knob):  # noqa: N801
         super().__init__(name, label, bool(value))
 
     def _coerce(self, value):
-        return bool(value)
+        return bool(_number(self, value))
 
     def getValue(self):  # noqa: N802 - Nuke returns 0.0/1.0 here
         return float(super().getValue())
@@ -173,7 +206,9 @@ class String_Knob(Knob):  # noqa: N801
         super().__init__(name, label, text)
 
     def _coerce(self, value):
-        return str(value)
+        if not isinstance(value, str):
+            raise TypeError(f"{self.Class()} {self.name()}: setValue() takes a str, not {type(value).__name__}")
+        return value
 
 
 class File_Knob(String_Knob):  # noqa: N801
@@ -223,6 +258,13 @@ class Enumeration_Knob(Knob):  # noqa: N801
         return dict(super()._state(), values=self._values)
 
 
+class Script_Knob(Knob):  # noqa: N801
+    """A button running a TCL command; nukescripts.PythonPanel's OK and Cancel are these."""
+
+    def __init__(self, name: str, label: str | None = None, command: str = ""):
+        super().__init__(name, label, command)
+
+
 class PyScript_Knob(Knob):  # noqa: N801
     def __init__(self, name: str, label: str | None = None, command: str = ""):
         super().__init__(name, label, command)
@@ -250,7 +292,7 @@ class _ReloadButton(Knob):
 
 
 _KNOB_CLASSES = {c.__name__: c for c in (Int_Knob, Double_Knob, Boolean_Knob, String_Knob, File_Knob, Text_Knob,
-                                         Tab_Knob, Enumeration_Knob, PyScript_Knob)}
+                                         Tab_Knob, Enumeration_Knob, PyScript_Knob, Script_Knob)}
 
 
 # --- nodes ---------------------------------------------------------------------------------------
@@ -337,6 +379,12 @@ class Node:
     def setXYpos(self, x: int, y: int) -> None:  # noqa: N802
         self._xy = [int(x), int(y)]
 
+    def screenWidth(self) -> int:  # noqa: N802
+        return 80
+
+    def screenHeight(self) -> int:  # noqa: N802
+        return 18
+
     def setSelected(self, selected: bool) -> None:  # noqa: N802
         self._selected = bool(selected)
 
@@ -388,28 +436,70 @@ def _expand(pattern: str, frame: int) -> str:
     return frame_path(pattern, frame)
 
 
-class Read(Node):
+class _Read(Node):
     _class = "Read"
 
     def _builtin_knobs(self) -> list[Knob]:
         first, last = Int_Knob("first"), Int_Knob("last")
         origfirst, origlast = Int_Knob("origfirst"), Int_Knob("origlast")
+        for k in (first, last, origfirst, origlast):
+            k._value = 1
         on_error = Enumeration_Knob("on_error", "missing frames", ["error", "black", "checkerboard", "nearest frame"])
         colorspace = String_Knob("colorspace", "colorspace", "default")
-        return [File_Knob("file"), first, last, origfirst, origlast, Boolean_Knob("raw", "raw data"),
-                colorspace, on_error, _ReloadButton()]
+        frame_mode = Enumeration_Knob("frame_mode", "frame", ["expression", "start at", "offset"])
+        outside = ["hold", "loop", "bounce", "black"]
+        return [File_Knob("file"), first, last, Enumeration_Knob("before", "before", outside), origfirst, origlast,
+                Enumeration_Knob("after", "after", outside), frame_mode, String_Knob("frame", ""),
+                Boolean_Knob("raw", "raw data"), colorspace, on_error, _ReloadButton()]
+
+    def screenHeight(self) -> int:  # noqa: N802 - a Read shows a thumbnail
+        return 78
+
+    # Nuke's Read timing, written out on its own here (not shared with mlfarm's code under test).
+    def _mode(self) -> tuple[str, str, int, int]:
+        return (self["frame_mode"].value(), self["frame"].value().strip(), int(self["first"].value()),
+                int(self["last"].value()))
 
     def firstFrame(self) -> int:  # noqa: N802
-        return int(self["first"].value())
+        mode, text, first, _ = self._mode()
+        if mode == "start at":
+            return int(float(text or first))
+        return first + int(float(text or 0)) if mode == "offset" else first
 
     def lastFrame(self) -> int:  # noqa: N802
-        return int(self["last"].value())
+        return self.firstFrame() + int(self["last"].value()) - int(self["first"].value())
 
-    def _frame_file(self, frame: int) -> str:
-        return _expand(filename(self), frame)
+    def _file_frame(self, frame: int) -> int | None:
+        """The file frame output ``frame`` shows, or None where it is black."""
+        mode, text, first, last = self._mode()
+        if mode == "start at":
+            f = frame - self.firstFrame() + first
+        elif mode == "offset":
+            f = frame - int(float(text or 0))
+        else:  # Nuke evaluates the expression at each frame; these stand-in ones are Python expressions
+            f = int(eval(text or "frame", {"__builtins__": {}}, {"frame": frame}))
+        if first <= f <= last:
+            return f
+        rule = self["before" if f < first else "after"].value()
+        n = last - first + 1
+        if rule == "hold":
+            return first if f < first else last
+        if rule == "loop":
+            return first + (f - first) % n
+        if rule == "bounce":
+            period = max(1, 2 * n - 2)
+            k = (f - first) % period
+            return first + (k if k < n else period - k)
+        return None
+
+    def _frame_file(self, frame: int) -> str | None:
+        f = self._file_frame(frame)
+        return None if f is None else _expand(filename(self), f)
 
     def pixels(self, frame: int) -> np.ndarray:
         path = self._frame_file(frame)
+        if path is None:
+            return np.zeros_like(self.pixels(self.firstFrame()))
         inp = oiio.ImageInput.open(path)
         if inp is None:
             raise RuntimeError(f"Read {self.name()}: cannot open {path}: {oiio.geterror()}")
@@ -430,7 +520,7 @@ class Read(Node):
         """Every channel of the file, as Nuke lists them: rgba.red..., then layer.channel."""
         for f in range(self.firstFrame(), self.lastFrame() + 1):
             path = self._frame_file(f)
-            if os.path.exists(path):
+            if path is not None and os.path.exists(path):
                 inp = oiio.ImageInput.open(path)
                 names = list(inp.spec().channelnames)
                 inp.close()
@@ -438,15 +528,20 @@ class Read(Node):
         return []
 
 
-class Write(Node):
+class _Write(Node):
     _class = "Write"
 
     def _builtin_knobs(self) -> list[Knob]:
-        return [File_Knob("file"), String_Knob("file_type"), String_Knob("channels", text="rgb"),
-                Boolean_Knob("raw", "raw data"), String_Knob("colorspace", text="default"),
-                String_Knob("datatype", text="16 bit half"), String_Knob("compression", text="Zip (1 scanline)")]
+        file_type = Enumeration_Knob("file_type", "file type", [" ", "dpx", "exr", "jpeg", "png", "tiff"])
+        datatype = Enumeration_Knob("datatype", "datatype", ["16 bit half", "32 bit float"])
+        compression = Enumeration_Knob("compression", "compression", [
+            "none", "Zip (1 scanline)", "Zip (16 scanlines)", "RLE", "PIZ Wavelet (32 scanlines)", "PXR24 (lossy)",
+            "B44 (lossy)", "B44A (lossy)", "DWAA (lossy)", "DWAB (lossy)"])
+        compression._value = 1
+        return [File_Knob("file"), file_type, String_Knob("channels", text="rgb"),
+                Boolean_Knob("raw", "raw data"), String_Knob("colorspace", text="default"), datatype, compression]
 
-    def render(self, frame: int) -> None:
+    def _render(self, frame: int) -> None:
         if self["file_type"].value() != "exr":
             raise RuntimeError("stand-in Write renders EXR only, not {!r}".format(self["file_type"].value()))
         names = {"rgba": ("R", "G", "B", "A"), "rgb": ("R", "G", "B"), "alpha": ("A",)}[self["channels"].value()]
@@ -463,7 +558,7 @@ class Write(Node):
         out.close()
 
 
-class Grade(Node):
+class _Grade(Node):
     _class = "Grade"
 
     def _builtin_knobs(self) -> list[Knob]:
@@ -477,7 +572,7 @@ class Grade(Node):
         return px
 
 
-class Constant(Node):
+class _Constant(Node):
     _class = "Constant"
 
     def _builtin_knobs(self) -> list[Knob]:
@@ -509,7 +604,7 @@ class Root(Node):
         pass
 
 
-_NODE_CLASSES = {c._class: c for c in (Read, Write, Grade, Constant)}
+_NODE_CLASSES = {c._class: c for c in (_Read, _Write, _Grade, _Constant)}
 _root = Root()
 
 
@@ -600,7 +695,7 @@ def execute(node, start: int, end: int, incr: int = 1, views=None, continueOnErr
         raise RuntimeError(f"execute: {node.name()} is not a Write")
     executed.append((node.name(), int(start), int(end), int(incr)))
     for f in range(int(start), int(end) + 1, int(incr)):
-        node.render(f)
+        node._render(f)
 
 
 def executeInMainThread(call, args=(), kwargs=None) -> None:  # noqa: N802
@@ -614,17 +709,73 @@ def message(prompt: str) -> None:
 
 
 def tprint(*values) -> None:
-    print(*values)
+    line = " ".join(str(v) for v in values)
+    printed.append(line)
+    print(line)
 
 
-_plugin_paths: list[str] = []
+def pluginAddPath(path: str, addToSysPath: bool = True) -> None:  # noqa: N802, N803
+    """Add a plugin folder at the front of the plugin path (and of sys.path), as Nuke does.
+
+    During ``start()`` the folder's own init.py (and later menu.py) run too, as in Nuke.
+    """
+    path = os.path.expanduser(str(path))
+    if path in plugin_path:
+        return
+    plugin_path.insert(0, path)
+    if addToSysPath:
+        sys.path.insert(0, path)
+    if _starting is not None:
+        _starting.append(path)
 
 
-def pluginAddPath(path: str) -> None:  # noqa: N802
-    import sys
+_starting: list | None = None
 
-    _plugin_paths.append(path)
-    sys.path.insert(0, path)
+
+def _run_startup_file(path: str) -> None:
+    """Run one init.py/menu.py as Nuke does: a traceback on the terminal, and start-up goes on."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            code = compile(fh.read(), path, "exec")
+        exec(code, {"__file__": path, "__name__": "__main__"})
+    except Exception:
+        text = traceback.format_exc()
+        startup_errors.append(text)
+        print(text, file=sys.stderr)
+
+
+def start(nuke_path: list, gui: bool = True) -> None:
+    """Nuke's start-up (stand-in only): every plugin folder's init.py, then in GUI sessions its menu.py.
+
+    The folders are ``~/.nuke`` and NUKE_PATH's (``nuke_path``), plus those that pluginAddPath adds
+    while init.py files run. Tracebacks land in ``startup_errors``; what tprint wrote, in ``printed``.
+    """
+    global _starting
+    env["gui"] = bool(gui)
+    folders = [os.path.expanduser("~/.nuke")] + [str(p) for p in nuke_path]
+    _starting = []
+    ran: list[str] = []
+    try:
+        queue = list(folders)
+        while queue:
+            folder = queue.pop(0)
+            if folder in ran:
+                continue
+            ran.append(folder)
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            init = os.path.join(folder, "init.py")
+            if os.path.isfile(init):
+                _run_startup_file(init)
+            queue.extend(_starting)
+            _starting.clear()
+    finally:
+        _starting = None
+    if gui:
+        for folder in ran:
+            menu_py = os.path.join(folder, "menu.py")
+            if os.path.isfile(menu_py):
+                _run_startup_file(menu_py)
 
 
 # --- menus ---------------------------------------------------------------------------------------
@@ -671,33 +822,12 @@ def menu(name: str) -> Menu:
     return _menus.setdefault(name, Menu(name))
 
 
-# --- panels --------------------------------------------------------------------------------------
-class PythonPanel:
-    def __init__(self, title: str = "", id: str = "", scrollable: bool = True):  # noqa: A002
-        self._title = title
-        self._knobs: dict[str, Knob] = {}
-
-    def addKnob(self, knob: Knob) -> None:  # noqa: N802
-        self._knobs[knob.name()] = knob
-
-    def removeKnob(self, knob: Knob) -> None:  # noqa: N802
-        self._knobs.pop(knob.name(), None)
-
-    def knobs(self) -> dict[str, Knob]:
-        return dict(self._knobs)
-
-    def knobChanged(self, knob: Knob) -> None:  # noqa: N802
-        pass
-
-    def showModalDialog(self) -> bool:  # noqa: N802
-        return modal_answer
-
-
-def user_sets(panel: PythonPanel, knob: str, value) -> None:
-    """What an artist's edit does: set the knob, then Nuke calls the panel's knobChanged."""
+# --- panels: the class is nukescripts.PythonPanel (nukescripts/ beside this file) -------------------
+def user_sets(panel, knob: str, value) -> None:
+    """What an artist's edit does: set the knob, then Nuke calls the panel's knobChangedCallback."""
     k = panel.knobs()[knob]
     k.setValue(value)
-    panel.knobChanged(k)
+    panel.knobChangedCallback(k)
 
 
 # --- scripts -------------------------------------------------------------------------------------
