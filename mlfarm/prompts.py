@@ -64,7 +64,7 @@ class Prompts:
     """Every object of a job: its id, optional name, and its keyframe prompts in frame order."""
 
     keys: tuple[KeyPrompt, ...]
-    names: Dict[int, str] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
 
     @property
     def object_ids(self) -> list[int]:
@@ -77,7 +77,7 @@ class Prompts:
     def at(self, frame: int) -> list[KeyPrompt]:
         return [k for k in self.keys if k.frame == frame]
 
-    def to_json(self) -> List[Dict[str, Any]]:
+    def to_json(self) -> list[dict[str, Any]]:
         """The JSON form (the list), as stored with the job: canonical, so equal prompts hash equal."""
         out = []
         for k in sorted(self.keys, key=lambda k: (k.frame, k.object_id)):
@@ -107,7 +107,7 @@ def _check_name(name: str, where: str) -> str:
     return name
 
 
-def _key(entry: Any, where: str, ids_by_name: Dict[str, int], names: Dict[int, str]) -> KeyPrompt:
+def _key(entry: Any, where: str, ids_by_name: dict[str, int], names: dict[int, str]) -> KeyPrompt:
     if not isinstance(entry, dict):
         raise PromptError("%s: expected an object with frame, object/name, points and/or box" % where)
     unknown = set(entry) - {"frame", "object", "name", "points", "box"}
