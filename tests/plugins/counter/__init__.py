@@ -1,0 +1,1 @@
+"""Test sequence model: its output is its carried state."""

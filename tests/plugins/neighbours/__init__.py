@@ -1,0 +1,1 @@
+"""Test window model: the mean of each frame and its neighbours."""
