@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch/torchvision pinned to releases that install from this project's known-good wheels (see constraints.txt)
 PIP_INSTALL := $(BIN)/pip install -c constraints.txt
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean import-tree
 
 $(BIN)/mlfarm: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,18 @@ setup: $(BIN)/mlfarm
 demo: setup
 	$(BIN)/mlfarm demo
 
-test: setup
+# lint-imports walks one package folder, but the repository keeps the user's layout (broker/, worker/,
+# ... map to mlfarm.* through package-dir): lay the installed tree out as links, read from pyproject.
+IMPORT_TREE := $(VENV)/import-tree
+import-tree:
+	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)/mlfarm
+	for f in mlfarm/*; do ln -s "$(CURDIR)/$$f" $(IMPORT_TREE)/mlfarm/; done
+	grep -o '"mlfarm\.[a-z_]*" = "[a-z_]*"' pyproject.toml | tr -d '"' | \
+		while read name _ folder; do ln -s "$(CURDIR)/$$folder" "$(IMPORT_TREE)/$$(echo $$name | tr . /)"; done
+
+test: setup import-tree
 	$(BIN)/ruff check .
+	PYTHONPATH=$(IMPORT_TREE) $(BIN)/lint-imports
 	sh compose/ensure-docker-compose.sh
 	$(BIN)/python -m pytest
 

@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from mlfarm.keys import JOB_TTL
+
 #: MLFARM_WORKERS_PER_GPU=auto takes two processes a GPU where each GPU has this much memory (two
 #: copies of the models: Mask R-CNN takes about 7 GiB) and the host this many cores a GPU (each
 #: process reads and writes EXRs on its own share).
@@ -55,7 +57,7 @@ class Settings(BaseSettings):
         "Must exceed the longest chunk, i.e. task_time_limit.",
     )
     result_expires: int = Field(default=86400, description="Seconds Celery keeps chunk results.")
-    job_ttl: int = Field(default=30 * 86400, description="Seconds a job record is kept after its last change.")
+    job_ttl: int = Field(default=JOB_TTL, description="Seconds a job record is kept after its last change.")
 
     # --- storage and frame I/O ----------------------------------------------------------
     storage_root: Path = Field(
@@ -142,7 +144,7 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = Field(default=None, description="user:password for Flower.")
 
-    # --- MLClient gateway (issue #3; mlfarm/gateway) --------------------------------------
+    # --- MLClient gateway (mlfarm/gateway) --------------------------------------------------
     gateway_host: str = Field(
         default="0.0.0.0",
         description="Interface the gateway listens on. The MLClient protocol has no authentication: "
@@ -161,7 +163,7 @@ class Settings(BaseSettings):
         description="Comma-separated model ids whose `PythonScript` objects the gateway forwards to Nuke "
         "(which executes them). Empty: none are forwarded.",
     )
-    # --- MLClient gateway follow-ups (issues #3 and #7): transport, heartbeat ------------------
+    # --- MLClient gateway: transport, heartbeat ---------------------------------------------
     gateway_transport: Literal["redis", "storage"] = Field(
         default="storage",
         description="How a frame's pixels travel between the gateway and a worker: `storage` (raw files in "
@@ -173,7 +175,7 @@ class Settings(BaseSettings):
         "the gateway tells the artist that worker died, instead of waiting for the frame's time limit.",
     )
 
-    # --- deploying a GPU farm: Flower and the per-GPU worker supervisor (issue 5) ----------
+    # --- deploying a GPU farm: Flower and the per-GPU worker supervisor -----------------
     flower_address: str = Field(
         default="",
         description="Address Flower listens on. Empty: 0.0.0.0 when MLFARM_FLOWER_BASIC_AUTH is set; without "
@@ -224,7 +226,7 @@ class Settings(BaseSettings):
     )
     nuke_poll_interval: float = Field(default=2.0, gt=0, description="Seconds between progress polls in Nuke.")
 
-    # --- model weights and Mask R-CNN (issue 8, models/builtin/mrcnn) ------------------------
+    # --- model weights and Mask R-CNN (models/builtin/mrcnn) -------------------------------
     weights_dir: Path = Field(
         default_factory=lambda: default_data_dir() / "weights",
         description="Model weight files (e.g. Mask R-CNN's COCO state dicts), looked for before a model's own "
@@ -252,7 +254,7 @@ class Settings(BaseSettings):
         "Measured on H200 with GPU compression: 2 lanes 1.06-1.07x the frames/s of 1; with CPU compression no change.",
     )
 
-    # --- training on the farm (issue 6, models/training, worker/train_task.py) ---------------
+    # --- training on the farm (models/training, worker/train_task.py) ----------------------
     train_time_limit: int = Field(
         default=7 * 86400, ge=1,
         description="Seconds one training task may run. Then it writes a checkpoint and stops, its remaining "

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from mlfarm.tensors import is_tensor  # noqa: F401  (plugins import it from here)
+
 from .options import Choice, describe_options, option_spec
-
-
-def is_tensor(value: Any) -> bool:
-    """Whether a model's output is a torch tensor (told apart without importing torch)."""
-    return type(value).__module__.startswith("torch") and hasattr(value, "device")
 
 
 class InputError(ValueError):

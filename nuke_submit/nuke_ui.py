@@ -66,7 +66,7 @@ class Submission:
 def connect():
     """A ``Farm`` for the configured broker, checked to answer, or a PlanError saying what is wrong."""
     try:
-        from .client import Farm
+        from mlfarm.client import Farm
     except ImportError as exc:
         raise PlanError("the ML Farm client libraries are not installed for Nuke's Python (%s); "
                         "see 'Nuke setup' in the mlfarm README" % exc) from None
@@ -82,7 +82,7 @@ def _user_error(exc: Exception) -> bool:
     if isinstance(exc, (PlanError, PatternError, OptionError)):
         return True
     try:
-        from .client import SubmitError
+        from mlfarm.client import SubmitError
     except ImportError:
         return False
     return isinstance(exc, SubmitError)

@@ -3,7 +3,7 @@
 Workers poll the ``interactive`` queue before batch queues, so an artist's frame waits at most
 for the chunks the worker is on (see ``sharing``). The task's arguments name the request only; its
 pixels come from, and go back through, Redis or files on shared storage, whichever way the gateway
-sent them (see :mod:`mlfarm.gateway.relay`). While it works on a request the worker keeps a heartbeat key
+sent them (see :mod:`mlfarm.exchange.relay`). While it works on a request the worker keeps a heartbeat key
 alive, so that the waiting gateway learns within seconds if this process dies.
 """
 
@@ -19,9 +19,9 @@ from celery import Celery
 
 from mlfarm.broker.celery_app import INTERACTIVE_TASK
 from mlfarm.broker.connection import broker_url
-from mlfarm.gateway.inference import run_model
-from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
-from mlfarm.gateway.spool import Spool
+from mlfarm.exchange.inference import run_model
+from mlfarm.exchange.relay import Relay, RelayReply, raw_redis_client
+from mlfarm.exchange.spool import Spool
 from mlfarm.models.options import validate_options
 
 from .heartbeat import beating

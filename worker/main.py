@@ -16,12 +16,12 @@ from celery.signals import worker_ready
 from mlfarm.broker.celery_app import QUEUES, make_celery
 from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.registry import publish_catalog
+from mlfarm.cpus import format_cpus, pin_cpus
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
 from . import runtime
 from .consumer import ReconnectingConsumer
-from .cpus import format_cpus, pin_cpus
 from .gpu import pin_gpu
 from .heartbeat import reporting_holdings
 from .reconciler import Reconciler

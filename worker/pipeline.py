@@ -24,16 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from mlfarm.broker.frames import format_frames, frame_path
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
-from mlfarm.models.base import BaseModel, InputError, is_tensor
+from mlfarm.exr.io import FrameError, read_image, sidecar_path, write_json, write_planes
+from mlfarm.frames import format_frames, frame_path
+from mlfarm.models.base import BaseModel, InputError
 from mlfarm.settings import Settings
+from mlfarm.storage import sweep_once
+from mlfarm.tensors import is_tensor
 
-from .frame_io import FrameError, read_image, sidecar_path, write_json, write_planes
+from .lanes import LanePools, io_threads
 from .middleware import Middleware
 from .model_cache import ModelCache
-from .runtime import LanePools, io_threads
-from .storage import sweep_once
 from .watchdog import Watchdog
 
 

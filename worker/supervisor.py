@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 
 from mlfarm.broker.connection import broker_url
+from mlfarm.cpus import format_cpus, pin_cpus, split_cpus
 from mlfarm.settings import AUTO_TWO_MIN_CORES, AUTO_TWO_MIN_GPU_GIB, Settings
 
-from .cpus import format_cpus, pin_cpus, split_cpus
 from .main import ordered_queues
 from .watchdog import EXIT_HUNG
 

@@ -13,7 +13,7 @@ from celery.exceptions import Reject
 
 from mlfarm.broker.celery_app import CHUNK_TASK
 from mlfarm.broker.dispatch import enqueue
-from mlfarm.broker.frames import format_frames, parse_frames
+from mlfarm.frames import format_frames, parse_frames
 
 from .interactive import register_interactive
 from .pipeline import ChunkRun
@@ -68,8 +68,8 @@ class FramesFailed(Exception):
 
 
 def register_tasks(app: Celery) -> None:
-    register_interactive(app, TASK_POLICY)  # issue 3: frames from the MLClient gateway
-    register_training(app, TASK_POLICY)  # issue 6: training runs on the train queue
+    register_interactive(app, TASK_POLICY)  # frames from the MLClient gateway
+    register_training(app, TASK_POLICY)  # training runs on the train queue
 
     @app.task(name=CHUNK_TASK, **TASK_POLICY)
     def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:

@@ -29,8 +29,9 @@ from kombu.transport.redis import Channel
 from mlfarm.broker.celery_app import TRAIN_TASK
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobSpec, JobStore
 from mlfarm.broker.registry import publish_catalog
+from mlfarm.keys import lease_key
 from mlfarm.models.training.hooks import Hooks, Progress, Stopped
-from mlfarm.models.training.runs import TrainConfig, lease_key
+from mlfarm.models.training.runs import TrainConfig
 
 from .gpu import torch_device
 from .heartbeat import beating

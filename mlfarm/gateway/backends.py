@@ -13,14 +13,13 @@ from typing import Any, Protocol
 from mlfarm.broker.celery_app import INTERACTIVE_TASK, make_celery
 from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.registry import read_catalog
+from mlfarm.exchange.images import WireImage
+from mlfarm.exchange.inference import run_model
+from mlfarm.exchange.relay import DONE, TAKEN, Relay, raw_redis_client
+from mlfarm.exchange.spool import Spool, SpoolError
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 from mlfarm.worker.model_cache import ModelCache
-
-from .images import WireImage
-from .inference import run_model
-from .relay import DONE, TAKEN, Relay, raw_redis_client
-from .spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 

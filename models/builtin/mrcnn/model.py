@@ -146,7 +146,7 @@ class Model(BaseModel):
         from . import compose
 
         self.colours = torch.from_numpy(compose.palette()).to(device)
-        from mlfarm.worker.gpu_exr import can_encode, wanted
+        from mlfarm.exr.gpu import can_encode, wanted
 
         # Planes the worker will compress on the GPU stay there: only the detections come back.
         self.planes_stay = can_encode(settings.exr_compression, settings.exr_gpu_compress, device)
@@ -207,7 +207,7 @@ class Model(BaseModel):
             pending.ready.synchronize()
         if self.planes_stay:  # device planes: labels are drawn, and the frame compressed, on this
             if pending.ready is not None:  # thread's stream
-                from mlfarm.worker.gpu_exr import thread_stream
+                from mlfarm.exr.gpu import thread_stream
 
                 stream = thread_stream(self.torch)
                 stream.wait_event(pending.ready)

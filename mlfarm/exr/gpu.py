@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .frame_io import FrameError, header_value, write_failure
-from .storage import atomic_output
+from mlfarm.storage import atomic_output
+
+from .common import FrameError, header_value, write_failure
 
 HALF, FLOAT = 1, 2  # OpenEXR's pixel types
 ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk
@@ -86,7 +87,7 @@ def _attribute(name: str, kind: str, value: bytes) -> bytes:
 
 def header_bytes(width: int, height: int, channels: Sequence[tuple[str, int]], metadata: Mapping[str, Any]) -> bytes:
     """A single-part scanline header with ZIPS compression, attributes sorted by name as OpenEXR
-    sorts them; metadata values become int, float or string attributes as in frame_io.write_exr."""
+    sorts them; metadata values become int, float or string attributes as in io.write_exr."""
     box = struct.pack("<iiii", 0, 0, width - 1, height - 1)
     chlist = b"".join(n.encode() + b"\0" + struct.pack("<iB3xii", t, 0, 1, 1) for n, t in sorted(channels)) + b"\0"
     attrs = {"channels": ("chlist", chlist), "compression": ("compression", bytes([ZIPS])),

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from mlfarm.models.base import BaseModel, is_tensor
+from mlfarm.models.base import BaseModel
+from mlfarm.tensors import is_tensor
 
 from .images import WireImage
 

@@ -31,11 +31,11 @@ FETCHERS = {"mrcnn": _fetch_mrcnn}
 @click.option("--arch", default=None, help="Only this architecture (default: all of the model's).")
 def fetch(name: str, arch: str | None) -> None:
     """Download model NAME's weights into MLFARM_WEIGHTS_DIR (needs internet; hash-checked)."""
-    from mlfarm.cli import FarmError, _settings, console
+    from .common import FarmError, console, load_settings
 
     if name not in FETCHERS:
         raise FarmError(f"no downloadable weights for {name!r} (fetchable: {', '.join(sorted(FETCHERS))})")
-    weights_dir = _settings().weights_dir
+    weights_dir = load_settings().weights_dir
     try:
         paths = FETCHERS[name](arch, weights_dir)
     except click.BadParameter:
