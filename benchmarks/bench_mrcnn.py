@@ -439,10 +439,12 @@ def main() -> None:
         print(f"(b'') + CUDA graph  : {1000 / g1:7.2f} frames/s at batch 1, {1000 / gb:.2f} at batch {batch} "
               "(as the worker runs it with MLFARM_MRCNN_CUDA_GRAPHS=true)", flush=True)
 
-        defaults = Settings()
+        from mlfarm.models.builtin.mrcnn.settings import MrcnnSettings
+
+        defaults, own = Settings(), MrcnnSettings()
         args.chunk = args.chunk or defaults.default_chunk
-        precision = args.precision or defaults.mrcnn_precision
-        channels_last = defaults.mrcnn_channels_last if args.channels_last == "auto" else args.channels_last == "on"
+        precision = args.precision or own.mrcnn_precision
+        channels_last = own.mrcnn_channels_last if args.channels_last == "auto" else args.channels_last == "on"
         figures["worker_precision"] = precision
         figures["worker_channels_last"] = channels_last
         del tv_net  # net and gpu_imgs stay: (b) is measured again after the farm runs

@@ -102,9 +102,7 @@ class Farm:
         catalog = Catalog.from_settings(self.settings)
         if model not in catalog.entries:
             return
-        instance = catalog.entry(model).create()
-        instance.set_options({k: v for k, v in options.items() if k in instance.options})
-        instance.set_buttons({k: v for k, v in options.items() if k in instance.buttons})
+        instance = catalog.entry(model).create().with_options(options)
         reason = instance.check_ready(self.settings)
         if reason:
             raise SubmitError("model %s: %s" % (model, reason))

@@ -42,6 +42,28 @@ def default_config_file() -> Path:
     return Path(os.environ.get("MLFARM_CONFIG") or _xdg("XDG_CONFIG_HOME", ".config") / "mlfarm" / "mlfarm.toml")
 
 
+class PluginSettings(BaseSettings):
+    """Base of a model plugin's own settings group, declared as its ``settings_class``.
+
+    Read like the core ``Settings`` (MLFARM_* environment variables, then the settings file), so a
+    plugin names its fields with its group's prefix (``mrcnn_batch_size``: MLFARM_MRCNN_BATCH_SIZE,
+    or ``mrcnn_batch_size = 4`` in mlfarm.toml) and adds nothing to the core.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, default_config_file()))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
 
@@ -226,32 +248,11 @@ class Settings(BaseSettings):
     )
     nuke_poll_interval: float = Field(default=2.0, gt=0, description="Seconds between progress polls in Nuke.")
 
-    # --- model weights and Mask R-CNN (models/builtin/mrcnn) -------------------------------
+    # --- model weights (a plugin's own settings: its settings_class, a PluginSettings) -----------
     weights_dir: Path = Field(
         default_factory=lambda: default_data_dir() / "weights",
         description="Model weight files (e.g. Mask R-CNN's COCO state dicts), looked for before a model's own "
         "folder; `mlfarm models fetch NAME` downloads into it. Nothing is downloaded at run time.",
-    )
-    mrcnn_precision: Literal["fp32", "tf32", "fp16"] = Field(
-        default="tf32",
-        description="Mask R-CNN arithmetic on CUDA: fp32, tf32 (TF32 matmuls and convolutions) or fp16 (autocast). "
-        "Chosen by measurement (benchmarks/bench_mrcnn.py); CPU always runs fp32.",
-    )
-    mrcnn_channels_last: bool = Field(default=False, description="Mask R-CNN backbone in channels_last on CUDA.")
-    mrcnn_cuda_graphs: bool = Field(
-        default=False, description="Replay Mask R-CNN's fixed-shape front (sRGB, resize, backbone, RPN head, "
-        "anchors) as one CUDA graph per lane and frame size instead of hundreds of Python-dispatched operations "
-        "(CUDA only). Measured on an H100 at 1080p: one worker 1.05-1.12x the frames/s in 2 runs of 3 (0.82x in "
-        "the other), two workers per GPU no change; each graph keeps 6-12 GiB of GPU memory, so it is off by default.",
-    )
-    mrcnn_batch_size: int = Field(
-        default=4, ge=1, le=64, description="Frames Mask R-CNN runs through the network at once (4 measured best "
-        "on H100: 8 ran the network 4% faster but the farm 9-21% slower).",
-    )
-    mrcnn_lanes: int = Field(
-        default=2, ge=1, le=8, description="Batches of a Mask R-CNN worker in the network at once, each on its own "
-        "thread and CUDA stream, so the GPU works on one while Python dispatches another (CPU: always 1). "
-        "Measured on H200 with GPU compression: 2 lanes 1.06-1.07x the frames/s of 1; with CPU compression no change.",
     )
 
     # --- training on the farm (models/training, worker/train_task.py) ----------------------

@@ -244,9 +244,7 @@ class ChunkRun:
 
     def _run_frames(self, cache: ModelCache, todo: list[int]) -> None:
         try:
-            model = cache.get(self.spec.model)
-            model.set_options({k: v for k, v in self.spec.options.items() if k in model.options})
-            model.set_buttons({k: v for k, v in self.spec.options.items() if k in model.buttons})
+            model = cache.get(self.spec.model).with_options(self.spec.options)
         except Exception as exc:
             for f in todo:
                 self._fail(f, f"model {self.spec.model} could not be loaded: {describe_error(exc)}")

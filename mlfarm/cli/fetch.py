@@ -1,29 +1,25 @@
 """``mlfarm models fetch NAME``: download a model's weights where the machine has internet.
 
 ``mlfarm models`` stays the listing it was (same options); it becomes a group so that ``fetch``
-can live under it. Only models that declare a fetcher can be fetched (Mask R-CNN, through
-torchvision's weights API); nothing is ever downloaded implicitly while a job runs.
+can live under it. A model plugin that can download its weights says so itself
+(``BaseModel.weight_variants`` and ``fetch_weights``; Mask R-CNN through torchvision's weights
+API), so a new plugin adds nothing here; nothing is ever downloaded implicitly while a job runs.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
 
-def _fetch_mrcnn(arch: str | None, weights_dir: Path) -> list[Path]:
-    from mlfarm.models.builtin.mrcnn.weights import ARCHITECTURES, fetch
-
-    arches = [arch] if arch else list(ARCHITECTURES)
-    unknown = [a for a in arches if a not in ARCHITECTURES]
-    if unknown:
-        raise click.BadParameter(f"{unknown[0]} (choose from {', '.join(ARCHITECTURES)})", param_hint="--arch")
-    return [fetch(a, weights_dir) for a in arches]
-
-
-FETCHERS = {"mrcnn": _fetch_mrcnn}
+def _variants(catalog: Any, name: str) -> tuple[str, ...]:
+    """The weights model ``name`` declares it can download (its ``weight_variants``); none if it
+    is unknown or fails to import."""
+    try:
+        return tuple(catalog.entry(name).create().weight_variants())
+    except Exception:  # an unknown or broken plugin has nothing to fetch
+        return ()
 
 
 @click.command()
@@ -31,15 +27,24 @@ FETCHERS = {"mrcnn": _fetch_mrcnn}
 @click.option("--arch", default=None, help="Only this architecture (default: all of the model's).")
 def fetch(name: str, arch: str | None) -> None:
     """Download model NAME's weights into MLFARM_WEIGHTS_DIR (needs internet; hash-checked)."""
+    from mlfarm.models.catalog import Catalog
+
     from .common import FarmError, console, load_settings
 
-    if name not in FETCHERS:
-        raise FarmError(f"no downloadable weights for {name!r} (fetchable: {', '.join(sorted(FETCHERS))})")
-    weights_dir = load_settings().weights_dir
+    settings = load_settings()
+    catalog = Catalog.from_settings(settings)
+    variants = _variants(catalog, name)
+    if not variants:
+        fetchable = [n for n in catalog.names() if _variants(catalog, n)]
+        raise FarmError(f"no downloadable weights for {name!r} (fetchable: {', '.join(fetchable)})")
+    chosen = [arch] if arch else list(variants)
+    unknown = [a for a in chosen if a not in variants]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]} (choose from {', '.join(variants)})", param_hint="--arch")
+    model = catalog.entry(name).create()
+    weights_dir = settings.weights_dir
     try:
-        paths = FETCHERS[name](arch, weights_dir)
-    except click.BadParameter:
-        raise
+        paths = [model.fetch_weights(a, weights_dir) for a in chosen]
     except Exception as exc:  # no internet, a proxy, a full disk: say so in one line
         raise FarmError(f"could not fetch {name} weights into {weights_dir}: {exc}") from None
     for p in paths:

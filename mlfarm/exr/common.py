@@ -1,10 +1,14 @@
-"""What the CPU and GPU EXR writers share: the one error type, header values, failure messages.
+"""What the CPU and GPU EXR writers share: the one error type, header values, failure messages,
+and whether outputs can be compressed on the GPU.
 
-Its own module so the GPU writer (gpu.py) and the CPU one (io.py) need not import each other.
+Its own module so the GPU writer (gpu.py) and the CPU one (io.py) need not import each other, and
+so a plugin's load context can ask about GPU compression without importing torch or numpy.
+Python 3.7 grammar: the plugin API (which Nuke's Python imports) reaches it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -44,3 +48,23 @@ def write_failure(message: str, tmp: os.PathLike[str], nbytes: int) -> str:
     if st.f_flag & os.ST_RDONLY:
         return f"Read-only file system ({folder}): {message}"
     return message
+
+
+@functools.cache
+def nvcomp_available() -> bool:
+    """Whether nvCOMP's Python package (``nvidia-nvcomp-cu13``) is installed."""
+    try:
+        from nvidia import nvcomp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def wanted(compression: str, enabled: bool, device: str) -> bool:
+    """Whether these settings ask for outputs made on ``device`` to be compressed there."""
+    return enabled and compression == "zips" and str(device).startswith("cuda")
+
+
+def can_encode(compression: str, enabled: bool, device: str) -> bool:
+    """Whether outputs made on ``device`` can be compressed there, with these settings."""
+    return wanted(compression, enabled, device) and nvcomp_available()

@@ -32,7 +32,7 @@ import numpy as np
 
 from mlfarm.storage import atomic_output
 
-from .common import FrameError, header_value, write_failure
+from .common import FrameError, can_encode, header_value, nvcomp_available, wanted, write_failure  # noqa: F401
 
 HALF, FLOAT = 1, 2  # OpenEXR's pixel types
 ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk
@@ -44,26 +44,6 @@ MAX_LINE_BYTES = 65536  # nvCOMP's deflate takes chunks up to 64 KiB: wider line
 _ZLIB_HEADER = (0x78, 0x01)  # deflate, 32 KiB window, no preset dictionary (a valid check value)
 
 _local = threading.local()
-
-
-@functools.cache
-def nvcomp_available() -> bool:
-    """Whether nvCOMP's Python package (``nvidia-nvcomp-cu13``) is installed."""
-    try:
-        from nvidia import nvcomp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def wanted(compression: str, enabled: bool, device: str) -> bool:
-    """Whether these settings ask for outputs made on ``device`` to be compressed there."""
-    return enabled and compression == "zips" and str(device).startswith("cuda")
-
-
-def can_encode(compression: str, enabled: bool, device: str) -> bool:
-    """Whether outputs made on ``device`` can be compressed there, with these settings."""
-    return wanted(compression, enabled, device) and nvcomp_available()
 
 
 def thread_stream(torch: Any) -> Any:
