@@ -19,7 +19,8 @@ demo: setup
 	$(BIN)/mlfarm demo
 
 # lint-imports walks one package folder, but the repository keeps the user's layout (broker/, worker/,
-# ... map to mlfarm.* through package-dir): lay the installed tree out as links, read from pyproject.
+# ... map to mlfarm.* through package-dir): lay the installed tree out as links, read from pyproject,
+# and check from inside it, so `mlfarm` is found there and not through the editable install.
 IMPORT_TREE := $(VENV)/import-tree
 import-tree:
 	rm -rf $(IMPORT_TREE) && mkdir -p $(IMPORT_TREE)/mlfarm
@@ -29,7 +30,7 @@ import-tree:
 
 test: setup import-tree
 	$(BIN)/ruff check .
-	PYTHONPATH=$(IMPORT_TREE) $(BIN)/lint-imports
+	cd $(IMPORT_TREE) && PYTHONPATH=. $(abspath $(BIN))/lint-imports $(CURDIR)/pyproject.toml
 	sh compose/ensure-docker-compose.sh
 	$(BIN)/python -m pytest
 
