@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=1080)
     args = ap.parse_args()
 
-    from mlfarm.worker.frame_io import assemble_planes, configure_openexr, write_exr
+    from mlfarm.exr.io import assemble_planes, configure_openexr, write_exr
 
     configure_openexr(0)  # OpenImageIO's OpenEXR pool as a worker sizes it
     outputs = {"rgba": 4, "matte": ("A",), "instance": ("id",), "class": ("id",), "score": ("value",)}

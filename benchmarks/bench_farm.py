@@ -93,9 +93,9 @@ def raw_celery_seconds(url: str, n: int) -> tuple[float, float]:
 
 def in_process_seconds_per_frame(plate: str, frames: list[int], out_dir: Path, root: Path, model_name: str,
                                  options: dict) -> float:
-    from mlfarm.broker.frames import frame_path
+    from mlfarm.exr.io import assemble_planes, read_image, write_exr
+    from mlfarm.frames import frame_path
     from mlfarm.models.catalog import Catalog, discover
-    from mlfarm.worker.frame_io import assemble_planes, read_image, write_exr
 
     model = Catalog(discover()).entry(model_name).create()
     model.load("cpu")
@@ -139,7 +139,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlfarm.broker.embedded import EmbeddedRedis
-    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.client import Farm
     from mlfarm.settings import Settings
 
     tmp = Path(tempfile.mkdtemp(prefix="mlfarm-bench-"))

@@ -1,4 +1,4 @@
-"""What GPU compression of outputs saves: worker/gpu_exr.py against OpenEXR's writer, one run.
+"""What GPU compression of outputs saves: mlfarm/exr/gpu.py against OpenEXR's writer, one run.
 
 Mask R-CNN's worker is CPU-bound with zip outputs (README, Mask R-CNN speed): encoding its eight
 half channels at 1080p costs ~0.2 core-seconds a frame. GPU workers now compress zips outputs on
@@ -39,7 +39,7 @@ def timed(write, frames: int, threads: int) -> tuple[float, float]:
 
 def stages(torch, gpu_exr, channels: list, frames: int) -> str:
     """GPU milliseconds a frame of each step of gpu_exr's encoder, one step at a time (synchronised)."""
-    from mlfarm.worker.gpu_exr import _nvcomp_deflate
+    from mlfarm.exr.gpu import _nvcomp_deflate
 
     spent: dict[str, float] = {}
 
@@ -92,8 +92,8 @@ def main() -> None:
 
     import torch
 
-    from mlfarm.worker import gpu_exr
-    from mlfarm.worker.frame_io import device_channels, write_planes
+    from mlfarm.exr import gpu as gpu_exr
+    from mlfarm.exr.io import device_channels, write_planes
 
     root = Path(tempfile.mkdtemp(prefix="mlfarm-gpuzip-"))
     images = planes(0.01, args.width, args.height, True, True)  # Mask R-CNN's planes: H x W x 8 half

@@ -230,7 +230,7 @@ class GpuBusy:
 # --- (c) through the farm -----------------------------------------------------------------------
 def start_worker(env: dict[str, str], log: Path, name: str, gpu: int | None, cpus: list[int] | None = None,
                  timeout: float = 120):
-    from mlfarm.worker.cpus import format_cpus
+    from mlfarm.cpus import format_cpus
 
     cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", "gpu", "--name", name]
     if gpu is not None:
@@ -269,8 +269,8 @@ def run_job(farm, plate: str, out: str, frames: list[int], chunk: int, options: 
 def check_outputs(out: str, frames: list[int]) -> float:
     """Mean detections per frame from the sidecars; also checks, on every tenth frame, that the
     planes decode and agree with the detections (ids, matte, each instance's visible pixels)."""
-    from mlfarm.broker.frames import frame_path
-    from mlfarm.worker.frame_io import read_image, sidecar_path
+    from mlfarm.exr.io import read_image, sidecar_path
+    from mlfarm.frames import frame_path
 
     counts = []
     for f in frames[:: max(1, len(frames) // 10)]:
@@ -329,9 +329,9 @@ def main() -> None:
     import torchvision
 
     from mlfarm.broker.embedded import EmbeddedRedis
+    from mlfarm.client import Farm
     from mlfarm.models.builtin.mrcnn import network
     from mlfarm.models.colour import linear_to_srgb
-    from mlfarm.nuke_submit.client import Farm
     from mlfarm.settings import Settings
     from mlfarm.worker.supervisor import gpu_memory_gib, workers_per_gpu
 
@@ -439,10 +439,12 @@ def main() -> None:
         print(f"(b'') + CUDA graph  : {1000 / g1:7.2f} frames/s at batch 1, {1000 / gb:.2f} at batch {batch} "
               "(as the worker runs it with MLFARM_MRCNN_CUDA_GRAPHS=true)", flush=True)
 
-        defaults = Settings()
+        from mlfarm.models.builtin.mrcnn.settings import MrcnnSettings
+
+        defaults, own = Settings(), MrcnnSettings()
         args.chunk = args.chunk or defaults.default_chunk
-        precision = args.precision or defaults.mrcnn_precision
-        channels_last = defaults.mrcnn_channels_last if args.channels_last == "auto" else args.channels_last == "on"
+        precision = args.precision or own.mrcnn_precision
+        channels_last = own.mrcnn_channels_last if args.channels_last == "auto" else args.channels_last == "on"
         figures["worker_precision"] = precision
         figures["worker_channels_last"] = channels_last
         del tv_net  # net and gpu_imgs stay: (b) is measured again after the farm runs
@@ -452,7 +454,7 @@ def main() -> None:
         # (c) the farm: embedded Redis, worker processes, EXR in and out.
         server = EmbeddedRedis.start(tmp / "redis")
         options = {"architecture": ARCH, "thresh": thresh, "max_detections": DETECTIONS}
-        from mlfarm.worker.cpus import format_cpus, split_cpus
+        from mlfarm.cpus import format_cpus, split_cpus
 
         shares = None if args.no_share_cores or n_gpus < 2 else split_cpus(n_gpus)
         # For MLFARM_WORKERS_PER_GPU=auto, asked once: one nvidia-smi (or torch) subprocess.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlfarm.broker.embedded import EmbeddedRedis
 from mlfarm.broker.jobs import DONE, FAILED, JobSpec
-from mlfarm.nuke_submit.client import Farm
+from mlfarm.client import Farm
 from mlfarm.nuke_submit.results import Progress, progress_label
 from mlfarm.nuke_submit.watch import POLL_CPU_BUDGET, next_wait
 from mlfarm.settings import Settings

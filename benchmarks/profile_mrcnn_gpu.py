@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--top", type=int, default=25, help="kernels to list, by their total time")
     ap.add_argument("--per-step", type=int, default=6, help="kernels to list under each step")
-    ap.add_argument("--deflate-type", type=int, default=None, help="nvCOMP's deflate effort (worker/gpu_exr.py)")
+    ap.add_argument("--deflate-type", type=int, default=None, help="nvCOMP's deflate effort (mlfarm/exr/gpu.py)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mlfarm-gpuprof-"))
     try:
@@ -105,11 +105,11 @@ def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from mlfarm.exr import gpu as gpu_exr
+    from mlfarm.exr.io import write_planes
     from mlfarm.models.builtin.mrcnn import network
     from mlfarm.models.builtin.mrcnn.model import Model
     from mlfarm.settings import get_settings
-    from mlfarm.worker import gpu_exr
-    from mlfarm.worker.frame_io import write_planes
 
     cuda = args.device.startswith("cuda")
     if args.deflate_type is not None:

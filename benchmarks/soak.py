@@ -36,10 +36,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlfarm.broker.embedded import EmbeddedRedis
-    from mlfarm.broker.frames import frame_path
-    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.client import Farm
+    from mlfarm.exr.io import read_image
+    from mlfarm.frames import frame_path
     from mlfarm.settings import Settings
-    from mlfarm.worker.frame_io import read_image
 
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="mlfarm-soak-"))

@@ -7,15 +7,16 @@ scale with the chunk.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery import Celery
 
+from mlfarm.frames import chunked, format_frames
 from mlfarm.settings import Settings
 
 from .celery_app import CHUNK_TASK, celery_priority
-from .frames import chunked, format_frames
 from .jobs import JobSpec
 
 
@@ -29,12 +30,32 @@ def chunk_kwargsrepr(spec: JobSpec, kwargs: Mapping[str, Any]) -> str:
     return repr(shown)
 
 
+#: How jobs of kinds other than frame chunks are queued: ``enqueue(app, settings, spec) -> tasks``,
+#: declared as entry points by whoever submits them (training's is ``train``), so the broker needs
+#: to know none of them.
+JOB_KINDS_GROUP = "mlfarm.job_kinds"
+
+
+@functools.cache
+def job_kind(kind: str) -> Callable[[Celery, Settings, JobSpec], int]:
+    """The enqueuer declared for ``kind``; ValueError when nothing installed declares one."""
+    try:
+        from importlib.metadata import entry_points
+    except ImportError:  # Python 3.7 (Nuke 13): the backport kombu installs there
+        from importlib_metadata import entry_points
+    found = entry_points()
+    declared = (found.select(group=JOB_KINDS_GROUP) if hasattr(found, "select")
+                else found.get(JOB_KINDS_GROUP, ()))
+    for ep in declared:
+        if ep.name == kind:
+            return ep.load()
+    raise ValueError(f"no installed package says how to queue a job of kind {kind!r} ({JOB_KINDS_GROUP})")
+
+
 def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -> int:
     """Send ``frames`` of ``spec`` as chunk tasks; returns how many tasks were sent."""
-    if spec.kind == "train":  # issue 6: one task trains the epochs left, from the newest checkpoint
-        from mlfarm.models.training.submit import enqueue_training
-
-        return enqueue_training(app, settings, spec)
+    if spec.kind != "render":
+        return job_kind(spec.kind)(app, settings, spec)
     chunks = chunked(frames, spec.chunk)
     with app.producer_or_acquire() as producer:
         for c in chunks:

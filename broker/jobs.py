@@ -18,22 +18,12 @@ from typing import Any
 
 import redis
 
-from .liveness import dead
+from mlfarm.keys import ACTIVE_JOBS, JOB_TTL, JOBS_INDEX, frames_key, job_key
 
-PREFIX = "mlfarm"
-JOBS_INDEX = f"{PREFIX}:jobs"
-ACTIVE_JOBS = f"{PREFIX}:jobs:active"  # jobs that may still have frames to render (broker/reconcile.py)
+from .liveness import dead
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FRAME_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}"
-
-
-def frames_key(job_id: str) -> str:
-    return f"{PREFIX}:job:{job_id}:frames"
 
 
 def new_job_id() -> str:
@@ -54,7 +44,7 @@ class JobSpec:
     queue: str = "gpu"
     model_version: str = ""
     name: str = ""
-    kind: str = "render"  # "train": frames are epochs, one task trains them all (issue 6)
+    kind: str = "render"  # "train": frames are epochs, one task trains them all
     id: str = field(default_factory=new_job_id)
     user: str = field(default_factory=getpass.getuser)
     host: str = field(default_factory=socket.gethostname)
@@ -87,7 +77,7 @@ class JobStatus:
     frames: list[FrameState]
     started: float | None
     ended: float | None
-    progress: dict[str, Any] = field(default_factory=dict)  # a training job's step, loss... (issue 6)
+    progress: dict[str, Any] = field(default_factory=dict)  # a training job's step, loss...
     silent: list[str] = field(default_factory=list)  # workers holding running frames, heartbeat gone
 
     @property
@@ -289,7 +279,7 @@ return out
 class JobStore:
     """Reads and changes job records. Safe to share between threads."""
 
-    def __init__(self, client: redis.Redis, ttl: int = 30 * 86400):
+    def __init__(self, client: redis.Redis, ttl: int = JOB_TTL):
         self.r = client
         self.ttl = ttl
         self._start = client.register_script(_START)

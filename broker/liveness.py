@@ -24,16 +24,11 @@ from dataclasses import dataclass
 
 import redis
 
-ALIVE_PREFIX = "mlfarm:alive:"  # beside the job records (broker/jobs.py), which ask it who is silent
-HOLDS_PREFIX = "mlfarm:holds:"
+from mlfarm.keys import HOLDS_PREFIX, alive_key, holds_key
 
 #: Seconds a consumer may take from kombu's unacknowledged write to registering the message
 #: (the same thread, right after): a report older than that may predate the message.
 HOLD_MARGIN = 2.0
-
-
-def alive_key(worker: str) -> str:
-    return f"{ALIVE_PREFIX}{worker}"
 
 
 def mark_alive(client: redis.Redis, worker: str, dead_after: float) -> None:
@@ -57,7 +52,7 @@ def mark_holding(client: redis.Redis, worker: str, task_ids: Iterable[str], dead
     they were read, taken *before* reading them, so that a message this report does not name and
     that reached kombu's unacknowledged hash well before ``at`` is not held by this worker."""
     report = {"t": time.time() if at is None else at, "ids": sorted(task_ids)}
-    client.set(f"{HOLDS_PREFIX}{worker}", json.dumps(report), ex=max(1, int(dead_after)))
+    client.set(holds_key(worker), json.dumps(report), ex=max(1, int(dead_after)))
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,11 @@ from typing import NamedTuple, TypeVar
 import redis
 from celery import Celery
 
+from mlfarm.frames import parse_frames
 from mlfarm.settings import Settings
 
 from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES, TRAIN_TASK
 from .dispatch import enqueue
-from .frames import parse_frames
 from .jobs import ACTIVE_JOBS, QUEUED, RUNNING, JobNotFound, JobStore
 from .liveness import Holdings, dead, holdings
 

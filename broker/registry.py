@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-CATALOG_KEY = "mlfarm:catalog"
+from mlfarm.keys import CATALOG_KEY
 
 
 def publish_catalog(client: redis.Redis, descriptions: dict[str, dict[str, Any]], worker: str) -> None:

@@ -89,8 +89,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from mlfarm.broker.embedded import EmbeddedRedis
-    from mlfarm.broker.frames import frame_path
-    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.client import Farm
+    from mlfarm.frames import frame_path
     from mlfarm.settings import Settings
 
     smi = nvidia_smi()

@@ -10,10 +10,10 @@ import OpenImageIO as oiio
 from rich.console import Console
 
 from mlfarm.broker.connection import NoBrokerError, broker_url
+from mlfarm.exr.io import read_image
 from mlfarm.local_farm import LocalFarm
 from mlfarm.models.colour import linear_to_srgb
 from mlfarm.settings import Settings
-from mlfarm.worker.frame_io import read_image
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ def contact_sheet(pairs: list[tuple[str, str]], path: Path) -> None:
 
 
 def run_demo(settings: Settings, console: Console, frames: int = 12, width: int = 480, height: int = 270) -> bool:
-    from mlfarm.broker.frames import frame_path
-    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.client import Farm
+    from mlfarm.frames import frame_path
     from mlfarm.progress import follow
 
     root = settings.storage_root / "demo"

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import click
-
 from mlfarm.broker.connection import is_local_host
 from mlfarm.settings import Settings
 
@@ -104,19 +102,3 @@ def run_flower(settings: Settings) -> None:
     code = app.start(launch.argv())
     if code:
         raise SystemExit(code)
-
-
-@click.command("flower")
-def flower_command() -> None:
-    """Watch the farm in Flower: workers, chunks (job, name, model, frames), /metrics for Prometheus.
-
-    Listens on MLFARM_FLOWER_ADDRESS:MLFARM_FLOWER_PORT with MLFARM_FLOWER_BASIC_AUTH; keeps its history
-    in MLFARM_DATA_DIR/flower across restarts.
-    """
-    from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
-    from mlfarm.cli import FarmError, _settings
-
-    try:
-        run_flower(_settings())
-    except (FlowerConfigError, NoBrokerError, InsecureBrokerError) as exc:
-        raise FarmError(str(exc)) from None

@@ -1,22 +1,21 @@
 """A farm on one machine: the embedded Redis plus local worker processes.
 
 Used by ``mlfarm up`` (which keeps running until Ctrl-C) and ``mlfarm demo`` (which starts one
-only if no farm is reachable). Workers are separate processes, exactly as on a real farm.
+only if no farm is reachable). Workers are separate processes, exactly as on a real farm, kept by
+the same supervisor as ``mlfarm worker --gpus`` (worker/supervisor.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import IO
 
 from mlfarm.broker.embedded import EmbeddedRedis
 from mlfarm.settings import Settings
+from mlfarm.worker.supervisor import Child, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ class LocalFarm:
         self.concurrency = concurrency
         self.log_file = log_file
         self.redis: EmbeddedRedis | None = None
-        self.workers: list[subprocess.Popen] = []
+        self.supervisor: Supervisor | None = None  # the workers: the same supervisor as `mlfarm worker --gpus`
         self.url = settings.broker_url
         self._log: IO[bytes] | None = None
 
@@ -43,41 +42,27 @@ class LocalFarm:
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - kept open for the workers' lifetime
-        self.workers = [self._start_worker(i) for i in range(self.n_workers)]
-        return self
-
-    def _start_worker(self, i: int) -> subprocess.Popen:
         env = {**os.environ, "MLFARM_BROKER_URL": self.url, "MLFARM_STORAGE_ROOT": str(self.settings.storage_root)}
-        cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", self.queues,
-               "--concurrency", str(self.concurrency), "--name", f"local{i + 1}@{os.uname().nodename}"]
-        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                stderr=subprocess.STDOUT if self._log else None)
+        children = []
+        for i in range(self.n_workers):
+            name = f"local{i + 1}@{os.uname().nodename}"
+            argv = [sys.executable, "-m", "mlfarm", "worker", "--queues", self.queues,
+                    "--concurrency", str(self.concurrency), "--name", name]
+            children.append(Child(gpu=None, name=name, argv=argv, env=env, output=self._log))
+        self.supervisor = Supervisor(children, restart_only_hung=True)
+        self.supervisor.start()
+        return self
 
     def tend(self) -> bool:
         """Start again any worker that ended itself over a stuck frame (worker/watchdog.py), then say
         whether everything runs. Not a plain query: ``mlfarm up`` calls it as its keep-alive."""
-        from mlfarm.worker.watchdog import EXIT_HUNG
-
-        for i, w in enumerate(self.workers):
-            if w.poll() == EXIT_HUNG:
-                log.warning("worker local%d failed a frame stuck past its time limit and ended; starting it again",
-                            i + 1)
-                self.workers[i] = self._start_worker(i)
-        return all(w.poll() is None for w in self.workers) and (
-            self.redis is None or self.redis.process is None or self.redis.process.poll() is None)
+        running = self.supervisor is not None and self.supervisor.poll() and self.supervisor.fatal is None
+        return running and (self.redis is None or self.redis.process is None or self.redis.process.poll() is None)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Warm shutdown: workers finish (or hand back) their chunk, then Redis stops."""
-        for w in self.workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for w in self.workers:
-            try:
-                w.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
+        if self.supervisor is not None:
+            self.supervisor.stop(timeout)
         if self.redis is not None:
             self.redis.stop()
             self.settings.embedded_state_file.unlink(missing_ok=True)

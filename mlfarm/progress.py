@@ -16,8 +16,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlfarm.broker.frames import format_frames
 from mlfarm.broker.jobs import DONE, FAILED, RUNNING, JobStatus
+from mlfarm.frames import format_frames
 
 
 def follow(poll: Callable[[], JobStatus], console: Console, interval: float = 0.5,
@@ -42,7 +42,7 @@ def follow(poll: Callable[[], JobStatus], console: Console, interval: float = 0.
 
 
 def progress_note(status: JobStatus) -> str:
-    """A training job's step and loss (issue 6); empty for a render job."""
+    """A training job's step and loss; empty for a render job."""
     p = status.progress
     if not p.get("total_steps"):
         return ""

@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from mlfarm.keys import JOB_TTL
+
 #: MLFARM_WORKERS_PER_GPU=auto takes two processes a GPU where each GPU has this much memory (two
 #: copies of the models: Mask R-CNN takes about 7 GiB) and the host this many cores a GPU (each
 #: process reads and writes EXRs on its own share).
@@ -40,6 +42,28 @@ def default_config_file() -> Path:
     return Path(os.environ.get("MLFARM_CONFIG") or _xdg("XDG_CONFIG_HOME", ".config") / "mlfarm" / "mlfarm.toml")
 
 
+class PluginSettings(BaseSettings):
+    """Base of a model plugin's own settings group, declared as its ``settings_class``.
+
+    Read like the core ``Settings`` (MLFARM_* environment variables, then the settings file), so a
+    plugin names its fields with its group's prefix (``mrcnn_batch_size``: MLFARM_MRCNN_BATCH_SIZE,
+    or ``mrcnn_batch_size = 4`` in mlfarm.toml) and adds nothing to the core.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, default_config_file()))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
 
@@ -55,7 +79,7 @@ class Settings(BaseSettings):
         "Must exceed the longest chunk, i.e. task_time_limit.",
     )
     result_expires: int = Field(default=86400, description="Seconds Celery keeps chunk results.")
-    job_ttl: int = Field(default=30 * 86400, description="Seconds a job record is kept after its last change.")
+    job_ttl: int = Field(default=JOB_TTL, description="Seconds a job record is kept after its last change.")
 
     # --- storage and frame I/O ----------------------------------------------------------
     storage_root: Path = Field(
@@ -142,7 +166,7 @@ class Settings(BaseSettings):
     flower_port: int = 5555
     flower_basic_auth: str | None = Field(default=None, description="user:password for Flower.")
 
-    # --- MLClient gateway (issue #3; mlfarm/gateway) --------------------------------------
+    # --- MLClient gateway (mlfarm/gateway) --------------------------------------------------
     gateway_host: str = Field(
         default="0.0.0.0",
         description="Interface the gateway listens on. The MLClient protocol has no authentication: "
@@ -161,7 +185,7 @@ class Settings(BaseSettings):
         description="Comma-separated model ids whose `PythonScript` objects the gateway forwards to Nuke "
         "(which executes them). Empty: none are forwarded.",
     )
-    # --- MLClient gateway follow-ups (issues #3 and #7): transport, heartbeat ------------------
+    # --- MLClient gateway: transport, heartbeat ---------------------------------------------
     gateway_transport: Literal["redis", "storage"] = Field(
         default="storage",
         description="How a frame's pixels travel between the gateway and a worker: `storage` (raw files in "
@@ -173,7 +197,7 @@ class Settings(BaseSettings):
         "the gateway tells the artist that worker died, instead of waiting for the frame's time limit.",
     )
 
-    # --- deploying a GPU farm: Flower and the per-GPU worker supervisor (issue 5) ----------
+    # --- deploying a GPU farm: Flower and the per-GPU worker supervisor -----------------
     flower_address: str = Field(
         default="",
         description="Address Flower listens on. Empty: 0.0.0.0 when MLFARM_FLOWER_BASIC_AUTH is set; without "
@@ -228,35 +252,14 @@ class Settings(BaseSettings):
         "telling the artist it cannot reach the farm. No retries: Nuke's interface waits meanwhile.",
     )
 
-    # --- model weights and Mask R-CNN (issue 8, models/builtin/mrcnn) ------------------------
+    # --- model weights (a plugin's own settings: its settings_class, a PluginSettings) -----------
     weights_dir: Path = Field(
         default_factory=lambda: default_data_dir() / "weights",
         description="Model weight files (e.g. Mask R-CNN's COCO state dicts), looked for before a model's own "
         "folder; `mlfarm models fetch NAME` downloads into it. Nothing is downloaded at run time.",
     )
-    mrcnn_precision: Literal["fp32", "tf32", "fp16"] = Field(
-        default="tf32",
-        description="Mask R-CNN arithmetic on CUDA: fp32, tf32 (TF32 matmuls and convolutions) or fp16 (autocast). "
-        "Chosen by measurement (benchmarks/bench_mrcnn.py); CPU always runs fp32.",
-    )
-    mrcnn_channels_last: bool = Field(default=False, description="Mask R-CNN backbone in channels_last on CUDA.")
-    mrcnn_cuda_graphs: bool = Field(
-        default=False, description="Replay Mask R-CNN's fixed-shape front (sRGB, resize, backbone, RPN head, "
-        "anchors) as one CUDA graph per lane and frame size instead of hundreds of Python-dispatched operations "
-        "(CUDA only). Measured on an H100 at 1080p: one worker 1.05-1.12x the frames/s in 2 runs of 3 (0.82x in "
-        "the other), two workers per GPU no change; each graph keeps 6-12 GiB of GPU memory, so it is off by default.",
-    )
-    mrcnn_batch_size: int = Field(
-        default=4, ge=1, le=64, description="Frames Mask R-CNN runs through the network at once (4 measured best "
-        "on H100: 8 ran the network 4% faster but the farm 9-21% slower).",
-    )
-    mrcnn_lanes: int = Field(
-        default=2, ge=1, le=8, description="Batches of a Mask R-CNN worker in the network at once, each on its own "
-        "thread and CUDA stream, so the GPU works on one while Python dispatches another (CPU: always 1). "
-        "Measured on H200 with GPU compression: 2 lanes 1.06-1.07x the frames/s of 1; with CPU compression no change.",
-    )
 
-    # --- training on the farm (issue 6, models/training, worker/train_task.py) ---------------
+    # --- training on the farm (models/training, worker/train_task.py) ----------------------
     train_time_limit: int = Field(
         default=7 * 86400, ge=1,
         description="Seconds one training task may run. Then it writes a checkpoint and stops, its remaining "

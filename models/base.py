@@ -11,14 +11,14 @@ load weights in ``load()``, which the worker calls once, on first use.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
+from mlfarm.tensors import is_tensor  # noqa: F401  (plugins import it from here)
+
+from .context import LoadContext
 from .options import Choice, describe_options, option_spec
-
-
-def is_tensor(value: Any) -> bool:
-    """Whether a model's output is a torch tensor (told apart without importing torch)."""
-    return type(value).__module__.startswith("torch") and hasattr(value, "device")
 
 
 class InputError(ValueError):
@@ -26,6 +26,10 @@ class InputError(ValueError):
 
 
 class BaseModel:
+    #: The plugin's own settings group, a ``mlfarm.settings.PluginSettings`` subclass (e.g. Mask
+    #: R-CNN's ``mrcnn_*``); the worker reads it at load time into ``context.plugin_settings``.
+    settings_class: Any = None
+
     def __init__(self) -> None:
         self.name = "Base model"
         self.options: tuple[str, ...] = ()
@@ -47,6 +51,7 @@ class BaseModel:
         # pinned memory for the GPU.
         self.raw_frames = False
         self.sidecar_json = False  # True: non-image results are also written as <frame>.json beside each frame
+        self.context: LoadContext | None = None  # set by setup(), before load()
 
     # --- the seed's surface -------------------------------------------------------------
     def get_options(self) -> dict[str, Any]:
@@ -84,6 +89,44 @@ class BaseModel:
         raise NotImplementedError(f"{type(self).__name__} implements neither inference nor infer_batch")
 
     # --- the farm's additions ----------------------------------------------------------
+    def with_options(self, options: Mapping[str, Any]) -> BaseModel:
+        """This model set up with ``options`` (options and buttons, validated for it), for one piece
+        of work: a chunk, an MLClient frame, a readiness check.
+
+        Options travel with the work (as Triton passes parameters with each request) instead of
+        staying as state on the one warm instance. The view holds what ``set_options`` and
+        ``set_buttons`` set; everything else (weights, device state, caches, counters) it reads
+        from and writes to the warm instance. This is the one adapter for plugins written in
+        nuke-ML-server's style, whose methods read their options from attributes.
+        """
+        scratch = copy.copy(self)
+        scratch.set_options({k: v for k, v in options.items() if k in self.options})
+        scratch.set_buttons({k: v for k, v in options.items() if k in self.buttons})
+        shared = vars(self)
+        own = {k: v for k, v in vars(scratch).items() if k not in shared or shared[k] is not v}
+        return OptionsView(self, own)  # type: ignore[return-value]
+
+    def setup(self, context: LoadContext) -> None:
+        """How the worker loads the model: keeps ``context`` (device, whether outputs may stay on
+        it, the settings and the plugin's own group) for ``load()`` to read, then calls it."""
+        self.context = context
+        self.load(context.device)
+
+    def load_context(self, device: str) -> LoadContext:
+        """``self.context``, or for a model loaded by hand (a test, a benchmark) the context the
+        worker would give it on ``device``."""
+        return self.context if self.context is not None else LoadContext.for_model(self, device)
+
+    def weight_variants(self) -> tuple[str, ...]:
+        """The weights ``fetch_weights`` can download (e.g. architectures): what ``mlfarm models
+        fetch NAME`` offers. Empty (the default): nothing to fetch."""
+        return ()
+
+    def fetch_weights(self, variant: str, weights_dir: Any) -> Any:
+        """Download ``variant``'s weights into ``weights_dir``; returns the file's path. Only on
+        request (``mlfarm models fetch``): nothing is downloaded while a job runs."""
+        raise NotImplementedError(f"{type(self).__name__} has no downloadable weights")
+
     def load(self, device: str) -> None:
         """Called once per worker process before the first frame: import torch, load weights.
 
@@ -146,3 +189,46 @@ class BaseModel:
     @staticmethod
     def _plain(value: Any) -> Any:
         return value.value if isinstance(value, Choice) else value
+
+
+class OptionsView:
+    """A warm model seen with one piece of work's option values (``BaseModel.with_options``).
+
+    Attribute reads find the view's own values first, then the model's; methods run with the view
+    as ``self``. Writes to an option go to the view, any other write to the model, so state the
+    plugin keeps (a network built on first use, a counter) stays shared by every view.
+    """
+
+    __slots__ = ("_model", "_own")
+
+    def __init__(self, model: BaseModel, own: dict[str, Any]) -> None:
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_own", own)
+
+    def __getattribute__(self, name: str) -> Any:
+        own = object.__getattribute__(self, "_own")
+        if name in own:
+            return own[name]
+        model = object.__getattribute__(self, "_model")
+        cls = type(model)
+        if name == "__class__":
+            return cls  # isinstance() and super() see the plugin's class
+        found = next((k.__dict__[name] for k in cls.__mro__ if name in k.__dict__), None)
+        if found is not None and (hasattr(found, "__set__") or hasattr(found, "__delete__")):
+            return found.__get__(self, cls)  # a property: computed from the view
+        if name in vars(model):
+            return vars(model)[name]
+        if hasattr(found, "__get__"):
+            return found.__get__(self, cls)  # a method, bound to the view
+        return getattr(model, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        own = object.__getattribute__(self, "_own")
+        if name in own:
+            own[name] = value
+        else:
+            setattr(object.__getattribute__(self, "_model"), name, value)
+
+    def __repr__(self) -> str:
+        return "<{} with options {}>".format(object.__getattribute__(self, "_model"),
+                                             object.__getattribute__(self, "_own"))

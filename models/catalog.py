@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 ENTRY_POINT_GROUP = "mlfarm.models"
+#: Sources of models that appear while the farm runs (training's runs under <storage>/trained/):
+#: each entry point is ``source(settings) -> {name: ModelEntry}``, asked again for a name not yet
+#: known. Declared by whoever makes such models, so the catalog needs to know none of them.
+SOURCE_GROUP = "mlfarm.model_sources"
 _PLUGIN_PACKAGE = "mlfarm_plugins"
 
 
@@ -126,13 +130,16 @@ class Catalog:
 
     @classmethod
     def from_settings(cls, settings: Any) -> Catalog:
-        from .training.trained import trained_entries  # issue 6: runs under <storage>/trained/
+        sources = [ep.load() for ep in entry_points(group=SOURCE_GROUP)]
 
-        def trained() -> dict[str, ModelEntry]:
-            return trained_entries(settings.storage_root)
+        def dynamic() -> dict[str, ModelEntry]:
+            found: dict[str, ModelEntry] = {}
+            for source in sources:
+                found.update(source(settings))
+            return found
 
         plugins = discover(settings.model_dirs)
-        return cls({**trained(), **plugins}, rescan=lambda: {**trained(), **plugins})
+        return cls({**dynamic(), **plugins}, rescan=lambda: {**dynamic(), **plugins})
 
     def names(self) -> list[str]:
         return sorted(self.entries)

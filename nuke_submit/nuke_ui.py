@@ -72,9 +72,8 @@ class Submission:
 def farm_client():
     """A ``Farm`` whose every call gives up after ``MLFARM_NUKE_TIMEOUT``; contacts nothing yet."""
     try:
+        from mlfarm.client import Farm
         from mlfarm.settings import get_settings
-
-        from .client import Farm
     except ImportError as exc:
         raise PlanError("the ML Farm client libraries are not installed for Nuke's Python (%s); "
                         "see 'Nuke setup' in the mlfarm docs" % exc) from None
@@ -118,7 +117,7 @@ def _user_error(exc: Exception) -> bool:
     if isinstance(exc, (PlanError, PatternError, OptionError)):
         return True
     try:
-        from .client import SubmitError
+        from mlfarm.client import SubmitError
     except ImportError:
         return False
     return isinstance(exc, SubmitError)

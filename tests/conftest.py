@@ -144,7 +144,7 @@ class FarmHarness:
         return Settings(**values)
 
     def farm(self, **overrides: object):
-        from mlfarm.nuke_submit.client import Farm
+        from mlfarm.client import Farm
 
         return Farm(self.settings(**overrides), self.url)
 

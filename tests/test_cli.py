@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from mlfarm.broker.frames import frame_path
+from mlfarm.frames import frame_path
 
 from conftest import PLUGINS, make_plate, sample_pixels, write_exr
 

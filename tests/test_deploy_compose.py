@@ -23,8 +23,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from mlfarm.cpus import parse_cpus
 from mlfarm.settings import Settings
-from mlfarm.worker.cpus import parse_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"

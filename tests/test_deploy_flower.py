@@ -21,8 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlfarm.broker.embedded import free_port
-from mlfarm.broker.frames import format_frames
 from mlfarm.flower_monitor import FlowerConfigError, plan_flower
+from mlfarm.frames import format_frames
 from mlfarm.settings import Settings
 
 from conftest import MlfarmProcess, make_plate

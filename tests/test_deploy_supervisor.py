@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mlfarm.broker.frames import frame_path
-from mlfarm.worker.cpus import CpuSpecError, format_cpus, parse_cpus, split_cpus
+from mlfarm.cpus import CpuSpecError, format_cpus, parse_cpus, split_cpus
+from mlfarm.frames import frame_path
 from mlfarm.worker.supervisor import (
     REFUSED_EXIT,
     Child,

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import OpenImageIO as oiio
 
-from mlfarm.broker.frames import frame_path
+from mlfarm.exr.io import read_image
+from mlfarm.frames import frame_path
 from mlfarm.models.catalog import Catalog, discover
-from mlfarm.worker.frame_io import read_image
 
 from conftest import make_plate, sample_pixels
 

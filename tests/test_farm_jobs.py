@@ -10,10 +10,10 @@ import OpenImageIO as oiio
 import pytest
 import redis
 
-from mlfarm.broker.frames import frame_path
+from mlfarm.client import SubmitError
+from mlfarm.exr.io import read_image
+from mlfarm.frames import frame_path
 from mlfarm.models.options import OptionError
-from mlfarm.nuke_submit.client import SubmitError
-from mlfarm.worker.frame_io import read_image
 
 from conftest import make_plate, sample_pixels
 
@@ -188,7 +188,7 @@ def test_a_pickled_message_is_refused_and_not_executed(farm):
 
 
 def test_stale_partials_of_dead_writers_are_removed(tmp_path):
-    from mlfarm.worker.storage import HOST, atomic_output, remove_stale_partials
+    from mlfarm.storage import HOST, atomic_output, remove_stale_partials
 
     dead = tmp_path / f".o.0001.exr.partial-{HOST}-999999999-abcd"
     alive = tmp_path / f".o.0001.exr.partial-{HOST}-{os.getpid()}-abcd"
@@ -206,7 +206,7 @@ def test_stale_partials_of_dead_writers_are_removed(tmp_path):
 
 
 def test_a_new_chunk_cleans_up_after_a_dead_writer(farm):
-    from mlfarm.worker.storage import HOST
+    from mlfarm.storage import HOST
 
     farm.start_worker()
     plate = make_plate(farm.storage / "plate", [1])

@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from mlfarm.broker.embedded import EmbeddedRedis, free_port
-from mlfarm.broker.frames import frame_path
-from mlfarm.worker.frame_io import read_image
+from mlfarm.exr.io import read_image
+from mlfarm.frames import frame_path
 
 from conftest import FarmHarness, make_plate, sample_pixels, write_exr
 
@@ -214,12 +214,12 @@ def test_full_storage_fails_frames_and_leaves_nothing_corrupt(farm, mounts):
 
 
 def test_the_gpu_compressing_writer_on_a_full_disk_says_so_and_leaves_nothing_half_written(mounts, tmp_path):
-    """worker/gpu_exr.py writes the file itself: a full disk must give the same clear reason, and no
+    """mlfarm/exr/gpu.py writes the file itself: a full disk must give the same clear reason, and no
     partial file under the output name or beside it (run on CPU tensors: the same writing code)."""
     import torch
 
-    from mlfarm.worker import gpu_exr
-    from mlfarm.worker.frame_io import FrameError
+    from mlfarm.exr import gpu as gpu_exr
+    from mlfarm.exr.io import FrameError
 
     target = tmp_path / "small"
     target.mkdir()

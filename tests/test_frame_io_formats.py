@@ -9,8 +9,8 @@ import numpy as np
 import OpenImageIO as oiio
 import pytest
 
+from mlfarm.exr.io import assemble_planes, configure_openexr, read_image, write_exr
 from mlfarm.settings import Settings
-from mlfarm.worker.frame_io import assemble_planes, configure_openexr, read_image, write_exr
 
 OUTPUTS = {"rgba": 4, "matte": ("A",), "instance": ("id",)}
 
@@ -122,7 +122,7 @@ def test_worker_io_threads_yield_to_the_gpu_thread_and_size_themselves(tmp_path)
     import threading
 
     from mlfarm.settings import Settings
-    from mlfarm.worker.runtime import io_threads, start_io
+    from mlfarm.worker.lanes import io_threads, start_io
 
     before = oiio.get_int_attribute("exr_threads")
     settings = Settings(io_nice=3, exr_threads=2, storage_root=tmp_path, data_dir=tmp_path)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mlfarm.broker.celery_app import celery_priority
-from mlfarm.broker.frames import PatternError, chunked, format_frames, frame_path, parse_frames, to_printf
+from mlfarm.frames import PatternError, chunked, format_frames, frame_path, parse_frames, to_printf
 from mlfarm.models.catalog import Catalog, UnknownModel, discover
 from mlfarm.models.options import OptionError, parse_option_args, validate_options
 

@@ -129,9 +129,9 @@ def test_concurrent_clients_through_workers(gateway_farm):
 def test_relay_splits_large_images_and_keeps_pixels_out_of_the_append_only_file(redis_server, monkeypatch):
     """Frames cross Redis in parts (a Redis value holds at most 512 MB) and, being transient,
     are never written to the AOF; the small signals and a plain SET are, as a control."""
-    from mlfarm.gateway import relay as relay_module
-    from mlfarm.gateway.images import WireImage
-    from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
+    from mlfarm.exchange import relay as relay_module
+    from mlfarm.exchange.images import WireImage
+    from mlfarm.exchange.relay import Relay, RelayReply, raw_redis_client
 
     monkeypatch.setattr(relay_module, "PART_BYTES", 1000)
     r = Relay(raw_redis_client(redis_server.url, 10))

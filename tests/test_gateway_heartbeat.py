@@ -12,7 +12,7 @@ import pytest
 import redis
 from gateway_harness import MODELS_PATH, GatewayProcess
 
-from mlfarm.gateway.spool import FOLDER
+from mlfarm.exchange.spool import FOLDER
 
 from conftest import sample_pixels
 

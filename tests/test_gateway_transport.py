@@ -13,9 +13,9 @@ import pytest
 import redis
 from gateway_harness import direct_model, with_gateways
 
-from mlfarm.gateway.images import WireImage
-from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
-from mlfarm.gateway.spool import FOLDER, Spool, SpoolError
+from mlfarm.exchange.images import WireImage
+from mlfarm.exchange.relay import Relay, RelayReply, raw_redis_client
+from mlfarm.exchange.spool import FOLDER, Spool, SpoolError
 
 from conftest import sample_pixels
 

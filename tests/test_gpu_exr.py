@@ -1,4 +1,4 @@
-"""ZIPS EXRs built by torch code (worker/gpu_exr.py): the file OpenEXR writes, read back bit-exact.
+"""ZIPS EXRs built by torch code (mlfarm/exr/gpu.py): the file OpenEXR writes, read back bit-exact.
 
 On CPU tensors zlib does the deflate, so these tests check everything around nvCOMP (line layout,
 predictor, Adler-32, chunk framing, header, offsets) on machines without a GPU. The nvCOMP path
@@ -17,8 +17,8 @@ import OpenImageIO as oiio
 import pytest
 import torch
 
-from mlfarm.worker import gpu_exr
-from mlfarm.worker.frame_io import write_exr, write_planes
+from mlfarm.exr import gpu as gpu_exr
+from mlfarm.exr.io import write_exr, write_planes
 
 NAMES = ["R", "G", "B", "A", "matte.A", "instance.id"]
 OUTPUTS = {"rgba": 4, "matte": ("A",), "instance": ("id",)}

@@ -14,10 +14,10 @@ import OpenImageIO as oiio
 import pytest
 import torch
 
-from mlfarm.broker.frames import frame_path
+from mlfarm.client import SubmitError
+from mlfarm.exr.io import read_image, sidecar_path
+from mlfarm.frames import frame_path
 from mlfarm.models.builtin.mrcnn.weights import ARCHITECTURES, WeightsError
-from mlfarm.nuke_submit.client import SubmitError
-from mlfarm.worker.frame_io import read_image, sidecar_path
 
 from conftest import make_plate, sample_pixels, write_exr
 
@@ -303,8 +303,8 @@ def test_mlclient_gateway_runs_mrcnn_through_its_pre_and_postprocess(monkeypatch
     """The MLClient path (worker and --local) runs a model as a chunk does: preprocess, infer_batch,
     postprocess. Mask R-CNN needs all three: its infer_batch takes prepared tensors, and its
     postprocess turns pending device results into planes and detections."""
-    from mlfarm.gateway.images import WireImage
-    from mlfarm.gateway.inference import run_model
+    from mlfarm.exchange.images import WireImage
+    from mlfarm.exchange.inference import run_model
     from mlfarm.models.catalog import Catalog, discover
     from mlfarm.settings import get_settings
 

@@ -10,6 +10,7 @@ import ast
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import textwrap
@@ -43,9 +44,80 @@ def python37() -> str | None:
     return None
 
 
-#: Everything `import mlfarm.nuke_submit.client` pulls in from this repository, plus the Nuke layer.
-CLIENT_CHAIN = ["nuke_submit/*.py", "nuke_submit/nuke_path/*.py", "broker/*.py", "models/options.py",
-                "models/base.py", "models/__init__.py", "mlfarm/settings.py", "worker/storage.py", "worker/__init__.py"]
+#: Where Nuke's code starts: everything these import from this repository, lazily or not, must
+#: run on Nuke's Python too. The rest is found by following their imports (nuke_side_files).
+NUKE_ROOTS = ["nuke_submit/*.py", "nuke_submit/nuke_path/*.py"]
+
+
+def package_dirs() -> dict[str, Path]:
+    """``mlfarm.*`` package -> repository folder, as pyproject's package-dir maps them."""
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    found = dict(re.findall(r'"(mlfarm(?:\.[A-Za-z_]+)*)" = "([^"]+)"', text))
+    return {name: REPO / folder for name, folder in found.items()}
+
+
+def module_file(name: str, dirs: dict[str, Path]) -> Path | None:
+    """The repository file of module ``name`` (a package's __init__.py); None if it is not ours."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        base = dirs.get(".".join(parts[:i]))
+        if base is None:
+            continue
+        path = base.joinpath(*parts[i:])
+        for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+        return None
+    return None
+
+
+def module_name(path: Path, dirs: dict[str, Path]) -> str:
+    """The dotted name ``path`` is installed under (the deepest package folder that holds it)."""
+    package = max((n for n, d in dirs.items() if d in path.parents), key=lambda n: len(dirs[n].parts))
+    parts = [p for p in path.relative_to(dirs[package]).with_suffix("").parts if p != "__init__"]
+    return ".".join([package, *parts])
+
+
+def imported_names(path: Path, dirs: dict[str, Path]) -> set[str]:
+    """Every module ``path`` may import, at the top or inside a function, as absolute names."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    here = module_name(path, dirs).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # `from package import module`
+    return names
+
+
+def nuke_side_files() -> list[Path]:
+    """The Nuke-side modules and every repository module they import, followed to the end."""
+    dirs = package_dirs()
+    todo = [Path(p) for pattern in NUKE_ROOTS for p in glob.glob(str(REPO / pattern))]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_names(path, dirs):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a module runs its packages' __init__ first
+                found = module_file(".".join(parts[:i]), dirs)
+                if found is not None and found not in seen:
+                    todo.append(found)
+    return sorted(seen)
+
+
+def client_chain_files() -> list[str]:
+    return [str(p) for p in nuke_side_files()]
+
 
 SMOKE = textwrap.dedent('''
     import sys, threading
@@ -107,10 +179,6 @@ STARTUP_NUKE = textwrap.dedent('''
 ''')
 
 
-def client_chain_files() -> list[str]:
-    return sorted({p for pattern in CLIENT_CHAIN for p in glob.glob(str(REPO / pattern))})
-
-
 def test_nuke_side_modules_parse_as_python_37_everywhere():
     """The grammar check runs where no 3.7 interpreter is (a walrus once reached CI this way)."""
     files = client_chain_files()
@@ -135,12 +203,14 @@ def test_nuke_side_modules_compile_and_work_on_python_37(tmp_path):
     proc = subprocess.run([py, "-B", "-c", compile_all, *files], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
-    # The installed layout: repository folders under the one `mlfarm` package name.
-    pkg = tmp_path / "site" / "mlfarm"
-    pkg.mkdir(parents=True)
-    shutil.copy(REPO / "mlfarm" / "__init__.py", pkg / "__init__.py")
-    for name in ("nuke_submit", "broker", "models", "worker"):
-        (pkg / name).symlink_to(REPO / name)
+    # The installed layout, holding only what the Nuke side imports: a module missing from the
+    # computed list fails here as it would in Nuke.
+    dirs = package_dirs()
+    for f in nuke_side_files():
+        target = (tmp_path / "site").joinpath(*module_name(f, dirs).split("."))
+        target = target / "__init__.py" if f.name == "__init__.py" else target.with_suffix(".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
     fake = tmp_path / "fake_nuke"
     fake.mkdir()
     (fake / "nuke.py").write_text(FAKE_NUKE)
@@ -153,7 +223,7 @@ def test_nuke_side_modules_compile_and_work_on_python_37(tmp_path):
 
 CLIENT_ON_NUKE_PYTHON = textwrap.dedent('''
     import json, sys, time
-    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.client import Farm
     from mlfarm.nuke_submit import plan, results
     heavy = [m for m in ("torch", "numpy", "OpenImageIO") if m in sys.modules]
     farm = Farm()

@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from mlfarm.broker.frames import frame_path, to_printf
-from mlfarm.broker.jobs import frames_key, job_key
+from mlfarm.exr.io import read_image
+from mlfarm.keys import frames_key, job_key
 from mlfarm.nuke_submit.client import SubmitError
 from mlfarm.nuke_submit.plan import PlanError
 from mlfarm.settings import get_settings
-from mlfarm.worker.frame_io import read_image
 
 from conftest import TESTS, make_plate, sample_pixels, write_exr
 

@@ -19,11 +19,11 @@ import OpenImageIO as oiio
 from gateway_harness import GatewayProcess
 from training_data import colour_transform, make_classify_data, make_img2img_data, textured, warm_or_cool
 
-from mlfarm.broker.frames import frame_path
+from mlfarm.exr.io import read_image
+from mlfarm.frames import frame_path
 from mlfarm.models.training.logs import read_log
 from mlfarm.models.training.runs import TrainConfig, list_checkpoints, run_dir
-from mlfarm.models.training.submit import submit_training
-from mlfarm.worker.frame_io import read_image
+from mlfarm.training_jobs import submit_training
 
 from conftest import write_exr
 

@@ -12,10 +12,10 @@ import numpy as np
 import OpenImageIO as oiio
 import pytest
 
-from mlfarm.broker.frames import frame_path
+from mlfarm.exr.io import read_image
+from mlfarm.frames import frame_path
 from mlfarm.models.catalog import Catalog, discover
 from mlfarm.settings import Settings
-from mlfarm.worker.frame_io import read_image
 from mlfarm.worker.model_cache import ModelCache
 
 from conftest import PLUGINS, make_plate

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from mlfarm.broker.frames import frame_path
-from mlfarm.worker.frame_io import read_image
+from mlfarm.exr.io import read_image
+from mlfarm.frames import frame_path
 
 from conftest import make_plate, sample_pixels
 

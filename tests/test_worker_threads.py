@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlfarm.broker.frames import frame_path
-from mlfarm.worker.frame_io import read_image
+from mlfarm.exr.io import read_image
+from mlfarm.frames import frame_path
 
 from conftest import make_plate
 

@@ -28,13 +28,6 @@ def pin_gpu(index: int | str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
 
 
-def visible_gpu_count() -> int:
-    """GPUs this process could use, counted without initialising CUDA here."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def torch_device(model_device: str, policy: str) -> str:
     """The torch device for a model that wants ``model_device`` ("gpu"/"cpu") under ``policy``.
 

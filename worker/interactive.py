@@ -3,7 +3,7 @@
 Workers poll the ``interactive`` queue before batch queues, so an artist's frame waits at most
 for the chunks the worker is on (see ``sharing``). The task's arguments name the request only; its
 pixels come from, and go back through, Redis or files on shared storage, whichever way the gateway
-sent them (see :mod:`mlfarm.gateway.relay`). While it works on a request the worker keeps a heartbeat key
+sent them (see :mod:`mlfarm.exchange.relay`). While it works on a request the worker keeps a heartbeat key
 alive, so that the waiting gateway learns within seconds if this process dies.
 """
 
@@ -19,22 +19,20 @@ from celery import Celery
 
 from mlfarm.broker.celery_app import INTERACTIVE_TASK
 from mlfarm.broker.connection import broker_url
-from mlfarm.gateway.inference import run_model
-from mlfarm.gateway.relay import Relay, RelayReply, raw_redis_client
-from mlfarm.gateway.spool import Spool
+from mlfarm.exchange.inference import run_model
+from mlfarm.exchange.relay import Relay, RelayReply, raw_redis_client
+from mlfarm.exchange.spool import Spool
 from mlfarm.models.options import validate_options
 
 from .heartbeat import beating
 from .pipeline import describe_error
-from .runtime import runtime
+from .runtime import Runtime, WorkerProcess
 
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=1)
-def _relay() -> Relay:
-    """One binary-safe Redis client per worker process (the runtime's client decodes to str)."""
-    settings = runtime().settings
+def _relay(settings: Any) -> Relay:
+    """A binary-safe Redis client (the runtime's client decodes to str): one per worker process."""
     return Relay(raw_redis_client(broker_url(settings), timeout=60.0), Spool(settings.storage_root))
 
 
@@ -43,8 +41,8 @@ def _heartbeat(relay: Relay, request_id: str, seconds: float) -> contextlib.Abst
     return beating(lambda: relay.beat(request_id, seconds), seconds / 3, f"interactive request {request_id}")
 
 
-def serve_request(request_id: str, model: str, options: dict[str, Any], heartbeat: float) -> str:
-    rt, relay = runtime(), _relay()
+def serve_request(rt: Runtime, relay: Relay, request_id: str, model: str, options: dict[str, Any],
+                  heartbeat: float) -> str:
     started = time.perf_counter()
     request = relay.take_request(request_id, rt.worker, heartbeat)
     if request is None:
@@ -79,10 +77,13 @@ def serve_request(request_id: str, model: str, options: dict[str, Any], heartbea
     return "failed" if reply.error else "done"
 
 
-def register_interactive(app: Celery, policy: dict[str, Any]) -> None:
+def register_interactive(app: Celery, policy: dict[str, Any], process: WorkerProcess) -> None:
     """Same policy as chunks, but no result is stored: the reply goes to the waiting gateway."""
+    relay = lru_cache(maxsize=1)(lambda: _relay(process.settings))  # made in the process that serves
+
     @app.task(name=INTERACTIVE_TASK, **{**policy, "ignore_result": True})
     def interactive(self: Any, request_id: str, model: str, options: dict[str, Any],
                     heartbeat: float | None = None) -> str:
         """Infer one frame sent through the MLClient gateway (request ``request_id``)."""
-        return serve_request(request_id, model, options, heartbeat or runtime().settings.gateway_heartbeat)
+        rt = process.runtime()
+        return serve_request(rt, relay(), request_id, model, options, heartbeat or rt.settings.gateway_heartbeat)

@@ -16,17 +16,16 @@ from celery.signals import worker_ready
 from mlfarm.broker.celery_app import QUEUES, make_celery
 from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.registry import publish_catalog
+from mlfarm.cpus import format_cpus, pin_cpus
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
-from . import runtime
 from .consumer import ReconnectingConsumer
-from .cpus import format_cpus, pin_cpus
 from .gpu import pin_gpu
 from .heartbeat import reporting_holdings
 from .reconciler import Reconciler
 from .reconciler import install as install_reconciler
-from .runtime import STOP_NOW
+from .runtime import STOP_NOW, WorkerProcess
 from .tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -94,11 +93,11 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     if cpus:
         pin_cpus(cpus)  # before any thread starts: they all inherit it
     hostname = name or f"mlfarm{'-gpu' + str(gpu) if gpu is not None else ''}@{socket.gethostname()}"
-    os.environ["MLFARM_WORKER_NAME"] = hostname
+    process = WorkerProcess(hostname, settings)
     url = broker_url(settings)
     app = make_celery(settings, url)
     app.conf.worker_consumer = f"{ReconnectingConsumer.__module__}:{ReconnectingConsumer.__name__}"
-    register_tasks(app)
+    register_tasks(app, process)
     install_reconciler(app, Reconciler(app, settings, url, hostname))
     reports = contextlib.ExitStack()  # until the process ends, a warm shutdown's last chunks included
 
@@ -106,7 +105,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     def _publish(sender: Any, **_: object) -> None:
         if app.conf.worker_pool == TASK_THREADS:  # its watchdog stops the consumer before it ends
             taken = [q.name for q in sender.task_consumer.queues]
-            runtime.stop_consuming = functools.partial(stop_consuming, app, hostname, taken)
+            process.stop_consuming = functools.partial(stop_consuming, app, hostname, taken)
         client = redis_client(url, role="worker")  # the catalog now, the holdings reports for the process's life
         reports.enter_context(reporting_holdings(client, hostname, settings.worker_dead_after))
         descriptions = Catalog.from_settings(settings).describe_all()

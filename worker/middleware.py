@@ -13,14 +13,26 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import redis
 
-if TYPE_CHECKING:
-    from .pipeline import ChunkRun
+from mlfarm.keys import WORKER_STATS_TTL, worker_stats_key
 
 log = logging.getLogger("mlfarm.worker")
+
+
+class ChunkRun(Protocol):
+    """What hooks see of a running chunk (``pipeline.ChunkRun``), so this module needs not import it."""
+
+    spec: Any
+    result: Any  # ChunkResult: done, failed, skipped, cancelled
+    stage_seconds: dict[str, float]
+    started: float
+    first_done: float | None
+
+    @property
+    def label(self) -> str: ...
 
 
 class Middleware:
@@ -75,10 +87,10 @@ class Metrics(Middleware):
                 return
             self._published = now
             stats = json.dumps(self.totals)
-        key = f"mlfarm:worker:{self.worker}"
+        key = worker_stats_key(self.worker)
         try:
             self.client.pipeline(transaction=False).hset(key, mapping={
-                "updated": time.time(), "stats": stats}).expire(key, 86400).execute()
+                "updated": time.time(), "stats": stats}).expire(key, WORKER_STATS_TTL).execute()
         except redis.RedisError as exc:  # metrics must never fail a chunk
             log.debug("could not publish worker metrics: %s", exc)
 

@@ -8,8 +8,11 @@ import sys
 import threading
 from collections import OrderedDict
 
+from mlfarm.exr.common import wanted
 from mlfarm.models.base import BaseModel
 from mlfarm.models.catalog import Catalog
+from mlfarm.models.context import LoadContext
+from mlfarm.settings import Settings
 
 from .gpu import torch_device
 
@@ -23,10 +26,11 @@ class ModelCache:
     recently used model is unloaded when more than ``size`` are warm.
     """
 
-    def __init__(self, catalog: Catalog, size: int, device_policy: str = "auto"):
+    def __init__(self, catalog: Catalog, size: int, device_policy: str = "auto", settings: Settings | None = None):
         self.catalog = catalog
         self.size = size
         self.device_policy = device_policy
+        self.settings = settings  # what each model's load context carries; None: this process's
         self._models: OrderedDict[str, BaseModel] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -39,7 +43,11 @@ class ModelCache:
             model = self.catalog.entry(name).create()
             device = torch_device(model.device, self.device_policy)
             log.info("loading model %s on %s", name, device)
-            model.load(device)
+            context = LoadContext.for_model(model, device, self.settings)
+            exr = context.settings
+            if not context.outputs_on_device and wanted(exr.exr_compression, exr.exr_gpu_compress, device):
+                log.info("outputs are compressed on the CPU: nvCOMP is not installed (pip install 'mlfarm[gpu]')")
+            model.setup(context)
             self._models[name] = model
             while len(self._models) > self.size:
                 old_name, old = self._models.popitem(last=False)

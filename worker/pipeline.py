@@ -24,16 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from mlfarm.broker.frames import format_frames, frame_path
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
-from mlfarm.models.base import BaseModel, InputError, is_tensor
+from mlfarm.exr.io import FrameError, read_image, sidecar_path, write_json, write_planes
+from mlfarm.frames import format_frames, frame_path
+from mlfarm.models.base import BaseModel, InputError
 from mlfarm.settings import Settings
+from mlfarm.storage import sweep_once
+from mlfarm.tensors import is_tensor
 
-from .frame_io import FrameError, read_image, sidecar_path, write_json, write_planes
+from .lanes import LanePools, io_threads
 from .middleware import Middleware
 from .model_cache import ModelCache
-from .runtime import LanePools, io_threads
-from .storage import sweep_once
 from .watchdog import Watchdog
 
 
@@ -243,9 +244,7 @@ class ChunkRun:
 
     def _run_frames(self, cache: ModelCache, todo: list[int]) -> None:
         try:
-            model = cache.get(self.spec.model)
-            model.set_options({k: v for k, v in self.spec.options.items() if k in model.options})
-            model.set_buttons({k: v for k, v in self.spec.options.items() if k in model.buttons})
+            model = cache.get(self.spec.model).with_options(self.spec.options)
         except Exception as exc:
             for f in todo:
                 self._fail(f, f"model {self.spec.model} could not be loaded: {describe_error(exc)}")

@@ -22,11 +22,12 @@ from celery import Celery, bootsteps
 from mlfarm.broker.connection import redis_client
 from mlfarm.broker.jobs import JobStore
 from mlfarm.broker.reconcile import reconcile, requeue_orphans
+from mlfarm.keys import RECONCILE_LOCK
 from mlfarm.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LOCK = "mlfarm:reconcile:lock"
+LOCK = RECONCILE_LOCK
 
 
 class Reconciler(threading.Thread):

@@ -2,12 +2,13 @@
 
 A worker takes a few tasks at once (Celery's threads pool, ``Settings.worker_threads``) so that
 one chunk's first reads and last writes overlap the next chunk's GPU work: with chunks of a few
-frames a GPU otherwise idles at every chunk boundary. The tasks share the process's models, and a
-model's options are state on its one instance, so two tasks may only run together when they would
-set it alike. Every task therefore holds a *key* while it runs (a chunk: its model and options;
-an MLClient frame: a key of its own, since it calls the model outside the lanes; training: a key
-of its own, since it takes the whole GPU and sets torch's thread count) and tasks with different
-keys take turns.
+frames a GPU otherwise idles at every chunk boundary. The tasks share the process's models.
+Options travel with each chunk (``BaseModel.with_options``), but a plugin may still keep
+per-options state on objects its views share (Mask R-CNN sets its network's thresholds and sizes
+for each batch), so two chunks only run together when their options are alike. Every task holds a
+*key* while it runs (a chunk: its model and options; an MLClient frame: a key of its own, since it
+calls the model outside the lanes; training: a key of its own, since it takes the whole GPU and
+sets torch's thread count) and tasks with different keys take turns.
 
 A chunk whose frames were running on a worker that died runs alone (a key of its own): if one of
 them kills this worker too, the chunks beside it would lose an attempt with it for nothing.

@@ -31,11 +31,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import IO
 
 from mlfarm.broker.connection import broker_url
+from mlfarm.cpus import format_cpus, pin_cpus, split_cpus
 from mlfarm.settings import AUTO_TWO_MIN_CORES, AUTO_TWO_MIN_GPU_GIB, Settings
 
-from .cpus import format_cpus, pin_cpus, split_cpus
 from .main import ordered_queues
 from .watchdog import EXIT_HUNG
 
@@ -207,10 +208,11 @@ def _pdeathsig_hook():
 
 @dataclass
 class Child:
-    gpu: str
+    gpu: str | None  # None: a local worker (`mlfarm up`, the demo), pinned to no GPU
     name: str
     argv: list[str]
     env: dict[str, str]
+    output: IO[bytes] | None = None  # where its stdout and stderr go; None: the supervisor's
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restart_at: float | None = None
@@ -221,12 +223,17 @@ class Child:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_pdeathsig_hook())
+                                     preexec_fn=_pdeathsig_hook(), stdout=self.output,
+                                     stderr=subprocess.STDOUT if self.output else None)
         self.started = time.monotonic()
         self.restart_at = None
         self.starts += 1
         self.pids.append(self.proc.pid)
-        log.info("supervisor: started %s on GPU %s (pid %d)", self.name, self.gpu, self.proc.pid)
+        log.info("supervisor: started %s%s (pid %d)", self.name, self.where, self.proc.pid)
+
+    @property
+    def where(self) -> str:
+        return f" on GPU {self.gpu}" if self.gpu is not None else ""
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -248,11 +255,19 @@ def describe_exit(code: int) -> str:
 
 
 class Supervisor:
-    """Runs one child per GPU until told to stop; see the module docstring for the signal rules."""
+    """Runs worker processes until told to stop: `mlfarm worker --gpus` (one child per GPU, see the
+    module docstring for the signal rules, ``run``) and `mlfarm up` and the demo (``LocalFarm``,
+    which calls ``start``, ``poll`` and ``stop`` itself).
 
-    def __init__(self, children: list[Child], max_restart_delay: float = 60.0):
+    With ``restart_only_hung`` (local farms) a child that ended itself over a stuck frame is
+    started again at once and any other exit stops the farm; otherwise children are restarted with
+    a growing wait, a clean exit retires one and a refused configuration stops them all.
+    """
+
+    def __init__(self, children: list[Child], max_restart_delay: float = 60.0, restart_only_hung: bool = False):
         self.children = children
         self.max_restart_delay = max_restart_delay
+        self.restart_only_hung = restart_only_hung
         self.signals_received = 0
         self.fatal: str | None = None
 
@@ -267,24 +282,44 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _supervise(self) -> int:
+    def start(self) -> None:
         for child in self.children:
             child.start()
+
+    def poll(self, stopping: bool = False) -> bool:
+        """Notice children that ended and start again those due; whether any child is left to run."""
+        now = time.monotonic()
+        for child in self.children:
+            stopping = stopping or self.fatal is not None
+            if child.proc is not None and child.proc.poll() is not None:
+                self._exited(child, child.proc.returncode, stopping, now)
+                stopping = stopping or self.fatal is not None
+            if not stopping and child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                child.start()
+        return not (all(c.proc is None for c in self.children) and (
+            stopping or self.fatal is not None or all(c.retired for c in self.children)))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Warm shutdown: SIGTERM to every child, SIGKILL to those still running after ``timeout``."""
+        self._forward(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+    def _supervise(self) -> int:
+        self.start()
         forwarded = 0
         while True:
             if self.signals_received > forwarded:
                 forwarded = self.signals_received
                 self._forward(signal.SIGTERM if forwarded == 1 else signal.SIGKILL)
-            stopping = forwarded > 0 or self.fatal is not None
-            now = time.monotonic()
-            for child in self.children:
-                if child.proc is not None and child.proc.poll() is not None:
-                    self._exited(child, child.proc.returncode, stopping, now)
-                    stopping = forwarded > 0 or self.fatal is not None
-                if not stopping and child.proc is None and child.restart_at is not None and now >= child.restart_at:
-                    child.start()
-            if all(c.proc is None for c in self.children) and (
-                    stopping or all(c.retired for c in self.children)):
+            if not self.poll(stopping=forwarded > 0):
                 break
             time.sleep(POLL_S)
         if self.fatal:
@@ -304,9 +339,17 @@ class Supervisor:
     def _exited(self, child: Child, code: int, stopping: bool, now: float) -> None:
         pid = child.proc.pid if child.proc else -1
         child.proc = None
-        what = f"{child.name} (GPU {child.gpu}, pid {pid}) {describe_exit(code)}"
+        what = f"{child.name} ({f'GPU {child.gpu}, ' if child.gpu is not None else ''}pid {pid}) {describe_exit(code)}"
         if stopping:
             log.log(logging.INFO if code == 0 else logging.WARNING, "supervisor: %s", what)
+            return
+        if self.restart_only_hung:
+            if code == EXIT_HUNG:
+                log.warning("worker %s failed a frame stuck past its time limit and ended; starting it again",
+                            child.name.split("@")[0])
+                child.restart_at = now
+            else:
+                self.fatal = f"{what}: a farm process exited unexpectedly"
             return
         if code == 0:
             child.retired = True

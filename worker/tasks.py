@@ -13,11 +13,11 @@ from celery.exceptions import Reject
 
 from mlfarm.broker.celery_app import CHUNK_TASK
 from mlfarm.broker.dispatch import enqueue
-from mlfarm.broker.frames import format_frames, parse_frames
+from mlfarm.frames import format_frames, parse_frames
 
 from .interactive import register_interactive
 from .pipeline import ChunkRun
-from .runtime import STOP_NOW, runtime
+from .runtime import STOP_NOW, WorkerProcess
 from .sharing import model_key
 from .train_task import register_training
 
@@ -67,14 +67,14 @@ class FramesFailed(Exception):
     """Raised at the end of a chunk with failed frames, so Flower lists the chunk as failed."""
 
 
-def register_tasks(app: Celery) -> None:
-    register_interactive(app, TASK_POLICY)  # issue 3: frames from the MLClient gateway
-    register_training(app, TASK_POLICY)  # issue 6: training runs on the train queue
+def register_tasks(app: Celery, process: WorkerProcess) -> None:
+    register_interactive(app, TASK_POLICY, process)  # frames from the MLClient gateway
+    register_training(app, TASK_POLICY, process)  # training runs on the train queue
 
     @app.task(name=CHUNK_TASK, **TASK_POLICY)
     def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:
         """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``."""
-        rt = runtime()
+        rt = process.runtime()
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
                        settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=STOP_NOW,

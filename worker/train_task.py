@@ -29,13 +29,14 @@ from kombu.transport.redis import Channel
 from mlfarm.broker.celery_app import TRAIN_TASK
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobSpec, JobStore
 from mlfarm.broker.registry import publish_catalog
+from mlfarm.keys import lease_key
 from mlfarm.models.training.hooks import Hooks, Progress, Stopped
-from mlfarm.models.training.runs import TrainConfig, lease_key
+from mlfarm.models.training.runs import TrainConfig
 
 from .gpu import torch_device
 from .heartbeat import beating
 from .pipeline import describe_error
-from .runtime import Runtime, runtime
+from .runtime import Runtime, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +158,7 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_training(job_id: str, delivery_tag: str | None) -> str:
-    rt = runtime()
+def run_training(rt: Runtime, job_id: str, delivery_tag: str | None) -> str:
     settings, store = rt.settings, rt.store
     spec = store.spec(job_id)
     if store.is_cancelled(job_id):
@@ -215,8 +215,8 @@ def _stopped(rt: Runtime, spec: JobSpec, stop: Stopped) -> str:
     return "time limit"
 
 
-def register_training(app: Celery, policy: dict[str, Any]) -> None:
+def register_training(app: Celery, policy: dict[str, Any], process: WorkerProcess) -> None:
     @app.task(name=TRAIN_TASK, **policy)
     def train(self: Any, job_id: str) -> str:
         """Train the run of job ``job_id``, resuming from its newest checkpoint."""
-        return run_training(job_id, (self.request.properties or {}).get("delivery_tag"))
+        return run_training(process.runtime(), job_id, (self.request.properties or {}).get("delivery_tag"))

@@ -13,14 +13,13 @@ from typing import Any, Protocol
 from mlfarm.broker.celery_app import INTERACTIVE_TASK, make_celery
 from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.registry import read_catalog
+from mlfarm.exchange.images import WireImage
+from mlfarm.exchange.inference import run_model
+from mlfarm.exchange.relay import DONE, TAKEN, Relay, raw_redis_client
+from mlfarm.exchange.spool import Spool, SpoolError
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 from mlfarm.worker.model_cache import ModelCache
-
-from .images import WireImage
-from .inference import run_model
-from .relay import DONE, TAKEN, Relay, raw_redis_client
-from .spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +46,17 @@ class LocalBackend:
     """Models run in the gateway's process, as the seed's server did on one workstation.
 
     Each model runs on a thread of its own: requests for different models run at once, requests
-    for the same model take turns (its options are set per request on the one warm instance).
-    One thread per model rather than a lock taken by whichever connection thread arrives: torch
-    gives every thread that calls it its own team of OpenMP threads, so with a lock each of the
-    gateway's connection threads would end up with one (found by the fuzz test: one extra thread
-    per connection thread on 2 cores, a core's worth each on a bigger machine). The cache is
+    for the same model take turns (a model's ``lanes`` say how many threads may call it; the seed's
+    models are not thread-safe). One thread per model rather than each connection thread calling
+    it: torch gives every thread that calls it its own team of OpenMP threads, so each of the
+    gateway's connection threads would end up with one (one extra thread per connection thread on
+    2 cores, a core's worth each on a bigger machine). The cache is
     sized to hold every model so that none is unloaded while another is in use.
     """
 
     def __init__(self, settings: Settings):
         self.catalog = Catalog.from_settings(settings)
-        self.cache = ModelCache(self.catalog, max(1, len(self.catalog.names())), settings.device)
+        self.cache = ModelCache(self.catalog, max(1, len(self.catalog.names())), settings.device, settings)
         self._runners: dict[str, ThreadPoolExecutor] = {}
         self._runners_guard = threading.Lock()
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from mlfarm.exchange.images import WireImage
 from mlfarm.models.options import OptionError, coerce
 
 from . import mlserver_pb2 as pb
-from .images import WireImage
 from .wire import WireError, split_pixels, varint
 
 log = logging.getLogger(__name__)

@@ -22,11 +22,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from mlfarm.exchange.images import ImageError
 from mlfarm.settings import Settings
 
 from . import mlserver_pb2 as pb
 from .backends import Backend, InferenceFailed
-from .images import ImageError
 from .messages import (
     RequestError,
     error_reply,

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from mlfarm.worker.storage import atomic_output
+from mlfarm.storage import atomic_output
 
 from .runs import CHECKPOINT_DIR, TrainConfig, checkpoint_name, list_checkpoints
 

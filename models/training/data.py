@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import OpenImageIO as oiio
 
-from mlfarm.worker.frame_io import FrameError, read_image
+from mlfarm.exr.io import FrameError, read_image
 
 IMAGE_EXTENSIONS = (".exr", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
 CHANNELS = 3  # the networks see RGB; alpha, where there is one, passes through at inference

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from mlfarm.worker.storage import atomic_output, confined_path
+from mlfarm.storage import atomic_output, confined_path
 
 from .runs import LOG_CSV, TENSORBOARD_DIR
 

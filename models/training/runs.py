@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from mlfarm.worker.storage import atomic_output, confined_path
+from mlfarm.storage import atomic_output, confined_path
 
 TEMPLATES = ("img2img", "classify")
 TRAINED_DIR = "trained"
@@ -82,9 +82,6 @@ def check_name(name: str) -> None:
                        "(it becomes the model's name in the catalog)")
 
 
-def lease_key(name: str) -> str:
-    """Redis key held (and renewed) by the one trainer of run ``name``: "JOB_ID WORKER"."""
-    return f"mlfarm:train:lease:{name}"
 
 
 def trained_root(storage_root: str | os.PathLike[str]) -> Path:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..base import BaseModel, InputError
+from ..catalog import ModelEntry
 from ..options import Choice
 from .runs import RunError, list_checkpoints, read_config, trained_runs
 
@@ -160,9 +161,12 @@ def model_class(folder: Path) -> type[TrainedModel]:
     return type(f"Trained_{folder.name}", (base,), {"run_dir": folder, "__module__": __name__})
 
 
-def trained_entries(storage_root: Any) -> dict[str, Any]:
+def trained_entries(storage_root: Any) -> dict[str, ModelEntry]:
     """Catalog entries for the runs under ``storage_root`` that have a checkpoint."""
-    from ..catalog import ModelEntry
-
     return {name: ModelEntry(name, f"trained run {folder}", lambda folder=folder: model_class(folder), live=True)
             for name, folder in trained_runs(storage_root).items()}
+
+
+def trained_source(settings: Any) -> dict[str, ModelEntry]:
+    """The catalog's ``mlfarm.model_sources`` entry point: every trained run is a model."""
+    return trained_entries(settings.storage_root)

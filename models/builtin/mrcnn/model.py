@@ -30,7 +30,8 @@ from mlfarm.models import BaseModel, Choice, InputError
 from mlfarm.models.cuda_graphs import GraphedFunction
 
 from .coco import COCO_CATEGORIES, parse_classes
-from .weights import ARCHITECTURES, WeightsError, find_weights, missing_message
+from .settings import MrcnnSettings
+from .weights import ARCHITECTURES, WeightsError, fetch, find_weights, missing_message
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def _same_size(batch: list[Any]) -> list[list[Any]]:
 
 
 class Model(BaseModel):
+    settings_class = MrcnnSettings
+
     def __init__(self):
         super().__init__()
         self.name = "Mask R-CNN (COCO instances)"
@@ -100,13 +103,18 @@ class Model(BaseModel):
         self._fronts: dict[str, GraphedFunction] = {}  # per architecture: the network's front, as CUDA graphs
         self.cuda_graphs = False  # set by load()
         self.planes_stay = False  # set by load(): True where the worker compresses outputs on the GPU
+        self._weights_dir_path: Any = None  # set by load(): the settings' weights folder
         self._streams = threading.local()  # per lane thread: its CUDA stream and its copy stream
 
     # --- before anything runs ----------------------------------------------------------------
     def _weights_dir(self):
-        from mlfarm.settings import get_settings
+        return self._weights_dir_path
 
-        return get_settings().weights_dir
+    def weight_variants(self) -> tuple[str, ...]:
+        return tuple(ARCHITECTURES)
+
+    def fetch_weights(self, variant: str, weights_dir: Any) -> Any:
+        return fetch(variant, weights_dir)
 
     def check_ready(self, settings: Any) -> str | None:
         try:
@@ -123,35 +131,31 @@ class Model(BaseModel):
     def load(self, device: str) -> None:
         import torch
 
-        from mlfarm.settings import get_settings
-
+        context = self.load_context(device)
+        settings, own = context.settings, context.plugin_settings
         self.torch = torch
         self.torch_device = device
-        settings = get_settings()
+        self._weights_dir_path = settings.weights_dir
         self.autocast = None
         self.channels_last = False
         self.half_rgba = bool(settings.exr_rgba_half)
-        self.batch_size = int(settings.mrcnn_batch_size)
+        self.batch_size = int(own.mrcnn_batch_size)
         self.lanes = 1
         if device.startswith("cuda"):
-            self.lanes = int(settings.mrcnn_lanes)
+            self.lanes = int(own.mrcnn_lanes)
             torch.cuda.init()
-            tf32 = settings.mrcnn_precision in ("tf32", "fp16")  # fp16: what autocast leaves in fp32 uses TF32
+            tf32 = own.mrcnn_precision in ("tf32", "fp16")  # fp16: what autocast leaves in fp32 uses TF32
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cudnn.benchmark = True
-            self.autocast = torch.float16 if settings.mrcnn_precision == "fp16" else None
-            self.channels_last = bool(settings.mrcnn_channels_last)
-            self.cuda_graphs = bool(settings.mrcnn_cuda_graphs)
+            self.autocast = torch.float16 if own.mrcnn_precision == "fp16" else None
+            self.channels_last = bool(own.mrcnn_channels_last)
+            self.cuda_graphs = bool(own.mrcnn_cuda_graphs)
         from . import compose
 
         self.colours = torch.from_numpy(compose.palette()).to(device)
-        from mlfarm.worker.gpu_exr import can_encode, wanted
-
         # Planes the worker will compress on the GPU stay there: only the detections come back.
-        self.planes_stay = can_encode(settings.exr_compression, settings.exr_gpu_compress, device)
-        if not self.planes_stay and wanted(settings.exr_compression, settings.exr_gpu_compress, device):
-            log.info("outputs are compressed on the CPU: nvCOMP is not installed (pip install 'mlfarm[gpu]')")
+        self.planes_stay = context.outputs_on_device
 
     def unload(self) -> None:
         self._nets.clear()
@@ -207,7 +211,7 @@ class Model(BaseModel):
             pending.ready.synchronize()
         if self.planes_stay:  # device planes: labels are drawn, and the frame compressed, on this
             if pending.ready is not None:  # thread's stream
-                from mlfarm.worker.gpu_exr import thread_stream
+                from mlfarm.exr.gpu import thread_stream
 
                 stream = thread_stream(self.torch)
                 stream.wait_event(pending.ready)

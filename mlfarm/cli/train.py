@@ -1,4 +1,4 @@
-"""``mlfarm train``: queue a training run on the farm's ``train`` queue (issue 6)."""
+"""``mlfarm train``: queue a training run on the farm's ``train`` queue."""
 
 from __future__ import annotations
 
@@ -49,10 +49,11 @@ def train_command(ctx: click.Context, template: str, data: str, epochs: int, bat
     Progress (epochs, step, loss) shows in `mlfarm status`; the run's folder on shared storage,
     STORAGE_ROOT/trained/NAME/, holds its checkpoints, log.csv and TensorBoard event files.
     """
-    from mlfarm.cli import FarmError, _farm, _wait_and_exit, console
     from mlfarm.models.training.data import DataError
     from mlfarm.models.training.runs import RunError, TrainConfig
-    from mlfarm.models.training.submit import new_seed, submit_training
+    from mlfarm.training_jobs import new_seed, submit_training
+
+    from .common import FarmError, connect, console, wait_and_exit
 
     explicit = {p for p in ("epochs", "batch", "lr", "crop", "seed", "crops_per_image", "features", "data",
                             "template")
@@ -60,7 +61,7 @@ def train_command(ctx: click.Context, template: str, data: str, epochs: int, bat
     config = TrainConfig(name=name or _default_name(template, data), template=template, data=data, epochs=epochs,
                          batch=batch, lr=lr, crop=crop, seed=new_seed() if seed is None else seed,
                          crops_per_image=crops_per_image, features=features)
-    farm = _farm()
+    farm = connect()
     try:
         spec = submit_training(farm, config, resume, explicit, priority)
     except (RunError, DataError) as exc:
@@ -73,4 +74,4 @@ def train_command(ctx: click.Context, template: str, data: str, epochs: int, bat
         console.print(f"job {spec.id}: training {spec.model} ({template}), epochs {spec.frames[0]}-{spec.frames[-1]}, "
                       f"seed {trained['seed']}, on the train queue -> {spec.output}")
     if wait:
-        _wait_and_exit(farm, spec.id, as_json)
+        wait_and_exit(farm, spec.id, as_json)

@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .frame_io import FrameError, header_value, write_failure
-from .storage import atomic_output
+from mlfarm.storage import atomic_output
+
+from .common import FrameError, can_encode, header_value, nvcomp_available, wanted, write_failure  # noqa: F401
 
 HALF, FLOAT = 1, 2  # OpenEXR's pixel types
 ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk
@@ -43,26 +44,6 @@ MAX_LINE_BYTES = 65536  # nvCOMP's deflate takes chunks up to 64 KiB: wider line
 _ZLIB_HEADER = (0x78, 0x01)  # deflate, 32 KiB window, no preset dictionary (a valid check value)
 
 _local = threading.local()
-
-
-@functools.cache
-def nvcomp_available() -> bool:
-    """Whether nvCOMP's Python package (``nvidia-nvcomp-cu13``) is installed."""
-    try:
-        from nvidia import nvcomp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def wanted(compression: str, enabled: bool, device: str) -> bool:
-    """Whether these settings ask for outputs made on ``device`` to be compressed there."""
-    return enabled and compression == "zips" and str(device).startswith("cuda")
-
-
-def can_encode(compression: str, enabled: bool, device: str) -> bool:
-    """Whether outputs made on ``device`` can be compressed there, with these settings."""
-    return wanted(compression, enabled, device) and nvcomp_available()
 
 
 def thread_stream(torch: Any) -> Any:
@@ -86,7 +67,7 @@ def _attribute(name: str, kind: str, value: bytes) -> bytes:
 
 def header_bytes(width: int, height: int, channels: Sequence[tuple[str, int]], metadata: Mapping[str, Any]) -> bytes:
     """A single-part scanline header with ZIPS compression, attributes sorted by name as OpenEXR
-    sorts them; metadata values become int, float or string attributes as in frame_io.write_exr."""
+    sorts them; metadata values become int, float or string attributes as in io.write_exr."""
     box = struct.pack("<iiii", 0, 0, width - 1, height - 1)
     chlist = b"".join(n.encode() + b"\0" + struct.pack("<iB3xii", t, 0, 1, 1) for n, t in sorted(channels)) + b"\0"
     attrs = {"channels": ("chlist", chlist), "compression": ("compression", bytes([ZIPS])),

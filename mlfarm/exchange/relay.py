@@ -10,7 +10,7 @@ or sent to replicas (an AOF rewrite while a frame is in flight snapshots it like
 expires or is deleted seconds later).
 
 With ``MLFARM_GATEWAY_TRANSPORT=storage`` the pixels go through files on shared storage
-instead (:mod:`mlfarm.gateway.spool`) and these lists carry only the JSON headers; the header says
+instead (:mod:`mlfarm.exchange.spool`) and these lists carry only the JSON headers; the header says
 which way the pixels went, and the worker answers the same way.
 
 Keys of one request ``<id>``:
@@ -38,15 +38,15 @@ from redis.backoff import ExponentialBackoff
 from redis.connection import Encoder, PythonRespSerializer
 from redis.retry import Retry
 
+from mlfarm.keys import GATEWAY_PREFIX, REPLY_TTL
+
 from .images import WireImage
 from .spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
-PREFIX = "mlfarm:gw:"
+PREFIX = GATEWAY_PREFIX
 PART_BYTES = 256 * 1024 * 1024
-#: Seconds a reply waits in Redis for the gateway to collect it (it is already waiting).
-REPLY_TTL = 120
 #: Values larger than this are sent by the Python packer without being copied.
 _PACK_CUTOFF = 6000
 TAKEN = b"taken"

@@ -17,11 +17,12 @@ log = logging.getLogger(__name__)
 def gateway(port: int | None, host: str | None, local: bool) -> None:
     """Serve nuke-ML-server's MLClient node: inference on the farm's warm workers (or --local)."""
     from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
-    from mlfarm.cli import FarmError, _settings, console
     from mlfarm.gateway.backends import FarmBackend, LocalBackend
     from mlfarm.gateway.server import Gateway, GatewayConfig
 
-    settings = _settings()
+    from .common import FarmError, console, load_settings
+
+    settings = load_settings()
     try:
         backend = LocalBackend(settings) if local else FarmBackend(settings)
     except (NoBrokerError, InsecureBrokerError) as exc:

@@ -1,4 +1,4 @@
-"""The ``mlfarm`` command."""
+"""The ``mlfarm`` group and its farm commands: up, worker, models, submit, status, jobs, cancel, retry, demo."""
 
 from __future__ import annotations
 
@@ -10,53 +10,9 @@ import time
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
 
-from mlfarm.settings import Settings, get_settings
-
-console = Console(soft_wrap=True)  # reasons and paths stay on one line when piped
-err_console = Console(stderr=True, soft_wrap=True)
-log = logging.getLogger("mlfarm")
-
-
-class FarmError(click.ClickException):
-    """Any refusal or failure the user can act on: printed as one line, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        err_console.print(f"[red]error:[/red] {self.format_message()}", highlight=False)
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except Exception as exc:  # pydantic's validation error names the bad variable
-        raise FarmError(f"bad configuration: {exc}") from None
-
-
-def _farm():
-    from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
-    from mlfarm.nuke_submit.client import Farm
-
-    try:
-        farm = Farm(_settings())
-        farm.redis.ping()
-        return farm
-    except (NoBrokerError, InsecureBrokerError) as exc:
-        raise FarmError(str(exc)) from None
-    except Exception as exc:
-        raise FarmError(f"cannot reach the farm's Redis: {exc}") from None
-
-
-def _status(farm: Any, job_id: str):
-    from mlfarm.broker.jobs import JobNotFound
-
-    try:
-        return farm.status(job_id)
-    except JobNotFound as exc:
-        raise FarmError(str(exc)) from None
+from .common import FarmError, connect, console, job_status, load_settings, wait_and_exit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,7 +36,7 @@ def up(workers: int, queues: str, concurrency: int) -> None:
     from mlfarm.broker.embedded import EmbeddedRedisError, running_embedded_url
     from mlfarm.local_farm import LocalFarm
 
-    settings = _settings()
+    settings = load_settings()
     if not settings.broker_url and running_embedded_url(settings.embedded_state_file):
         raise FarmError(f"an embedded farm is already running (state in {settings.embedded_state_file})")
     farm = LocalFarm(settings, workers=workers, queues=queues, concurrency=concurrency)
@@ -124,19 +80,19 @@ def worker(queues: str, gpu: int | None, gpus: str | None, cpus: str | None, con
            loglevel: str) -> None:
     """Run one worker process that renders frames from the queues."""
     from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
-    from mlfarm.worker.cpus import parse_cpus
+    from mlfarm.cpus import parse_cpus
     from mlfarm.worker.main import run_worker
 
     try:
-        cpus = cpus if cpus is not None else _settings().cpus
+        cpus = cpus if cpus is not None else load_settings().cpus
         cores = parse_cpus(cpus) if cpus else None
         if gpus is not None:
             from mlfarm.worker.supervisor import run_gpu_workers
 
             if gpu is not None:
                 raise ValueError("use --gpu N (this process on one GPU) or --gpus (one process per GPU), not both")
-            sys.exit(run_gpu_workers(_settings(), gpus, queues, concurrency, name, loglevel, cores))
-        run_worker(_settings(), [q.strip() for q in queues.split(",") if q.strip()], concurrency, gpu, name,
+            sys.exit(run_gpu_workers(load_settings(), gpus, queues, concurrency, name, loglevel, cores))
+        run_worker(load_settings(), [q.strip() for q in queues.split(",") if q.strip()], concurrency, gpu, name,
                    loglevel, cores)
     except (NoBrokerError, InsecureBrokerError, ValueError) as exc:
         raise FarmError(str(exc)) from None
@@ -151,12 +107,12 @@ def models(as_json: bool, local: bool) -> None:
     from mlfarm.models.catalog import Catalog
 
     if local:
-        catalog = Catalog.from_settings(_settings()).describe_all()
+        catalog = Catalog.from_settings(load_settings()).describe_all()
     else:
         try:
-            catalog = _farm().catalog()
+            catalog = connect().catalog()
         except FarmError:
-            catalog = Catalog.from_settings(_settings()).describe_all()
+            catalog = Catalog.from_settings(load_settings()).describe_all()
     if as_json:
         click.echo(json.dumps(catalog, indent=2, sort_keys=True))
         return
@@ -194,11 +150,11 @@ def _planes(planes: dict[str, Any]) -> str:
 def submit(input_: str, frames: str, model: str, options: tuple[str, ...], output: str, chunk: int | None,
            priority: int, name: str, wait: bool, as_json: bool) -> None:
     """Submit a shot: one task per chunk of frames."""
-    from mlfarm.broker.frames import PatternError, parse_frames
+    from mlfarm.client import SubmitError
+    from mlfarm.frames import PatternError, parse_frames
     from mlfarm.models.options import OptionError, parse_option_args
-    from mlfarm.nuke_submit.client import SubmitError
 
-    farm = _farm()
+    farm = connect()
     try:
         spec = farm.submit(model, input_, output, parse_frames(frames), parse_option_args(options), chunk,
                            priority, name)
@@ -210,47 +166,7 @@ def submit(input_: str, frames: str, model: str, options: tuple[str, ...], outpu
         else:
             console.print(f"job {spec.id}: {len(spec.frames)} frames of {model} queued -> {spec.output}")
         return
-    _wait_and_exit(farm, spec.id, as_json)
-
-
-def _patient_poll(farm: Any, job_id: str):
-    """A status poll that waits out a Redis outage (the job goes on without us) instead of dying."""
-    import redis
-
-    last = [_status(farm, job_id)]
-    outage = [False]
-
-    def poll():
-        try:
-            last[0] = _status(farm, job_id)
-            if outage[0]:
-                err_console.print("[green]farm reachable again")
-            outage[0] = False
-        except redis.RedisError as exc:
-            if not outage[0]:
-                err_console.print(f"[yellow]farm unreachable ({exc}); still waiting for job {job_id}")
-            outage[0] = True
-        return last[0]
-
-    return poll
-
-
-def _wait_and_exit(farm: Any, job_id: str, as_json: bool) -> None:
-    from mlfarm.progress import follow
-
-    poll = _patient_poll(farm, job_id)
-    if as_json:
-        status = poll()
-        while not status.finished:
-            time.sleep(0.5)
-            status = poll()
-        click.echo(json.dumps(status.to_dict()))
-    else:
-        status = follow(poll, err_console)
-        console.print(status.summary())
-        for fs in status.failed_frames:
-            console.print(f"  [red]{fs.reason}")
-    sys.exit(0 if status.state == "done" else 1)
+    wait_and_exit(farm, spec.id, as_json)
 
 
 @main.command()
@@ -261,7 +177,7 @@ def status(job_id: str | None, as_json: bool, watch: bool) -> None:
     """A job's counts, progress, ETA and failed frames with reasons; no JOB lists recent jobs."""
     from mlfarm.progress import status_table
 
-    farm = _farm()
+    farm = connect()
     if job_id is None:
         jobs = farm.jobs()
         if as_json:
@@ -271,8 +187,8 @@ def status(job_id: str | None, as_json: bool, watch: bool) -> None:
             console.print(j.summary() + f"  [dim]{j.spec.model} -> {j.spec.output}")
         return
     if watch:
-        _wait_and_exit(farm, job_id, as_json)
-    st = _status(farm, job_id)
+        wait_and_exit(farm, job_id, as_json)
+    st = job_status(farm, job_id)
     if as_json:
         click.echo(json.dumps(st.to_dict()))
     else:
@@ -286,7 +202,7 @@ def cancel(job_id: str) -> None:
     from mlfarm.broker.jobs import JobNotFound
 
     try:
-        n = _farm().cancel(job_id)
+        n = connect().cancel(job_id)
     except JobNotFound as exc:
         raise FarmError(str(exc)) from None
     console.print(f"job {job_id}: cancelled ({n} queued frames dropped)")
@@ -299,10 +215,10 @@ def cancel(job_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def retry(job_id: str, failed_only: bool, wait: bool, as_json: bool) -> None:
     """Requeue a job's failed frames; frames already done are not rendered again."""
-    from mlfarm.broker.frames import format_frames
     from mlfarm.broker.jobs import JobNotFound
+    from mlfarm.frames import format_frames
 
-    farm = _farm()
+    farm = connect()
     try:
         frames = farm.retry(job_id, failed_only)
     except JobNotFound as exc:
@@ -312,7 +228,7 @@ def retry(job_id: str, failed_only: bool, wait: bool, as_json: bool) -> None:
     elif not as_json:
         console.print(f"job {job_id}: requeued {len(frames)} frames {format_frames(frames) if frames else ''}")
     if wait:
-        _wait_and_exit(farm, job_id, as_json)
+        wait_and_exit(farm, job_id, as_json)
 
 
 # --- the demo --------------------------------------------------------------------------------
@@ -324,20 +240,5 @@ def demo(frames: int, size: str) -> None:
     from mlfarm.demo import run_demo
 
     width, height = (int(v) for v in size.lower().split("x"))
-    ok = run_demo(_settings(), console, frames, width, height)
+    ok = run_demo(load_settings(), console, frames, width, height)
     sys.exit(0 if ok else 1)
-
-
-# Commands that live in their own modules (imported here, after `main` and `models` exist).
-from mlfarm.fetch_cli import models_group  # noqa: E402
-from mlfarm.flower_monitor import flower_command  # noqa: E402
-from mlfarm.gateway.cli import gateway as gateway_command  # noqa: E402
-from mlfarm.train_cli import train_command  # noqa: E402
-
-main.add_command(models_group(models))  # `mlfarm models fetch NAME` beside the listing
-main.add_command(flower_command)
-main.add_command(gateway_command)  # the MLClient gateway
-main.add_command(train_command)  # training on the farm
-
-if __name__ == "__main__":
-    main()

@@ -15,11 +15,18 @@ from typing import Any
 
 from mlfarm.broker.celery_app import TRAIN_TASK, celery_priority
 from mlfarm.broker.jobs import JobSpec
-from mlfarm.worker.storage import StorageError, confined_path
-
-from ..catalog import discover
-from .data import DataError, scan, steps_per_epoch
-from .runs import RUN_FILE, RunError, TrainConfig, lease_key, newest_checkpoint, read_config, run_dir
+from mlfarm.keys import lease_key
+from mlfarm.models.catalog import discover
+from mlfarm.models.training.data import DataError, scan, steps_per_epoch
+from mlfarm.models.training.runs import (
+    RUN_FILE,
+    RunError,
+    TrainConfig,
+    newest_checkpoint,
+    read_config,
+    run_dir,
+)
+from mlfarm.storage import StorageError, confined_path
 
 log = logging.getLogger(__name__)
 

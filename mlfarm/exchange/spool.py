@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlfarm.worker.storage import StorageError, confined_path
+from mlfarm.storage import StorageError, confined_path
 
 from .images import WireImage
 

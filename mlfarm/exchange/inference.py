@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from mlfarm.models.base import BaseModel, is_tensor
+from mlfarm.models.base import BaseModel
+from mlfarm.tensors import is_tensor
 
 from .images import WireImage
 
@@ -26,14 +27,13 @@ def _plain(value: Any) -> Any:
 
 def run_model(model: BaseModel, options: Mapping[str, Any], images: Sequence[WireImage]
               ) -> tuple[list[WireImage], list[Any]]:
-    """Decode, set every option (validated, defaults included), infer, encode.
+    """Decode, infer with ``options`` (validated, defaults included), encode.
 
-    Every option is set on each call because the cached model is shared with other requests and
-    chunks; the caller guarantees no other thread uses ``model`` meanwhile.
+    The options go with this frame only (``BaseModel.with_options``): the warm model is shared
+    with other requests and chunks, which may run it meanwhile with options of their own.
     """
     arrays = [img.to_array() for img in images]
-    model.set_options({k: v for k, v in options.items() if k in model.options})
-    model.set_buttons({k: v for k, v in options.items() if k in model.buttons})
+    model = model.with_options(options)
     # The same three stages as a farm chunk: a model that prepares frames in preprocess (pinned
     # memory) or finishes them in postprocess (waits for a device copy, draws labels) gets them here too.
     outputs = model.infer_batch([model.preprocess(arrays)])

@@ -17,10 +17,11 @@ import numpy as np
 import OpenEXR
 import OpenImageIO as oiio
 
-from mlfarm.models.base import is_tensor
+from mlfarm.cpus import available_cpus
+from mlfarm.storage import atomic_output
+from mlfarm.tensors import is_tensor
 
-from .cpus import available_cpus
-from .storage import atomic_output
+from .common import FrameError, header_value, write_failure
 
 RGBA = ("R", "G", "B", "A")
 _ALIASES = {
@@ -29,13 +30,6 @@ _ALIASES = {
     "B": ("b", "blue", "rgba.b", "rgba.blue"),
     "A": ("a", "alpha", "rgba.a", "rgba.alpha"),
 }
-
-
-class FrameError(Exception):
-    """A frame that cannot be read or written; the message names the file and the cause."""
-
-    def __init__(self, message: str):
-        super().__init__(" ".join(message.split()))  # one line: it is shown in status tables and Nuke
 
 
 @dataclass
@@ -191,16 +185,6 @@ _COMPRESSIONS = {"none": OpenEXR.NO_COMPRESSION, "rle": OpenEXR.RLE_COMPRESSION,
                  "dwab": OpenEXR.DWAB_COMPRESSION}
 
 
-def header_value(value: Any) -> int | float | str:
-    """A metadata value as the EXR header stores it: int (32-bit), float or string; anything else
-    (booleans, lists, dicts, huge ints) as JSON text, which Nuke shows and scripts can parse."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return json.dumps(value, sort_keys=True)
-    if isinstance(value, int) and not -(1 << 31) <= value < (1 << 31):
-        return json.dumps(value)
-    return value
-
-
 def _header(metadata: Mapping[str, Any], compression: str) -> dict[str, Any]:
     if compression not in _COMPRESSIONS:
         raise FrameError(f"unknown EXR compression {compression!r}; use one of {', '.join(_COMPRESSIONS)}")
@@ -215,12 +199,12 @@ def write_planes(path: str, root: str | os.PathLike[str], outputs: Mapping[str, 
     """Write a model's output images as one EXR: numpy arrays, or torch tensors on any device.
 
     Planes still on a CUDA device are compressed there when the settings allow it (ZIPS through
-    nvCOMP, worker/gpu_exr.py), so the worker's cores never encode them; otherwise they come to
+    nvCOMP, mlfarm/exr/gpu.py), so the worker's cores never encode them; otherwise they come to
     the host and OpenEXR writes them, as numpy planes always are.
     """
     cuda = next((im.device for im in images if is_tensor(im) and im.device.type == "cuda"), None)
     if cuda is not None:
-        from . import gpu_exr
+        from . import gpu as gpu_exr
 
         if gpu_exr.can_encode(compression, gpu_compress, str(cuda)):
             channels = device_channels(outputs, images, rgba_half)
@@ -310,25 +294,6 @@ def _check_complete(path: str, tmp: os.PathLike[str], nbytes: int) -> None:
         inp.close()
     if not ok:
         raise FrameError(f"{path}: {write_failure('the written file is incomplete', tmp, nbytes)}")
-
-
-def write_failure(message: str, tmp: os.PathLike[str], nbytes: int) -> str:
-    """OpenEXR's message loses errno; say what a wrangler needs: the disk is full, or read-only.
-
-    The hidden temporary's name is no use to an artist, so it is left out.
-    """
-    message = message.replace(f'"{os.fspath(tmp)}"', "the output").replace(os.fspath(tmp), "the output")
-    folder = os.path.dirname(os.fspath(tmp))
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return message
-    free = st.f_bavail * st.f_frsize
-    if free < nbytes:
-        return f"No space left on device ({free // 1024} KiB free in {folder}): {message}"
-    if st.f_flag & os.ST_RDONLY:
-        return f"Read-only file system ({folder}): {message}"
-    return message
 
 
 def sidecar_path(frame_file: str) -> str:

@@ -1,0 +1,194 @@
+"""The farm's public client API: submit a shot, follow it, cancel it, retry its failures.
+
+Behind ``mlfarm submit``/``status``/``cancel``/``retry``, the Nuke panel, the demo, the gateway's
+tests and the benchmarks; scripts use it the same way::
+
+    from mlfarm.client import Farm, SubmitError
+
+    farm = Farm()                      # settings from MLFARM_* / mlfarm.toml, the farm's Redis
+    spec = farm.submit("blur", "/shots/sh010/plate.####.exr",
+                       "/farm/sh010/ml/blur/v001/sh010_blur_v001.####.exr",
+                       frames=range(1001, 1101), options={"radius": 4})
+    status = farm.status(spec.id)      # JobStatus: state, counts, failed frames with reasons
+    farm.cancel(spec.id)               # queued frames dropped, running ones stop at their next batch
+    farm.retry(spec.id)                # failed and cancelled frames queued again; done ones stay
+
+Everything is checked before anything is queued: the model exists, every option has the right
+type, choice and range, the patterns expand, the output lies under the storage root and the
+chunk fits the broker's redelivery timeout. A refused submission raises ``SubmitError`` (its
+message says what to change) and leaves no trace on the farm.
+
+``JobSpec`` (what was submitted) and ``JobStatus`` (where it stands) are re-exported here, with
+the frame states, so callers need not know the broker's modules. Nuke's Python (3.7) imports
+this module: keep its grammar and its imports light (no torch, numpy or OpenImageIO).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mlfarm.broker.celery_app import make_celery
+from mlfarm.broker.connection import broker_url, redis_client
+from mlfarm.broker.dispatch import enqueue
+from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobSpec, JobStatus, JobStore
+from mlfarm.broker.registry import read_catalog
+from mlfarm.frames import PatternError, check_pattern, frame_path
+from mlfarm.models.options import validate_options
+from mlfarm.settings import Settings, get_settings
+from mlfarm.storage import StorageError, confined_path
+
+__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Farm", "JobNotFound", "JobSpec", "JobStatus",
+           "SubmitError"]
+
+log = logging.getLogger(__name__)
+
+
+class SubmitError(ValueError):
+    """A submission refused before anything was queued; the message says what to change."""
+
+
+class Farm:
+    """A connection to one farm (its Redis) for submitting and following jobs."""
+
+    def __init__(self, settings: Settings | None = None, url: str | None = None, timeout: float | None = None):
+        """``timeout``: for a client someone waits on (Nuke's interface), every call to the farm gives
+        up after this many seconds, without retries; by default calls ride out short hiccups."""
+        self.settings = settings or get_settings()
+        self.url = url or broker_url(self.settings)
+        self.timeout = timeout
+        if timeout is None:
+            self.redis = redis_client(self.url)
+        else:
+            self.redis = redis_client(self.url, timeout=timeout, retries=0)
+        self.store = JobStore(self.redis, self.settings.job_ttl)
+        self._app = None
+
+    @property
+    def app(self):
+        if self._app is None:
+            self._app = make_celery(self.settings, self.url)
+            if self.timeout is not None:
+                conf = self._app.conf
+                conf.broker_transport_options = dict(conf.broker_transport_options, socket_timeout=self.timeout,
+                                                     socket_connect_timeout=self.timeout)
+                conf.broker_connection_timeout = self.timeout
+                conf.broker_connection_max_retries = 0
+                conf.task_publish_retry_policy = {"max_retries": 0}
+        return self._app
+
+    # --- catalog -----------------------------------------------------------------------
+    def catalog(self, include_local: bool = True) -> dict[str, dict[str, Any]]:
+        """Models as the farm's workers published them; this machine's model folders fill gaps.
+
+        Nuke passes ``include_local=False``: importing model plugins there could pull in torch.
+        """
+        published = read_catalog(self.redis)
+        if not include_local:
+            return published
+        try:
+            from mlfarm.models.catalog import Catalog
+        except ImportError:  # a thin client (Nuke) without the model plugins installed
+            return published
+        local = Catalog.from_settings(self.settings).describe_all()
+        return {**local, **published}
+
+    def describe(self, model: str, include_local: bool = True) -> dict[str, Any]:
+        catalog = self.catalog(include_local)
+        if model not in catalog:
+            raise SubmitError("unknown model %r (available: %s)" % (model, ", ".join(sorted(catalog)) or "none"))
+        return catalog[model]
+
+    # --- submitting ----------------------------------------------------------------------
+    def check_ready(self, model: str, options: Mapping[str, Any]) -> None:
+        """Ask the model itself, where this machine has it, whether it can run (e.g. has its weights).
+
+        Workers ask the same question before each chunk and fail the frames with the same reason,
+        which covers a client (Nuke) that has no model folders.
+        """
+        try:
+            from mlfarm.models.catalog import Catalog
+        except ImportError:
+            return
+        catalog = Catalog.from_settings(self.settings)
+        if model not in catalog.entries:
+            return
+        instance = catalog.entry(model).create().with_options(options)
+        reason = instance.check_ready(self.settings)
+        if reason:
+            raise SubmitError("model %s: %s" % (model, reason))
+
+    def check_output(self, pattern: str) -> None:
+        root = self.settings.storage_root
+        try:
+            confined_path(os.path.dirname(os.path.abspath(pattern)) or ".", root)
+        except StorageError as exc:
+            raise SubmitError(str(exc)) from None
+
+    def submit(self, model: str, input: str, output: str, frames: Sequence[int],
+               options: Mapping[str, Any] | None = None, chunk: int | None = None, priority: int = 50,
+               name: str = "", include_local: bool = True) -> JobSpec:
+        """Queue ``frames`` of ``input`` through ``model`` into ``output``; SubmitError says why not.
+
+        ``options`` are checked and typed against the model's description; ``chunk`` frames go in
+        one task (default MLFARM_DEFAULT_CHUNK); higher ``priority`` (0-100) runs first.
+        """
+        desc = self.describe(model, include_local)
+        typed = validate_options(desc, dict(options or {}))
+        if include_local:
+            self.check_ready(model, typed)
+        try:
+            check_pattern(input)
+            check_pattern(output)
+        except PatternError as exc:
+            raise SubmitError(str(exc)) from None
+        if not frames:
+            raise SubmitError("no frames to render")
+        if os.path.abspath(frame_path(input, frames[0])) == os.path.abspath(frame_path(output, frames[0])):
+            raise SubmitError("the output pattern %s would overwrite the input frames" % output)
+        self.check_output(output)
+        chunk = chunk or self.settings.default_chunk
+        if chunk < 1:
+            raise SubmitError("--chunk must be at least 1")
+        if chunk > self.settings.max_chunk:
+            raise SubmitError(
+                "a chunk of %d frames could outlast the broker's redelivery timeout (%ds at %ds a frame); "
+                "use --chunk %d or less, or raise MLFARM_VISIBILITY_TIMEOUT"
+                % (chunk, self.settings.visibility_timeout, self.settings.frame_time_limit, self.settings.max_chunk))
+        if not 0 <= priority <= 100:
+            raise SubmitError("priority must be between 0 and 100")
+        spec = JobSpec(model=model, input=os.path.abspath(input), output=os.path.abspath(output),
+                       frames=list(frames), options=typed, chunk=chunk, priority=priority,
+                       queue="cpu" if desc.get("device") == "cpu" else "gpu",
+                       model_version=str(desc.get("version", "")), name=name)
+        self.store.create(spec)
+        self._enqueue(spec, spec.frames)
+        log.info("job %s: %d frames of %s queued in %d chunks", spec.id, len(spec.frames), model,
+                 -(-len(spec.frames) // chunk))
+        return spec
+
+    def _enqueue(self, spec: JobSpec, frames: list[int]) -> int:
+        return enqueue(self.app, self.settings, spec, frames)
+
+    # --- following and changing jobs -----------------------------------------------------
+    def status(self, job_id: str) -> JobStatus:
+        """Where the job stands; JobNotFound once its record expired (MLFARM_JOB_TTL) or never was."""
+        return self.store.status(job_id)
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel the job's frames not yet done; returns how many were cancelled."""
+        return self.store.cancel(job_id)
+
+    def retry(self, job_id: str, failed_only: bool = False) -> list[int]:
+        """Requeue failed frames (and, unless ``failed_only``, cancelled ones); done frames stay."""
+        states = (FAILED,) if failed_only else (FAILED, CANCELLED)
+        frames = self.store.requeue(job_id, states)
+        if frames:
+            self._enqueue(self.store.spec(job_id), frames)
+        return frames
+
+    def jobs(self, limit: int = 20) -> list[JobStatus]:
+        return [self.store.status(j) for j in self.store.list_jobs(limit)]
+

@@ -1,0 +1,58 @@
+"""Every Redis key the farm writes, and the lifetimes it gives them, in one place.
+
+Job records, worker liveness, the published catalog, worker metrics, the reconciler's lock,
+training leases and the gateway's request exchange all share one Redis: names are kept here so
+two features never collide and a wrangler can find what a key is for. Kombu's own keys (queues,
+``unacked``) are named where they are read (``broker/reconcile.py``).
+Python 3.7 grammar: Nuke's Python imports the job records that use it.
+"""
+
+from __future__ import annotations
+
+PREFIX = "mlfarm"
+
+# --- jobs (broker/jobs.py) -----------------------------------------------------------------
+JOBS_INDEX = PREFIX + ":jobs"
+ACTIVE_JOBS = PREFIX + ":jobs:active"  # jobs that may still have frames to render (broker/reconcile.py)
+JOB_TTL = 30 * 86400  # a job record's default lifetime; MLFARM_JOB_TTL sets the farm's
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}"
+
+
+def frames_key(job_id: str) -> str:
+    return f"{PREFIX}:job:{job_id}:frames"
+
+
+# --- workers ---------------------------------------------------------------------------------
+ALIVE_PREFIX = PREFIX + ":alive:"  # renewed by each worker; frame records ask it who is silent
+HOLDS_PREFIX = PREFIX + ":holds:"  # the task messages each worker's consumer holds
+WORKER_STATS_TTL = 86400  # a gone worker's metrics linger a day for Flower and wranglers
+
+
+def alive_key(worker: str) -> str:
+    return ALIVE_PREFIX + worker
+
+
+def holds_key(worker: str) -> str:
+    return HOLDS_PREFIX + worker
+
+
+def worker_stats_key(worker: str) -> str:
+    return f"{PREFIX}:worker:{worker}"
+
+
+CATALOG_KEY = PREFIX + ":catalog"  # the models the workers can run, as they published them
+RECONCILE_LOCK = PREFIX + ":reconcile:lock"  # the one worker that reconciles at a time
+
+
+# --- training ----------------------------------------------------------------------------------
+def lease_key(run: str) -> str:
+    """Held (and renewed) by the one trainer of run ``run``: "JOB_ID WORKER"."""
+    return f"{PREFIX}:train:lease:{run}"
+
+
+# --- the gateway's request exchange (mlfarm/exchange/relay.py) ------------------------------
+GATEWAY_PREFIX = PREFIX + ":gw:"
+REPLY_TTL = 120  # seconds a reply waits for the gateway to collect it (it is already waiting)
