@@ -17,10 +17,32 @@ Pure functions, shared by the dispatcher (which frames go in which task) and the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 KINDS = ("frames", "window", "sequence")
 FORWARD, BACKWARD = "forward", "backward"
 DIRECTIONS = (FORWARD, BACKWARD)
+
+
+@dataclass(frozen=True)
+class Window:
+    """What a window model gets for one output frame: the input frames read for it (``frames``: f-k ..
+    f+k as read, clamped where missing) and each one's preprocessed item, in the same order."""
+
+    frame: int
+    frames: tuple[int, ...]
+    items: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Seed:
+    """Where a resumed sequence starts: the planes it wrote on the frame before (plane name -> HxWxC
+    array) and that frame's preprocessed input."""
+
+    frame: int
+    planes: dict[str, Any]
+    item: Any
 
 
 def window_sources(frame: int, k: int, exists: Callable[[int], bool]) -> list[int]:

@@ -99,12 +99,17 @@ class BaseModel:
         from and writes to the warm instance. This is the one adapter for plugins written in
         nuke-ML-server's style, whose methods read their options from attributes.
         """
-        scratch = copy.copy(self)
-        scratch.set_options({k: v for k, v in options.items() if k in self.options})
-        scratch.set_buttons({k: v for k, v in options.items() if k in self.buttons})
-        shared = vars(self)
+        model, earlier = self, {}
+        if type(self) is OptionsView:  # a view of a view: the new options on top of this view's
+            model = object.__getattribute__(self, "_model")
+            earlier = object.__getattribute__(self, "_own")
+        scratch = copy.copy(model)
+        vars(scratch).update(earlier)
+        scratch.set_options({k: v for k, v in options.items() if k in model.options})
+        scratch.set_buttons({k: v for k, v in options.items() if k in model.buttons})
+        shared = vars(model)
         own = {k: v for k, v in vars(scratch).items() if k not in shared or shared[k] is not v}
-        return OptionsView(self, own)  # type: ignore[return-value]
+        return OptionsView(model, own)  # type: ignore[return-value]
 
     def setup(self, context: LoadContext) -> None:
         """How the worker loads the model: keeps ``context`` (device, whether outputs may stay on

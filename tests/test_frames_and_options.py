@@ -152,3 +152,13 @@ def test_listing_the_catalog_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout)
     assert result == {"torch": False, "models": sorted(result["models"])} and "blur" in result["models"]
+
+
+def test_options_travel_with_the_work_and_views_of_views_add_up(catalog):
+    model = catalog.entry("slow").create()
+    a = model.with_options({"seconds": 2.0, "mode": "invert"})
+    b = a.with_options({"gain": 3.0})  # a view of a view: both pieces of work's options
+    assert (b.seconds, b.mode.value, b.gain) == (2.0, "invert", 3.0)
+    assert (a.seconds, a.gain) == (2.0, 1.0) and (model.seconds, model.mode.value, model.gain) == (0.5, "copy", 1.0)
+    assert b.with_options({"seconds": 0.5}).seconds == 0.5  # back to the model's value, on top of the view
+    assert isinstance(b, type(model))

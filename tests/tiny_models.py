@@ -52,3 +52,24 @@ def sam2_video(folder: Path, image_size: int = 64, seed: int = 0) -> Path:
         video_processor=Sam2VideoVideoProcessor(size={"height": image_size, "width": image_size}))
     processor.save_pretrained(str(folder))
     return folder
+
+
+def depth_anything(folder: Path, size: int = 56, seed: int = 0) -> Path:
+    """A 121 k-parameter Depth Anything (V2 layout: DINOv2 backbone, DPT head) and its image processor
+    in ``folder``; ``size`` is the processor's short side (the real models use 518)."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, patch_size=14,
+                            image_size=70, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, patch_size=14, reassemble_hidden_size=32,
+                                 reassemble_factors=[4, 2, 1, 0.5], neck_hidden_sizes=[8, 16, 32, 32],
+                                 fusion_hidden_size=16, head_hidden_size=8, depth_estimation_type="relative")
+    torch.manual_seed(seed)
+    DepthAnythingForDepthEstimation(config).eval().save_pretrained(str(folder))
+    DPTImageProcessor(do_resize=True, size={"height": size, "width": size}, keep_aspect_ratio=True,
+                      ensure_multiple_of=14, resample=PILImageResampling.BICUBIC, do_rescale=True, do_normalize=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
+                      do_pad=False).save_pretrained(str(folder))
+    return folder

@@ -26,8 +26,8 @@ class Model(BaseModel):
         self.log = ""
         self.options = ("seconds", "log")
 
-    def start_sequence(self, direction, seed=None):
-        value = 0.0 if seed is None else float(seed["state"][0, 0, 0])
+    def start_sequence(self, direction, prompts, seed=None):
+        value = 0.0 if seed is None else float(seed.planes["state"][0, 0, 0])
         return {"direction": direction, "value": value, "steps": 0}
 
     def step(self, state, frame, item, prompts):

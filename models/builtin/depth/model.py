@@ -1,0 +1,173 @@
+"""Depth Anything V2: relative depth per frame as Nuke's ``depth.Z``, with a viewable preview.
+
+What ``depth.Z`` holds, by the ``mode`` option (the EXR header says it too, ``mlfarm/depth.Z``):
+
+- ``inverse`` (default): what the network predicts, relative inverse depth: near = large, far tends
+  to 0, with an unknown scale and shift per frame. Nuke's own depth.Z (ScanlineRender) is also 1/z,
+  so ZDefocus takes it with *math* ``far = 0``.
+- ``depth``: ``1 / max(inverse, 1e-6)``: far = large, as ZDefocus's *math* ``depth`` expects. Still
+  relative: its scale is arbitrary.
+
+``rgba`` is a grey preview of the inverse depth, normalised per frame (near = white), alpha 1.
+
+Frames are converted to display-referred sRGB (the network was trained on such images), resized
+on the device to the network's size as the model's own image processor would (short side to its
+size, keeping the aspect ratio, each side a multiple of 14), and the prediction is resized back to
+the plate's full size on the device; only the finished planes are copied to the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from mlfarm.models import BaseModel
+from mlfarm.models.colour import linear_to_srgb
+from mlfarm.models.options import Choice
+
+from .settings import DepthSettings
+from .weights import SIZES, fetch, folder, missing_message
+
+#: ``depth`` mode: inverse depth below this is treated as this, so the sky stays finite.
+EPSILON = 1e-6
+
+MEANING = {
+    "inverse": "relative inverse depth as predicted (near = large); ZDefocus math: far = 0",
+    "depth": "1/max(inverse depth, 1e-6): relative depth (far = large); ZDefocus math: depth",
+}
+
+
+def depth_planes(inverse: Any, mode: str, torch: Any) -> tuple[Any, Any]:
+    """``(depth.Z, rgba)`` for a batch of inverse-depth maps ``(B, H, W)``: ``(B, H, W, 1)`` and ``(B, H, W, 4)``."""
+    inverse = inverse.float().clamp_min(0.0)
+    z = inverse if mode == "inverse" else 1.0 / inverse.clamp_min(EPSILON)
+    flat = inverse.flatten(1)
+    lo = flat.amin(1).view(-1, 1, 1)
+    span = (flat.amax(1).view(-1, 1, 1) - lo).clamp_min(1e-12)
+    grey = (inverse - lo) / span
+    rgba = torch.stack([grey, grey, grey, torch.ones_like(grey)], dim=-1)
+    return z[..., None], rgba
+
+
+def network_size(height: int, width: int, size: int, multiple: int = 14) -> tuple[int, int]:
+    """The network's input size for a ``height`` x ``width`` frame, as DPT's image processor picks it
+    (``keep_aspect_ratio``): scale by whichever side's factor is nearer 1, round to ``multiple``."""
+    scale_h, scale_w = size / height, size / width
+    if abs(1 - scale_w) < abs(1 - scale_h):
+        scale_h = scale_w
+    else:
+        scale_w = scale_h
+
+    def fit(value: float) -> int:
+        out = round(value / multiple) * multiple
+        return int(out) if out > 0 else int(math.ceil(value / multiple) * multiple)
+
+    return fit(scale_h * height), fit(scale_w * width)
+
+
+class Model(BaseModel):
+    settings_class = DepthSettings
+
+    def __init__(self):
+        super().__init__()
+        self.name = "Depth Anything V2 (small: Apache-2.0; base, large: CC-BY-NC-4.0)"
+        self.version = "1"
+        self.size = Choice("small", tuple(SIZES))
+        self.mode = Choice("inverse", ("inverse", "depth"))
+        self.options = ("size", "mode")
+        self.inputs = {"image": 3}
+        self.outputs = {"rgba": 4, "depth": ("Z",)}
+        self.device = "gpu"
+        self.batch_size = 4
+        self._nets: dict[str, Any] = {}
+
+    # --- before anything runs ----------------------------------------------------------------
+    def weight_variants(self) -> tuple[str, ...]:
+        return tuple(SIZES)
+
+    def fetch_weights(self, variant: str, weights_dir: Any) -> Any:
+        return fetch(variant, weights_dir)
+
+    def check_ready(self, settings: Any) -> str | None:
+        return missing_message(settings.weights_dir, self.size.value)
+
+    def frame_metadata(self) -> dict[str, Any]:
+        return {"mlfarm/depth.Z": MEANING[self.mode.value], "mlfarm/depth_model": SIZES[self.size.value][0]}
+
+    def load(self, device: str) -> None:
+        import torch
+
+        context = self.load_context(device)
+        own = context.plugin_settings or DepthSettings()
+        self.torch = torch
+        self.torch_device = device
+        self.weights_dir = context.settings.weights_dir
+        self.batch_size = int(own.depth_batch_size)
+        cuda = device.startswith("cuda")
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        self.autocast = torch.bfloat16 if own.depth_precision in ("auto", "bf16") and bf16 else None
+        self.planes_stay = context.outputs_on_device
+
+    def unload(self) -> None:
+        self._nets.clear()
+
+    def _network(self) -> tuple[Any, dict[str, Any]]:
+        """The network for the chosen size and its processor's settings, loaded on first use."""
+        size = self.size.value
+        if size not in self._nets:
+            from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+            reason = missing_message(self.weights_dir, size)
+            if reason:
+                raise RuntimeError(reason)
+            where = str(folder(self.weights_dir, size))
+            net = DepthAnythingForDepthEstimation.from_pretrained(where, local_files_only=True)
+            proc = AutoImageProcessor.from_pretrained(where, local_files_only=True)
+            torch = self.torch
+            prep = {
+                "size": int(min(proc.size.get("height", 518), proc.size.get("width", 518))),
+                "multiple": int(getattr(proc, "ensure_multiple_of", 14) or 14),
+                "mean": torch.tensor(proc.image_mean, device=self.torch_device).view(1, 3, 1, 1),
+                "std": torch.tensor(proc.image_std, device=self.torch_device).view(1, 3, 1, 1),
+            }
+            self._nets[size] = (net.to(self.torch_device).eval(), prep)
+        return self._nets[size]
+
+    # --- frames ------------------------------------------------------------------------------------
+    def inference(self, image_list: list[Any]) -> list[Any]:
+        return self.infer_batch([image_list])[0]
+
+    def infer_batch(self, batch: list[list[Any]]) -> list[list[Any]]:
+        torch = self.torch
+        net, prep = self._network()
+        out: list[list[Any]] = [[] for _ in batch]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, image_list in enumerate(batch):
+            groups.setdefault(tuple(image_list[0].shape), []).append(i)
+        with torch.inference_mode():
+            for idx in groups.values():
+                frames = torch.stack([torch.as_tensor(batch[i][0]) for i in idx]).to(self.torch_device)
+                z, rgba = self._planes(net, prep, frames[..., :3].permute(0, 3, 1, 2).float())
+                if not self.planes_stay:
+                    z, rgba = z.cpu().numpy(), rgba.cpu().numpy()
+                for j, i in enumerate(idx):
+                    out[i] = [rgba[j], z[j]]
+        return out
+
+    def _planes(self, net: Any, prep: dict[str, Any], linear: Any) -> tuple[Any, Any]:
+        """Scene-linear frames ``(B, 3, H, W)`` on the device to ``(depth.Z, rgba)``, all on the device."""
+        torch = self.torch
+        f = torch.nn.functional
+        height, width = linear.shape[-2:]
+        srgb = linear_to_srgb(linear, torch).clamp_(0.0, 1.0)
+        h, w = network_size(height, width, prep["size"], prep["multiple"])
+        pixels = f.interpolate(srgb, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        pixels = (pixels - prep["mean"]) / prep["std"]
+        if self.autocast is not None:
+            with torch.autocast("cuda", dtype=self.autocast):
+                predicted = net(pixel_values=pixels).predicted_depth
+        else:
+            predicted = net(pixel_values=pixels).predicted_depth
+        inverse = f.interpolate(predicted[:, None].float(), size=(height, width), mode="bicubic",
+                                align_corners=False)[:, 0]
+        return depth_planes(inverse, self.mode.value, torch)

@@ -1,0 +1,17 @@
+"""The depth plugin's own settings group: MLFARM_DEPTH_* variables, ``depth_*`` keys of mlfarm.toml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mlfarm.settings import PluginSettings
+
+
+class DepthSettings(PluginSettings):
+    depth_batch_size: int = Field(
+        default=4, ge=1, le=64, description="Frames Depth Anything runs through the network at once.")
+    depth_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="Depth Anything arithmetic: bf16 autocast on a GPU that supports it (auto), "
+        "or fp32. The CPU always runs fp32. benchmarks/bench_depth.py measures both and the largest difference.")

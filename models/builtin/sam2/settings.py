@@ -1,0 +1,15 @@
+"""The SAM 2 plugin's own settings group: MLFARM_SAM2_* variables, ``sam2_*`` keys of mlfarm.toml."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mlfarm.settings import PluginSettings
+
+
+class Sam2Settings(PluginSettings):
+    sam2_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="SAM 2 arithmetic: bf16 on a GPU that supports it (auto), or fp32. The CPU "
+        "always runs fp32. benchmarks/bench_sam2.py measures both, and how far their masks differ.")

@@ -1,0 +1,54 @@
+"""The depth plugin on the CPU: its depth.Z conventions exactly, its resize as the model's own image
+processor does it, and a tiny random Depth Anything loaded through the real loading code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mlfarm.models.builtin.depth.model import EPSILON, MEANING, Model, depth_planes, network_size
+from mlfarm.models.context import LoadContext
+from mlfarm.settings import Settings
+
+from tiny_models import depth_anything
+
+
+def test_depth_z_holds_what_each_mode_says_exactly():
+    inverse = torch.tensor([[[4.0, 2.0], [0.5, 0.0]]])  # near = large, as the network predicts
+    z, rgba = depth_planes(inverse, "inverse", torch)
+    assert z.shape == (1, 2, 2, 1) and torch.equal(z[..., 0], inverse)
+    z, _ = depth_planes(inverse, "depth", torch)
+    assert z[..., 0].tolist() == [[[0.25, 0.5], [2.0, 1.0 / EPSILON]]]  # 1/x, far = large, the sky finite
+    assert rgba.shape == (1, 2, 2, 4) and rgba[..., 3].eq(1).all()
+    assert rgba[0, 0, 0, :3].tolist() == [1.0, 1.0, 1.0] and rgba[0, 1, 1, :3].tolist() == [0.0, 0.0, 0.0]
+    assert set(MEANING) == {"inverse", "depth"}
+
+
+@pytest.mark.parametrize("height, width, size", [(48, 64, 56), (1080, 1920, 518), (480, 640, 518), (64, 48, 56),
+                                                 (100, 100, 518), (2160, 4096, 518)])
+def test_the_network_size_is_the_image_processors(height, width, size):
+    from transformers import DPTImageProcessor
+
+    proc = DPTImageProcessor(size={"height": size, "width": size}, keep_aspect_ratio=True, ensure_multiple_of=14)
+    got = proc(images=np.zeros((height, width, 3), np.float32), do_rescale=False, return_tensors="pt")
+    assert network_size(height, width, size) == tuple(got.pixel_values.shape[-2:])
+
+
+def test_a_tiny_depth_anything_runs_through_the_real_loading_code(tmp_path):
+    settings = Settings(weights_dir=tmp_path / "weights", storage_root=tmp_path / "storage")
+    model = Model()
+    assert "mlfarm models fetch depth --size small" in model.check_ready(settings)
+    depth_anything(settings.weights_dir / "depth-anything-v2-small")
+    assert model.check_ready(settings) is None
+    model.setup(LoadContext.for_model(model, "cpu", settings))
+    rng = np.random.default_rng(1)
+    frames = [[rng.random((48, 64, 3), dtype=np.float32) * 2] for _ in range(3)]
+    out = model.with_options({"mode": "depth"}).infer_batch(frames)
+    assert len(out) == 3
+    for rgba, z in out:
+        assert rgba.shape == (48, 64, 4) and z.shape == (48, 64, 1) and z.dtype == np.float32
+        assert np.isfinite(z).all() and (z > 0).all()
+    inverse = model.infer_batch(frames[:1])[0][1]
+    np.testing.assert_allclose(out[0][1], 1.0 / np.maximum(inverse, EPSILON), rtol=1e-5)
+    assert model.with_options({"mode": "depth"}).frame_metadata()["mlfarm/depth.Z"] == MEANING["depth"]
