@@ -15,6 +15,7 @@ from celery import Celery
 
 from mlfarm.frames import chunked, format_frames
 from mlfarm.settings import Settings
+from mlfarm.temporal import origin, split
 
 from .celery_app import CHUNK_TASK, celery_priority
 from .jobs import JobSpec
@@ -52,15 +53,33 @@ def job_kind(kind: str) -> Callable[[Celery, Settings, JobSpec], int]:
     raise ValueError(f"no installed package says how to queue a job of kind {kind!r} ({JOB_KINDS_GROUP})")
 
 
+def sequence_streams(spec: JobSpec, frames: list[int]) -> list[tuple[str, list[int]]]:
+    """A sequence job's ``frames`` as one stream per direction, each the first segment of its frames in
+    processing order; the task rendering a segment queues the next (``worker/runners/sequence.py``)."""
+    start = origin(spec.frames, [k["frame"] for k in spec.prompts or ()])
+    wanted = set(frames)
+    return [(d, [f for f in fs if f in wanted][:spec.chunk]) for d, fs in split(spec.frames, start).items()
+            if wanted.intersection(fs)]
+
+
 def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -> int:
-    """Send ``frames`` of ``spec`` as chunk tasks; returns how many tasks were sent."""
+    """Send ``frames`` of ``spec`` as chunk tasks; returns how many tasks were sent.
+
+    A sequence job gets one task per direction (its frames in processing order, the first segment);
+    every other job one task per ``spec.chunk`` frames.
+    """
     if spec.kind != "render":
         return job_kind(spec.kind)(app, settings, spec)
-    chunks = chunked(frames, spec.chunk)
+    if spec.temporal == "sequence":
+        tasks = [(format_frames(sorted(fs)), d, settings.sequence_time_budget)
+                 for d, fs in sequence_streams(spec, frames)]
+    else:
+        tasks = [(format_frames(c), None, settings.chunk_time_limit(len(c))) for c in chunked(frames, spec.chunk)]
     with app.producer_or_acquire() as producer:
-        for c in chunks:
-            limit = settings.chunk_time_limit(len(c))
-            kwargs = {"job_id": spec.id, "model": spec.model, "frames": format_frames(c)}
+        for text, direction, limit in tasks:
+            kwargs = {"job_id": spec.id, "model": spec.model, "frames": text}
+            if direction is not None:
+                kwargs["direction"] = direction
             app.send_task(
                 CHUNK_TASK,
                 kwargs=kwargs,
@@ -72,4 +91,4 @@ def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -
                 ignore_result=True,  # progress comes from job records: no result to wait for or subscribe to
                 producer=producer,
             )
-    return len(chunks)
+    return len(tasks)

@@ -45,6 +45,8 @@ class JobSpec:
     model_version: str = ""
     name: str = ""
     kind: str = "render"  # "train": frames are epochs, one task trains them all
+    temporal: str = "frames"  # how the model sees time (mlfarm.temporal): frames, window or sequence
+    prompts: list[dict[str, Any]] | None = None  # promptable models: mlfarm.prompts' JSON form
     id: str = field(default_factory=new_job_id)
     user: str = field(default_factory=getpass.getuser)
     host: str = field(default_factory=socket.gethostname)

@@ -37,6 +37,7 @@ from celery import Celery
 
 from mlfarm.frames import parse_frames
 from mlfarm.settings import Settings
+from mlfarm.temporal import direction_of, origin
 
 from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES, TRAIN_TASK
 from .dispatch import enqueue
@@ -92,6 +93,9 @@ class Coverage:
     whole_jobs: set[str] = field(default_factory=set)  # a training task covers every epoch left
     unheld_frames: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     unheld_jobs: set[str] = field(default_factory=set)
+    #: A sequence task covers its whole stream (job, direction): it queues the next segment itself.
+    streams: set[tuple[str, str]] = field(default_factory=set)
+    unheld_streams: set[tuple[str, str]] = field(default_factory=set)
 
     def add(self, message: TaskMessage, held: bool) -> None:
         job_id = message.kwargs.get("job_id")
@@ -100,16 +104,21 @@ class Coverage:
         if message.task == TRAIN_TASK:
             (self.whole_jobs if held else self.unheld_jobs).add(job_id)
             return
+        direction = message.kwargs.get("direction")
+        if isinstance(direction, str):
+            (self.streams if held else self.unheld_streams).add((job_id, direction))
         try:
             frames = parse_frames(message.kwargs.get("frames", ""))
         except ValueError:
             return
         (self.frames if held else self.unheld_frames)[job_id].update(frames)
 
-    def covers(self, job_id: str, frame: int, state: str) -> bool:
-        if job_id in self.whole_jobs or frame in self.frames.get(job_id, ()):
+    def covers(self, job_id: str, frame: int, state: str, direction: str | None = None) -> bool:
+        """``direction``: the frame's stream, for a sequence job."""
+        if job_id in self.whole_jobs or frame in self.frames.get(job_id, ()) or (job_id, direction) in self.streams:
             return True
-        return state == RUNNING and (job_id in self.unheld_jobs or frame in self.unheld_frames.get(job_id, ()))
+        return state == RUNNING and (job_id in self.unheld_jobs or frame in self.unheld_frames.get(job_id, ())
+                                     or (job_id, direction) in self.unheld_streams)
 
 
 def coverage(client: redis.Redis, holders: Holdings | None = None) -> Coverage:
@@ -153,8 +162,9 @@ def find_lost(client: redis.Redis, store: JobStore, grace: float, holders: Holdi
         if not pending:
             client.srem(ACTIVE_JOBS, job_id)
             continue
+        start = origin(spec.frames, [k["frame"] for k in spec.prompts or ()]) if spec.temporal == "sequence" else None
         stale = [f for f, r in pending.items()
-                 if not cov.covers(job_id, f, r["s"]) and
+                 if not cov.covers(job_id, f, r["s"], direction_of(f, start) if start is not None else None) and
                  now - float(r.get("t0") if r["s"] == RUNNING else r.get("q") or spec.created) > grace]
         if stale:
             lost[job_id] = sorted(stale)

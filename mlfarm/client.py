@@ -37,6 +37,7 @@ from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotF
 from mlfarm.broker.registry import read_catalog
 from mlfarm.frames import PatternError, check_pattern, frame_path
 from mlfarm.models.options import validate_options
+from mlfarm.prompts import PromptError, Prompts, check_prompts
 from mlfarm.settings import Settings, get_settings
 from mlfarm.storage import StorageError, confined_path
 
@@ -129,11 +130,16 @@ class Farm:
 
     def submit(self, model: str, input: str, output: str, frames: Sequence[int],
                options: Mapping[str, Any] | None = None, chunk: int | None = None, priority: int = 50,
-               name: str = "", include_local: bool = True) -> JobSpec:
+               name: str = "", include_local: bool = True, prompts: Prompts | None = None,
+               image_size: tuple[int, int] | None = None) -> JobSpec:
         """Queue ``frames`` of ``input`` through ``model`` into ``output``; SubmitError says why not.
 
         ``options`` are checked and typed against the model's description; ``chunk`` frames go in
-        one task (default MLFARM_DEFAULT_CHUNK); higher ``priority`` (0-100) runs first.
+        one task (default MLFARM_DEFAULT_CHUNK; for a sequence model the frames one task renders
+        of its stream before handing on, default MLFARM_SEQUENCE_SEGMENT); higher ``priority``
+        (0-100) runs first. A promptable model (SAM 2) needs ``prompts`` (``mlfarm.prompts``),
+        checked against the frames and the image (``image_size`` as (width, height), else read from
+        the input's header where OpenImageIO is installed).
         """
         desc = self.describe(model, include_local)
         typed = validate_options(desc, dict(options or {}))
@@ -149,25 +155,48 @@ class Farm:
         if os.path.abspath(frame_path(input, frames[0])) == os.path.abspath(frame_path(output, frames[0])):
             raise SubmitError("the output pattern %s would overwrite the input frames" % output)
         self.check_output(output)
-        chunk = chunk or self.settings.default_chunk
+        self._check_prompts(model, desc, prompts, input, list(frames), image_size)
+        temporal = str(desc.get("temporal", "frames"))
+        if temporal == "sequence":  # its tasks end their segment before the redelivery timeout themselves
+            chunk = chunk or self.settings.sequence_segment
+        else:
+            chunk = chunk or self.settings.default_chunk
+            if chunk > self.settings.max_chunk:
+                raise SubmitError(
+                    "a chunk of %d frames could outlast the broker's redelivery timeout (%ds at %ds a frame); "
+                    "use --chunk %d or less, or raise MLFARM_VISIBILITY_TIMEOUT"
+                    % (chunk, self.settings.visibility_timeout, self.settings.frame_time_limit,
+                       self.settings.max_chunk))
         if chunk < 1:
             raise SubmitError("--chunk must be at least 1")
-        if chunk > self.settings.max_chunk:
-            raise SubmitError(
-                "a chunk of %d frames could outlast the broker's redelivery timeout (%ds at %ds a frame); "
-                "use --chunk %d or less, or raise MLFARM_VISIBILITY_TIMEOUT"
-                % (chunk, self.settings.visibility_timeout, self.settings.frame_time_limit, self.settings.max_chunk))
         if not 0 <= priority <= 100:
             raise SubmitError("priority must be between 0 and 100")
         spec = JobSpec(model=model, input=os.path.abspath(input), output=os.path.abspath(output),
                        frames=list(frames), options=typed, chunk=chunk, priority=priority,
                        queue="cpu" if desc.get("device") == "cpu" else "gpu",
-                       model_version=str(desc.get("version", "")), name=name)
+                       model_version=str(desc.get("version", "")), name=name, temporal=temporal,
+                       prompts=prompts.to_json() if prompts is not None else None)
         self.store.create(spec)
-        self._enqueue(spec, spec.frames)
-        log.info("job %s: %d frames of %s queued in %d chunks", spec.id, len(spec.frames), model,
-                 -(-len(spec.frames) // chunk))
+        tasks = self._enqueue(spec, spec.frames)
+        log.info("job %s: %d frames of %s queued in %d tasks", spec.id, len(spec.frames), model, tasks)
         return spec
+
+    def _check_prompts(self, model: str, desc: Mapping[str, Any], prompts: Prompts | None, input: str,
+                       frames: list[int], image_size: tuple[int, int] | None) -> None:
+        if not desc.get("promptable"):
+            if prompts is not None:
+                raise SubmitError("model %s takes no prompts" % model)
+            return
+        if prompts is None:
+            raise SubmitError("model %s needs prompts: mark each object with points or a box on a frame "
+                              "(--prompt FRAME:NAME:box=x0,y0,x1,y1, or a prompts JSON file)" % model)
+        try:
+            check_prompts(prompts, frames, (float("inf"), float("inf")))  # the frames first: they are read next
+            size = image_size or _image_size(frame_path(input, prompts.frames[0]))
+            if size is not None:
+                check_prompts(prompts, frames, size)
+        except PromptError as exc:
+            raise SubmitError("prompts: %s" % exc) from None
 
     def _enqueue(self, spec: JobSpec, frames: list[int]) -> int:
         return enqueue(self.app, self.settings, spec, frames)
@@ -192,3 +221,19 @@ class Farm:
     def jobs(self, limit: int = 20) -> list[JobStatus]:
         return [self.store.status(j) for j in self.store.list_jobs(limit)]
 
+
+def _image_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from an image's header, or None where that cannot be read here (Nuke's Python
+    has no OpenImageIO; it passes the size it knows)."""
+    try:
+        import OpenImageIO as oiio
+    except ImportError:
+        return None
+    inp = oiio.ImageInput.open(path)
+    if inp is None:
+        raise SubmitError("cannot read %s to check the prompts against it: %s" % (path, oiio.geterror()))
+    try:
+        spec = inp.spec()
+        return int(spec.width), int(spec.height)
+    finally:
+        inp.close()

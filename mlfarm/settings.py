@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     )
 
     chunk_slack: int = Field(default=60, ge=1, description="Seconds a chunk's time limit adds for model loading.")
+    sequence_segment: int = Field(
+        default=200, ge=1, description="Most frames one task of a sequence model (SAM 2) renders before it hands "
+        "the rest of its direction on to the next task, which resumes from the last frame written. A task also "
+        "hands on early when its next frame could outlast the broker's redelivery timeout.",
+    )
     max_attempts: int = Field(
         default=3, ge=0, description="Attempts a frame gets when each one ends without a result (worker killed, "
         "crashed, stopped); then it fails with that reason instead of taking down worker after worker. 0: no limit.",
@@ -306,6 +311,11 @@ class Settings(BaseSettings):
                 "would be delivered twice"
             )
         return self
+
+    @property
+    def sequence_time_budget(self) -> int:
+        """Seconds a sequence task may run: it ends its segment early rather than outlast redelivery."""
+        return self.visibility_timeout - 2 * self.chunk_slack
 
     def chunk_time_limit(self, frames: int) -> int:
         """Hard limit for a chunk of ``frames`` frames; always below the visibility timeout."""

@@ -51,6 +51,12 @@ class BaseModel:
         # pinned memory for the GPU.
         self.raw_frames = False
         self.sidecar_json = False  # True: non-image results are also written as <frame>.json beside each frame
+        # How the model sees time (mlfarm.temporal): "frames" (independent frames, batched), "window"
+        # (infer_batch gets a mlfarm.temporal.Window per frame: frames f-window .. f+window) or
+        # "sequence" (start_sequence, then step() frame by frame in order, carrying state).
+        self.temporal = "frames"
+        self.window = 0
+        self.promptable = False  # True: jobs carry prompts (mlfarm.prompts), and need them
         self.context: LoadContext | None = None  # set by setup(), before load()
 
     # --- the seed's surface -------------------------------------------------------------
@@ -176,6 +182,33 @@ class BaseModel:
         """
         return [self.inference(image_list) for image_list in batch]
 
+    # --- models that see time, and prompts ---------------------------------------------
+    def outputs_for(self, prompts: Any) -> dict[str, int | tuple[str, ...]]:
+        """The output planes of a job with these prompts (``mlfarm.prompts.Prompts`` or None): by
+        default the model's ``outputs``; a promptable model may add a plane per named object."""
+        return self.outputs
+
+    def frame_metadata(self) -> dict[str, Any]:
+        """Header attributes written into every output EXR of a job (e.g. what a data plane holds),
+        with this view's options."""
+        return {}
+
+    def start_sequence(self, direction: str, prompts: Any, seed: Any = None) -> Any:
+        """A ``sequence`` model's state for one stream: one shot in one direction ("forward" or
+        "backward"), with the job's ``prompts``. ``seed`` (a ``mlfarm.temporal.Seed``: the planes this
+        model wrote on the frame before, and that frame's input) is given when the stream resumes
+        after that frame, e.g. on another worker; None starts from the prompts.
+
+        The state belongs to the stream, not to the model: one warm model serves several at once.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not a sequence model")
+
+    def step(self, state: Any, frame: int, item: Any, prompts: list[Any]) -> list[Any]:
+        """One frame of a stream, in order: ``item`` is what ``preprocess`` made of the frame,
+        ``prompts`` the ``KeyPrompt``s given on it. Returns the frame's outputs as ``infer_batch``
+        does for one frame (images in ``outputs_for`` order, then non-image results)."""
+        raise NotImplementedError(f"{type(self).__name__} is not a sequence model")
+
     def describe(self, model_id: str) -> dict[str, Any]:
         """The JSON description the catalog, Nuke panel and MLClient gateway are built from."""
         values = {n: getattr(self, n) for n in self.options}
@@ -189,6 +222,9 @@ class BaseModel:
             "outputs": {k: (list(v) if isinstance(v, tuple | list) else int(v)) for k, v in self.outputs.items()},
             "options": describe_options(self.options, values, self.option_ranges),
             "buttons": [option_spec(n, bool(getattr(self, n))) for n in self.buttons],
+            "temporal": self.temporal,
+            "window": int(self.window),
+            "promptable": bool(self.promptable),
         }
 
     @staticmethod

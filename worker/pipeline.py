@@ -1,5 +1,9 @@
 """Running one chunk of frames: read ahead, infer in batches, write behind.
 
+This module holds what every kind of model shares (claiming frames, reading, writing, outcomes,
+time limits); how frames reach the model is the runner's (``worker/runners/``: ``frames``,
+``window``, ``sequence``), picked by the model's ``temporal`` declaration.
+
 Reading the next frames and writing finished ones happen on a thread pool while the model works
 on the current batch (OpenImageIO and OpenEXR release the GIL while they decode and encode), so a
 GPU worker is not left waiting on EXR I/O. Batches are inferred on the process's lane threads: a
@@ -15,9 +19,8 @@ import contextlib
 import json
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,22 +35,10 @@ from mlfarm.settings import Settings
 from mlfarm.storage import sweep_once
 from mlfarm.tensors import is_tensor
 
-from .lanes import LanePools, io_threads
+from .lanes import LanePools
 from .middleware import Middleware
 from .model_cache import ModelCache
 from .watchdog import Watchdog
-
-
-class InlineExecutor(Executor):
-    """Runs each call at once in the calling thread, behind the Executor interface."""
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        try:
-            future.set_result(fn(*args, **kwargs))
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
 
 
 @dataclass
@@ -87,6 +78,8 @@ class ChunkRun:
     stop: threading.Event = field(default_factory=threading.Event)  # set: stop at the next batch
     watchdog: Watchdog | None = None  # enforces MLFARM_FRAME_TIME_LIMIT on every stage
     on_stuck: Callable[[], None] | None = None  # after a stage's frames failed for time: hand the rest back
+    direction: str | None = None  # a sequence model's stream: "forward" or "backward"
+    enqueue: Callable[[list[int]], int] | None = None  # queues frames of this job (a sequence's next segment)
     result: ChunkResult = field(default_factory=ChunkResult)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
 
@@ -156,11 +149,11 @@ class ChunkRun:
         finally:
             self.stage_seconds["read"] += time.perf_counter() - t
 
-    def _write(self, frame: int, model: BaseModel, outputs: list[Any]) -> None:
+    def _write(self, frame: int, model: BaseModel, outputs: list[Any], layout: Any = None) -> None:
         t = time.perf_counter()
         try:
             with self._limit([frame], "writing"):
-                self._write_frame(frame, model, outputs)
+                self._write_frame(frame, model, outputs, layout)
         except Exception as exc:
             reason = describe_error(exc)
             out_path = frame_path(self.spec.output, frame)
@@ -170,8 +163,11 @@ class ChunkRun:
             self.stage_seconds["write"] += time.perf_counter() - t
         self._finish(frame, None)
 
-    def _write_frame(self, frame: int, model: BaseModel, outputs: list[Any]) -> None:
-        """What ``_write`` does for one frame: postprocess, sidecar JSON, the EXR (under its time limit)."""
+    def _write_frame(self, frame: int, model: BaseModel, outputs: list[Any], layout: Any = None) -> None:
+        """What ``_write`` does for one frame: postprocess, sidecar JSON, the EXR (under its time limit).
+
+        ``layout``: the job's output planes when they are not the model's own (``outputs_for``).
+        """
         outputs = model.postprocess(outputs)
         images = [o for o in outputs if isinstance(o, np.ndarray) or is_tensor(o)]
         objects = [o for o in outputs if not (isinstance(o, np.ndarray) or is_tensor(o))]
@@ -182,6 +178,7 @@ class ChunkRun:
             "mlfarm/options": json.dumps(self.spec.options, sort_keys=True),
             "mlfarm/source": frame_path(self.spec.input, frame),
             "mlfarm/frame": int(frame),
+            **model.frame_metadata(),
         }
         if objects:
             metadata["mlfarm/objects"] = json.dumps(objects, sort_keys=True, default=str)
@@ -189,7 +186,7 @@ class ChunkRun:
                 write_json(sidecar_path(frame_path(self.spec.output, frame)), self.settings.storage_root,
                            {"job": self.spec.id, "model": self.spec.model, "frame": int(frame),
                             "source": frame_path(self.spec.input, frame), "objects": objects})
-        write_planes(frame_path(self.spec.output, frame), self.settings.storage_root, model.outputs, images,
+        write_planes(frame_path(self.spec.output, frame), self.settings.storage_root, layout or model.outputs, images,
                      metadata, self.settings.exr_compression, self.settings.exr_rgba_half,
                      self.settings.exr_gpu_compress)
 
@@ -254,69 +251,19 @@ class ChunkRun:
             for f in todo:
                 self._fail(f, f"model {self.spec.model}: {not_ready}")
             return
-        channels = next(iter(model.inputs.values()), 4) or 4
-        batch_size = max(1, int(model.batch_size))
-        waiting = deque(todo)
-        reads: deque[tuple[int, Future[Any]]] = deque()
-        writes: list[Future[None]] = []
+        from .runners import runner_for
 
-        # One frame has no other reads to overlap with: this thread reads it. Writes always go to
-        # the I/O threads, never onto the lane that inferred them (other chunks' batches wait there).
-        reader: Executor = self.io if len(todo) > 1 else InlineExecutor()
-        # Always the lanes, also for a chunk of one batch: chunks running side by side must not
-        # call a model from more threads than it declared, and the lanes keep what GPU libraries
-        # tune per thread (see LanePools).
-        lanes = max(1, int(model.lanes))
-        gpu: Executor = self.lanes.get(lanes)
-        in_flight: deque[Future[None]] = deque()
-        lookahead = max((lanes + 1) * batch_size, io_threads(self.settings))
+        runner_for(model)(self, model, todo)
 
-        def infer_then_write(batch: list[tuple[int, Any]]) -> None:
-            for frame, outputs in self._infer(model, batch):
-                writes.append(self.io.submit(self._write, frame, model, outputs))
+    def channels(self, model: BaseModel) -> int:
+        return next(iter(model.inputs.values()), 4) or 4
 
-        def refill() -> None:
-            while waiting and len(reads) < lookahead:
-                f = waiting.popleft()
-                reads.append((f, reader.submit(self._read, f, channels, model)))
-
-        refill()
-        checked_cancel = stopped = False
-        try:
-            while reads:
-                batch: list[tuple[int, Any]] = []
-                while reads and len(batch) < batch_size:
-                    frame, fut = reads.popleft()
-                    refill()
-                    try:
-                        batch.append((frame, fut.result()))
-                    except Exception as exc:
-                        self._fail(frame, describe_error(exc))
-                if not batch:
-                    continue
-                # start_frames already saw the cancel flag for the first batch; later batches look again.
-                if checked_cancel and self.store.is_cancelled(self.spec.id):
-                    self._cancel_rest([f for f, _ in batch] + [f for f, _ in reads] + list(waiting))
-                    reads.clear()
-                    waiting.clear()
-                    break
-                checked_cancel = True
-                if self.stop.is_set():  # cold shutdown: finish what is on the lanes, hand back the rest
-                    reads.clear()
-                    waiting.clear()
-                    stopped = True
-                    break
-                while len(in_flight) >= lanes:  # no more batches on the GPU at once than lanes
-                    in_flight.popleft().result()
-                in_flight.append(gpu.submit(infer_then_write, batch))
-            while in_flight:
-                in_flight.popleft().result()
-        finally:
-            wait(in_flight)  # nothing of this chunk still running once it hands its frames back
-        for w in writes:
-            w.result()
-        if stopped:
-            raise WorkerStopping("the worker is shutting down")
+    def cancelled_now(self, frames: list[int]) -> bool:
+        """Whether the job was cancelled; if so ``frames`` are recorded cancelled."""
+        if not self.store.is_cancelled(self.spec.id):
+            return False
+        self._cancel_rest(frames)
+        return True
 
     def _cancel_rest(self, frames: list[int]) -> None:
         for f in frames:

@@ -72,13 +72,15 @@ def register_tasks(app: Celery, process: WorkerProcess) -> None:
     register_training(app, TASK_POLICY, process)  # training runs on the train queue
 
     @app.task(name=CHUNK_TASK, **TASK_POLICY)
-    def chunk(self: Any, job_id: str, model: str, frames: str) -> dict[str, Any]:
-        """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``."""
+    def chunk(self: Any, job_id: str, model: str, frames: str, direction: str | None = None) -> dict[str, Any]:
+        """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``; for a sequence model,
+        the segment of its ``direction``'s stream (forward or backward) those frames are."""
         rt = process.runtime()
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
                        settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=STOP_NOW,
-                       watchdog=rt.watchdog)
+                       watchdog=rt.watchdog, direction=direction,
+                       enqueue=functools.partial(enqueue, self.app, rt.settings, spec))
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
         # the process ends (worker/watchdog.py), since the stuck thread would otherwise never return.
         # The same hand-back releases the chunk if it is still running when the process ends.

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from mlfarm.settings import Settings, get_settings
 
@@ -26,7 +27,8 @@ class FarmError(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        err_console.print(f"[red]error:[/red] {self.format_message()}", highlight=False)
+        # Escaped: a reason such as "box must be [x0, y0, x1, y1]" is text, not rich markup.
+        err_console.print(f"[red]error:[/red] {escape(self.format_message())}", highlight=False)
 
 
 def load_settings() -> Settings:

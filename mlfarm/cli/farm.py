@@ -145,20 +145,25 @@ def _planes(planes: dict[str, Any]) -> str:
 @click.option("--chunk", type=int, default=None, help="Frames per task.")
 @click.option("--priority", type=int, default=50, show_default=True, help="0-100, higher first.")
 @click.option("--name", default="", help="A name for the job (shown in status and Flower).")
+@click.option("--prompt", "prompt_args", multiple=True,
+              help="For promptable models (sam2): a prompts JSON file, or FRAME:NAME:box=x0,y0,x1,y1 with "
+              "optional :pos=x,y;x,y and :neg=x,y (image pixels, top-left origin); repeatable.")
 @click.option("--wait", is_flag=True, help="Follow the job; exit 0 only if every frame is done.")
 @click.option("--json", "as_json", is_flag=True)
 def submit(input_: str, frames: str, model: str, options: tuple[str, ...], output: str, chunk: int | None,
-           priority: int, name: str, wait: bool, as_json: bool) -> None:
-    """Submit a shot: one task per chunk of frames."""
+           priority: int, name: str, prompt_args: tuple[str, ...], wait: bool, as_json: bool) -> None:
+    """Submit a shot: one task per chunk of frames (a sequence model: one stream per direction)."""
     from mlfarm.client import SubmitError
     from mlfarm.frames import PatternError, parse_frames
     from mlfarm.models.options import OptionError, parse_option_args
+    from mlfarm.prompts import PromptError, load
 
     farm = connect()
     try:
+        prompts = load(prompt_args) if prompt_args else None
         spec = farm.submit(model, input_, output, parse_frames(frames), parse_option_args(options), chunk,
-                           priority, name)
-    except (SubmitError, OptionError, PatternError) as exc:
+                           priority, name, prompts=prompts)
+    except (SubmitError, OptionError, PatternError, PromptError) as exc:
         raise FarmError(str(exc)) from None
     if not wait:
         if as_json:

@@ -118,6 +118,24 @@ def channel_names(layer: str, spec: int | Sequence[str], n: int, main: bool) -> 
     return names if main else [f"{layer}.{c}" for c in names]
 
 
+def read_planes(path: str, outputs: Mapping[str, int | Sequence[str]]) -> dict[str, np.ndarray]:
+    """The planes of an output EXR as ``write_planes`` laid them out: plane name -> H x W x C float32.
+
+    How a sequence that resumes reads back the state a model wrote on the frame before.
+    """
+    image = read_image(path)
+    index = {c: i for i, c in enumerate(image.channels)}
+    out = {}
+    for i, (layer, spec) in enumerate(outputs.items()):
+        n = spec if isinstance(spec, int) else len(spec)
+        names = channel_names(layer, spec, n, main=(i == 0))
+        missing = [c for c in names if c not in index]
+        if missing:
+            raise FrameError(f"{path}: no channel {', '.join(missing)} (plane {layer})")
+        out[layer] = np.ascontiguousarray(image.pixels[:, :, [index[c] for c in names]], dtype=np.float32)
+    return out
+
+
 def _planes(outputs: Mapping[str, int | Sequence[str]], images: Sequence[Any]
             ) -> Iterator[tuple[int, Any, list[str]]]:
     """Each declared output plane as (index, H x W x C image, EXR channel names), checked: as many

@@ -1,0 +1,157 @@
+"""The ``sequence`` runner: one stream of a shot, in order, carrying the model's state.
+
+A task renders one segment of one direction (``ChunkRun.direction``): the frames it claimed, in
+processing order. It starts from the nearest frame before them that was written (its planes seed
+the model's state: the stream resumes where it stopped, on any worker) or, with none, from the
+prompts at the stream's origin; frames on the way that were already written are stepped through
+again but not rewritten. Frames are read ahead on the I/O threads and written behind, each
+atomically as soon as it is done, so the job record always says how far the stream got.
+
+The segment ends after its frames, or early when the next frame could outlast the broker's
+redelivery timeout (``Settings.sequence_time_budget``); either way the task then queues the next
+segment of its direction (the frames after it still queued). Only one frame of the shot is held
+at a time besides the read-ahead: memory stays flat over thousands of frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any
+
+from mlfarm.broker.jobs import DONE, QUEUED
+from mlfarm.exr.io import read_planes
+from mlfarm.frames import format_frames, frame_path
+from mlfarm.prompts import Prompts, from_json
+from mlfarm.temporal import Seed, in_order, origin, resume_point, split
+
+from ..lanes import io_threads
+from ..pipeline import WorkerStopping, describe_error
+
+log = logging.getLogger(__name__)
+
+
+def _prompts(spec: Any) -> Prompts | None:
+    return from_json(spec.prompts) if spec.prompts else None
+
+
+def run(chunk: Any, model: Any, todo: list[int]) -> None:
+    spec, direction = chunk.spec, chunk.direction
+    if direction is None:
+        for f in todo:
+            chunk._fail(f, f"model {spec.model} runs frames in order: resubmit the job (its task had no direction)")
+        return
+    prompts = _prompts(spec)
+    start = origin(spec.frames, prompts.frames if prompts else [])
+    layout = model.outputs_for(prompts)
+    records = chunk.store.frame_records(spec.id)
+
+    def written(f: int) -> bool:
+        return records.get(f, {}).get("s") == DONE and os.path.isfile(frame_path(spec.output, f))
+
+    seed_frame, path = resume_point(direction, spec.frames, start, todo, written)
+    channels = chunk.channels(model)
+    seed = None
+    if seed_frame is not None:
+        try:
+            planes = read_planes(frame_path(spec.output, seed_frame), layout)
+            seed = Seed(seed_frame, planes, chunk._read(seed_frame, channels, model))
+        except Exception as exc:  # the frame before cannot seed us: start over from the prompts
+            log.warning("job %s: cannot resume %s from frame %d (%s); starting from the prompts", spec.id,
+                        direction, seed_frame, describe_error(exc))
+            seed_frame, path = resume_point(direction, spec.frames, start, todo, lambda f: False)
+    if seed_frame is not None:
+        log.info("job %s: %s stream resumes after frame %d", spec.id, direction, seed_frame)
+    _stream(chunk, model, todo, direction, prompts, layout, seed, path, channels)
+
+
+def _stream(chunk: Any, model: Any, todo: list[int], direction: str, prompts: Prompts | None, layout: Any,
+            seed: Seed | None, path: list[int], channels: int) -> None:
+    spec = chunk.spec
+    wanted = set(todo)
+    if not path:
+        return
+    lane = chunk.lanes.get(max(1, int(model.lanes)))
+    with chunk._limit([path[0]], f"starting model {spec.model}"):
+        state = lane.submit(model.start_sequence, direction, prompts, seed).result()
+    reads: deque[tuple[int, Future[Any]]] = deque()
+    waiting = deque(path)
+    writes: list[Future[None]] = []
+    lookahead = max(2, io_threads(chunk.settings))
+    budget_end = chunk.started + chunk.settings.sequence_time_budget
+    slowest = 0.0
+    last = None  # the last frame stepped
+    stopped = cancelled = False
+
+    def refill() -> None:
+        while waiting and len(reads) < lookahead:
+            f = waiting.popleft()
+            reads.append((f, chunk.io.submit(chunk._read, f, channels, model)))
+
+    refill()
+    try:
+        while reads:
+            frame, fut = reads.popleft()
+            refill()
+            if chunk.store.is_cancelled(spec.id):
+                chunk._cancel_rest([f for f in [frame, *(f for f, _ in reads), *waiting] if f in wanted])
+                cancelled = True
+                break
+            if chunk.stop.is_set():
+                stopped = True
+                break
+            if last is not None and time.perf_counter() + 2 * slowest > budget_end:
+                log.info("job %s: %s stream hands on at frame %d (redelivery timeout ahead)", spec.id, direction,
+                         frame)
+                break
+            try:
+                item = fut.result()
+            except Exception as exc:  # the state goes on past a frame it cannot read
+                if frame in wanted:
+                    chunk._fail(frame, describe_error(exc))
+                continue
+            here = prompts.at(frame) if prompts else []
+            t = time.perf_counter()
+            try:
+                with chunk._limit([frame], f"model {spec.model}"):
+                    outputs = lane.submit(model.step, state, frame, item, here).result()
+            except Exception as exc:
+                if frame in wanted:
+                    chunk._fail(frame, f"model {spec.model}: {describe_error(exc)}")
+                continue
+            finally:
+                took = time.perf_counter() - t
+                slowest = max(slowest, took)
+                chunk.stage_seconds["infer"] += took
+            last = frame
+            if frame in wanted:
+                writes.append(chunk.io.submit(chunk._write, frame, model, list(outputs), layout))
+    finally:
+        for w in writes:
+            w.result()
+    if stopped:
+        raise WorkerStopping("the worker is shutting down")
+    if cancelled:
+        return
+    _hand_on(chunk, direction, todo)
+
+
+def _hand_on(chunk: Any, direction: str, todo: list[int]) -> None:
+    """Queue the next segment: this segment's frames not rendered (the stream ended early) and the
+    frames after them in this direction that are still queued."""
+    spec = chunk.spec
+    unfinished = chunk.unfinished
+    if unfinished:
+        chunk.store.reclaim(spec.id, unfinished)
+        chunk.handed_back = True
+    records = chunk.store.frame_records(spec.id)
+    prompts = _prompts(spec)
+    order = split(spec.frames, origin(spec.frames, prompts.frames if prompts else [])).get(direction, [])
+    after = order[order.index(in_order(direction, todo)[-1]) + 1:] if todo else []
+    rest = sorted(set(unfinished) | {f for f in after if records.get(f, {}).get("s") == QUEUED})
+    if rest and chunk.enqueue is not None:
+        chunk.enqueue(rest)
+        log.info("job %s: %s stream continues with frames %s", spec.id, direction, format_frames(rest))
