@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import OpenImageIO as oiio
 from rich.console import Console
 
 from mlfarm.broker.connection import NoBrokerError, broker_url
-from mlfarm.exr.io import read_image
+from mlfarm.exr.io import FrameError, read_image
 from mlfarm.local_farm import LocalFarm
 from mlfarm.models.colour import linear_to_srgb
 from mlfarm.settings import Settings
@@ -48,11 +49,22 @@ def write_plate(pattern_dir: Path, first: int, count: int, width: int, height: i
     return str(pattern_dir / "plate.####.exr")
 
 
+def viewable(path: str) -> np.ndarray:
+    """A frame's colour as H x W x 3: its RGB, or for outputs of data planes only (flow), the first
+    plane's channels as grey levels side by side in the red, green, blue slots."""
+    image = read_image(path)
+    try:
+        return image.rgba(3)
+    except FrameError:
+        px = image.pixels[..., :3]
+        return np.concatenate([px, np.zeros_like(px[..., :1]).repeat(3 - px.shape[2], axis=2)], axis=2)
+
+
 def contact_sheet(pairs: list[tuple[str, str]], path: Path) -> None:
     """Input | output side by side, one row per frame, as an 8-bit sRGB PNG."""
     rows = []
     for src, dst in pairs:
-        a, b = read_image(src).rgba(3), read_image(dst).rgba(3)
+        a, b = read_image(src).rgba(3), viewable(dst)
         gap = np.ones((a.shape[0], 8, 3), np.float32)
         rows.append(np.concatenate([a, gap, b], axis=1))
         rows.append(np.ones((8, rows[-1].shape[1], 3), np.float32))
@@ -64,15 +76,46 @@ def contact_sheet(pairs: list[tuple[str, str]], path: Path) -> None:
     out.close()
 
 
-def run_demo(settings: Settings, console: Console, frames: int = 12, width: int = 480, height: int = 270) -> bool:
+#: What the demo runs when no model is named: the built-in blur, as on a fresh machine.
+DEFAULT = ("blur", {"kernel_size": 6})
+
+
+def demo_prompts(first: int, width: int, height: int) -> Any:
+    """A box around the demo plate's moving disc on its first frame, for promptable models (SAM 2)."""
+    from mlfarm.prompts import parse_inline
+
+    cx, cy, r = width * (0.2 + 0.6 * ((first % 24) / 23)), height * 0.4, height * 0.15
+    box = [max(0, cx - r - 2), max(0, cy - r - 2), min(width, cx + r + 2), min(height, cy + r + 2)]
+    return parse_inline([f"{first}:disc:box=" + ",".join(f"{v:.0f}" for v in box)])
+
+
+def run_demo(settings: Settings, console: Console, frames: int = 12, width: int = 480, height: int = 270,
+             model: str | None = None, options: dict[str, Any] | None = None) -> bool:
+    """Make a plate, run ``model`` (default: blur) over it on the farm, write a contact sheet.
+
+    Any installed model whose weights are present runs; one that is not ready says why (its
+    weights, and the command that fetches them) before anything starts.
+    """
     from mlfarm.client import Farm
     from mlfarm.frames import frame_path
+    from mlfarm.models.catalog import Catalog
     from mlfarm.progress import follow
 
+    name, opts = (model, dict(options or {})) if model else (DEFAULT[0], dict(DEFAULT[1]))
+    catalog = Catalog.from_settings(settings)
+    if name not in catalog.entries:
+        console.print(f"[red]no model {name!r} here (installed: {', '.join(catalog.names())})")
+        return False
+    instance = catalog.entry(name).create().with_options(opts)
+    reason = instance.check_ready(settings)
+    if reason:
+        console.print(f"[red]model {name} cannot run here: {reason}")
+        return False
     root = settings.storage_root / "demo"
     first = 1001
     plate = write_plate(root / "plate", first, frames, width, height)
     console.print(f"demo plate: {frames} frames {width}x{height} at {plate}")
+    prompts = demo_prompts(first, width, height) if instance.promptable else None
     farm_proc = None
     try:
         url = broker_url(settings)
@@ -84,9 +127,11 @@ def run_demo(settings: Settings, console: Console, frames: int = 12, width: int 
     try:
         farm = Farm(settings, url)
         frame_list = list(range(first, first + frames))
-        spec = farm.submit("blur", plate, str(root / "blur" / "plate_blur.####.exr"), frame_list,
-                           {"kernel_size": 6}, chunk=3, name="demo")
-        console.print(f"submitted job {spec.id}: blur kernel_size=6, chunks of 3")
+        spec = farm.submit(name, plate, str(root / name / f"plate_{name}.####.exr"), frame_list, opts,
+                           chunk=3 if instance.temporal != "sequence" else None, name="demo", prompts=prompts)
+        shown = " ".join(f"{k}={v}" for k, v in opts.items())
+        console.print(f"submitted job {spec.id}: {name} {shown}".rstrip()
+                      + (", chunks of 3" if instance.temporal != "sequence" else f", prompt {prompts.to_json()}"))
         status = follow(lambda: farm.status(spec.id), console, timeout=600)
         console.print(status.summary())
         for fs in status.failed_frames:

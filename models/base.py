@@ -133,6 +133,14 @@ class BaseModel:
         fetch NAME`` offers. Empty (the default): nothing to fetch."""
         return ()
 
+    def default_weight_variants(self) -> tuple[str, ...]:
+        """What ``mlfarm models fetch NAME`` downloads when no variant is named: by default all."""
+        return self.weight_variants()
+
+    def weight_licence(self, variant: str) -> str:
+        """The licence of ``variant``'s weights, said when they are fetched ("" when unknown)."""
+        return ""
+
     def fetch_weights(self, variant: str, weights_dir: Any) -> Any:
         """Download ``variant``'s weights into ``weights_dir``; returns the file's path. Only on
         request (``mlfarm models fetch``): nothing is downloaded while a job runs."""

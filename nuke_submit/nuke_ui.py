@@ -14,6 +14,7 @@ and ``nuke -t`` (no panels) imports this module too.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -169,7 +170,7 @@ def _script_range() -> tuple:
 def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
            frames: Union[None, str, Sequence[int]] = None, chunk: Optional[int] = None, priority: int = 50,
            output: Optional[str] = None, shot: Optional[str] = None, farm: Any = None,
-           watch: bool = True) -> Submission:
+           watch: bool = True, prompts_json: Optional[str] = None) -> Submission:
     """Submit ``node``'s frames to the farm and create a Read node for the results.
 
     ``frames``: None (the node's range), a string such as ``1001-1100x2``, or a list. A Read of EXRs
@@ -205,9 +206,11 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
     else:  # Nuke renders what the timeline shows, numbered by timeline frame: no retime left to apply
         input_pattern = render_first(node, frame_list, shot, description, settings)
         rendered, job_frames, result_timing = True, frame_list, None
+    prompts = _prompts(prompts_json, description, result_timing is not None and timing or None)
     try:
         spec = farm.submit(model, input_pattern, out, job_frames, typed, chunk, priority,
-                           name="%s %s" % (shot, node.name()), include_local=False)
+                           name="%s %s" % (shot, node.name()), include_local=False, prompts=prompts,
+                           image_size=(node.width(), node.height()) if prompts is not None else None)
     except Exception:
         if rendered:  # refused (e.g. the chunk size): the render made for it goes too
             shutil.rmtree(os.path.dirname(input_pattern), ignore_errors=True)
@@ -217,6 +220,27 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
     if watch:
         follow(read, farm)
     return Submission(job_id=spec.id, spec=spec, read=read, rendered_first=rendered, input=input_pattern)
+
+
+def _prompts(prompts_json: Optional[str], description: Dict[str, Any], timing: Optional[ReadTiming]) -> Any:
+    """The job's prompts from a prompt node's keyframes (timeline frames), as the farm numbers the
+    frames: a Read's files' numbers where the farm reads the files (``timing``). None for a model
+    that takes no prompts."""
+    if not prompts_json or not description.get("promptable"):
+        return None
+    from mlfarm.prompts import PromptError, from_json
+
+    entries = json.loads(prompts_json)
+    if timing is not None:
+        for entry in entries:
+            shown = timing.file_frame(entry["frame"])
+            if shown is None:
+                raise PlanError("keyframe %d: the Read shows no file there" % entry["frame"])
+            entry["frame"] = shown
+    try:
+        return from_json(entries)
+    except PromptError as exc:
+        raise PlanError("prompts: %s" % exc) from None
 
 
 def render_first(node: Any, frames: Sequence[int], shot: str, description: Dict[str, Any], settings: Any) -> str:
@@ -408,9 +432,10 @@ class _SubmitPanel(object):
     instead of adding its own) so that it can keep them last when a model switch changes the option knobs.
     """
 
-    def __init__(self, node: Any, farm: Any):
+    def __init__(self, node: Any, farm: Any, prompts_json: Optional[str] = None):
         super(_SubmitPanel, self).__init__("ML Farm: submit %s" % node.name(), "uk.co.mlfarm.submit")
         self.node = node
+        self.prompts_json = prompts_json  # from a prompt node: its keyframes
         self.farm = farm
         self.catalog = farm.catalog(include_local=False)
         if not self.catalog:
@@ -430,11 +455,18 @@ class _SubmitPanel(object):
         self.addKnob(nuke.Text_Knob("options_divider", "model options"))
         self.custom.setValue("%d-%d" % self.input_range)
         self.custom.setEnabled(False)  # until the frame range is "custom"
-        self.chunk.setValue(settings.default_chunk)
         self.priority.setValue(50)
         self.shot.setValue(shot_name(nuke.root().name(), source or ""))
         self.option_knobs = []  # type: List[Any]
         self.specs = []  # type: List[KnobSpec]
+        if prompts_json:  # from a prompt node: a promptable model, SAM 2 where the farm has it
+            from .prompt_values import keyframes_text
+
+            promptable = [m for m in sorted(self.catalog) if self.catalog[m].get("promptable")]
+            if not promptable:
+                raise PlanError("the farm has no model that takes prompts (sam2): is its worker running?")
+            self.model.setValue("sam2" if "sam2" in promptable else promptable[0])
+            self.addKnob(nuke.Text_Knob("prompts", "prompts", keyframes_text(prompts_json)))
         self.okButton = nuke.Script_Knob("OK", "Submit")  # noqa: N815 - the names nukescripts looks for
         self.cancelButton = nuke.Script_Knob("Cancel")  # noqa: N815
         self.rebuild_options()
@@ -451,6 +483,9 @@ class _SubmitPanel(object):
         self.option_knobs = [make_knob(s) for s in self.specs]
         for knob in self.option_knobs + [self.okButton, self.cancelButton]:
             self.addKnob(knob)
+        sequence = self.catalog[self.model.value()].get("temporal") == "sequence"
+        settings = self.farm.settings
+        self.chunk.setValue(settings.sequence_segment if sequence else settings.default_chunk)
         self.update_output()
 
     def update_output(self) -> None:
@@ -475,13 +510,14 @@ class _SubmitPanel(object):
 
     def submit(self, watch: bool = True) -> Submission:
         return submit(self.node, self.model.value(), self.options(), self.frames(), int(self.chunk.value()),
-                      int(self.priority.value()), self.output.value(), self.shot.value(), self.farm, watch)
+                      int(self.priority.value()), self.output.value(), self.shot.value(), self.farm, watch,
+                      self.prompts_json)
 
 
 _panel_class = None
 
 
-def SubmitPanel(node: Any, farm: Any) -> Any:  # noqa: N802 - reads as the class it makes
+def SubmitPanel(node: Any, farm: Any, prompts_json: Optional[str] = None) -> Any:  # noqa: N802 - reads as a class
     """The submit panel for ``node``: a ``nukescripts.PythonPanel``, made on first use so that importing
     this module needs no ``nukescripts`` (``nuke -t`` has no panels)."""
     global _panel_class
@@ -489,7 +525,7 @@ def SubmitPanel(node: Any, farm: Any) -> Any:  # noqa: N802 - reads as the class
         import nukescripts
 
         _panel_class = type("SubmitPanel", (_SubmitPanel, nukescripts.PythonPanel), {})
-    return _panel_class(node, farm)
+    return _panel_class(node, farm, prompts_json)
 
 
 # --- menu commands: each reports refusals with nuke.message instead of raising --------------------------

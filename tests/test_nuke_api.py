@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 STUB = REPO / "tests" / "nuke_stub"
 NUKE_PATH = REPO / "nuke_submit" / "nuke_path"
 NUKE_SIDE = sorted((REPO / "nuke_submit").glob("*.py")) + sorted(NUKE_PATH.glob("*.py"))
-MENU_ITEMS = ["Submit selected...", "Refresh results", "Retry failed (selected results)", "Settings..."]
+MENU_ITEMS = ["Submit selected...", "Segment objects (SAM 2)...", "Refresh results",
+              "Retry failed (selected results)", "Settings..."]
 
 
 @pytest.fixture

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from mlfarm.broker.frames import frame_path, to_printf
+from mlfarm.client import SubmitError
 from mlfarm.exr.io import read_image
 from mlfarm.keys import frames_key, job_key
-from mlfarm.nuke_submit.client import SubmitError
 from mlfarm.nuke_submit.plan import PlanError
 from mlfarm.settings import get_settings
 
@@ -261,7 +261,8 @@ def test_menu_commands_refuse_bad_input_with_a_message_and_queue_nothing(farm_en
     exec(compile((install / "menu.py").read_text(), str(install / "menu.py"), "exec"), {})
     bar = nuke.menu("Nuke")
     assert [i.name() for i in bar.findItem(menu.MENU).items()] == [
-        "Submit selected...", "Refresh results", "Retry failed (selected results)", "Settings..."]
+        "Submit selected...", "Segment objects (SAM 2)...", "Refresh results", "Retry failed (selected results)",
+        "Settings..."]
 
     bar.findItem("ML Farm/Submit selected...").invoke()
     assert nuke.messages[-1] == "ML Farm: select the node to submit first"
@@ -531,3 +532,47 @@ def test_a_results_read_whose_job_record_expired_says_what_happened_and_what_to_
     ui.refresh_results()  # as after reopening the script: the watcher says so too, then stops
     pump(nuke, lambda: read["label"].value() == expired_label)
     pump(nuke, lambda: not ui.WATCHERS.running(sub.job_id), timeout=10)
+
+
+def test_a_prompt_node_marks_objects_in_nukes_coordinates_and_submits_them_as_the_files_frames(farm_env, nuke, ui):
+    from mlfarm.nuke_submit import prompt_node
+
+    farm = farm_env
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    plate = make_plate(farm.storage / "plates", range(1001, 1005))  # 64x48
+    # The plate lined up with the comp at frame 1: the artist works on timeline frames 1-4.
+    source = nuke.nodes.Read(file=plate, first=1001, last=1004, frame_mode="start at", frame="1")
+    source.setSelected(True)
+    node = prompt_node.segment_selected()
+    assert node.input(0) is source and node.panel_shown and node.Class() == "NoOp"
+    node["obj1_name"].setValue("car")
+    node["obj1_box"].setValue([8, 30, 22, 42])  # Nuke's coordinates: origin bottom-left, y up
+    node["obj1_use_pos1"].setValue(True)
+    node["obj1_pos1"].setValue([15, 36])
+    node["obj2_use_neg1"].setValue(True)  # slot 2: a negative point alone is still a prompt
+    node["obj2_neg1"].setValue([60.5, 2])
+    nuke.frame(2)
+    node["mlfarm_set_key"].execute()
+    assert node["mlfarm_keyframes_text"].value() == "2: car, object 2"
+
+    def artist(panel):  # the panel comes up with SAM 2 chosen; this farm's test model stands in for it
+        assert panel.model.value() == "sam2" and panel.knobs()["prompts"].value() == "2: car, object 2"
+        nuke.user_sets(panel, "model", "counter")
+        assert panel.chunk.value() == f.settings.sequence_segment  # a sequence model's segment, not a chunk
+        return True
+
+    nuke.modal_answer = artist
+    node["mlfarm_submit_prompts"].execute()
+    assert not nuke.messages, nuke.messages
+    (job,) = f.jobs()
+    assert job.spec.model == "counter" and job.spec.frames == [1001, 1002, 1003, 1004]
+    assert job.spec.prompts == [  # top-left origin, rows down, on the file's frame
+        {"frame": 1002, "object": 1, "name": "car", "box": [8.0, 6.0, 22.0, 18.0], "points": [[15.0, 12.0, 1]]},
+        {"frame": 1002, "object": 2, "points": [[60.5, 46.0, 0]]}]
+    read = [n for n in nuke.allNodes("Read") if n.knob("mlfarm_job") is not None][0]
+    pump(nuke, lambda: "[done]" in read["label"].value())
+    assert (read.firstFrame(), read.lastFrame()) == (1, 4)
+
+    node["mlfarm_clear_keys"].execute()
+    assert node["mlfarm_keyframes"].value() == "" and "no keyframes yet" in node["mlfarm_keyframes_text"].value()

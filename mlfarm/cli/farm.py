@@ -240,10 +240,14 @@ def retry(job_id: str, failed_only: bool, wait: bool, as_json: bool) -> None:
 @main.command()
 @click.option("--frames", default=12, show_default=True)
 @click.option("--size", default="480x270", show_default=True, help="WIDTHxHEIGHT of the demo plate.")
-def demo(frames: int, size: str) -> None:
-    """Make a small EXR plate, blur it on the farm (starting one if needed), write a contact sheet."""
+@click.option("--model", default=None, help="Any installed model whose weights are present (default: blur, "
+              "kernel_size=6). A promptable one (sam2) gets a box around the moving disc on the first frame.")
+@click.option("--option", "options", multiple=True, help="NAME=VALUE for --model, repeatable.")
+def demo(frames: int, size: str, model: str | None, options: tuple[str, ...]) -> None:
+    """Make a small EXR plate, run a model over it on the farm (starting one if needed), write a contact sheet."""
     from mlfarm.demo import run_demo
+    from mlfarm.models.options import parse_option_args
 
     width, height = (int(v) for v in size.lower().split("x"))
-    ok = run_demo(load_settings(), console, frames, width, height)
+    ok = run_demo(load_settings(), console, frames, width, height, model, parse_option_args(options))
     sys.exit(0 if ok else 1)

@@ -24,7 +24,8 @@ def _variants(catalog: Any, name: str) -> tuple[str, ...]:
 
 @click.command()
 @click.argument("name")
-@click.option("--arch", default=None, help="Only this architecture (default: all of the model's).")
+@click.option("--arch", "--size", "arch", default=None,
+              help="Which weights: an architecture or size (default: the model's default ones).")
 def fetch(name: str, arch: str | None) -> None:
     """Download model NAME's weights into MLFARM_WEIGHTS_DIR (needs internet; hash-checked)."""
     from mlfarm.models.catalog import Catalog
@@ -37,18 +38,19 @@ def fetch(name: str, arch: str | None) -> None:
     if not variants:
         fetchable = [n for n in catalog.names() if _variants(catalog, n)]
         raise FarmError(f"no downloadable weights for {name!r} (fetchable: {', '.join(fetchable)})")
-    chosen = [arch] if arch else list(variants)
+    model = catalog.entry(name).create()
+    chosen = [arch] if arch else list(model.default_weight_variants())
     unknown = [a for a in chosen if a not in variants]
     if unknown:
-        raise click.BadParameter(f"{unknown[0]} (choose from {', '.join(variants)})", param_hint="--arch")
-    model = catalog.entry(name).create()
+        raise click.BadParameter(f"{unknown[0]} (choose from {', '.join(variants)})", param_hint="--arch/--size")
     weights_dir = settings.weights_dir
     try:
         paths = [model.fetch_weights(a, weights_dir) for a in chosen]
     except Exception as exc:  # no internet, a proxy, a full disk: say so in one line
         raise FarmError(f"could not fetch {name} weights into {weights_dir}: {exc}") from None
-    for p in paths:
-        console.print(f"{name}: {p}")
+    for variant, p in zip(chosen, paths):
+        note = model.weight_licence(variant)
+        console.print(f"{name} {variant}: {p}" + (f" (licence: {note})" if note else ""))
 
 
 def models_group(listing: click.Command) -> click.Group:

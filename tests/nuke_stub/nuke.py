@@ -73,6 +73,7 @@ def reset() -> None:
     _on_script_load.clear()
     modal_answer = True
     env["gui"] = True
+    _frame[0] = 1
 
 
 def scriptClear() -> None:  # noqa: N802
@@ -258,6 +259,37 @@ class Enumeration_Knob(Knob):  # noqa: N801
         return dict(super()._state(), values=self._values)
 
 
+class _Numbers(Knob):
+    """Knobs holding a fixed number of floats (XY_Knob: x, y; BBox_Knob: x, y, r, t)."""
+
+    size = 2
+
+    def __init__(self, name: str, label: str | None = None):
+        super().__init__(name, label, [0.0] * self.size)
+
+    def _coerce(self, value):
+        values = list(value)
+        if len(values) != self.size:
+            raise ValueError(f"{self._name}: {self.size} values, not {len(values)}")
+        return [float(_number(self, v)) for v in values]
+
+    def value(self):
+        _check_thread()
+        return list(self._value)
+
+
+class XY_Knob(_Numbers):  # noqa: N801 - a point, drawn as a handle in the Viewer
+    size = 2
+
+
+class BBox_Knob(_Numbers):  # noqa: N801 - a box (x, y, r, t), drawn as a handle in the Viewer
+    size = 4
+
+
+class Multiline_Eval_String_Knob(String_Knob):  # noqa: N801
+    pass
+
+
 class Script_Knob(Knob):  # noqa: N801
     """A button running a TCL command; nukescripts.PythonPanel's OK and Cancel are these."""
 
@@ -292,7 +324,8 @@ class _ReloadButton(Knob):
 
 
 _KNOB_CLASSES = {c.__name__: c for c in (Int_Knob, Double_Knob, Boolean_Knob, String_Knob, File_Knob, Text_Knob,
-                                         Tab_Knob, Enumeration_Knob, PyScript_Knob, Script_Knob)}
+                                         Tab_Knob, Enumeration_Knob, PyScript_Knob, Script_Knob, XY_Knob, BBox_Knob,
+                                         Multiline_Eval_String_Knob)}
 
 
 # --- nodes ---------------------------------------------------------------------------------------
@@ -381,6 +414,18 @@ class Node:
 
     def screenWidth(self) -> int:  # noqa: N802
         return 80
+
+    def width(self) -> int:
+        """The image width (its format): the input's, for the stand-in's pass-through nodes."""
+        src = self.input(0)
+        return src.width() if src is not None else 0
+
+    def height(self) -> int:
+        src = self.input(0)
+        return src.height() if src is not None else 0
+
+    def showControlPanel(self) -> None:  # noqa: N802
+        self.panel_shown = True
 
     def screenHeight(self) -> int:  # noqa: N802
         return 18
@@ -515,6 +560,22 @@ class _Read(Node):
             if c in names:
                 out[..., i] = px[..., names.index(c)]
         return out
+
+    def _size(self) -> tuple[int, int]:
+        for f in range(self.firstFrame(), self.lastFrame() + 1):
+            path = self._frame_file(f)
+            if path is not None and os.path.exists(path):
+                inp = oiio.ImageInput.open(path)
+                spec = inp.spec()
+                inp.close()
+                return spec.width, spec.height
+        return 0, 0
+
+    def width(self) -> int:
+        return self._size()[0]
+
+    def height(self) -> int:
+        return self._size()[1]
 
     def channels(self) -> list[str]:
         """Every channel of the file, as Nuke lists them: rgba.red..., then layer.channel."""
@@ -696,6 +757,16 @@ def execute(node, start: int, end: int, incr: int = 1, views=None, continueOnErr
     executed.append((node.name(), int(start), int(end), int(incr)))
     for f in range(int(start), int(end) + 1, int(incr)):
         node._render(f)
+
+
+_frame = [1]
+
+
+def frame(f: int | None = None) -> int:
+    """The current frame; with ``f``, go to that frame (as the timeline does)."""
+    if f is not None:
+        _frame[0] = int(f)
+    return _frame[0]
 
 
 def executeInMainThread(call, args=(), kwargs=None) -> None:  # noqa: N802

@@ -25,7 +25,7 @@ NUKE = frozenset("""
     tprint warning
     NUKE_VERSION_MAJOR NUKE_VERSION_MINOR NUKE_VERSION_RELEASE NUKE_VERSION_STRING
     STARTLINE ENDLINE INVISIBLE DISABLED NO_ANIMATION
-    Knob Array_Knob Boolean_Knob Double_Knob Enumeration_Knob EvalString_Knob File_Knob Int_Knob
+    Knob Array_Knob BBox_Knob Boolean_Knob Double_Knob Enumeration_Knob EvalString_Knob File_Knob Int_Knob
     Multiline_Eval_String_Knob PyScript_Knob Script_Knob String_Knob Tab_Knob Text_Knob XY_Knob
     Node Group Root Menu MenuItem Panel PanelNode Format Layer
 """.split())

@@ -73,6 +73,12 @@ class Model(BaseModel):
     def weight_variants(self) -> tuple[str, ...]:
         return tuple(ARCHITECTURES)
 
+    def default_weight_variants(self) -> tuple[str, ...]:
+        return ("raft_large",)
+
+    def weight_licence(self, variant: str) -> str:
+        return "BSD-3-Clause (torchvision)"
+
     def fetch_weights(self, variant: str, weights_dir: Any) -> Any:
         return fetch(variant, weights_dir)
 

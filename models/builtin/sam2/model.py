@@ -47,6 +47,12 @@ class Model(BaseModel):
     def weight_variants(self) -> tuple[str, ...]:
         return tuple(SIZES)
 
+    def default_weight_variants(self) -> tuple[str, ...]:
+        return ("base-plus",)
+
+    def weight_licence(self, variant: str) -> str:
+        return "Apache-2.0"
+
     def fetch_weights(self, variant: str, weights_dir: Any) -> Any:
         return fetch(variant, weights_dir)
 
