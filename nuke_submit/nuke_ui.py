@@ -440,7 +440,6 @@ class _SubmitPanel(object):
         self.catalog = farm.catalog(include_local=False)
         if not self.catalog:
             raise PlanError("the farm has published no models yet: is a worker running? (mlfarm up / mlfarm worker)")
-        settings = farm.settings
         source = _source_pattern(node)
         self.input_range = (node.firstFrame(), node.lastFrame())
         self.model = nuke.Enumeration_Knob("model", "model", sorted(self.catalog))

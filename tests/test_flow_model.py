@@ -57,7 +57,8 @@ def test_motion_vectors_follow_nukes_convention_u_right_v_up(tmp_path):
     model = loaded(tmp_path)
     model._nets[model.arch.value] = ShiftOracle()
     out = model.infer_batch(windows(moving_plate(4)))
-    (fwd0, bwd0, notes0), (fwd1, bwd1, _), _, (fwd3, bwd3, notes3) = out
+    (rgba0, fwd0, bwd0, notes0), (_, fwd1, bwd1, _), _, (rgba3, fwd3, bwd3, notes3) = out
+    assert rgba0.shape == (40, 56, 4) and (rgba0[..., 3] == 1).all() and (rgba3[..., :3] == 0).all()
     assert fwd0.shape == (40, 56, 2) and fwd0.dtype == np.float32
     assert (fwd0[..., 0] == 3).all() and (fwd0[..., 1] == -2).all()  # right 3, down 2 = v -2 (Nuke's y is up)
     assert (bwd1[..., 0] == -3).all() and (bwd1[..., 1] == 2).all()  # to the previous frame: the other way
@@ -91,5 +92,5 @@ def test_raft_loads_random_weights_from_a_file_and_runs_on_small_frames(tmp_path
     assert model.check_ready(Settings(weights_dir=tmp_path / "weights")) is None
     assert "mlfarm models fetch flow --arch raft_large" in Model().check_ready(Settings(weights_dir=tmp_path / "w"))
     out = model.infer_batch(windows(moving_plate(3)))
-    assert [o[0].shape for o in out] == [(40, 56, 2)] * 3 and all(np.isfinite(o[0]).all() for o in out)
+    assert [o[1].shape for o in out] == [(40, 56, 2)] * 3 and all(np.isfinite(o[1]).all() for o in out)
     assert pad_size(40, 56) == (128, 128) and pad_size(1080, 1920) == (1080, 1920) and pad_size(130, 7) == (136, 128)

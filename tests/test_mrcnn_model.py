@@ -292,7 +292,7 @@ def test_zero_detections_and_a_worker_without_weights(farm, weights_dir, tmp_pat
 def test_models_fetch_refuses_a_model_without_downloadable_weights_and_listing_still_works(farm):
     refused = farm.cli("models", "fetch", "blur")
     assert refused.returncode == 2
-    assert "no downloadable weights for 'blur' (fetchable: mrcnn)" in refused.stderr
+    assert "no downloadable weights for 'blur' (fetchable: depth, flow, mrcnn, sam2)" in refused.stderr
     listing = farm.cli("models", "--local", "--json", check=True)
     described = json.loads(listing.stdout)["mrcnn"]
     assert described["outputs"] == {"rgba": 4, "matte": ["A"], "instance": ["id"], "class": ["id"], "score": ["value"]}

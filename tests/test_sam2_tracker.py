@@ -112,3 +112,12 @@ def test_planes_instance_ids_and_the_union_matte_agree_exactly():
     assert [(o["id"], o["present"], o["box"], o["pixels"]) for o in side] == [
         (1, True, [0, 0, 5, 2], 10), (4, True, [0, 1, 5, 3], 10), (7, False, None, 0), (9, False, None, 0)]
     assert side[0]["name"] == "car" and side[0]["score"] == 0.9 and side[1]["iou"] is None
+
+
+def test_frames_are_resized_and_normalised_on_the_device_as_the_image_processor_does(tracker):
+    frame = plate(1, 96, 128)[0]
+    ours, size = tracker.session()._pixels(frame)
+    theirs = tracker.processor(images=torch.from_numpy(frame).permute(2, 0, 1), do_rescale=False, return_tensors="pt")
+    assert size == [96, 128] and [int(v) for v in theirs.original_sizes[0]] == size
+    assert ours.shape == theirs.pixel_values[0].shape
+    torch.testing.assert_close(ours, theirs.pixel_values[0], atol=1e-5, rtol=0)  # bilinear, antialiased: the same

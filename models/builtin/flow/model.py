@@ -7,6 +7,8 @@ RAFT gives y positive down, so v is its dy negated). VectorBlur and the motion-v
 these planes as they are. The first frame has no previous frame and the last no next one: those
 planes are zeros, and the sidecar and header say so (``mlfarm/flow``).
 
+``rgba`` is a preview: the forward flow as a colour wheel (hue the direction, saturation the speed).
+
 Every ordered pair of a batch's frames is computed once (RAFT is not symmetric, so f->f+1 and
 f+1->f are two pairs) and all pairs go through the network together, in as many pairs a call as the
 GPU's free memory takes (measured on the first frame of each size; ``MLFARM_FLOW_MEMORY_FRACTION``).
@@ -19,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlfarm.models import BaseModel
-from mlfarm.models.colour import linear_to_srgb
+from mlfarm.models.colour import linear_to_srgb, srgb_to_linear
 from mlfarm.models.options import Choice
 
 from .settings import FlowSettings
@@ -62,7 +64,7 @@ class Model(BaseModel):
         self.options = ("arch", "updates")
         self.option_ranges = {"updates": (1, 64)}
         self.inputs = {"image": 3}
-        self.outputs = {"forward": ("u", "v"), "backward": ("u", "v")}
+        self.outputs = {"rgba": 4, "forward": ("u", "v"), "backward": ("u", "v")}
         self.device = "gpu"
         self.batch_size = 4
         self.sidecar_json = True
@@ -163,6 +165,18 @@ class Model(BaseModel):
             self._pairs_per_call[key] = max(1, min(int(self.own.flow_max_batch), fits))
         return self._pairs_per_call[key]
 
+    def _preview(self, flow: Any, frame: Any) -> Any:
+        """A viewable rgba: the forward flow as torchvision's colour wheel (hue: direction, saturation:
+        speed), as scene-linear values so Nuke's sRGB viewer shows those colours; black without a next frame."""
+        torch = self.torch
+        if flow is None:
+            rgb = torch.zeros((*frame.shape[-2:], 3), device=frame.device)
+        else:
+            from torchvision.utils import flow_to_image
+
+            rgb = srgb_to_linear(flow_to_image(flow.float()).permute(1, 2, 0).float() / 255.0, torch)
+        return torch.cat([rgb, torch.ones_like(rgb[..., :1])], dim=-1)
+
     def infer_batch(self, batch: list[Any]) -> list[list[Any]]:
         """``batch``: windows (``.frame``, ``.frames`` = [f-1, f, f+1] as read, clamped, ``.items``)."""
         torch = self.torch
@@ -186,7 +200,10 @@ class Model(BaseModel):
         for w in batch:
             prev, this, nxt = w.frames
             forward, backward = nuke_planes(flows.get((this, nxt)), flows.get((this, prev)), prepared[this], torch)
-            planes = [forward, backward] if self.planes_stay else [forward.cpu().numpy(), backward.cpu().numpy()]
+            preview = self._preview(flows.get((this, nxt)), prepared[this])
+            planes = [preview, forward, backward]
+            if not self.planes_stay:
+                planes = [p.cpu().numpy() for p in planes]
             notes = {"frame": w.frame, "next": nxt if nxt != this else None, "previous": prev if prev != this else None}
             if notes["next"] is None:
                 notes["forward"] = "zeros: no next frame"

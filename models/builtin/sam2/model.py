@@ -19,7 +19,7 @@ from mlfarm.models import BaseModel
 from mlfarm.models.colour import linear_to_srgb
 from mlfarm.models.options import Choice
 
-from .planes import compose, objects_sidecar
+from .planes import compose, object_stats, sidecar
 from .settings import Sam2Settings
 from .weights import SIZES, fetch, folder, missing_message
 
@@ -91,10 +91,12 @@ class Model(BaseModel):
         return self._trackers[size]
 
     # --- a stream ----------------------------------------------------------------------------------
-    def _display(self, item: Any) -> Any:
-        torch = self.torch
-        linear = torch.as_tensor(item[0]).to(self.torch_device)[..., :3].float()
-        return linear_to_srgb(linear, torch).clamp_(0.0, 1.0)
+    def _upload(self, item: Any) -> Any:
+        """The frame's scene-linear RGB on the device (from pinned memory where preprocess put it)."""
+        return self.torch.as_tensor(item[0]).to(self.torch_device, non_blocking=True)[..., :3].float()
+
+    def _display(self, linear: Any) -> Any:
+        return linear_to_srgb(linear, self.torch).clamp(0.0, 1.0)
 
     def start_sequence(self, direction: str, prompts: Any, seed: Any = None) -> dict[str, Any]:
         """A SAM 2 session for one direction; from ``seed`` (the planes written on the frame before and
@@ -109,17 +111,60 @@ class Model(BaseModel):
                 name = state["names"].get(oid)
                 own = seed.planes.get(name) if name else None
                 masks[oid] = self.torch.as_tensor(own[..., 0]) > 0.5 if own is not None else ids == oid
-            session.step(self._display(seed.item), seed=masks)
+            session.step(self._display(self._upload(seed.item)), seed=masks)
         return state
 
+    def preprocess(self, image_list: list[Any]) -> Any:
+        """On the I/O threads: the frame into pinned memory, so its upload overlaps the GPU's work."""
+        if not str(self.torch_device).startswith("cuda"):
+            return image_list
+        return [self.torch.from_numpy(image_list[0][..., :3]).pin_memory()]
+
     def step(self, state: dict[str, Any], frame: int, item: Any, prompts: list[Any]) -> list[Any]:
-        result = state["session"].step(self._display(item), prompts)
-        plate = self.torch.as_tensor(item[0]).to(self.torch_device)
+        torch = self.torch
+        plate = self._upload(item)
+        result = state["session"].step(self._display(plate), prompts)
         planes = compose(plate, result.logits, result.object_ids, state["names"], state["objects"])
         layout = self.outputs_for(state["prompts"])
-        images = [planes[name] for name in layout]
-        if not self.planes_stay:
-            images = [p.cpu().numpy() for p in images]
-        objects = objects_sidecar(result.logits, result.object_ids, result.scores, result.ious, state["names"],
-                                  state["objects"])
+        stats = object_stats(result.logits, result.scores, result.ious)
+        names, objects, ids = state["names"], state["objects"], result.object_ids
+        if self.planes_stay:  # the worker compresses on the GPU: only the small stats come back
+            return [*(planes[name] for name in layout), _Pending(None, stats.cpu(), None, [], ids, names, objects)]
+        # Every plane as half (ids and mattes are exact in half) in one block, copied back on a side
+        # stream into pinned memory; the I/O thread that writes the frame waits for it (postprocess).
+        widths = [planes[name].shape[-1] for name in layout]
+        block = torch.cat([planes[name].half() for name in layout], dim=-1)
+        if str(self.torch_device).startswith("cuda"):
+            host = torch.empty(block.shape, dtype=block.dtype, pin_memory=True)
+            host_stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            host.copy_(block, non_blocking=True)
+            host_stats.copy_(stats, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return [_Pending(host, host_stats, done, widths, ids, names, objects)]
+        return [_Pending(block, stats, None, widths, ids, names, objects)]
+
+    def postprocess(self, outputs: list[Any]) -> list[Any]:
+        if not outputs or not isinstance(outputs[-1], _Pending):
+            return outputs
+        pending = outputs[-1]
+        if pending.done is not None:
+            pending.done.synchronize()
+        objects = sidecar(pending.stats.tolist(), pending.ids, pending.names, pending.objects)
+        if pending.block is None:
+            return [*outputs[:-1], *objects]
+        block = pending.block.numpy()
+        images, at = [], 0
+        for width in pending.widths:
+            images.append(block[..., at:at + width])
+            at += width
         return [*images, *objects]
+
+
+class _Pending:
+    """A frame's planes and object stats on their way to the host (``step`` -> ``postprocess``)."""
+
+    def __init__(self, block: Any, stats: Any, done: Any, widths: list[int], ids: list[int], names: dict[int, str],
+                 objects: list[int]):
+        self.block, self.stats, self.done, self.widths = block, stats, done, widths
+        self.ids, self.names, self.objects = ids, names, objects

@@ -64,25 +64,45 @@ def compose(plate: Any, logits: Any, object_ids: Sequence[int], names: Mapping[i
     return planes
 
 
-def objects_sidecar(logits: Any, object_ids: Sequence[int], scores: Sequence[float],
-                    ious: Sequence[float | None], names: Mapping[int, str], all_objects: Sequence[int]
-                    ) -> list[dict[str, Any]]:
-    """One entry per object of the job: id, name, present, box [x0, y0, x1, y1] (top-left origin,
-    exclusive end), pixels, score, iou."""
+def object_stats(logits: Any, scores: Any, ious: Sequence[Any]) -> Any:
+    """Per object, on the device and without a sync: pixels, box x0, y0, x1, y1 (exclusive end), score
+    and IoU (-1 where none), as an (objects, 7) float tensor, copied to the host with the planes."""
+    import torch
+
+    masks = logits > 0
+    n, height, width = masks.shape
+    rows, cols = masks.any(dim=2).float(), masks.any(dim=1).float()
+    y0 = rows.argmax(dim=1)
+    y1 = height - rows.flip(1).argmax(dim=1)
+    x0 = cols.argmax(dim=1)
+    x1 = width - cols.flip(1).argmax(dim=1)
+    iou = torch.stack([torch.as_tensor(v if v is not None else -1.0, dtype=torch.float32, device=logits.device)
+                       for v in ious]) if n else torch.zeros(0, device=logits.device)
+    score = torch.as_tensor(scores, dtype=torch.float32, device=logits.device).flatten()
+    return torch.stack([masks.flatten(1).sum(1).float(), x0.float(), y0.float(), x1.float(), y1.float(), score,
+                        iou.float()], dim=1)
+
+
+def sidecar(stats: Sequence[Sequence[float]], object_ids: Sequence[int], names: Mapping[int, str],
+            all_objects: Sequence[int]) -> list[dict[str, Any]]:
+    """One entry per object of the job (from ``object_stats`` rows on the host): id, name, present,
+    box [x0, y0, x1, y1] (top-left origin, exclusive end), pixels, score, iou."""
     out = []
     by_id = {int(oid): i for i, oid in enumerate(object_ids)}
     for oid in sorted(all_objects):
         entry: dict[str, Any] = {"id": int(oid), "name": names.get(oid), "present": False, "box": None,
                                  "pixels": 0, "score": None, "iou": None}
         if oid in by_id:
-            i = by_id[oid]
-            mask = logits[i] > 0
-            pixels = int(mask.sum())
-            entry.update(pixels=pixels, present=pixels > 0, score=round(float(scores[i]), 4),
-                         iou=None if ious[i] is None else round(float(ious[i]), 4))
+            pixels, x0, y0, x1, y1, score, iou = stats[by_id[oid]]
+            entry.update(pixels=int(pixels), present=pixels > 0, score=round(float(score), 4),
+                         iou=None if iou < 0 else round(float(iou), 4))
             if pixels:
-                rows = mask.any(dim=1).nonzero().flatten()
-                cols = mask.any(dim=0).nonzero().flatten()
-                entry["box"] = [int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1]
+                entry["box"] = [int(x0), int(y0), int(x1), int(y1)]
         out.append(entry)
     return out
+
+
+def objects_sidecar(logits: Any, object_ids: Sequence[int], scores: Any, ious: Sequence[Any],
+                    names: Mapping[int, str], all_objects: Sequence[int]) -> list[dict[str, Any]]:
+    """``sidecar`` of ``object_stats``, synchronously."""
+    return sidecar(object_stats(logits, scores, ious).tolist(), object_ids, names, all_objects)

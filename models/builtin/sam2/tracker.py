@@ -42,8 +42,8 @@ class FrameMasks:
 
     object_ids: list[int]
     logits: Any  # float tensor (objects, H, W) on the model's device; > 0 is the object
-    scores: list[float]  # object presence: sigmoid of SAM 2's object score logit (> 0.5: present)
-    ious: list[float | None]  # SAM 2's own estimate of each mask's IoU, where it gave one
+    scores: Any  # object presence, a tensor (objects,): sigmoid of SAM 2's object score logit (> 0.5: present)
+    ious: list[Any]  # SAM 2's own estimate of each mask's IoU (0-d tensors), None where it gave none
 
     @property
     def masks(self) -> Any:
@@ -63,6 +63,11 @@ class Sam2Tracker:
         self.model = Sam2VideoModel.from_pretrained(str(folder), local_files_only=True, dtype=self.dtype)
         self.model.to(device).eval()
         self.processor = Sam2VideoProcessor.from_pretrained(str(folder), local_files_only=True)
+        ip = self.processor.image_processor
+        #: The image processor's resize and normalisation, done on the device by Session._pixels.
+        self.square = (int(ip.size["height"]), int(ip.size["width"]))
+        self.mean = torch.tensor(ip.image_mean, device=device).view(3, 1, 1)
+        self.std = torch.tensor(ip.image_std, device=device).view(3, 1, 1)
         cfg = self.model.config
         #: How far back SAM 2 looks: older per-frame outputs are dropped.
         self.history = max(int(cfg.num_maskmem), int(getattr(cfg, "max_object_pointers_in_encoder", 16)))
@@ -72,7 +77,7 @@ class Sam2Tracker:
     def _capture_iou(self, module: Any, inputs: Any, output: Any) -> None:
         calls = getattr(self._ious, "calls", None)
         if calls is not None and len(output) > 1:
-            calls.append(output[1].detach().float().amax(-1).flatten().tolist())
+            calls.append(output[1].detach().float().amax(-1).flatten())
 
     def session(self) -> Session:
         """A new streaming session: one shot, one direction."""
@@ -89,12 +94,17 @@ class Session:
         self.objects: set[int] = set()
 
     def _pixels(self, image: Any) -> tuple[Any, list[int]]:
+        """The network's input for an HxWx3 display-referred frame (0..1), made on the model's device:
+        resized to the model's square size and normalised, as its image processor does (bilinear,
+        antialiased; checked against the processor in tests), without the processor's host round trip."""
         torch = self.tracker.torch
         t = image if isinstance(image, torch.Tensor) else torch.from_numpy(image)
-        t = t[..., :3].permute(2, 0, 1).float().clamp_(0.0, 1.0)
-        enc = self.tracker.processor(images=t, do_rescale=False, return_tensors="pt")
-        pixels = enc.pixel_values[0].to(self.tracker.device, self.tracker.dtype)
-        return pixels, [int(v) for v in enc.original_sizes[0]]
+        t = t[..., :3].to(self.tracker.device, non_blocking=True).permute(2, 0, 1).float().clamp_(0.0, 1.0)
+        size = [int(t.shape[1]), int(t.shape[2])]
+        square = torch.nn.functional.interpolate(t[None], size=self.tracker.square, mode="bilinear",
+                                                 align_corners=False, antialias=True)[0]
+        pixels = (square - self.tracker.mean) / self.tracker.std
+        return pixels.to(self.tracker.dtype), size
 
     def step(self, image: Any, prompts: Sequence[KeyPrompt] = (), seed: Mapping[int, Any] | None = None
              ) -> FrameMasks:
@@ -119,7 +129,7 @@ class Session:
                 out = self._run(pixels, k, ious)
         logits = processor.post_process_masks([out.pred_masks], original_sizes=[size], binarize=False)[0][:, 0]
         ids = [int(i) for i in out.object_ids]
-        scores = torch.sigmoid(out.object_score_logits.float()).flatten().tolist()
+        scores = torch.sigmoid(out.object_score_logits.float()).flatten()  # on the device: no sync here
         self._prune(k)
         self.index += 1
         return FrameMasks(object_ids=ids, logits=logits, scores=scores, ious=[ious.get(i) for i in ids])
@@ -141,7 +151,7 @@ class Session:
         finally:
             self.tracker._ious.calls = None
         if len(calls) == len(rerun):
-            ious.update({oid: max(c) for oid, c in zip(rerun, calls) if c})
+            ious.update({oid: c.max() for oid, c in zip(rerun, calls) if c.numel()})
         return out
 
     def _prune(self, k: int) -> None:
