@@ -171,6 +171,16 @@ def network_fps(torch, folder: Path, images: list[np.ndarray], box: list[float],
 
 
 # --- (c) through the farm ---------------------------------------------------------------------------
+def gpu_busy() -> float:
+    """The GPU's utilisation over NVML's last sample period (percent), or -1 where NVML is not there."""
+    try:
+        import torch
+
+        return float(torch.cuda.utilization(0))
+    except Exception:
+        return -1.0
+
+
 def farm_fps(env: dict[str, str], tmp: Path, plate: str, frames: list[int], box: list[float], shots: int,
              size: str, name: str) -> tuple[float, float]:
     """Frames/s of ``shots`` jobs submitted at once (all frames of all shots over the wall time), and the
@@ -184,6 +194,7 @@ def farm_fps(env: dict[str, str], tmp: Path, plate: str, frames: list[int], box:
     farm = Farm(Settings(), env["MLFARM_BROKER_URL"])
     prompts = from_json([{"frame": frames[0], "object": 1, "name": "disc", "box": box}])
     outs = [str(tmp / "out" / name / f"s{i}" / "seg.####.exr") for i in range(shots)]
+    busy: list[float] = []
     t = time.perf_counter()
     specs = [farm.submit("sam2", plate, out, frames, {"size": size}, prompts=prompts, name=f"bench {i}")
              for i, out in enumerate(outs)]
@@ -191,8 +202,12 @@ def farm_fps(env: dict[str, str], tmp: Path, plate: str, frames: list[int], box:
         states = [farm.status(s.id) for s in specs]
         if all(st.finished for st in states):
             break
-        time.sleep(0.05)
+        busy.append(gpu_busy())
+        time.sleep(0.25)
     elapsed = time.perf_counter() - t
+    samples = [b for b in busy[len(busy) // 5:] if b >= 0]  # past the start: the streams' steady state
+    if samples:
+        print(f"    GPU busy {np.mean(samples):.0f}% (mean of {len(samples)} samples, NVML)", flush=True)
     for st in states:
         if st.state != "done":
             raise RuntimeError(f"{st.summary()}: " + "; ".join(fs.reason for fs in st.failed_frames[:3]))
