@@ -1,6 +1,6 @@
 """What one output frame costs the worker's I/O threads: Mask R-CNN's planes written two ways.
 
-frame_io writes EXRs through OpenEXR's own Python bindings, one contiguous array per channel. The
+mlfarm.exr.io writes EXRs through OpenEXR's own Python bindings, one contiguous array per channel. The
 baseline, in the same run, is what it did before: the same pixels through OpenImageIO (an all-half
 block handed over as it is). This times ``assemble_planes`` + the write for 1080p planes like
 Mask R-CNN's (one H x W x 8 half block), with zip and rle, on one thread (wall and CPU time) and
@@ -41,7 +41,7 @@ def planes(grain: float, width: int, height: int, half: bool, block: bool = Fals
 
 
 def write_with_oiio(path: str, pixels: np.ndarray, channels: list[str], compression: str) -> None:
-    """The baseline: the writer frame_io used before, OpenImageIO with the block as it is."""
+    """The baseline: the writer mlfarm.exr.io used before, OpenImageIO with the block as it is."""
     import OpenImageIO as oiio
 
     height, width, nch = pixels.shape

@@ -2,7 +2,7 @@
 
 Mask R-CNN's worker is CPU-bound with zip outputs (README, Mask R-CNN speed): encoding its eight
 half channels at 1080p costs ~0.2 core-seconds a frame. GPU workers now compress zips outputs on
-the GPU (nvCOMP deflate; ``frame_io.write_planes`` with CUDA tensors). This writes the same 1080p
+the GPU (nvCOMP deflate; ``mlfarm.exr.io.write_planes`` with CUDA tensors). This writes the same 1080p
 planes both ways, from one thread and from several at once (as the worker's I/O threads do), and
 prints for each: frames/s, the CPU seconds a frame costs the process, the file size, and whether
 OpenImageIO reads the GPU file back bit-exact against OpenEXR's. Without CUDA and nvCOMP only the

@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
 from mlfarm.settings import Settings, get_settings
+
+if TYPE_CHECKING:  # the client (Redis, Celery) is imported only by the commands that use it
+    from mlfarm.client import Farm, JobStatus
 
 console = Console(soft_wrap=True)  # reasons and paths stay on one line when piped
 err_console = Console(stderr=True, soft_wrap=True)
@@ -39,7 +43,7 @@ def load_settings() -> Settings:
         raise FarmError(f"bad configuration: {exc}") from None
 
 
-def connect():
+def connect() -> Farm:
     """The farm's client, with its Redis reached once so a dead farm fails here, not mid-command."""
     from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
     from mlfarm.client import Farm
@@ -54,8 +58,9 @@ def connect():
         raise FarmError(f"cannot reach the farm's Redis: {exc}") from None
 
 
-def job_status(farm: Any, job_id: str):
-    from mlfarm.broker.jobs import JobNotFound
+def job_status(farm: Farm, job_id: str) -> JobStatus:
+    """The job's status, or a one-line FarmError for an unknown (or expired) job."""
+    from mlfarm.client import JobNotFound
 
     try:
         return farm.status(job_id)
@@ -63,14 +68,14 @@ def job_status(farm: Any, job_id: str):
         raise FarmError(str(exc)) from None
 
 
-def patient_poll(farm: Any, job_id: str):
+def patient_poll(farm: Farm, job_id: str) -> Callable[[], JobStatus]:
     """A status poll that waits out a Redis outage (the job goes on without us) instead of dying."""
     import redis
 
     last = [job_status(farm, job_id)]
     outage = [False]
 
-    def poll():
+    def poll() -> JobStatus:
         try:
             last[0] = job_status(farm, job_id)
             if outage[0]:
@@ -85,7 +90,9 @@ def patient_poll(farm: Any, job_id: str):
     return poll
 
 
-def wait_and_exit(farm: Any, job_id: str, as_json: bool) -> None:
+def wait_and_exit(farm: Farm, job_id: str, as_json: bool) -> None:
+    """Follow the job (a progress bar, or with ``as_json`` one JSON line at the end); exit 0 only if
+    every frame is done."""
     from mlfarm.progress import follow
 
     poll = patient_poll(farm, job_id)
