@@ -24,8 +24,8 @@ from mlfarm.exchange.relay import Relay, RelayReply, raw_redis_client
 from mlfarm.exchange.spool import Spool
 from mlfarm.models.options import validate_options
 
+from .errors import describe_error
 from .heartbeat import beating
-from .pipeline import describe_error
 from .runtime import Runtime, WorkerProcess
 
 log = logging.getLogger(__name__)

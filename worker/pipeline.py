@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
-from mlfarm.exr.io import FrameError, read_image, sidecar_path, write_json, write_planes
+from mlfarm.exr.io import read_image, sidecar_path, write_json, write_planes
 from mlfarm.frames import format_frames, frame_path
-from mlfarm.models.base import BaseModel, InputError
+from mlfarm.models.base import BaseModel
 from mlfarm.settings import Settings
 from mlfarm.storage import sweep_once
 from mlfarm.tensors import is_tensor
 
+from .errors import describe_error
 from .lanes import LanePools
 from .middleware import Middleware
 from .model_cache import ModelCache
@@ -51,18 +52,6 @@ class ChunkResult:
     def to_dict(self) -> dict[str, Any]:
         return {"done": format_frames(self.done), "failed": {str(k): v for k, v in self.failed.items()},
                 "skipped": format_frames(self.skipped), "cancelled": format_frames(self.cancelled)}
-
-
-class WorkerStopping(Exception):
-    """A cold shutdown stopped the chunk between batches; its task hands the other frames back."""
-
-
-def describe_error(exc: BaseException) -> str:
-    """A one-line reason for an artist: our own errors speak for themselves, others get their type."""
-    text = str(exc).strip()
-    if isinstance(exc, (FrameError, OSError, InputError)) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @dataclass

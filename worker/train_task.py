@@ -33,9 +33,9 @@ from mlfarm.keys import lease_key
 from mlfarm.models.training.hooks import Hooks, Progress, Stopped
 from mlfarm.models.training.runs import TrainConfig
 
+from .errors import describe_error
 from .gpu import torch_device
 from .heartbeat import beating
-from .pipeline import describe_error
 from .runtime import Runtime, WorkerProcess
 
 log = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
 from typing import Any
 
+from ..errors import WorkerStopping, describe_error
 from ..lanes import io_threads
-from ..pipeline import WorkerStopping, describe_error
 
 
 class InlineExecutor(Executor):

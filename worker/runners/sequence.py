@@ -28,8 +28,8 @@ from mlfarm.frames import format_frames, frame_path
 from mlfarm.prompts import Prompts, from_json
 from mlfarm.temporal import Seed, in_order, origin, resume_point, split
 
+from ..errors import WorkerStopping, describe_error
 from ..lanes import io_threads
-from ..pipeline import WorkerStopping, describe_error
 
 log = logging.getLogger(__name__)
 

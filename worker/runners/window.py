@@ -18,7 +18,7 @@ from mlfarm.exr.io import FrameError
 from mlfarm.frames import frame_path
 from mlfarm.temporal import Window, window_reads
 
-from ..pipeline import describe_error
+from ..errors import describe_error
 from .batches import pump, reader_for
 
 
