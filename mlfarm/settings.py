@@ -42,13 +42,9 @@ def default_config_file() -> Path:
     return Path(os.environ.get("MLFARM_CONFIG") or _xdg("XDG_CONFIG_HOME", ".config") / "mlfarm" / "mlfarm.toml")
 
 
-class PluginSettings(BaseSettings):
-    """Base of a model plugin's own settings group, declared as its ``settings_class``.
-
-    Read like the core ``Settings`` (MLFARM_* environment variables, then the settings file), so a
-    plugin names its fields with its group's prefix (``mrcnn_batch_size``: MLFARM_MRCNN_BATCH_SIZE,
-    or ``mrcnn_batch_size = 4`` in mlfarm.toml) and adds nothing to the core.
-    """
+class _FarmSettings(BaseSettings):
+    """Where every settings group reads from, in order: keyword arguments, ``MLFARM_*`` environment
+    variables, then the TOML file (``MLFARM_CONFIG``)."""
 
     model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
 
@@ -64,9 +60,16 @@ class PluginSettings(BaseSettings):
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, default_config_file()))
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MLFARM_", extra="ignore")
+class PluginSettings(_FarmSettings):
+    """Base of a model plugin's own settings group, declared as its ``settings_class``.
 
+    Read like the core ``Settings`` (MLFARM_* environment variables, then the settings file), so a
+    plugin names its fields with its group's prefix (``mrcnn_batch_size``: MLFARM_MRCNN_BATCH_SIZE,
+    or ``mrcnn_batch_size = 4`` in mlfarm.toml) and adds nothing to the core.
+    """
+
+
+class Settings(_FarmSettings):
     # --- broker -------------------------------------------------------------------------
     broker_url: str | None = Field(
         default=None,
@@ -285,17 +288,6 @@ class Settings(BaseSettings):
         running training task is never redelivered, and of ``worker_dead_after``, so the lease of a
         trainer that died (three beats) has run out by the time its run is queued again."""
         return max(0.5, min(30.0, self.visibility_timeout / 4, self.worker_dead_after / 4))
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, default_config_file()))
 
     @field_validator("storage_root", "data_dir", "weights_dir")
     @classmethod
