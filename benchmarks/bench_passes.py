@@ -1,0 +1,224 @@
+"""Depth Anything V2 and RAFT at 1080p on the GPU: the farm against the naive loop and the network alone.
+
+One run, same weights (Depth Anything V2 small's and torchvision raft_large's configurations, random
+with a fixed seed, saved where the plugins look: the GPU machine has no internet), same EXR plate.
+
+depth  (a) naive: per frame, the image processor on the host, the model, the depth resized to the
+           plate (``post_process_depth_estimation``) and copied to the host. fp32.
+       (b) the network alone on GPU-resident preprocessed frames, batch 1 and 4, fp32 and bf16
+           autocast; and the largest difference bf16 makes to the prediction, relative to its range.
+       (c) mlfarm: EXR on disk -> Farm.submit -> one GPU worker -> depth.Z + rgba EXRs on disk.
+flow   (a) naive: per pair, ``raft_large(first, second)`` and the flow copied to the host.
+       (b) the network alone on GPU-resident pairs, batch 1 and 4.
+       (c) mlfarm: two pairs per frame (forward and backward; the ends have one), pairs/s.
+
+Run: python benchmarks/bench_passes.py [--frames 100] [--flow-frames 40] [--skip depth,flow]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_farm import start, stop
+from bench_sam2 import srgb_frames, sync, write_plate
+
+
+def depth_small(folder: Path, seed: int = 0) -> Path:
+    """Depth Anything V2 small's configuration (24.8 M parameters), random, with its 518 processor."""
+    import torch
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
+
+    backbone = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518,
+                            patch_size=14, out_indices=[3, 6, 9, 12], apply_layernorm=True,
+                            reshape_hidden_states=False)
+    config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=384, patch_size=14,
+                                 fusion_hidden_size=64, neck_hidden_sizes=[48, 96, 192, 384])
+    torch.manual_seed(seed)
+    DepthAnythingForDepthEstimation(config).eval().save_pretrained(str(folder))
+    DPTImageProcessor(size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14,
+                      do_pad=False, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]
+                      ).save_pretrained(str(folder))
+    return folder
+
+
+def rate(n: int, fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t)
+
+
+def depth_figures(torch, folder: Path, images: list[np.ndarray], device: str) -> dict[str, float]:
+    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+    from mlfarm.models.builtin.depth.model import network_size
+
+    net = DepthAnythingForDepthEstimation.from_pretrained(str(folder), local_files_only=True).to(device).eval()
+    proc = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+    h, w = images[0].shape[:2]
+    out: dict[str, float] = {}
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for im in images:
+                inputs = proc(images=im, do_rescale=False, return_tensors="pt").to(device)
+                pred = net(**inputs)
+                proc.post_process_depth_estimation(pred, target_sizes=[(h, w)])[0]["predicted_depth"].cpu()
+
+    naive()  # warm-up: cuDNN plans, allocator
+    out["a"] = rate(len(images), naive)
+    nh, nw = network_size(h, w, 518)
+    mean = torch.tensor(proc.image_mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(proc.image_std, device=device).view(1, 3, 1, 1)
+    gpu = [((torch.nn.functional.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].to(device), size=(nh, nw),
+                                              mode="bicubic", antialias=True) - mean) / std) for im in images]
+    for bf16 in (False, True):
+        for batch in (1, 4):
+            groups = [torch.cat(gpu[i:i + batch]) for i in range(0, len(gpu) - batch + 1, batch)]
+
+            def network(groups=groups, bf16=bf16) -> None:
+                with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                    for g in groups:
+                        net(pixel_values=g)
+                sync(torch, device)
+
+            network(groups[:2])
+            out[f"b_{'bf16' if bf16 else 'fp32'}_batch{batch}"] = rate(len(groups) * batch, network)
+    with torch.inference_mode():
+        fp32 = net(pixel_values=torch.cat(gpu[:4])).predicted_depth.float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = net(pixel_values=torch.cat(gpu[:4])).predicted_depth.float()
+    span = (fp32.amax() - fp32.amin()).clamp_min(1e-12)
+    out["bf16_max_diff_of_range"] = float((bf16 - fp32).abs().amax() / span)
+    return out
+
+
+def flow_figures(torch, weights: Path, images: list[np.ndarray], device: str) -> dict[str, float]:
+    import torchvision.models.optical_flow as flow
+
+    net = flow.raft_large(weights=None).to(device).eval()
+    frames = [torch.from_numpy(im).permute(2, 0, 1).to(device) * 2 - 1 for im in images]
+    pairs = list(zip(frames[:-1], frames[1:]))
+    out: dict[str, float] = {}
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for a, b in pairs:
+                net(a[None], b[None])[-1].cpu()
+
+    naive_pairs = pairs[:8]
+    with torch.inference_mode():
+        net(naive_pairs[0][0][None], naive_pairs[0][1][None])
+    out["a"] = rate(len(pairs), naive)
+    for batch in (1, 4):
+        groups = [(torch.stack([a for a, _ in pairs[i:i + batch]]), torch.stack([b for _, b in pairs[i:i + batch]]))
+                  for i in range(0, len(pairs) - batch + 1, batch)]
+
+        def network(groups=groups) -> None:
+            with torch.inference_mode():
+                for a, b in groups:
+                    net(a, b)
+            sync(torch, device)
+
+        out[f"b_batch{batch}"] = rate(len(groups) * batch, network)
+        torch.cuda.empty_cache()
+    return out
+
+
+def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: list[int], options: dict,
+              chunk: int) -> float:
+    """Frames/s of one job through one GPU worker (a warm-up job first: loading is not counted)."""
+    from mlfarm.client import Farm
+    from mlfarm.settings import Settings
+
+    procs = [start([sys.executable, "-m", "mlfarm", "worker", "--queues", "gpu", "--name", f"{model}@bench",
+                    "--gpu", "0"], env, tmp / f"{model}.log", f"{model}@bench ready.", 180)]
+    try:
+        farm = Farm(Settings(), env["MLFARM_BROKER_URL"])
+        result = 0.0
+        for run, todo in (("warm", frames[:4]), ("timed", frames)):
+            t = time.perf_counter()
+            spec = farm.submit(model, plate, str(tmp / "out" / model / run / "o.####.exr"), todo, options,
+                               chunk=chunk)
+            while not (st := farm.status(spec.id)).finished:
+                time.sleep(0.05)
+            if st.state != "done":
+                raise RuntimeError(f"{st.summary()}: {[f.reason for f in st.failed_frames[:2]]}\n"
+                                   f"{(tmp / f'{model}.log').read_text()[-4000:]}")
+            result = len(todo) / (time.perf_counter() - t)
+        return result
+    finally:
+        stop(procs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=100)
+    ap.add_argument("--flow-frames", type=int, default=40)
+    ap.add_argument("--width", type=int, default=1920)
+    ap.add_argument("--height", type=int, default=1080)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--skip", default="")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from mlfarm.broker.embedded import EmbeddedRedis
+    from mlfarm.models.builtin.flow.weights import ARCHITECTURES
+
+    skip = set(filter(None, args.skip.split(",")))
+    tmp = Path(tempfile.mkdtemp(prefix="bench-passes-"))
+    weights = tmp / "weights"
+    weights.mkdir()
+    depth_small(weights / "depth-anything-v2-small")
+    torch.manual_seed(1)
+    import torchvision.models.optical_flow as flow
+
+    torch.save(flow.raft_large(weights=None).state_dict(), weights / ARCHITECTURES["raft_large"][0])
+    frames = list(range(1001, 1001 + args.frames))
+    plate = write_plate(tmp / "plate", frames, args.width, args.height)
+    figures: dict[str, object] = {"device": torch.cuda.get_device_name(0), "size": f"{args.width}x{args.height}"}
+    server = EmbeddedRedis.start(tmp / "redis")
+    env = {**os.environ, "MLFARM_BROKER_URL": server.url, "MLFARM_STORAGE_ROOT": str(tmp),
+           "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights),
+           "MLFARM_CONFIG": str(tmp / "none.toml"), "PYTHONUNBUFFERED": "1"}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("MLFARM_")})
+    try:
+        if "depth" not in skip:
+            images = srgb_frames(plate, frames)
+            d = depth_figures(torch, weights / "depth-anything-v2-small", images, args.device)
+            del images
+            torch.cuda.empty_cache()
+            d["c"] = farm_rate(env, tmp, "depth", plate, frames, {"size": "small"}, 4)
+            best = max(v for k, v in d.items() if k.startswith("b_"))
+            print(f"depth (a) naive {d['a']:.1f} fps; (b) network " + ", ".join(
+                f"{k[2:]} {v:.1f}" for k, v in d.items() if k.startswith("b_")) + f"; (c) mlfarm {d['c']:.1f} fps; "
+                f"(c)/(b best) {d['c'] / best:.2f}x, (c)/(a) {d['c'] / d['a']:.2f}x; bf16 changes depth by at most "
+                f"{d['bf16_max_diff_of_range']:.2%} of its range", flush=True)
+            figures["depth"] = d
+        if "flow" not in skip:
+            ff = frames[:args.flow_frames]
+            images = srgb_frames(plate, ff)
+            f = flow_figures(torch, weights, images, args.device)
+            del images
+            torch.cuda.empty_cache()
+            fps = farm_rate(env, tmp, "flow", plate, ff, {"arch": "raft_large"}, 4)
+            f["c_pairs"] = fps * (2 * len(ff) - 2) / len(ff)
+            best = max(v for k, v in f.items() if k.startswith("b_"))
+            print(f"flow (a) naive {f['a']:.2f} pairs/s; (b) network " + ", ".join(
+                f"{k[2:]} {v:.2f}" for k, v in f.items() if k.startswith("b_")) + f"; (c) mlfarm {f['c_pairs']:.2f} "
+                f"pairs/s ({fps:.2f} frames/s); (c)/(b best) {f['c_pairs'] / best:.2f}x", flush=True)
+            figures["flow"] = f
+    finally:
+        server.stop()
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()
