@@ -326,7 +326,7 @@ def test_refresh_results_reattaches_after_reopening_and_says_when_the_farm_is_un
     pump(nuke, lambda: not ui.WATCHERS.running(doomed.job_id), timeout=30)
     assert not f.status(doomed.job_id).finished
 
-    from mlfarm.nuke_submit.client import Farm
+    from mlfarm.client import Farm
 
     down = Farm(farm.settings(nuke_poll_interval=0.1), url="redis://127.0.0.1:9/0")
     ui.follow(read, down)
