@@ -311,3 +311,15 @@ def test_an_expired_jobs_label_says_what_happened_and_what_to_do():
     assert p.finished
     assert progress_label(p) == ("mlfarm abc123\njob record expired on the farm\n"
                                  "frames on disk are kept; resubmit to render again")
+
+
+def test_the_old_client_path_still_imports_for_nuke_scripts_in_the_wild_with_a_warning(monkeypatch):
+    import importlib
+    import sys
+
+    from mlfarm.client import Farm, SubmitError
+
+    monkeypatch.delitem(sys.modules, "mlfarm.nuke_submit.client", raising=False)
+    with pytest.warns(DeprecationWarning, match="import Farm and SubmitError from mlfarm.client"):
+        old = importlib.import_module("mlfarm.nuke_submit.client")
+    assert old.Farm is Farm and old.SubmitError is SubmitError
