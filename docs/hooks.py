@@ -4,6 +4,7 @@ A page asks for generated text with a marker comment on a line of its own:
 
     <!-- mlfarm:settings -->                 every field of mlfarm.settings.Settings, as a table
     <!-- mlfarm:settings prefix=gateway_ --> only those named MLFARM_GATEWAY_*
+    <!-- mlfarm:settings model=sam2 -->      a built-in model plugin's own settings group (its settings_class)
     <!-- mlfarm:cli -->                      every command of the `mlfarm` click group, with its --help
 
 Only ``mlfarm.settings.Settings`` and ``mlfarm.cli.main`` are imported, and nothing else about their
@@ -29,7 +30,7 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     def replace(match: re.Match[str]) -> str:
         args = dict(word.split("=", 1) for word in shlex.split(match["args"]) if "=" in word)
         if match["what"] == "settings":
-            return settings_table(prefix=args.get("prefix", ""))
+            return settings_table(prefix=args.get("prefix", ""), model=args.get("model", ""))
         return cli_reference()
 
     return MARKER.sub(replace, markdown)
@@ -115,9 +116,15 @@ def _rows(model: type, env_prefix: str, delimiter: str, name_prefix: str = "") -
     return rows
 
 
-def settings_table(prefix: str = "") -> str:
+def settings_table(prefix: str = "", model: str = "") -> str:
     from mlfarm.settings import Settings
 
+    if model:  # a plugin's own group: the catalog's built-in model of that name declares it
+        from mlfarm.models.catalog import Catalog, discover
+
+        Settings = Catalog(discover([])).entry(model).cls.settings_class  # noqa: N806
+        if Settings is None:
+            raise ValueError(f"docs: model {model} declares no settings_class; fix the page's mlfarm:settings marker")
     config = getattr(Settings, "model_config", {}) or {}
     env_prefix = config.get("env_prefix", "MLFARM_")
     delimiter = config.get("env_nested_delimiter") or "__"
