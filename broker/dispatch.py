@@ -15,7 +15,7 @@ from celery import Celery
 
 from mlfarm.frames import chunked, format_frames
 from mlfarm.settings import Settings
-from mlfarm.temporal import origin, split
+from mlfarm.temporal import split, stream_origin
 
 from .celery_app import CHUNK_TASK, celery_priority
 from .jobs import JobSpec
@@ -56,7 +56,7 @@ def job_kind(kind: str) -> Callable[[Celery, Settings, JobSpec], int]:
 def sequence_streams(spec: JobSpec, frames: list[int]) -> list[tuple[str, list[int]]]:
     """A sequence job's ``frames`` as one stream per direction, each the first segment of its frames in
     processing order; the task rendering a segment queues the next (``worker/runners/sequence.py``)."""
-    start = origin(spec.frames, [k["frame"] for k in spec.prompts or ()])
+    start = stream_origin(spec.frames, spec.prompts)
     wanted = set(frames)
     return [(d, [f for f in fs if f in wanted][:spec.chunk]) for d, fs in split(spec.frames, start).items()
             if wanted.intersection(fs)]

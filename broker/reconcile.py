@@ -37,7 +37,7 @@ from celery import Celery
 
 from mlfarm.frames import parse_frames
 from mlfarm.settings import Settings
-from mlfarm.temporal import direction_of, origin
+from mlfarm.temporal import direction_of, stream_origin
 
 from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES, TRAIN_TASK
 from .dispatch import enqueue
@@ -162,7 +162,7 @@ def find_lost(client: redis.Redis, store: JobStore, grace: float, holders: Holdi
         if not pending:
             client.srem(ACTIVE_JOBS, job_id)
             continue
-        start = origin(spec.frames, [k["frame"] for k in spec.prompts or ()]) if spec.temporal == "sequence" else None
+        start = stream_origin(spec.frames, spec.prompts) if spec.temporal == "sequence" else None
         stale = [f for f, r in pending.items()
                  if not cov.covers(job_id, f, r["s"], direction_of(f, start) if start is not None else None) and
                  now - float(r.get("t0") if r["s"] == RUNNING else r.get("q") or spec.created) > grace]

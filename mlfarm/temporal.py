@@ -69,6 +69,11 @@ def origin(frames: Sequence[int], keyframes: Iterable[int]) -> int:
     return keys[0] if keys else min(frames)
 
 
+def stream_origin(frames: Sequence[int], prompts: Sequence[dict] | None) -> int:
+    """Where a sequence job's streams start, from its frames and its prompts' JSON form (``JobSpec``)."""
+    return origin(frames, [k["frame"] for k in prompts or ()])
+
+
 def split(frames: Sequence[int], start: int) -> dict[str, list[int]]:
     """A sequence's frames by direction, each in processing order: forward from ``start`` (included)
     to the end, backward from the frame before it to the beginning. Empty directions are left out."""

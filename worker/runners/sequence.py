@@ -26,7 +26,7 @@ from mlfarm.broker.jobs import DONE, QUEUED
 from mlfarm.exr.io import read_planes
 from mlfarm.frames import format_frames, frame_path
 from mlfarm.prompts import Prompts, from_json
-from mlfarm.temporal import Seed, in_order, origin, resume_point, split
+from mlfarm.temporal import Seed, in_order, resume_point, split, stream_origin
 
 from ..errors import WorkerStopping, describe_error
 from ..lanes import io_threads
@@ -45,7 +45,7 @@ def run(chunk: Any, model: Any, todo: list[int]) -> None:
             chunk._fail(f, f"model {spec.model} runs frames in order: resubmit the job (its task had no direction)")
         return
     prompts = _prompts(spec)
-    start = origin(spec.frames, prompts.frames if prompts else [])
+    start = stream_origin(spec.frames, spec.prompts)
     layout = model.outputs_for(prompts)
     records = chunk.store.frame_records(spec.id)
 
@@ -65,11 +65,12 @@ def run(chunk: Any, model: Any, todo: list[int]) -> None:
             seed_frame, path = resume_point(direction, spec.frames, start, todo, lambda f: False)
     if seed_frame is not None:
         log.info("job %s: %s stream resumes after frame %d", spec.id, direction, seed_frame)
-    _stream(chunk, model, todo, direction, prompts, layout, seed, path, channels)
+    order = split(spec.frames, start).get(direction, [])
+    _stream(chunk, model, todo, direction, prompts, layout, seed, path, channels, order)
 
 
 def _stream(chunk: Any, model: Any, todo: list[int], direction: str, prompts: Prompts | None, layout: Any,
-            seed: Seed | None, path: list[int], channels: int) -> None:
+            seed: Seed | None, path: list[int], channels: int, order: list[int]) -> None:
     spec = chunk.spec
     wanted = set(todo)
     if not path:
@@ -136,20 +137,19 @@ def _stream(chunk: Any, model: Any, todo: list[int], direction: str, prompts: Pr
         raise WorkerStopping("the worker is shutting down")
     if cancelled:
         return
-    _hand_on(chunk, direction, todo)
+    _hand_on(chunk, direction, todo, order)
 
 
-def _hand_on(chunk: Any, direction: str, todo: list[int]) -> None:
+def _hand_on(chunk: Any, direction: str, todo: list[int], order: list[int]) -> None:
     """Queue the next segment: this segment's frames not rendered (the stream ended early) and the
-    frames after them in this direction that are still queued."""
+    frames after them in this direction (``order``: the stream's frames in processing order) that are
+    still queued."""
     spec = chunk.spec
     unfinished = chunk.unfinished
     if unfinished:
         chunk.store.reclaim(spec.id, unfinished)
         chunk.handed_back = True
     records = chunk.store.frame_records(spec.id)
-    prompts = _prompts(spec)
-    order = split(spec.frames, origin(spec.frames, prompts.frames if prompts else [])).get(direction, [])
     after = order[order.index(in_order(direction, todo)[-1]) + 1:] if todo else []
     rest = sorted(set(unfinished) | {f for f in after if records.get(f, {}).get("s") == QUEUED})
     if rest and chunk.enqueue is not None:
