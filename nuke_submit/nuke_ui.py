@@ -206,7 +206,7 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
     else:  # Nuke renders what the timeline shows, numbered by timeline frame: no retime left to apply
         input_pattern = render_first(node, frame_list, shot, description, settings)
         rendered, job_frames, result_timing = True, frame_list, None
-    prompts = _prompts(prompts_json, description, result_timing is not None and timing or None)
+    prompts = _prompts(prompts_json, description, timing if result_timing is not None else None)
     try:
         spec = farm.submit(model, input_pattern, out, job_frames, typed, chunk, priority,
                            name="%s %s" % (shot, node.name()), include_local=False, prompts=prompts,
