@@ -187,7 +187,7 @@ def calibrate_threshold(torch, net, images: list) -> float:
     every side (and every frame of the cycle) hits the cap."""
     from mlfarm.models.builtin.mrcnn import network
 
-    network.configure(net, 800, 1333, 0.0, max(100, 2 * DETECTIONS + 1))
+    net = network.configured(net, 800, 1333, 0.0, max(100, 2 * DETECTIONS + 1))
     found = []
     with torch.inference_mode():
         for image in images:
@@ -366,7 +366,7 @@ def main() -> None:
         thresh = calibrate_threshold(torch, net, [torch.from_numpy(linear_to_srgb(c, np).clip(0, 1)).to(device)
                                                   .permute(2, 0, 1) for c in cycle])
         del cycle
-        network.configure(net, 800, 1333, thresh, DETECTIONS)
+        net = network.configured(net, 800, 1333, thresh, DETECTIONS)
         with torch.inference_mode():
             per_frame = [len(d["scores"]) for d in network.run(net, gpu_imgs[:4])]
         figures["thresh"] = thresh
@@ -405,7 +405,7 @@ def main() -> None:
             figures["b_network_batch8_fps"] = 1000 / b8
         # (b') the same weights, batch norms folded into the convolutions and ReLUs fused with them.
         folded = network.build(ARCH, weights).to(device)
-        network.configure(folded, 800, 1333, thresh, DETECTIONS)
+        folded = network.configured(folded, 800, 1333, thresh, DETECTIONS)
         f1 = network_ms(torch, folded, gpu_imgs, 1, device)
         fb = network_ms(torch, folded, gpu_imgs, batch, device)
         figures["b_folded_batch1_fps"] = 1000 / f1

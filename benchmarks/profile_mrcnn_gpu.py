@@ -123,7 +123,8 @@ def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
     model.thresh = calibrate_threshold(torch, net, on_device[:4])
     model.max_detections = DETECTIONS
     arch = model.architecture.value
-    model._fronts[arch] = labelled("front", model._fronts[arch])
+    net = network.configured(net, model.min_size, model.max_size, model.thresh, DETECTIONS)  # as the farm runs it
+    model._front = labelled("front", model._front)  # before the first batch makes its graphed front
     plain_heads = network.heads
     network.heads = labelled("heads", plain_heads)
     model._compose_batch = labelled("compose", model._compose_batch)
@@ -142,7 +143,7 @@ def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
 
     unfused = network.build(arch, weights, fold=False).to(args.device)
     network.fold_batch_norms(unfused)  # as the worker ran it before fuse_relus
-    network.configure(unfused, model.min_size, model.max_size, model.thresh, DETECTIONS)
+    unfused = network.configured(unfused, model.min_size, model.max_size, model.thresh, DETECTIONS)
 
     def net_batch(start: int, net=net) -> None:
         stacked = torch.stack([on_device[(start + i) % len(on_device)] for i in range(args.batch)])

@@ -163,8 +163,8 @@ class Settings(_FarmSettings):
         default=3, ge=1, le=8, description="Tasks a worker process (`mlfarm worker`, one per GPU) takes at once, "
         "on threads sharing its models: the next chunk's frames are read while the last batches of the one "
         "before are inferred and written, instead of the GPU idling at every chunk boundary. Tasks run side by "
-        "side only when they are chunks of one model with the same options; others (another job's chunks, "
-        "MLClient frames, training) take turns. Measured with Mask R-CNN on an H100 at 4-frame chunks: "
+        "side when they are chunks of one model, whatever their options (they travel with each chunk); others "
+        "(another model's chunks, MLClient frames, training) take turns. Measured with Mask R-CNN on an H100 at 4-frame chunks: "
         "1.37-1.66x with 2, 1.53x with 3, and 3 beat 2 in three runs of three; no change at 52-frame chunks. "
         "1: one task at a time (Celery's solo pool). Ignored with --concurrency N > 1 (prefork processes).",
     )

@@ -109,7 +109,7 @@ def test_every_relu_after_a_convolution_is_fused_and_the_network_finds_the_same(
     blocks = sum(isinstance(m, Bottleneck) for m in net.modules())
     relus = sum(isinstance(m, torch.nn.ReLU) for m in net.modules()) - blocks  # a block's one ReLU serves 3 convs
     assert blocks == 16
-    network.configure(net, 64, 100, 0.0, 10)
+    net = network.configured(net, 64, 100, 0.0, 10)
     image = torch.rand(3, 80, 96)
     with torch.inference_mode():
         before = network.run(net, [image])[0]
@@ -155,7 +155,7 @@ def test_the_network_split_in_front_and_heads_finds_what_torchvisions_forward_fi
 
     torch.manual_seed(5)
     net = detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).eval()
-    network.configure(net, 64, 100, 0.0, 10)
+    net = network.configured(net, 64, 100, 0.0, 10)
     images = [torch.rand(3, 48, 80), torch.rand(3, 60, 40), torch.rand(3, 48, 80)]
     with torch.inference_mode():
         front = network.front(net, images)
@@ -354,6 +354,56 @@ def test_a_batch_of_frames_of_two_sizes_gives_each_frame_its_own_planes(monkeypa
         np.testing.assert_allclose([d["box"] for d in dets], [d["box"] for d in expected], atol=1e-2)
 
 
+def test_chunks_with_different_options_share_the_warm_network_without_mixing_them(monkeypatch, weights_dir):
+    """Two jobs set Mask R-CNN differently (threshold, detections, size) and run on one warm
+    model at once, from two threads: each gets what it gets alone, and the shared network keeps
+    torchvision's own settings (nothing one job set stays behind for the other)."""
+    import threading
+
+    from mlfarm.models.catalog import Catalog, discover
+    from mlfarm.settings import get_settings
+
+    monkeypatch.setenv("MLFARM_WEIGHTS_DIR", str(weights_dir))
+    get_settings.cache_clear()
+    try:
+        model = Catalog(discover()).entry("mrcnn").create()
+        model.load("cpu")
+        net = model._network()
+        shared = (net.transform.min_size, net.transform.max_size, net.roi_heads.score_thresh,
+                  net.roi_heads.detections_per_img)
+        views = {"a": model.with_options({**SMALL, "show_class": False}),
+                 "b": model.with_options({**SMALL, "show_class": False, "thresh": 0.5, "max_detections": 2,
+                                          "min_size": 80, "max_size": 112})}
+        frame = sample_pixels(4, width=96, height=64)[:, :, :3]
+
+        def detections(view) -> list:
+            return view.postprocess(view.infer_batch([view.preprocess([frame])])[0])[5]["detections"]
+
+        alone = {k: detections(v) for k, v in views.items()}
+        together: dict[str, list] = {"a": [], "b": []}
+
+        def run(name: str) -> None:
+            for _ in range(3):
+                together[name].append(detections(views[name]))
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in views]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        get_settings.cache_clear()
+    assert len(alone["a"]) > len(alone["b"]) >= 0 and len(alone["a"]) <= SMALL["max_detections"]
+    assert len(alone["b"]) <= 2 and all(d["score"] >= 0.5 for d in alone["b"])
+    for name, runs in together.items():
+        assert len(runs) == 3
+        for dets in runs:
+            assert [d["class_id"] for d in dets] == [d["class_id"] for d in alone[name]], name
+            np.testing.assert_allclose([d["score"] for d in dets], [d["score"] for d in alone[name]], atol=1e-5)
+    assert (net.transform.min_size, net.transform.max_size, net.roi_heads.score_thresh,
+            net.roi_heads.detections_per_img) == shared
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_cuda_the_graphed_front_gives_the_eager_detections(monkeypatch, weights_dir):
     """With MLFARM_MRCNN_CUDA_GRAPHS the transform and backbone are replayed from a CUDA graph
@@ -379,7 +429,7 @@ def test_on_cuda_the_graphed_front_gives_the_eager_detections(monkeypatch, weigh
                 out = model.infer_batch([model.preprocess([f]) for f in frames])
                 found.append([model.postprocess(o)[5]["detections"] for o in out])
             results[graphs] = found
-            assert model._fronts[V1].graphs == (2 if graphs else 0)
+            assert sum(front.graphs for _, front in model._configured) == (2 if graphs else 0)
         finally:
             get_settings.cache_clear()
     for graphed, eager in zip(results[True], results[False]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from mlfarm.worker.sharing import TaskGate, model_key
+from mlfarm.worker.sharing import TaskGate
 
 
 def start(gate: TaskGate, key: str, log: list[str], name: str, release: threading.Event) -> threading.Thread:
@@ -107,12 +107,6 @@ def test_a_failing_task_releases_its_turn():
     with gate.hold("b"):
         entered.append(True)
     assert entered == [True] and gate.running == 0
-
-
-def test_model_key_depends_on_model_and_options_not_their_order():
-    assert model_key("mrcnn", {"thresh": 0.5, "alpha": 0.4}) == model_key("mrcnn", {"alpha": 0.4, "thresh": 0.5})
-    assert model_key("mrcnn", {"thresh": 0.5}) != model_key("mrcnn", {"thresh": 0.6})
-    assert model_key("mrcnn", {}) != model_key("blur", {})
 
 
 def test_interrupted_names_the_frames_a_dead_worker_left_running(farm):

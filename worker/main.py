@@ -25,7 +25,7 @@ from .gpu import pin_gpu
 from .heartbeat import reporting_holdings
 from .reconciler import Reconciler
 from .reconciler import install as install_reconciler
-from .runtime import STOP_NOW, WorkerProcess
+from .runtime import WorkerProcess
 from .tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,9 @@ class TaskThreads(CeleryThreads):
     """Celery's threads pool, told apart on a cold shutdown (SIGQUIT, Ctrl-C twice).
 
     Stopping the pool waits for the running tasks, so on a cold shutdown running chunks are told
-    first (``STOP_NOW``) to stop at their next batch and hand their other frames back, as the solo
-    pool's chunks do when Celery raises inside them.
+    first (``WorkerProcess.stop_now``, which ``run_worker`` hands the pool on the app) to stop at
+    their next batch and hand their other frames back, as the solo pool's chunks do when Celery
+    raises inside them.
     """
 
     def terminate_job(self, pid: int, signal: int | None = None) -> None:
@@ -60,7 +61,7 @@ class TaskThreads(CeleryThreads):
         from celery.worker import state
 
         if state.should_terminate:  # set by Celery's cold-shutdown handler before it stops the pool
-            STOP_NOW.set()
+            self.app.mlfarm_process.stop_now.set()
         super().on_stop()
 
 
@@ -97,6 +98,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     url = broker_url(settings)
     app = make_celery(settings, url)
     app.conf.worker_consumer = f"{ReconnectingConsumer.__module__}:{ReconnectingConsumer.__name__}"
+    app.mlfarm_process = process  # Celery builds the pool itself: TaskThreads finds the process on its app
     register_tasks(app, process)
     install_reconciler(app, Reconciler(app, settings, url, hostname))
     reports = contextlib.ExitStack()  # until the process ends, a warm shutdown's last chunks included

@@ -46,6 +46,7 @@ class Runtime:
     middleware: list[Middleware]
     worker: str
     stop_consuming: Callable[[], None] = lambda: None  # the consumer takes no more tasks (WorkerProcess)
+    stop_now: threading.Event = field(default_factory=threading.Event)  # WorkerProcess.stop_now
     lanes: LanePools = field(default_factory=LanePools)
     gate: TaskGate = field(default_factory=TaskGate)  # which tasks run side by side (worker_threads)
     watchdog: Watchdog = field(init=False)  # MLFARM_FRAME_TIME_LIMIT, where Celery's pools do not enforce it
@@ -53,7 +54,7 @@ class Runtime:
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
-        self.watchdog = Watchdog(STOP_NOW, on_stop=self._turn_away)
+        self.watchdog = Watchdog(self.stop_now, on_stop=self._turn_away)
 
     def _turn_away(self) -> None:
         """The process is ending: take no more tasks, then send the waiting ones back to the queue.
@@ -78,11 +79,6 @@ class Runtime:
         return spec
 
 
-#: Set on a cold shutdown (SIGQUIT, Ctrl-C twice): running chunks stop at their next batch and hand
-#: their other frames back. (With the solo pool Celery raises inside the running task instead.)
-STOP_NOW = threading.Event()
-
-
 @dataclass
 class WorkerProcess:
     """What `mlfarm worker` knows of this process, handed to its tasks when they are registered.
@@ -95,6 +91,10 @@ class WorkerProcess:
     #: Stops this process's Celery consumer taking tasks; set by worker/main.py once the consumer is
     #: up, for the threads pool, whose consumer stays free while a pool thread is stuck.
     stop_consuming: Callable[[], None] | None = None
+    #: Set on a cold shutdown (SIGQUIT, Ctrl-C twice; ``main.TaskThreads``) or by the watchdog:
+    #: running chunks stop at their next batch and hand their other frames back. (With the solo
+    #: pool Celery raises inside the running task instead.)
+    stop_now: threading.Event = field(default_factory=threading.Event)
     _runtime: Runtime | None = field(default=None, init=False, repr=False)
     _building: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -125,6 +125,7 @@ def _build_runtime(process: WorkerProcess) -> Runtime:
         middleware=default_middleware(client, name),
         worker=name,
         stop_consuming=process._stop_consuming,
+        stop_now=process.stop_now,
     )
     # Beats for the life of the process: one killed outright stops, and the reconciler queues the
     # frames it was rendering again (broker/liveness.py).

@@ -2,13 +2,12 @@
 
 A worker takes a few tasks at once (Celery's threads pool, ``Settings.worker_threads``) so that
 one chunk's first reads and last writes overlap the next chunk's GPU work: with chunks of a few
-frames a GPU otherwise idles at every chunk boundary. The tasks share the process's models.
-Options travel with each chunk (``BaseModel.with_options``), but a plugin may still keep
-per-options state on objects its views share (Mask R-CNN sets its network's thresholds and sizes
-for each batch), so two chunks only run together when their options are alike. Every task holds a
-*key* while it runs (a chunk: its model and options; an MLClient frame: a key of its own, since it
-calls the model outside the lanes; training: a key of its own, since it takes the whole GPU and
-sets torch's thread count) and tasks with different keys take turns.
+frames a GPU otherwise idles at every chunk boundary. The tasks share the process's models, and
+options travel with each chunk (``BaseModel.with_options``), so chunks of one model run together
+whatever their options. Every task holds a *key* while it runs (a chunk: its model; an MLClient
+frame: a key of its own, since it calls the model outside the lanes; training: a key of its own,
+since it takes the whole GPU and sets torch's thread count) and tasks with different keys take
+turns: two different models would share the GPU's memory and the lanes they were not sized for.
 
 A chunk whose frames were running on a worker that died runs alone (a key of its own): if one of
 them kills this worker too, the chunks beside it would lose an attempt with it for nothing.
@@ -21,12 +20,10 @@ tasks already running.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from celery.exceptions import Reject
 
@@ -98,6 +95,6 @@ class TaskGate:
             return self._running
 
 
-def model_key(model: str, options: Mapping[str, Any]) -> str:
-    """The key of work that uses ``model`` set with ``options``: equal options share it."""
-    return f"model {model} {json.dumps(dict(options), sort_keys=True, default=str)}"
+def model_key(model: str) -> str:
+    """The key of chunks of ``model``, whatever their options: they run side by side."""
+    return f"model {model}"

@@ -17,7 +17,7 @@ from mlfarm.frames import format_frames, parse_frames
 
 from .interactive import register_interactive
 from .pipeline import ChunkRun
-from .runtime import STOP_NOW, WorkerProcess
+from .runtime import WorkerProcess
 from .sharing import model_key
 from .train_task import register_training
 
@@ -78,7 +78,7 @@ def register_tasks(app: Celery, process: WorkerProcess) -> None:
         rt = process.runtime()
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
-                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=STOP_NOW,
+                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=process.stop_now,
                        watchdog=rt.watchdog, direction=direction,
                        enqueue=functools.partial(enqueue, self.app, rt.settings, spec))
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
@@ -93,11 +93,11 @@ def register_tasks(app: Celery, process: WorkerProcess) -> None:
         if suspects:
             log.info("job %s: frames %s were running on a worker that died; chunk %s runs alone", job_id,
                      format_frames(suspects), frames)
-        key = f"alone {job_id} {frames}" if suspects else model_key(model, spec.options)
+        key = f"alone {job_id} {frames}" if suspects else model_key(model)
         with rt.watchdog.busy(release):  # until its frames are recorded
             try:
                 with rt.gate.hold(key):
-                    if STOP_NOW.is_set():  # a cold shutdown began while this chunk waited its turn
+                    if process.stop_now.is_set():  # a cold shutdown began while this chunk waited its turn
                         raise Reject("worker shutting down", requeue=True)
                     result = run.run(rt.cache)
             except (Reject, *TASK_POLICY["autoretry_for"]):  # GateClosed too: the worker is ending

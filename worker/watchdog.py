@@ -10,7 +10,7 @@ past its limit the watchdog
    to the queue;
 2. calls the stage's ``on_expire``: the pipeline fails the stuck frames with the reason (they are
    not tried again until someone retries them) and hands the chunk's other frames back;
-3. sets ``STOP_NOW``: other chunks stop at their next batch and hand their frames back, as on a
+3. sets the process's ``stop_now``: other chunks stop at their next batch and hand their frames back, as on a
    cold shutdown;
 4. ends the process with ``EXIT_HUNG`` once they have, or after ``grace`` seconds, when the tasks
    still running (e.g. a chunk whose batch is queued on the lane behind the stuck one) hand their

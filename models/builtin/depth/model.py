@@ -24,6 +24,7 @@ from typing import Any
 from mlfarm.models import BaseModel
 from mlfarm.models.colour import linear_to_srgb
 from mlfarm.models.options import Choice
+from mlfarm.models.variants import Variants
 
 from .settings import DepthSettings
 from .weights import SIZES, fetch, folder, missing_message
@@ -79,7 +80,7 @@ class Model(BaseModel):
         self.outputs = {"rgba": 4, "depth": ("Z",)}
         self.device = "gpu"
         self.batch_size = 4
-        self._nets: dict[str, Any] = {}
+        self._nets: Variants[tuple[Any, dict[str, Any]]] = Variants()  # per size
 
     # --- before anything runs ----------------------------------------------------------------
     def weight_variants(self) -> tuple[str, ...]:
@@ -120,7 +121,8 @@ class Model(BaseModel):
     def _network(self) -> tuple[Any, dict[str, Any]]:
         """The network for the chosen size and its processor's settings, loaded on first use."""
         size = self.size.value
-        if size not in self._nets:
+
+        def build() -> tuple[Any, dict[str, Any]]:
             from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
 
             reason = missing_message(self.weights_dir, size)
@@ -136,8 +138,9 @@ class Model(BaseModel):
                 "mean": torch.tensor(proc.image_mean, device=self.torch_device).view(1, 3, 1, 1),
                 "std": torch.tensor(proc.image_std, device=self.torch_device).view(1, 3, 1, 1),
             }
-            self._nets[size] = (net.to(self.torch_device).eval(), prep)
-        return self._nets[size]
+            return net.to(self.torch_device).eval(), prep
+
+        return self._nets.get(size, build)
 
     # --- frames ------------------------------------------------------------------------------------
     def inference(self, image_list: list[Any]) -> list[Any]:

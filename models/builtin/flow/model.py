@@ -23,6 +23,7 @@ from typing import Any
 from mlfarm.models import BaseModel
 from mlfarm.models.colour import linear_to_srgb, srgb_to_linear
 from mlfarm.models.options import Choice
+from mlfarm.models.variants import Variants
 
 from .settings import FlowSettings
 from .weights import ARCHITECTURES, fetch, load_state_dict, missing_message, path
@@ -68,7 +69,7 @@ class Model(BaseModel):
         self.device = "gpu"
         self.batch_size = 4
         self.sidecar_json = True
-        self._nets: dict[str, Any] = {}
+        self._nets: Variants[Any] = Variants()  # per architecture
         self._pairs_per_call: dict[tuple[str, int, int], int] = {}
 
     # --- before anything runs ----------------------------------------------------------------
@@ -105,7 +106,8 @@ class Model(BaseModel):
 
     def _network(self) -> Any:
         arch = self.arch.value
-        if arch not in self._nets:
+
+        def build() -> Any:
             import torchvision.models.optical_flow as flow
 
             reason = missing_message(self.weights_dir, arch)
@@ -113,8 +115,9 @@ class Model(BaseModel):
                 raise RuntimeError(reason)
             net = getattr(flow, arch)(weights=None, progress=False)
             net.load_state_dict(load_state_dict(path(self.weights_dir, arch), self.torch))
-            self._nets[arch] = net.to(self.torch_device).eval()
-        return self._nets[arch]
+            return net.to(self.torch_device).eval()
+
+        return self._nets.get(arch, build)
 
     # --- frames ------------------------------------------------------------------------------------
     def _prepare(self, item: Any) -> Any:

@@ -28,6 +28,7 @@ import numpy as np
 
 from mlfarm.models import BaseModel, Choice, InputError
 from mlfarm.models.cuda_graphs import GraphedFunction
+from mlfarm.models.variants import Variants
 
 from .coco import COCO_CATEGORIES, parse_classes
 from .settings import MrcnnSettings
@@ -99,8 +100,10 @@ class Model(BaseModel):
         self.batch_size = 4
         self.sidecar_json = True
         self.raw_frames = True  # preprocess copies the frame into pinned memory itself
-        self._nets: dict[str, Any] = {}
-        self._fronts: dict[str, GraphedFunction] = {}  # per architecture: the network's front, as CUDA graphs
+        self._nets: Variants[Any] = Variants()  # per architecture
+        # Per (architecture, options the network reads): the network set up for them and its front, as
+        # CUDA graphs. Views that share the weights, so chunks with different options run side by side.
+        self._configured: Variants[tuple[Any, GraphedFunction]] = Variants()
         self.cuda_graphs = False  # set by load()
         self.planes_stay = False  # set by load(): True where the worker compresses outputs on the GPU
         self._weights_dir_path: Any = None  # set by load(): the settings' weights folder
@@ -159,12 +162,13 @@ class Model(BaseModel):
 
     def unload(self) -> None:
         self._nets.clear()
-        self._fronts.clear()
+        self._configured.clear()
 
     def _network(self):
         """The network for the chosen architecture, built from its weights file on first use."""
         arch = self.architecture.value
-        if arch not in self._nets:
+
+        def build() -> Any:
             from .network import build
 
             path = find_weights(arch, self._weights_dir())
@@ -174,13 +178,26 @@ class Model(BaseModel):
             net = build(arch, path).to(self.torch_device)
             if self.channels_last:
                 net.backbone.to(memory_format=self.torch.channels_last)
-            self._nets[arch] = net
-            self._fronts[arch] = GraphedFunction(functools.partial(self._front, net), enabled=self.cuda_graphs)
-        return self._nets[arch]
+            return net
+
+        return self._nets.get(arch, build)
+
+    def _configured_network(self, detections: int) -> tuple[Any, GraphedFunction]:
+        """The network set up with this view's options (``network.configured``) and its front; made
+        once per set of options (a few per job at most) and kept while the model is loaded."""
+        key = (self.architecture.value, int(self.min_size), int(self.max_size), float(self.thresh), detections)
+
+        def build() -> tuple[Any, GraphedFunction]:
+            from . import network
+
+            net = network.configured(self._network(), *key[1:])
+            return net, GraphedFunction(functools.partial(self._front, net), enabled=self.cuda_graphs)
+
+        return self._configured.get(key, build)
 
     def _front(self, net: Any, linear: Any) -> tuple[Any, Any]:
         """B x H x W x 3 scene-linear frames to their sRGB (which ``compose`` draws on) and the
-        network's front: one CUDA graph replay on a GPU worker (``self._fronts``)."""
+        network's front: one CUDA graph replay on a GPU worker (``self._configured``)."""
         from mlfarm.models.colour import linear_to_srgb
 
         from . import network
@@ -252,18 +269,15 @@ class Model(BaseModel):
         from . import network
 
         torch = self.torch
-        net = self._network()
-        front = self._fronts[self.architecture.value]
         keep = parse_classes(self.classes)
         # With a class filter the network must not stop at max_detections of other classes.
-        network.configure(net, self.min_size, self.max_size, self.thresh,
-                          self.max_detections if keep is None else max(100, int(self.max_detections)))
-        resize = (int(self.min_size), int(self.max_size))  # what a captured front depends on besides the shape
+        net, front = self._configured_network(int(self.max_detections) if keep is None
+                                              else max(100, int(self.max_detections)))
         results: list[list[Any]] = []
         with torch.inference_mode(), self._lane_stream():
             for group in _same_size(batch):  # frames of one size go through every step together
                 linear = torch.stack([t.to(self.torch_device, non_blocking=True) for t in group])
-                srgb, prepared = front(linear, config=resize)
+                srgb, prepared = front(linear)
                 found = network.heads(net, prepared, [tuple(linear.shape[1:3])] * len(group), self.autocast)
                 results.extend([p] for p in self._compose_batch(linear, srgb, found, keep))
         return results

@@ -9,6 +9,7 @@ device and ``compose`` builds the planes from them.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,25 @@ def fuse_relus(net: torch.nn.Module) -> int:
     return fused
 
 
-def configure(net: Any, min_size: int, max_size: int, score_thresh: float, detections: int) -> None:
-    net.transform.min_size = (int(min_size),)
-    net.transform.max_size = int(max_size)
-    net.roi_heads.score_thresh = float(score_thresh)
-    net.roi_heads.detections_per_img = int(detections)
+def configured(net: Any, min_size: int, max_size: int, score_thresh: float, detections: int) -> torch.nn.Module:
+    """``net`` set up for one set of options, without touching ``net``: a view that shares every
+    weight with it and has its own transform (resize) and ROI heads (threshold, detections).
+
+    Why a view: torchvision keeps these settings as attributes of its modules, and one warm
+    network serves chunks of several jobs at once, each with its own options. Setting them on the
+    shared network would let one job's threshold leak into another's batch.
+    """
+    view = copy.copy(net)
+    view.__dict__["_modules"] = dict(net._modules)  # its own table of children; the children are shared
+    transform = copy.copy(net.transform)
+    transform.min_size = (int(min_size),)
+    transform.max_size = int(max_size)
+    roi_heads = copy.copy(net.roi_heads)
+    roi_heads.score_thresh = float(score_thresh)
+    roi_heads.detections_per_img = int(detections)
+    view._modules["transform"] = transform
+    view._modules["roi_heads"] = roi_heads
+    return view
 
 
 def _cast(device: torch.device, autocast: torch.dtype | None) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 from mlfarm.models import BaseModel
 from mlfarm.models.colour import linear_to_srgb
 from mlfarm.models.options import Choice
+from mlfarm.models.variants import Variants
 
 from .planes import compose, object_stats, sidecar
 from .settings import Sam2Settings
@@ -41,7 +42,7 @@ class Model(BaseModel):
         self.outputs = dict(BASE_OUTPUTS)
         self.device = "gpu"
         self.sidecar_json = True
-        self._trackers: dict[str, Any] = {}
+        self._trackers: Variants[Any] = Variants()  # per size
 
     # --- before anything runs ----------------------------------------------------------------
     def weight_variants(self) -> tuple[str, ...]:
@@ -81,14 +82,16 @@ class Model(BaseModel):
 
     def _tracker(self) -> Any:
         size = self.size.value
-        if size not in self._trackers:
+
+        def build() -> Any:
             from .tracker import Sam2Tracker
 
             reason = missing_message(self.weights_dir, size)
             if reason:
                 raise RuntimeError(reason)
-            self._trackers[size] = Sam2Tracker(folder(self.weights_dir, size), self.torch_device, self.dtype)
-        return self._trackers[size]
+            return Sam2Tracker(folder(self.weights_dir, size), self.torch_device, self.dtype)
+
+        return self._trackers.get(size, build)
 
     # --- a stream ----------------------------------------------------------------------------------
     def _upload(self, item: Any) -> Any:

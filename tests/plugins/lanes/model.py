@@ -41,5 +41,6 @@ class Model(BaseModel):
         out = []
         for (img,) in batch:
             plane = np.full(img.shape[:2], float(overlap), np.float32)
-            out.append([img, plane, {"thread": f"{threading.current_thread().name}#{self._local.serial}"}])
+            out.append([img, plane, {"thread": f"{threading.current_thread().name}#{self._local.serial}",
+                                     "seconds": float(self.seconds)}])
         return out
