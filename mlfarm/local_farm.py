@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from mlfarm.broker.embedded import EmbeddedRedis
+from mlfarm.cpus import available_cpus, format_cpus, parse_cpus, split_cpus
 from mlfarm.settings import Settings
 from mlfarm.worker.supervisor import Child, Supervisor
 
@@ -43,11 +44,18 @@ class LocalFarm:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_file, "ab")  # noqa: SIM115 - kept open for the workers' lifetime
         env = {**os.environ, "MLFARM_BROKER_URL": self.url, "MLFARM_STORAGE_ROOT": str(self.settings.storage_root)}
+        # Several workers each get their own share of the cores, as `mlfarm worker --gpus` gives each
+        # GPU's: each sizes its threads from its share (worker/sizing.py) instead of every one taking
+        # every core.
+        cores = parse_cpus(self.settings.cpus) if self.settings.cpus else available_cpus()
+        shares = split_cpus(self.n_workers, cores) if 1 < self.n_workers <= len(cores) else []
         children = []
         for i in range(self.n_workers):
             name = f"local{i + 1}@{os.uname().nodename}"
             argv = [sys.executable, "-m", "mlfarm", "worker", "--queues", self.queues,
                     "--concurrency", str(self.concurrency), "--name", name]
+            if shares:
+                argv += ["--cpus", format_cpus(shares[i])]
             children.append(Child(gpu=None, name=name, argv=argv, env=env, output=self._log))
         self.supervisor = Supervisor(children, restart_only_hung=True)
         self.supervisor.start()

@@ -104,8 +104,9 @@ class Settings(_FarmSettings):
         description="Write the rgba plane as half; data planes stay float unless the model returns them as half.",
     )
     io_threads: int = Field(
-        default=0, ge=0, description="Threads per worker reading and writing frames; 0: the cores this worker may "
-        "run on, less two (at least two).",
+        default=0, ge=0, description="Threads per worker reading and writing frames. 0 (auto): sized with the "
+        "worker's other pools from its cores (worker/sizing.py; the worker's first log line says what it chose): "
+        "on a GPU worker the cores it may run on less two (at least two), on a CPU worker 2.",
     )
     io_nice: int = Field(
         default=5, ge=0, le=19, description="Niceness added to a worker's I/O threads (and OpenEXR's, which they "
@@ -116,8 +117,9 @@ class Settings(_FarmSettings):
         default=0,
         ge=-1,
         description="OpenImageIO's OpenEXR threads per process, decoding every EXR read (outputs are encoded on "
-        "the I/O thread that writes them): 0 one per core it may use, N exactly N, -1 none (each I/O thread "
-        "decodes its own frames).",
+        "the I/O thread that writes them): N exactly N, -1 none (each I/O thread decodes its own frames), 0 (auto): "
+        "a worker sizes it with its other pools (worker/sizing.py): one per core it may use on a GPU worker, none "
+        "on a CPU worker; outside a worker, one per core.",
     )
 
     # --- models ---------------------------------------------------------------------------
@@ -160,13 +162,21 @@ class Settings(_FarmSettings):
     # --- worker --------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where GPU models run.")
     worker_threads: int = Field(
-        default=3, ge=1, le=8, description="Tasks a worker process (`mlfarm worker`, one per GPU) takes at once, "
+        default=0, ge=0, le=8, description="Tasks a worker process (`mlfarm worker`, one per GPU) takes at once, "
         "on threads sharing its models: the next chunk's frames are read while the last batches of the one "
         "before are inferred and written, instead of the GPU idling at every chunk boundary. Tasks run side by "
         "side when they are chunks of one model, whatever their options (they travel with each chunk); others "
-        "(another model's chunks, MLClient frames, training) take turns. Measured with Mask R-CNN on an H100 at 4-frame chunks: "
-        "1.37-1.66x with 2, 1.53x with 3, and 3 beat 2 in three runs of three; no change at 52-frame chunks. "
-        "1: one task at a time (Celery's solo pool). Ignored with --concurrency N > 1 (prefork processes).",
+        "(another model's chunks, MLClient frames, training) take turns. Measured with Mask R-CNN on an H100 at "
+        "4-frame chunks: 1.37-1.66x with 2, 1.53x with 3, and 3 beat 2 in three runs of three; no change at "
+        "52-frame chunks. "
+        "1: one task at a time (Celery's solo pool). 0 (auto, worker/sizing.py): 3 on a GPU worker, 1 on a CPU "
+        "worker (its model's batches take every core; measured on 2 cores). Ignored with --concurrency N > 1 "
+        "(prefork processes).",
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="torch's intra-op threads in a worker process (one operator on several "
+        "cores). 0 (auto, worker/sizing.py): every core the process may use, shared among prefork processes; "
+        "torch's inter-op threads are 1 on a CPU worker. Training tasks use MLFARM_TRAIN_THREADS instead.",
     )
 
     # --- gateway / flower ---------------------------------------------------------------

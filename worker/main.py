@@ -11,7 +11,7 @@ from typing import Any
 
 from celery import Celery
 from celery.concurrency.thread import TaskPool as CeleryThreads
-from celery.signals import worker_ready
+from celery.signals import celeryd_after_setup, worker_ready
 
 from mlfarm.broker.celery_app import QUEUES, make_celery
 from mlfarm.broker.connection import broker_url, redis_client
@@ -26,6 +26,8 @@ from .heartbeat import reporting_holdings
 from .reconciler import Reconciler
 from .reconciler import install as install_reconciler
 from .runtime import WorkerProcess
+from .sizing import apply as apply_plan
+from .sizing import plan_for, worker_device
 from .tasks import register_tasks
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,17 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     if cpus:
         pin_cpus(cpus)  # before any thread starts: they all inherit it
     hostname = name or f"mlfarm{'-gpu' + str(gpu) if gpu is not None else ''}@{socket.gethostname()}"
+    # Every pool sized together from the cores this process has (worker/sizing.py), before torch or
+    # any pool starts; the settings the process runs on carry the plan's figures, not the "auto" zeros.
+    plan = plan_for(settings, worker_device(settings, gpu), processes=concurrency)
+    apply_plan(plan)
+
+    @celeryd_after_setup.connect(weak=False)
+    def _say_plan(sender: Any, **_: object) -> None:  # the first line once Celery has set up logging
+        log.info("worker %s %s", hostname, plan.describe())
+
+    settings = settings.model_copy(update={"worker_threads": plan.tasks, "io_threads": plan.io_threads,
+                                           "exr_threads": plan.exr_threads, "torch_threads": plan.torch_threads})
     process = WorkerProcess(hostname, settings)
     url = broker_url(settings)
     app = make_celery(settings, url)
@@ -120,8 +133,8 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
                  ", ".join(sorted(descriptions)))
 
     pool = "solo" if concurrency == 1 else "prefork"
-    if concurrency == 1 and settings.worker_threads > 1:
-        concurrency = settings.worker_threads
+    if concurrency == 1 and plan.tasks > 1:
+        concurrency = plan.tasks
         pool = "prefork"  # Celery's command line only names its own pools; this one is set in the config
         app.conf.worker_pool = TASK_THREADS
     argv = [

@@ -14,6 +14,7 @@ from mlfarm.models.catalog import Catalog
 from mlfarm.models.context import LoadContext
 from mlfarm.settings import Settings
 
+from . import sizing
 from .gpu import torch_device
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,9 @@ class ModelCache:
             exr = context.settings
             if not context.outputs_on_device and wanted(exr.exr_compression, exr.exr_gpu_compress, device):
                 log.info("outputs are compressed on the CPU: nvCOMP is not installed (pip install 'mlfarm[gpu]')")
+            sizing.apply_torch()  # torch's pools at the process's plan, before and after torch is imported
             model.setup(context)
+            sizing.apply_torch()
             self._models[name] = model
             while len(self._models) > self.size:
                 old_name, old = self._models.popitem(last=False)
