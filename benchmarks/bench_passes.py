@@ -145,7 +145,7 @@ def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: li
         for run, todo in (("warm", frames[:4]), ("timed", frames)):
             t = time.perf_counter()
             spec = farm.submit(model, plate, str(tmp / "out" / model / run / "o.####.exr"), todo, options,
-                               chunk=chunk)
+                               chunk=chunk, force=True)  # timed: never from the frame cache
             while not (st := farm.status(spec.id)).finished:
                 time.sleep(0.05)
             if st.state != "done":

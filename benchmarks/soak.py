@@ -68,7 +68,7 @@ def main() -> None:
     rss: list[tuple[float, int]] = []
     try:
         t0 = time.perf_counter()
-        spec = farm.submit("passthrough", plate, out, frames, chunk=1)
+        spec = farm.submit("passthrough", plate, out, frames, chunk=1, force=True)  # every pass renders
         next_restart = time.perf_counter() + rng.uniform(1, 3)
         last_done, last_t = 0, t0
         while True:

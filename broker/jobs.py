@@ -24,6 +24,9 @@ from .liveness import dead
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FRAME_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+#: Not a state of its own: a done frame whose output was already on the storage (the frame cache,
+#: ``worker/frame_cache.py``). Counted apart from ``done`` in ``JobStatus.counts``.
+CACHED = "cached"
 
 
 def new_job_id() -> str:
@@ -47,6 +50,7 @@ class JobSpec:
     kind: str = "render"  # "train": frames are epochs, one task trains them all
     temporal: str = "frames"  # how the model sees time (mlfarm.temporal): frames, window or sequence
     prompts: list[dict[str, Any]] | None = None  # promptable models: mlfarm.prompts' JSON form
+    force: bool = False  # render every frame, even those whose exact result is already on the storage
     id: str = field(default_factory=new_job_id)
     user: str = field(default_factory=getpass.getuser)
     host: str = field(default_factory=socket.gethostname)
@@ -69,6 +73,7 @@ class FrameState:
     worker: str = ""
     started: float | None = None
     ended: float | None = None
+    cached: bool = False  # done by finding its exact result on the storage, not by rendering it
 
 
 @dataclass
@@ -100,7 +105,7 @@ class JobStatus:
         return [f for f in self.frames if f.state == FAILED]
 
     def eta_seconds(self, now: float | None = None) -> float | None:
-        done = self.counts[DONE] + self.counts[FAILED]
+        done = self.counts[DONE] + self.counts[CACHED] + self.counts[FAILED]
         if not self.started or done == 0 or self.finished:
             return None
         elapsed = (now or time.time()) - self.started
@@ -110,7 +115,10 @@ class JobStatus:
     def summary(self) -> str:
         c = self.counts
         unit = " epochs" if self.spec.kind == "train" else ""
-        line = f"job {self.spec.id} {self.state}: {c[DONE]}/{self.total}{unit} done, {c[FAILED]} failed"
+        line = f"job {self.spec.id} {self.state}: {c[DONE] + c[CACHED]}/{self.total}{unit} done"
+        if c[CACHED]:
+            line += f" ({c[CACHED]} cached, {c[DONE]} rendered)"
+        line += f", {c[FAILED]} failed"
         if c[CANCELLED]:
             line += f", {c[CANCELLED]} cancelled"
         if c[QUEUED] or c[RUNNING]:
@@ -204,6 +212,7 @@ rec.r = ARGV[3]
 rec.w = ARGV[4]
 rec.t1 = tonumber(ARGV[5])
 if ARGV[6] == '1' then rec.k = 1 else rec.k = nil end
+if ARGV[7] == '1' then rec.c = 1 else rec.c = nil end
 redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(rec))
 redis.call('HSET', KEYS[1], 'updated', ARGV[5])
 return 1
@@ -321,10 +330,12 @@ class JobStore:
             rec = json.loads(raw_frames.get(str(f), '{"s": "queued"}'))
             frames.append(FrameState(frame=f, state=rec.get("s", QUEUED), reason=rec.get("r", ""),
                                      attempts=rec.get("a", 0), worker=rec.get("w", ""),
-                                     started=rec.get("t0"), ended=rec.get("t1")))
-        counts = {s: 0 for s in FRAME_STATES}
+                                     started=rec.get("t0"), ended=rec.get("t1"),
+                                     cached=rec.get("s") == DONE and rec.get("c") == 1))
+        counts = {s: 0 for s in (*FRAME_STATES, CACHED)}
         for fs in frames:
-            counts[fs.state] = counts.get(fs.state, 0) + 1
+            key = CACHED if fs.cached else fs.state
+            counts[key] = counts.get(key, 0) + 1
         starts = [f.started for f in frames if f.started]
         ends = [f.ended for f in frames if f.ended]
         cancelled = job.get("cancelled") == "1"
@@ -379,13 +390,15 @@ class JobStore:
         return [f for f, rec in records if rec.get("s") == RUNNING or rec.get("i") == 1]
 
     def finish_frame(self, job_id: str, frame: int, state: str, reason: str = "", worker: str = "",
-                     stuck: bool = False) -> None:
+                     stuck: bool = False, cached: bool = False) -> None:
         """``stuck``: the frame failed by outlasting its time limit; a redelivered chunk does not try it
-        again (it would only take down another worker), a retry does."""
+        again (it would only take down another worker), a retry does. ``cached``: done, by finding
+        its exact result on the storage."""
         if state not in (DONE, FAILED, CANCELLED):
             raise ValueError(f"a frame cannot finish as {state!r}")
         self._finish(keys=[job_key(job_id), frames_key(job_id)],
-                     args=[str(frame), state, reason, worker, time.time(), "1" if stuck else "0"])
+                     args=[str(frame), state, reason, worker, time.time(), "1" if stuck else "0",
+                           "1" if cached and state == DONE else "0"])
 
     def cancel(self, job_id: str) -> int:
         """Cancel what has not started; running frames stop at the next frame boundary."""

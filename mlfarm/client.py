@@ -131,7 +131,7 @@ class Farm:
     def submit(self, model: str, input: str, output: str, frames: Sequence[int],
                options: Mapping[str, Any] | None = None, chunk: int | None = None, priority: int = 50,
                name: str = "", include_local: bool = True, prompts: Prompts | None = None,
-               image_size: tuple[int, int] | None = None) -> JobSpec:
+               image_size: tuple[int, int] | None = None, force: bool = False) -> JobSpec:
         """Queue ``frames`` of ``input`` through ``model`` into ``output``; SubmitError says why not.
 
         ``options`` are checked and typed against the model's description; ``chunk`` frames go in
@@ -139,7 +139,8 @@ class Farm:
         of its stream before handing on, default MLFARM_SEQUENCE_SEGMENT); higher ``priority``
         (0-100) runs first. A promptable model (SAM 2) needs ``prompts`` (``mlfarm.prompts``),
         checked against the frames and the image (``image_size`` as (width, height), else read from
-        the input's header where OpenImageIO is installed).
+        the input's header where OpenImageIO is installed). Frames whose exact result is already on
+        the storage are not rendered again (the frame cache) unless ``force``.
         """
         desc = self.describe(model, include_local)
         typed = validate_options(desc, dict(options or {}))
@@ -175,7 +176,7 @@ class Farm:
                        frames=list(frames), options=typed, chunk=chunk, priority=priority,
                        queue="cpu" if desc.get("device") == "cpu" else "gpu",
                        model_version=str(desc.get("version", "")), name=name, temporal=temporal,
-                       prompts=prompts.to_json() if prompts is not None else None)
+                       prompts=prompts.to_json() if prompts is not None else None, force=bool(force))
         self.store.create(spec)
         tasks = self._enqueue(spec, spec.frames)
         log.info("job %s: %d frames of %s queued in %d tasks", spec.id, len(spec.frames), model, tasks)

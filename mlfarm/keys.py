@@ -25,6 +25,15 @@ def frames_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:frames"
 
 
+# --- the frame cache (worker/frame_cache.py) ----------------------------------------------------
+CACHE_TTL = 90 * 86400  # how long an output stays findable by its key after it was last written or found
+
+
+def cache_key(frame_key: str) -> str:
+    """Where an output frame's content key points: the file that holds it, its size and digest."""
+    return f"{PREFIX}:cache:{frame_key}"
+
+
 # --- workers ---------------------------------------------------------------------------------
 ALIVE_PREFIX = PREFIX + ":alive:"  # renewed by each worker; frame records ask it who is silent
 HOLDS_PREFIX = PREFIX + ":holds:"  # the task messages each worker's consumer holds

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlfarm.broker.jobs import DONE, FAILED, RUNNING, JobStatus
+from mlfarm.broker.jobs import CACHED, DONE, FAILED, RUNNING, JobStatus
 from mlfarm.frames import format_frames
 
 
@@ -33,7 +33,7 @@ def follow(poll: Callable[[], JobStatus], console: Console, interval: float = 0.
         task = bar.add_task(f"{status.spec.model} {status.spec.id}", total=status.total, failed=0, state="", note="")
         while True:
             c = status.counts
-            bar.update(task, completed=c[DONE] + c[FAILED], failed=c[FAILED], state=status.state,
+            bar.update(task, completed=c[DONE] + c[CACHED] + c[FAILED], failed=c[FAILED], state=status.state,
                        note=progress_note(status))
             if status.finished or (deadline and time.monotonic() > deadline):
                 return status
@@ -64,6 +64,10 @@ def status_table(status: JobStatus) -> Table:
                                f"by {spec.user}@{spec.host}")
     if status.progress:
         table.add_row("progress", progress_note(status) or "-")
+    cached = [f.frame for f in status.frames if f.cached]
+    if cached:
+        table.add_row("cached", f"{format_frames(cached)}: already on the storage, not rendered again "
+                                "(submit with --force to render them)")
     eta = status.eta_seconds()
     if eta is not None:
         table.add_row("eta", f"{eta:.0f}s")

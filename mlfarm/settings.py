@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from mlfarm.keys import JOB_TTL
+from mlfarm.keys import CACHE_TTL, JOB_TTL
 
 #: MLFARM_WORKERS_PER_GPU=auto takes two processes a GPU where each GPU has this much memory (two
 #: copies of the models: Mask R-CNN takes about 7 GiB) and the host this many cores a GPU (each
@@ -83,6 +83,15 @@ class Settings(_FarmSettings):
     )
     result_expires: int = Field(default=86400, description="Seconds Celery keeps chunk results.")
     job_ttl: int = Field(default=JOB_TTL, description="Seconds a job record is kept after its last change.")
+    cache: bool = Field(
+        default=True, description="Skip frames whose exact result is already on the storage (the frame cache): "
+        "same model, weights, options, output layout and input pixels. A job submitted with --force renders "
+        "anyway; false turns the lookup off farm-wide (outputs still carry their keys).",
+    )
+    cache_ttl: int = Field(
+        default=CACHE_TTL, ge=60, description="Seconds an output stays findable by its content key in Redis "
+        "after it was written or last found (the file itself is never deleted by the farm).",
+    )
 
     # --- storage and frame I/O ----------------------------------------------------------
     storage_root: Path = Field(

@@ -146,6 +146,13 @@ class BaseModel:
         request (``mlfarm models fetch``): nothing is downloaded while a job runs."""
         raise NotImplementedError(f"{type(self).__name__} has no downloadable weights")
 
+    def weight_files(self, settings: Any) -> list[Any]:
+        """The files whose bytes decide this view's outputs besides its code and options (its
+        weights, for its current options), under ``settings``. The frame cache keys cover their
+        content (``mlfarm.content_keys``): a re-fetched or retrained file makes frames render
+        again. Declare them, or bump ``version`` when they change. Must stay cheap (no loading)."""
+        return []
+
     def load(self, device: str) -> None:
         """Called once per worker process before the first frame: import torch, load weights.
 

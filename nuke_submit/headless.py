@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=50)
     p.add_argument("--output", default=None, help="output pattern (default: under the storage root)")
     p.add_argument("--shot", default=None)
+    p.add_argument("--force", action="store_true",
+                   help="render every frame, also those whose exact result is already on the storage")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     p.add_argument("--save", action="store_true", help="save the script with the results Read added")
     p.add_argument("--json", dest="as_json", action="store_true")
@@ -66,7 +68,7 @@ def main(argv: Optional[List[str]] = None, farm=None) -> int:
             raise nuke_ui.PlanError("no node named %s in the script" % args.node)
         farm = farm or nuke_ui.connect()
         sub = nuke_ui.submit(node, args.model, parse_option_args(args.options), args.frames, args.chunk,
-                             args.priority, args.output, args.shot, farm, watch=False)
+                             args.priority, args.output, args.shot, farm, watch=False, force=args.force)
     except Exception as exc:
         if not nuke_ui._user_error(exc):
             raise

@@ -170,12 +170,13 @@ def _script_range() -> tuple:
 def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
            frames: Union[None, str, Sequence[int]] = None, chunk: Optional[int] = None, priority: int = 50,
            output: Optional[str] = None, shot: Optional[str] = None, farm: Any = None,
-           watch: bool = True, prompts_json: Optional[str] = None) -> Submission:
+           watch: bool = True, prompts_json: Optional[str] = None, force: bool = False) -> Submission:
     """Submit ``node``'s frames to the farm and create a Read node for the results.
 
     ``frames``: None (the node's range), a string such as ``1001-1100x2``, or a list. A Read of EXRs
     on shared storage is read by the farm directly; any other node is first rendered to EXR under the
     storage root. Everything that can be checked is checked before rendering or queueing anything.
+    ``force``: render every frame, also those whose exact result the farm already has.
     """
     farm = farm or connect()
     settings = farm.settings
@@ -210,7 +211,8 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
     try:
         spec = farm.submit(model, input_pattern, out, job_frames, typed, chunk, priority,
                            name="%s %s" % (shot, node.name()), include_local=False, prompts=prompts,
-                           image_size=(node.width(), node.height()) if prompts is not None else None)
+                           image_size=(node.width(), node.height()) if prompts is not None else None,
+                           force=force)
     except Exception:
         if rendered:  # refused (e.g. the chunk size): the render made for it goes too
             shutil.rmtree(os.path.dirname(input_pattern), ignore_errors=True)
@@ -334,8 +336,9 @@ def apply_progress(read: Any, progress: Progress) -> None:
     version = read[VERSION_KNOB].value() if read.knob(VERSION_KNOB) is not None else ""
     read["label"].setValue(progress_label(progress, version))
     read[FAILURES_KNOB].setValue(failure_text(progress.failures))
-    if progress.done > _shown_done.get(progress.job_id, 0):
-        _shown_done[progress.job_id] = progress.done
+    landed = progress.done + progress.cached
+    if landed > _shown_done.get(progress.job_id, 0):
+        _shown_done[progress.job_id] = landed
         read["reload"].execute()
 
 
@@ -449,8 +452,14 @@ class _SubmitPanel(object):
         self.priority = nuke.Int_Knob("priority", "priority")
         self.shot = nuke.String_Knob("shot", "shot")
         self.output = nuke.File_Knob("output", "output")
-        for knob in (self.model, self.frame_mode, self.custom, self.chunk, self.priority, self.shot, self.output):
+        self.skip_rendered = nuke.Boolean_Knob("skip_rendered", "skip frames already rendered")
+        for knob in (self.model, self.frame_mode, self.custom, self.chunk, self.priority, self.shot, self.output,
+                     self.skip_rendered):
             self.addKnob(knob)
+        self.skip_rendered.setValue(True)  # the farm's frame cache: same model, options and pixels
+        self.skip_rendered.setTooltip("Frames whose exact result (same model, weights, options and input "
+                                      "pixels) is already on the storage are taken from there, not rendered. "
+                                      "Off: render every frame again.")
         self.addKnob(nuke.Text_Knob("options_divider", "model options"))
         self.custom.setValue("%d-%d" % self.input_range)
         self.custom.setEnabled(False)  # until the frame range is "custom"
@@ -510,7 +519,7 @@ class _SubmitPanel(object):
     def submit(self, watch: bool = True) -> Submission:
         return submit(self.node, self.model.value(), self.options(), self.frames(), int(self.chunk.value()),
                       int(self.priority.value()), self.output.value(), self.shot.value(), self.farm, watch,
-                      self.prompts_json)
+                      self.prompts_json, force=not self.skip_rendered.value())
 
 
 _panel_class = None

@@ -37,6 +37,7 @@ class Progress:
     running: int = 0
     queued: int = 0
     cancelled: int = 0
+    cached: int = 0  # done by finding the exact result already on the storage (the farm's frame cache)
     failures: Tuple[Tuple[int, str], ...] = ()
     error: str = ""
     stalled: int = 0  # running frames whose worker stopped responding (queued again soon)
@@ -51,7 +52,7 @@ class Progress:
         c = status.counts
         return cls(job_id=status.spec.id, model=status.spec.model, state=status.state, total=status.total,
                    done=c.get("done", 0), failed=c.get("failed", 0), running=c.get("running", 0),
-                   queued=c.get("queued", 0), cancelled=c.get("cancelled", 0),
+                   queued=c.get("queued", 0), cancelled=c.get("cancelled", 0), cached=c.get("cached", 0),
                    failures=tuple((f.frame, f.reason) for f in status.failed_frames),
                    stalled=status.stalled)
 
@@ -115,7 +116,9 @@ def progress_label(p: Progress, version: str = "") -> str:
         return ("mlfarm %s\njob record expired on the farm\nframes on disk are kept; resubmit to render again"
                 % p.job_id)
     model = "%s v%s" % (p.model, version) if version else p.model
-    line = "%d/%d done" % (p.done, p.total)
+    line = "%d/%d done" % (p.done + p.cached, p.total)
+    if p.cached:
+        line += " (%d cached)" % p.cached
     if p.failed:
         line += ", %d failed" % p.failed
     if p.cancelled:

@@ -37,7 +37,7 @@ def test_missing_and_corrupt_frames_fail_alone_and_retry_reruns_only_them(farm):
     status = farm.wait_job(spec.id)
 
     assert status.state == "failed"
-    assert status.counts == {"queued": 0, "running": 0, "done": 6, "failed": 2, "cancelled": 0}
+    assert status.counts == {"queued": 0, "running": 0, "done": 6, "failed": 2, "cancelled": 0, "cached": 0}
     reasons = {f.frame: f.reason for f in status.failed_frames}
     assert set(reasons) == {3, 6}
     assert reasons[3] == f"frame 3: {frame_path(plate, 3)}: file not found"

@@ -59,8 +59,9 @@ class Logging(Middleware):
         stages = ", ".join(f"{k} {v:.3f}s" for k, v in sorted(run.stage_seconds.items()))
         wall = time.perf_counter() - run.started
         first = f", first frame written after {run.first_done - run.started:.2f}s" if run.first_done is not None else ""
-        log.info("job %s %s: %d done, %d failed, %d skipped, %d cancelled in %.2fs (%s%s)", run.spec.id, run.label,
-                 len(r.done), len(r.failed), len(r.skipped), len(r.cancelled), wall, stages, first)
+        log.info("job %s %s: %d done (%d cached), %d failed, %d skipped, %d cancelled in %.2fs (%s%s)", run.spec.id,
+                 run.label, len(r.done), len(r.cached), len(r.failed), len(r.skipped), len(r.cancelled), wall, stages,
+                 first)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Metrics(Middleware):
         r = run.result
         with self._lock:
             self.totals["frames_done"] += len(r.done)
+            self.totals["frames_cached"] += len(r.cached)
             self.totals["frames_failed"] += len(r.failed)
             self.totals["chunks"] += 1
             for stage, seconds in run.stage_seconds.items():

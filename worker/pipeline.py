@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,13 +35,17 @@ from mlfarm.frames import format_frames, frame_path
 from mlfarm.models.base import BaseModel
 from mlfarm.settings import Settings
 from mlfarm.storage import sweep_once
+from mlfarm.temporal import window_reads
 from mlfarm.tensors import is_tensor
 
 from .errors import describe_error
+from .frame_cache import KEY_ATTRIBUTE, FrameCache, digests
 from .lanes import LanePools
 from .middleware import Middleware
 from .model_cache import ModelCache
 from .watchdog import Watchdog
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,10 +54,12 @@ class ChunkResult:
     failed: dict[int, str] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)  # of ``done``: found on the storage, not rendered
 
     def to_dict(self) -> dict[str, Any]:
         return {"done": format_frames(self.done), "failed": {str(k): v for k, v in self.failed.items()},
-                "skipped": format_frames(self.skipped), "cancelled": format_frames(self.cancelled)}
+                "skipped": format_frames(self.skipped), "cancelled": format_frames(self.cancelled),
+                "cached": format_frames(self.cached)}
 
 
 @dataclass
@@ -69,8 +77,11 @@ class ChunkRun:
     on_stuck: Callable[[], None] | None = None  # after a stage's frames failed for time: hand the rest back
     direction: str | None = None  # a sequence model's stream: "forward" or "backward"
     enqueue: Callable[[list[int]], int] | None = None  # queues frames of this job (a sequence's next segment)
+    frame_cache: FrameCache | None = None  # finds frames already rendered; None: every frame renders
     result: ChunkResult = field(default_factory=ChunkResult)
-    stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0})
+    stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0,
+                                                                      "cache": 0.0})
+    keys: dict[int, str] = field(default_factory=dict)  # content keys of the frames to write (frame_cache)
 
     claimed: list[int] = field(default_factory=list)  # frames this run took to render
     handed_back: bool = False  # its unfinished frames went back to the queue (once)
@@ -88,12 +99,14 @@ class ChunkRun:
         return format_frames(self.frames)
 
     # --- frame outcomes ----------------------------------------------------------------
-    def _finish(self, frame: int, error: str | None) -> None:
+    def _finish(self, frame: int, error: str | None, cached: bool = False) -> None:
         if error is None:
             if self.first_done is None:
                 self.first_done = time.perf_counter()
-            self.store.finish_frame(self.spec.id, frame, DONE, worker=self.worker)
+            self.store.finish_frame(self.spec.id, frame, DONE, worker=self.worker, cached=cached)
             self.result.done.append(frame)
+            if cached:
+                self.result.cached.append(frame)
         else:
             self.store.finish_frame(self.spec.id, frame, FAILED, error, worker=self.worker)
             self.result.failed[frame] = error
@@ -143,6 +156,7 @@ class ChunkRun:
         try:
             with self._limit([frame], "writing"):
                 self._write_frame(frame, model, outputs, layout)
+            self._remember(frame)
         except Exception as exc:
             reason = describe_error(exc)
             out_path = frame_path(self.spec.output, frame)
@@ -169,6 +183,8 @@ class ChunkRun:
             "mlfarm/frame": int(frame),
             **model.frame_metadata(),
         }
+        if frame in self.keys:
+            metadata[KEY_ATTRIBUTE] = self.keys[frame]
         if objects:
             metadata["mlfarm/objects"] = json.dumps(objects, sort_keys=True, default=str)
             if model.sidecar_json:  # written first: once the EXR appears, its sidecar is there too
@@ -178,6 +194,66 @@ class ChunkRun:
         write_planes(frame_path(self.spec.output, frame), self.settings.storage_root, layout or model.outputs, images,
                      metadata, self.settings.exr_compression, self.settings.exr_rgba_half,
                      self.settings.exr_gpu_compress)
+
+    def _remember(self, frame: int) -> None:
+        """Tell the frame cache where the frame's result now is (a failure only costs a later miss)."""
+        key = self.keys.get(frame)
+        if key is None or self.frame_cache is None:
+            return
+        try:
+            self.frame_cache.record(key, frame_path(self.spec.output, frame))
+        except Exception as exc:
+            log.warning("job %s: frame %d written but not recorded in the frame cache: %s", self.spec.id, frame,
+                        describe_error(exc))
+
+    # --- the frame cache ------------------------------------------------------------------
+    @property
+    def looks_up(self) -> bool:
+        """Whether frames already on the storage are skipped (keys are computed either way)."""
+        return self.frame_cache is not None and self.settings.cache and not self.spec.force
+
+    def from_cache(self, model: BaseModel, todo: list[int]) -> list[int]:
+        """Frames of ``todo`` whose result is on the storage are recorded done (cached); returns the
+        others, whose keys (``self.keys``) go into their headers. For frames and window models: a
+        frame's key covers its own input frames' content (``mlfarm.content_keys``)."""
+        if self.frame_cache is None or not todo:
+            return todo
+        t = time.perf_counter()
+        try:
+            k = max(0, int(model.window)) if model.temporal == "window" else 0
+            sources = (window_reads(todo, k, lambda f: os.path.isfile(frame_path(self.spec.input, f))) if k
+                       else {f: [f] for f in todo})
+            needed = sorted({s for frames in sources.values() for s in frames})
+            found = digests({s: frame_path(self.spec.input, s) for s in needed}, self.io.submit)
+            base = self.frame_cache.base(self.spec, model, model.outputs)
+            for f in todo:
+                key = FrameCache.frame_key(base, [found[s] for s in sources[f]])
+                if key is not None:
+                    self.keys[f] = key
+            if not self.looks_up:
+                return todo
+            found_here = self.skip_found([f for f in todo if f in self.keys], model)
+            return [f for f in todo if f not in found_here]
+        except Exception as exc:  # the cache must never fail a frame: render them
+            log.warning("job %s: frame cache unavailable for frames %s: %s", self.spec.id, format_frames(todo),
+                        describe_error(exc))
+            return todo
+        finally:
+            self.stage_seconds["cache"] += time.perf_counter() - t
+
+    def skip_found(self, frames: list[int], model: BaseModel) -> set[int]:
+        """Look up ``frames`` (keys known) on the I/O threads; those found are recorded done (cached)
+        and returned."""
+        assert self.frame_cache is not None
+        cache = self.frame_cache
+        looks = {f: self.io.submit(cache.find, self.keys[f], frame_path(self.spec.output, f), model.sidecar_json)
+                 for f in frames}
+        found = set()
+        for f in frames:
+            if looks[f].result():
+                self._finish(f, None, cached=True)
+                found.add(f)
+        return found
 
     def _infer(self, model: BaseModel, batch: list[tuple[int, Any]]) -> list[tuple[int, list[Any]]]:
         """Infer a batch; if the batch fails, retry frame by frame so one bad frame fails alone."""
@@ -242,6 +318,10 @@ class ChunkRun:
             return
         from .runners import runner_for
 
+        if model.temporal != "sequence":  # a sequence looks up its frames in order (runners/sequence.py)
+            todo = self.from_cache(model, todo)
+            if not todo:
+                return
         runner_for(model)(self, model, todo)
 
     def channels(self, model: BaseModel) -> int:

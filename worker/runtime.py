@@ -25,6 +25,7 @@ from mlfarm.broker.liveness import mark_alive
 from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
+from .frame_cache import FrameCache
 from .heartbeat import beating
 from .lanes import LanePools, start_io
 from .middleware import Middleware, default_middleware
@@ -45,6 +46,7 @@ class Runtime:
     io: ThreadPoolExecutor
     middleware: list[Middleware]
     worker: str
+    frame_cache: FrameCache
     stop_consuming: Callable[[], None] = lambda: None  # the consumer takes no more tasks (WorkerProcess)
     stop_now: threading.Event = field(default_factory=threading.Event)  # WorkerProcess.stop_now
     lanes: LanePools = field(default_factory=LanePools)
@@ -124,6 +126,7 @@ def _build_runtime(process: WorkerProcess) -> Runtime:
         io=start_io(settings),
         middleware=default_middleware(client, name),
         worker=name,
+        frame_cache=FrameCache(client, settings),
         stop_consuming=process._stop_consuming,
         stop_now=process.stop_now,
     )

@@ -79,7 +79,7 @@ def register_tasks(app: Celery, process: WorkerProcess) -> None:
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
                        settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=process.stop_now,
-                       watchdog=rt.watchdog, direction=direction,
+                       watchdog=rt.watchdog, direction=direction, frame_cache=rt.frame_cache,
                        enqueue=functools.partial(enqueue, self.app, rt.settings, spec))
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
         # the process ends (worker/watchdog.py), since the stuck thread would otherwise never return.

@@ -148,10 +148,13 @@ def _planes(planes: dict[str, Any]) -> str:
 @click.option("--prompt", "prompt_args", multiple=True,
               help="For promptable models (sam2): a prompts JSON file, or FRAME:NAME:box=x0,y0,x1,y1 with "
               "optional :pos=x,y;x,y and :neg=x,y (image pixels, top-left origin); repeatable.")
+@click.option("--force", is_flag=True, help="Render every frame, also those whose exact result (same model, "
+              "weights, options and input pixels) is already on the storage; by default those are skipped "
+              "and counted as cached.")
 @click.option("--wait", is_flag=True, help="Follow the job; exit 0 only if every frame is done.")
 @click.option("--json", "as_json", is_flag=True)
 def submit(input_: str, frames: str, model: str, options: tuple[str, ...], output: str, chunk: int | None,
-           priority: int, name: str, prompt_args: tuple[str, ...], wait: bool, as_json: bool) -> None:
+           priority: int, name: str, prompt_args: tuple[str, ...], force: bool, wait: bool, as_json: bool) -> None:
     """Submit a shot: one task per chunk of frames (a sequence model: one stream per direction)."""
     from mlfarm.client import SubmitError
     from mlfarm.frames import PatternError, parse_frames
@@ -162,7 +165,7 @@ def submit(input_: str, frames: str, model: str, options: tuple[str, ...], outpu
     try:
         prompts = load(prompt_args) if prompt_args else None
         spec = farm.submit(model, input_, output, parse_frames(frames), parse_option_args(options), chunk,
-                           priority, name, prompts=prompts)
+                           priority, name, prompts=prompts, force=force)
     except (SubmitError, OptionError, PatternError, PromptError) as exc:
         raise FarmError(str(exc)) from None
     if not wait:

@@ -80,6 +80,12 @@ class TrainedModel(BaseModel):
             return str(exc)
         return None
 
+    def weight_files(self, settings: Any) -> list[Any]:
+        try:
+            return [self.checkpoint_path()]
+        except InputError:
+            return []
+
     # --- running --------------------------------------------------------------------------
     def _network(self) -> Any:
         path = self.checkpoint_path()

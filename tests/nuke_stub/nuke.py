@@ -161,6 +161,12 @@ class Knob:
     def setFlag(self, flag: int) -> None:  # noqa: N802
         pass
 
+    def setTooltip(self, text: str) -> None:  # noqa: N802
+        self._tooltip = str(text)
+
+    def tooltip(self) -> str:
+        return getattr(self, "_tooltip", "")
+
     def setRange(self, lo: float, hi: float) -> None:  # noqa: N802
         self._range = (lo, hi)
 

@@ -29,6 +29,7 @@ from mlfarm.prompts import Prompts, from_json
 from mlfarm.temporal import Seed, in_order, resume_point, split, stream_origin
 
 from ..errors import WorkerStopping, describe_error
+from ..frame_cache import digests, header_key
 from ..lanes import io_threads
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,17 @@ def run(chunk: Any, model: Any, todo: list[int]) -> None:
     prompts = _prompts(spec)
     start = stream_origin(spec.frames, spec.prompts)
     layout = model.outputs_for(prompts)
+    order = split(spec.frames, start).get(direction, [])
+    rendering = _from_cache(chunk, model, direction, start, layout, order, todo)
+    if not rendering:  # every frame of the segment was on the storage already
+        _hand_on(chunk, direction, todo, order)
+        return
     records = chunk.store.frame_records(spec.id)
 
     def written(f: int) -> bool:
         return records.get(f, {}).get("s") == DONE and os.path.isfile(frame_path(spec.output, f))
 
-    seed_frame, path = resume_point(direction, spec.frames, start, todo, written)
+    seed_frame, path = resume_point(direction, spec.frames, start, rendering, written)
     channels = chunk.channels(model)
     seed = None
     if seed_frame is not None:
@@ -62,17 +68,82 @@ def run(chunk: Any, model: Any, todo: list[int]) -> None:
         except Exception as exc:  # the frame before cannot seed us: start over from the prompts
             log.warning("job %s: cannot resume %s from frame %d (%s); starting from the prompts", spec.id,
                         direction, seed_frame, describe_error(exc))
-            seed_frame, path = resume_point(direction, spec.frames, start, todo, lambda f: False)
+            seed_frame, path = resume_point(direction, spec.frames, start, rendering, lambda f: False)
     if seed_frame is not None:
         log.info("job %s: %s stream resumes after frame %d", spec.id, direction, seed_frame)
-    order = split(spec.frames, start).get(direction, [])
-    _stream(chunk, model, todo, direction, prompts, layout, seed, path, channels, order)
+    _stream(chunk, model, todo, rendering, direction, prompts, layout, seed, path, channels, order)
 
 
-def _stream(chunk: Any, model: Any, todo: list[int], direction: str, prompts: Prompts | None, layout: Any,
-            seed: Seed | None, path: list[int], channels: int, order: list[int]) -> None:
+def _keyframes(spec: Any, frame: int) -> list[dict[str, Any]]:
+    """The prompts given on ``frame``, in their JSON form (what a frame's key covers)."""
+    return [k for k in spec.prompts or () if k["frame"] == frame]
+
+
+def _from_cache(chunk: Any, model: Any, direction: str, start: int, layout: Any, order: list[int],
+                todo: list[int]) -> list[int]:
+    """Key ``todo``'s frames (``chunk.keys``), and take those already on the storage, in order, up to
+    the first that is not: the frames from there on render (the state must pass through them).
+    Returns those. Keys chain along the stream (``FrameCache.chain``): a frame's key covers every
+    input frame and prompt from the stream's origin up to it, so a correction on one frame re-renders
+    from that frame on, resuming from the one before as any resumed stream does."""
+    cache, spec = chunk.frame_cache, chunk.spec
+    todo = in_order(direction, todo)
+    if cache is None or not todo:
+        return todo
+    t = time.perf_counter()
+    try:
+        inputs = {f: frame_path(spec.input, f) for f in [start, *todo]}
+        found = digests(inputs, chunk.io.submit)
+        base = cache.base(spec, model, layout)
+        previous = _key_before(chunk, cache, base, direction, start, order, todo[0], found[start])
+        for f in todo:
+            previous = cache.chain(previous, found[f], _keyframes(spec, f))
+            if found[f] is not None:
+                chunk.keys[f] = previous
+        if not chunk.looks_up:
+            return todo
+        for i, f in enumerate(todo):
+            key = chunk.keys.get(f)
+            if key is None or not cache.find(key, frame_path(spec.output, f), model.sidecar_json):
+                return todo[i:]
+            chunk._finish(f, None, cached=True)
+        return []
+    except Exception as exc:  # the cache must never fail a frame: render them
+        log.warning("job %s: frame cache unavailable for the %s stream: %s", spec.id, direction, describe_error(exc))
+        chunk.keys.clear()
+        return todo
+    finally:
+        chunk.stage_seconds["cache"] += time.perf_counter() - t
+
+
+def _key_before(chunk: Any, cache: Any, base: str, direction: str, start: int, order: list[int], first: int,
+                origin_digest: str | None) -> str:
+    """The chained key of the frame before ``first`` in the stream: in that frame's header when this
+    job wrote it (a segment before this one), else computed from the stream's origin."""
     spec = chunk.spec
-    wanted = set(todo)
+    chain = cache.chain_start(base, direction, origin_digest, _keyframes(spec, start))
+    i = order.index(first)
+    if i == 0:
+        return chain
+    before_path = frame_path(spec.output, order[i - 1])
+    done_here = chunk.store.frame_records(spec.id).get(order[i - 1], {}).get("s") == DONE
+    written = header_key(before_path) if done_here and os.path.isfile(before_path) else None
+    if written is not None:
+        return written
+    before = order[:i]
+    found = digests({f: frame_path(spec.input, f) for f in before}, chunk.io.submit)
+    for f in before:
+        chain = cache.chain(chain, found[f], _keyframes(spec, f))
+    return chain
+
+
+def _stream(chunk: Any, model: Any, todo: list[int], rendering: list[int], direction: str,
+            prompts: Prompts | None, layout: Any, seed: Seed | None, path: list[int], channels: int,
+            order: list[int]) -> None:
+    """Step ``path`` and write the frames of ``rendering`` (``todo``: the whole segment, some of it
+    perhaps taken from the frame cache), then queue the next segment."""
+    spec = chunk.spec
+    wanted = set(rendering)
     if not path:
         return
     lane = chunk.lanes.get(max(1, int(model.lanes)))

@@ -98,6 +98,10 @@ class Model(BaseModel):
     def check_ready(self, settings: Any) -> str | None:
         return missing_message(settings.weights_dir, self.size.value)
 
+    def weight_files(self, settings: Any) -> list[Any]:
+        where = folder(settings.weights_dir, self.size.value)
+        return sorted(p for p in where.iterdir() if p.is_file()) if where.is_dir() else []
+
     def frame_metadata(self) -> dict[str, Any]:
         return {"mlfarm/depth.Z": MEANING[self.mode.value], "mlfarm/depth_model": SIZES[self.size.value][0]}
 

@@ -88,6 +88,10 @@ class Model(BaseModel):
     def check_ready(self, settings: Any) -> str | None:
         return missing_message(settings.weights_dir, self.arch.value)
 
+    def weight_files(self, settings: Any) -> list[Any]:
+        found = path(settings.weights_dir, self.arch.value)
+        return [found] if found.is_file() else []
+
     def frame_metadata(self) -> dict[str, Any]:
         return {"mlfarm/flow": "pixels; u right, v up (Nuke); forward: to the next frame, backward: to the previous"}
 

@@ -131,6 +131,10 @@ class Model(BaseModel):
             return missing_message(arch, settings.weights_dir)
         return None
 
+    def weight_files(self, settings: Any) -> list[Any]:
+        found = find_weights(self.architecture.value, settings.weights_dir)
+        return [found] if found is not None else []
+
     def load(self, device: str) -> None:
         import torch
 

@@ -60,6 +60,10 @@ class Model(BaseModel):
     def check_ready(self, settings: Any) -> str | None:
         return missing_message(settings.weights_dir, self.size.value)
 
+    def weight_files(self, settings: Any) -> list[Any]:
+        where = folder(settings.weights_dir, self.size.value)
+        return sorted(p for p in where.iterdir() if p.is_file()) if where.is_dir() else []
+
     def outputs_for(self, prompts: Any) -> dict[str, Any]:
         """The planes of a job with these prompts: the model's own, then one per named object."""
         names = prompts.names if prompts is not None else {}

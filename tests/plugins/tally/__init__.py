@@ -1,0 +1,1 @@
+"""Test model for the frame cache: counts the frames it renders."""
