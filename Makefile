@@ -42,6 +42,7 @@ docs: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_farm.py
+	$(BIN)/python benchmarks/bench_cache.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .site
