@@ -40,7 +40,7 @@ def timed(fn, reps: int, clock=time.perf_counter) -> float:
 def make_job(farm: Farm, frames: int) -> str:
     """A job two-thirds through: done and a few failed frames, the rest queued, as a watcher sees it."""
     spec = JobSpec(model="blur", input="/st/in.####.exr", output="/st/out.####.exr", frames=list(range(1, frames + 1)))
-    farm.store.create(spec)
+    farm.store.create(spec, unsent=False)
     done = frames * 2 // 3
     farm.store.start_frames(spec.id, spec.frames[:done], "bench")
     for f in spec.frames[:done]:

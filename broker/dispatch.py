@@ -18,7 +18,7 @@ from mlfarm.settings import Settings
 from mlfarm.temporal import split, stream_origin
 
 from .celery_app import CHUNK_TASK, celery_priority
-from .jobs import JobSpec
+from .jobs import JobSpec, JobStore
 
 
 def chunk_kwargsrepr(spec: JobSpec, kwargs: Mapping[str, Any]) -> str:
@@ -62,11 +62,14 @@ def sequence_streams(spec: JobSpec, frames: list[int]) -> list[tuple[str, list[i
             if wanted.intersection(fs)]
 
 
-def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -> int:
+def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int], generation: int = 0) -> int:
     """Send ``frames`` of ``spec`` as chunk tasks; returns how many tasks were sent.
 
     A sequence job gets one task per direction (its frames in processing order, the first segment);
-    every other job one task per ``spec.chunk`` frames.
+    every other job one task per ``spec.chunk`` frames. ``generation``: the job's, as ``JobStore.feed``
+    returned it: frames queued again in a later one (a resume) are not this message's to render.
+    Callers with frames in the job records send them through ``feed``, which keeps the job within its
+    share of the farm; this sends what it is given.
     """
     if spec.kind != "render":
         return job_kind(spec.kind)(app, settings, spec)
@@ -77,9 +80,11 @@ def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -
         tasks = [(format_frames(c), None, settings.chunk_time_limit(len(c))) for c in chunked(frames, spec.chunk)]
     with app.producer_or_acquire() as producer:
         for text, direction, limit in tasks:
-            kwargs = {"job_id": spec.id, "model": spec.model, "frames": text}
+            kwargs: dict[str, Any] = {"job_id": spec.id, "model": spec.model, "frames": text}
             if direction is not None:
                 kwargs["direction"] = direction
+            if generation:
+                kwargs["generation"] = generation
             app.send_task(
                 CHUNK_TASK,
                 kwargs=kwargs,
@@ -92,3 +97,20 @@ def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int]) -
                 producer=producer,
             )
     return len(tasks)
+
+
+def feed(app: Celery, settings: Settings, store: JobStore, spec: JobSpec) -> int:
+    """Send the job's unsent frames that fit its share of the farm; returns how many tasks were sent.
+
+    Every path that queues frames of a job (submit, retry, resume, a released dependency, frames
+    handed back, the reconciler) marks them unsent in the records and calls this; so does every
+    chunk as it ends. A job thus keeps at most its share in flight (``--max-workers`` chunks, else
+    twice the farm's task slots), and jobs of one priority take turns: each chunk that ends puts
+    its job's next chunk at the back of the queue, behind the other jobs' (round robin), instead
+    of a long shot queueing all its chunks ahead of a later one. A sequence's streams and a
+    training run go out whole.
+    """
+    gen, frames = store.feed(spec, all_at_once=spec.kind != "render" or spec.temporal == "sequence")
+    if not frames:
+        return 0
+    return enqueue(app, settings, spec, frames, generation=gen)

@@ -18,12 +18,17 @@ from typing import Any
 
 import redis
 
-from mlfarm.keys import ACTIVE_JOBS, JOB_TTL, JOBS_INDEX, frames_key, job_key
+from mlfarm.frames import format_frames
+from mlfarm.keys import ACTIVE_JOBS, JOB_TTL, JOBS_INDEX, WORKER_SLOTS, dependents_key, frames_key, job_key
 
 from .liveness import dead
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
-FRAME_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+#: Not queued to Celery yet: the jobs it waits on (``--after``, ``--after-frames``) are not done.
+WAITING = "waiting"
+#: Held by ``mlfarm pause``: neither run nor lost; ``mlfarm resume`` queues them again.
+HELD = "held"
+FRAME_STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED, WAITING, HELD)
 #: Not a state of its own: a done frame whose output was already on the storage (the frame cache,
 #: ``worker/frame_cache.py``). Counted apart from ``done`` in ``JobStatus.counts``.
 CACHED = "cached"
@@ -51,6 +56,10 @@ class JobSpec:
     temporal: str = "frames"  # how the model sees time (mlfarm.temporal): frames, window or sequence
     prompts: list[dict[str, Any]] | None = None  # promptable models: mlfarm.prompts' JSON form
     force: bool = False  # render every frame, even those whose exact result is already on the storage
+    after: list[str] = field(default_factory=list)  # jobs that must be done before any frame is queued
+    after_frames: str = ""  # a job whose frame f (and its ``after_reach`` neighbours) must be done before f
+    after_reach: int = 0  # neighbours each frame needs of ``after_frames`` (a window model's k)
+    max_workers: int = 0  # at most this many chunks in flight at once (0: no limit but the farm's share)
     id: str = field(default_factory=new_job_id)
     user: str = field(default_factory=getpass.getuser)
     host: str = field(default_factory=socket.gethostname)
@@ -86,6 +95,9 @@ class JobStatus:
     ended: float | None
     progress: dict[str, Any] = field(default_factory=dict)  # a training job's step, loss...
     silent: list[str] = field(default_factory=list)  # workers holding running frames, heartbeat gone
+    paused: bool = False
+    #: What the waiting frames wait on: {"job", "state", "frames" (frame-by-frame: those not done yet)}.
+    waiting_on: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -123,6 +135,12 @@ class JobStatus:
             line += f", {c[CANCELLED]} cancelled"
         if c[QUEUED] or c[RUNNING]:
             line += f", {c[RUNNING]} running, {c[QUEUED]} queued"
+        if c[HELD]:
+            line += f", {c[HELD]} held (paused: mlfarm resume {self.spec.id})"
+        if c[WAITING]:
+            line += f", {c[WAITING]} waiting"
+            if self.waiting_on:
+                line += " on " + "; ".join(describe_wait(w) for w in self.waiting_on)
         if self.silent:
             line += (f" ({self.stalled} on {', '.join(self.silent)}, which stopped responding: they are "
                      "queued again within MLFARM_WORKER_DEAD_AFTER)")
@@ -147,7 +165,40 @@ class JobStatus:
             "spec": asdict(self.spec),
             "progress": self.progress,
             "silent_workers": self.silent,
+            "paused": self.paused,
+            "waiting_on": self.waiting_on,
         }
+
+
+def describe_wait(wait: dict[str, Any]) -> str:
+    """One thing a job waits on, as ``status`` says it: "job ab12 (failed: retry it)"."""
+    job, state = wait["job"], wait["state"]
+    what = f"frames {wait['frames']} of job {job}" if wait.get("frames") else f"job {job}"
+    if state in (FAILED, CANCELLED):
+        return f"{what} ({state}: mlfarm retry {job} to go on)"
+    if state == "expired":
+        return f"{what} (its record expired or was removed: this job cannot be released)"
+    return f"{what} ({state})"
+
+
+def job_state(counts: dict[str, int], cancelled: bool, paused: bool, started: bool) -> str:
+    """A job's state from its frames' counts and its flags: one rule for ``status`` and ``state``."""
+    active = counts[QUEUED] + counts[RUNNING] + counts[HELD] + counts[WAITING]
+    if cancelled and (counts[QUEUED] or counts[RUNNING]):
+        return "cancelling"
+    if paused and active:
+        return "pausing" if counts[RUNNING] else "paused"
+    if counts[QUEUED] or counts[RUNNING]:
+        return RUNNING if started else QUEUED
+    if counts[HELD]:
+        return "paused"
+    if counts[WAITING]:
+        return WAITING
+    if counts[FAILED]:
+        return FAILED
+    if counts[CANCELLED]:
+        return CANCELLED
+    return DONE
 
 
 class JobNotFound(KeyError):
@@ -161,8 +212,9 @@ class JobNotFound(KeyError):
 _START = """
 local cancelled = redis.call('HGET', KEYS[1], 'cancelled') == '1'
 local max_attempts = tonumber(ARGV[4])
+local gen = tonumber(ARGV[5])
 local out = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local f = ARGV[i]
   local raw = redis.call('HGET', KEYS[2], f)
   if not raw then
@@ -171,6 +223,10 @@ for i = 5, #ARGV do
     local rec = cjson.decode(raw)
     if rec.s == 'done' then
       out[#out + 1] = 'skip'
+    elseif (rec.s == 'held' or rec.s == 'waiting') and not cancelled then
+      out[#out + 1] = rec.s
+    elseif (rec.g or 0) > gen and rec.s ~= 'cancelled' and not cancelled then
+      out[#out + 1] = 'stale'
     elseif cancelled or rec.s == 'cancelled' then
       rec.s = 'cancelled'
       redis.call('HSET', KEYS[2], f, cjson.encode(rec))
@@ -189,6 +245,7 @@ for i = 5, #ARGV do
       rec.s = 'running'
       rec.a = (rec.a or 0) + 1
       rec.i = nil
+      rec.u = nil
       rec.w = ARGV[1]
       rec.t0 = tonumber(ARGV[2])
       rec.r = ''
@@ -225,8 +282,9 @@ local n = 0
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local rec = cjson.decode(all[i + 1])
-  if rec.s == 'queued' then
+  if rec.s == 'queued' or rec.s == 'waiting' or rec.s == 'held' then
     rec.s = 'cancelled'
+    rec.u = nil
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     n = n + 1
   end
@@ -237,14 +295,15 @@ return n
 _REQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local wanted = {}
-for i = 3, #ARGV do wanted[ARGV[i]] = true end
+for i = 5, #ARGV do wanted[ARGV[i]] = true end
 redis.call('HDEL', KEYS[1], 'cancelled')
 local out = {}
 local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local rec = cjson.decode(all[i + 1])
   if wanted[rec.s] then
-    rec.s = 'queued'
+    rec.s = ARGV[3]
+    if ARGV[4] == '1' and rec.s == 'queued' then rec.u = 1 else rec.u = nil end
     rec.r = ''
     rec.b = rec.a or 0  -- a retry is a new go: the attempt cap counts from here, 'a' keeps the total
     rec.k = nil
@@ -262,12 +321,15 @@ return out
 # Frames whose chunk message was lost (see broker/reconcile.py), or that were running on a worker
 # that died (broker/liveness.py): back to queued, unless they finished meanwhile or another worker
 # took them. KEYS as above; ARGV[1] now, ARGV[2] the dead worker ('' for lost messages), whose
-# frames are marked interrupted (``i``: their chunk runs alone, see JobStore.interrupted), ARGV[3..]
-# frames.
+# frames are marked interrupted (``i``: their chunk runs alone, see JobStore.interrupted), ARGV[3]
+# '1': they go out with the job's next feed (``u``), ARGV[4..] frames. A dead worker's frames get a
+# new generation: its chunk message, redelivered an hour later, is stale for them.
 _RECLAIM = """
 local dead = ARGV[2]
+local gen = nil
+if dead ~= '' then gen = redis.call('HINCRBY', KEYS[1], 'gen', 1) end
 local out = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local raw = redis.call('HGET', KEYS[2], ARGV[i])
   if raw then
     local rec = cjson.decode(raw)
@@ -277,7 +339,141 @@ for i = 3, #ARGV do
     if take then
       rec.s = 'queued'
       rec.q = tonumber(ARGV[1])
-      if dead ~= '' then rec.i = 1 end
+      if dead ~= '' then rec.i = 1; rec.g = gen end
+      if ARGV[3] == '1' then rec.u = 1 else rec.u = nil end
+      redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
+      out[#out + 1] = ARGV[i]
+    end
+  end
+end
+return out
+"""
+
+
+# Sending a job's unsent frames (``u``) within its share of the farm. KEYS as above, KEYS[3] the
+# workers' task slots (WORKER_SLOTS). ARGV[1] now, ARGV[2] the chunk, ARGV[3] the job's limit in
+# chunks (0: twice the living workers' slots, at least 2), ARGV[4] '1': every unsent frame at once
+# (a sequence's streams, a training run). Returns {generation, frames...}: the frames to send, their
+# records no longer unsent. Frames in flight (sent, or running) count against the limit; a part of
+# a chunk goes only when nothing of the job is in flight or nothing waits any more, so frames
+# released one by one (--after-frames) still go out in whole chunks.
+_FEED = """
+if redis.call('HGET', KEYS[1], 'cancelled') == '1' or redis.call('HGET', KEYS[1], 'paused') == '1' then
+  return {0}
+end
+local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+local chunk = tonumber(ARGV[2])
+local inflight, waiting = 0, 0
+local unsent = {}
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  if rec.s == 'queued' and rec.u == 1 then unsent[#unsent + 1] = tonumber(all[i])
+  elseif rec.s == 'running' or rec.s == 'queued' then inflight = inflight + 1
+  elseif rec.s == 'waiting' then waiting = waiting + 1 end
+end
+if #unsent == 0 then return {gen} end
+table.sort(unsent)
+local take = #unsent
+if ARGV[4] ~= '1' then
+  local limit = tonumber(ARGV[3])
+  if limit <= 0 then
+    local slots = 0
+    local now = tonumber(ARGV[1])
+    local workers = redis.call('HGETALL', KEYS[3])
+    for i = 1, #workers, 2 do
+      local w = cjson.decode(workers[i + 1])
+      if tonumber(w.exp) > now then slots = slots + tonumber(w.n) end
+    end
+    limit = math.max(2, 2 * slots)
+  end
+  local room = (limit - math.ceil(inflight / chunk)) * chunk
+  take = math.min(#unsent, math.max(room, 0))
+  if take < #unsent or waiting > 0 then take = take - take % chunk end
+  if take == 0 and inflight == 0 then take = math.min(#unsent, chunk) end
+end
+local out = {gen}
+for i = 1, take do
+  local f = tostring(unsent[i])
+  local rec = cjson.decode(redis.call('HGET', KEYS[2], f))
+  rec.u = nil
+  redis.call('HSET', KEYS[2], f, cjson.encode(rec))
+  out[#out + 1] = f
+end
+return out
+"""
+
+# Pausing: KEYS as above. Queued and unsent frames are held; running ones finish (their chunk
+# holds the rest, ``_HOLD``). Returns how many were held, -1 for an unknown job.
+_PAUSE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HSET', KEYS[1], 'paused', '1')
+local n = 0
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  if rec.s == 'queued' then
+    rec.s = 'held'
+    rec.u = nil
+    redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Resuming: held frames are queued, unsent, in a new generation (chunk messages sent before the
+# pause are stale for them). ARGV[1] now. Returns how many, -1 for an unknown job.
+_RESUME = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HDEL', KEYS[1], 'paused')
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+local n = 0
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  if rec.s == 'held' then
+    rec.s = 'queued'
+    rec.u = 1
+    rec.g = gen
+    rec.q = tonumber(ARGV[1])
+    redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
+    n = n + 1
+  end
+end
+return n
+"""
+
+# A chunk of a paused job stops at a frame boundary: ARGV[1] the worker, ARGV[2..] the frames it
+# claimed and did not finish. Those still running there are held. Returns them.
+_HOLD = """
+local out = {}
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', KEYS[2], ARGV[i])
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.s == 'running' and rec.w == ARGV[1] then
+      rec.s = 'held'
+      rec.a = math.max(0, (rec.a or 1) - 1)  -- not an attempt: the frame was never started
+      redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
+      out[#out + 1] = ARGV[i]
+    end
+  end
+end
+return out
+"""
+
+# Frames whose dependencies are done: waiting -> queued, unsent. ARGV[1] now, ARGV[2..] frames.
+_RELEASE = """
+local out = {}
+for i = 2, #ARGV do
+  local raw = redis.call('HGET', KEYS[2], ARGV[i])
+  if raw then
+    local rec = cjson.decode(raw)
+    if rec.s == 'waiting' then
+      rec.s = 'queued'
+      rec.u = 1
+      rec.q = tonumber(ARGV[1])
       redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
       out[#out + 1] = ARGV[i]
     end
@@ -298,18 +494,39 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
         self._reclaim = client.register_script(_RECLAIM)
+        self._feed = client.register_script(_FEED)
+        self._pause = client.register_script(_PAUSE)
+        self._resume = client.register_script(_RESUME)
+        self._hold = client.register_script(_HOLD)
+        self._release = client.register_script(_RELEASE)
 
     # --- creating and reading ------------------------------------------------------------
-    def create(self, spec: JobSpec) -> None:
-        initial = json.dumps({"s": QUEUED, "a": 0, "q": time.time()})
+    def create(self, spec: JobSpec, unsent: bool = True) -> None:
+        """Record a new job. Its frames wait when it depends on other jobs; else they are queued and
+        ``unsent``: the next ``feed`` sends them (False: the caller sends them itself)."""
+        now = time.time()
+        if spec.after or spec.after_frames:
+            initial = json.dumps({"s": WAITING, "a": 0, "q": now})
+        else:
+            initial = json.dumps({"s": QUEUED, "a": 0, "q": now, **({"u": 1} if unsent else {})})
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(job_key(spec.id), mapping={"spec": spec.to_json(), "updated": time.time()})
+        pipe.hset(job_key(spec.id), mapping={"spec": spec.to_json(), "updated": now})
         pipe.hset(frames_key(spec.id), mapping={str(f): initial for f in spec.frames})
         pipe.expire(job_key(spec.id), self.ttl)
         pipe.expire(frames_key(spec.id), self.ttl)
         pipe.zadd(JOBS_INDEX, {spec.id: spec.created})
         pipe.sadd(ACTIVE_JOBS, spec.id)
+        for parent in {*spec.after, *([spec.after_frames] if spec.after_frames else [])}:
+            pipe.sadd(dependents_key(parent), spec.id)
+            pipe.expire(dependents_key(parent), self.ttl)
         pipe.execute()
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.hexists(job_key(job_id), "spec"))
+
+    def dependents(self, job_id: str) -> list[str]:
+        """Jobs that wait on ``job_id`` (``--after`` or ``--after-frames``)."""
+        return sorted(self.r.smembers(dependents_key(job_id)))
 
     def spec(self, job_id: str) -> JobSpec:
         raw = self.r.hget(job_key(job_id), "spec")
@@ -338,21 +555,54 @@ class JobStore:
             counts[key] = counts.get(key, 0) + 1
         starts = [f.started for f in frames if f.started]
         ends = [f.ended for f in frames if f.ended]
-        cancelled = job.get("cancelled") == "1"
-        if counts[QUEUED] or counts[RUNNING]:
-            state = "cancelling" if cancelled else (RUNNING if starts else QUEUED)
-        elif counts[FAILED]:
-            state = FAILED
-        elif counts[CANCELLED]:
-            state = CANCELLED
-        else:
-            state = DONE
+        paused = job.get("paused") == "1"
+        state = job_state(counts, job.get("cancelled") == "1", paused, bool(starts))
         finished = state in (DONE, FAILED, CANCELLED)
         return JobStatus(spec=spec, state=state, counts=counts, frames=frames,
                          started=min(starts) if starts else None,
                          ended=max(ends) if ends and finished else None,
                          progress=json.loads(job.get("progress") or "{}"),
-                         silent=sorted(dead(self.r, {f.worker for f in frames if f.state == RUNNING and f.worker})))
+                         silent=sorted(dead(self.r, {f.worker for f in frames if f.state == RUNNING and f.worker})),
+                         paused=paused,
+                         waiting_on=self._waiting_on(spec, frames) if counts[WAITING] else [])
+
+    def state(self, job_id: str) -> str:
+        """A job's state alone (as ``status`` derives it), without the per-frame detail."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hmget(job_key(job_id), ["spec", "cancelled", "paused"])
+        pipe.hvals(frames_key(job_id))
+        (spec, cancelled, paused), records = pipe.execute()
+        if spec is None:
+            raise JobNotFound(job_id)
+        counts = {s: 0 for s in (*FRAME_STATES, CACHED)}
+        started = False
+        for raw in records:
+            rec = json.loads(raw)
+            counts[rec.get("s", QUEUED)] = counts.get(rec.get("s", QUEUED), 0) + 1
+            started = started or bool(rec.get("t0"))
+        return job_state(counts, cancelled == "1", paused == "1", started)
+
+    def _waiting_on(self, spec: JobSpec, frames: list[FrameState]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for parent in spec.after:
+            try:
+                state = self.state(parent)
+            except JobNotFound:
+                state = "expired"
+            if state != DONE:
+                out.append({"job": parent, "state": state})
+        if spec.after_frames:
+            try:
+                parent_state = self.state(spec.after_frames)
+                records = self.frame_records(spec.after_frames)
+            except JobNotFound:
+                return [*out, {"job": spec.after_frames, "state": "expired"}]
+            waiting = [f.frame for f in frames if f.state == WAITING]
+            needed = sorted({g for f in waiting for g in range(f - spec.after_reach, f + spec.after_reach + 1)
+                             if g in records and records[g].get("s") != DONE})
+            if needed:
+                out.append({"job": spec.after_frames, "state": parent_state, "frames": format_frames(needed)})
+        return out
 
     def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         """Record how far a training job is (step, loss...); shown by status beside the epoch counts."""
@@ -372,13 +622,16 @@ class JobStore:
         return alive[:limit]
 
     # --- transitions -------------------------------------------------------------------
-    def start_frames(self, job_id: str, frames: list[int], worker: str, max_attempts: int = 0
-                     ) -> dict[int, str]:
+    def start_frames(self, job_id: str, frames: list[int], worker: str, max_attempts: int = 0,
+                     generation: int = 0) -> dict[int, str]:
         """Claim frames for a worker. Returns per frame: run, skip (already done), cancelled, unknown,
-        stuck (failed by outlasting its time limit, until retried), or giveup: the frame already had
-        ``max_attempts`` attempts (0: no limit) and is now failed."""
+        stuck (failed by outlasting its time limit, until retried), giveup: the frame already had
+        ``max_attempts`` attempts (0: no limit) and is now failed; held (the job is paused), waiting
+        (on another job), or stale: the frame was queued again after this message was sent
+        (``generation``: the message's), by a resume or from a dead worker, and another message has it."""
         result = self._start(keys=[job_key(job_id), frames_key(job_id)],
-                             args=[worker, time.time(), self.ttl, max_attempts, *[str(f) for f in frames]])
+                             args=[worker, time.time(), self.ttl, max_attempts, generation,
+                                   *[str(f) for f in frames]])
         return dict(zip(frames, result))
 
     def interrupted(self, job_id: str, frames: list[int]) -> list[int]:
@@ -411,19 +664,64 @@ class JobStore:
         """The raw per-frame records (state ``s``, queued-at ``q``, started ``t0``...)."""
         return {int(f): json.loads(raw) for f, raw in self.r.hgetall(frames_key(job_id)).items()}
 
-    def reclaim(self, job_id: str, frames: list[int], dead_worker: str = "") -> list[int]:
+    def reclaim(self, job_id: str, frames: list[int], dead_worker: str = "", unsent: bool = True) -> list[int]:
         """Mark frames whose messages were lost, or (``dead_worker``) that were running on a worker
-        that died, as queued again; returns those it changed."""
+        that died, as queued again; returns those it changed. ``unsent``: the job's next ``feed``
+        sends them; False: the caller sends them itself."""
         out = self._reclaim(keys=[job_key(job_id), frames_key(job_id)],
-                            args=[time.time(), dead_worker, *map(str, frames)])
+                            args=[time.time(), dead_worker, "1" if unsent else "0", *map(str, frames)])
         return sorted(int(f) for f in out)
 
-    def requeue(self, job_id: str, states: tuple[str, ...]) -> list[int]:
-        """Put frames in ``states`` back to queued; the caller enqueues their chunks."""
-        out = self._requeue(keys=[job_key(job_id), frames_key(job_id)], args=[self.ttl, time.time(), *states])
+    def requeue(self, job_id: str, states: tuple[str, ...], to: str = QUEUED, unsent: bool = True) -> list[int]:
+        """Put frames in ``states`` back to ``to`` (queued, or waiting for a job that depends on others):
+        ``unsent``, the job's next ``feed`` sends them; else the caller enqueues them."""
+        out = self._requeue(keys=[job_key(job_id), frames_key(job_id)],
+                            args=[self.ttl, time.time(), to, "1" if unsent else "0", *states])
         if out == -1:
             raise JobNotFound(job_id)
         if out:
             self.r.sadd(ACTIVE_JOBS, job_id)
         order = {f: i for i, f in enumerate(self.spec(job_id).frames)}
         return sorted((int(f) for f in out), key=lambda f: order.get(f, f))
+
+    # --- scheduling: the job's share of the farm, pause, dependencies ---------------------------
+    def feed(self, spec: JobSpec, all_at_once: bool = False) -> tuple[int, list[int]]:
+        """Take the job's unsent frames that fit its share of the farm (``JobSpec.max_workers`` chunks
+        in flight, else twice the living workers' task slots), marking them sent: returns the job's
+        generation (which the messages carry) and those frames, for the caller to send.
+        ``all_at_once``: every unsent frame (a sequence's streams, a training run)."""
+        out = self._feed(keys=[job_key(spec.id), frames_key(spec.id), WORKER_SLOTS],
+                         args=[time.time(), max(1, spec.chunk), max(0, spec.max_workers), "1" if all_at_once else "0"])
+        return int(out[0]), [int(f) for f in out[1:]]
+
+    def pause(self, job_id: str) -> int:
+        """Hold the job's queued frames (running ones finish their current frame, then hold the
+        rest); returns how many were held."""
+        n = self._pause(keys=[job_key(job_id), frames_key(job_id)])
+        if n < 0:
+            raise JobNotFound(job_id)
+        return n
+
+    def resume(self, job_id: str) -> int:
+        """Queue the held frames again (unsent: the caller feeds the job); returns how many."""
+        n = self._resume(keys=[job_key(job_id), frames_key(job_id)], args=[time.time()])
+        if n < 0:
+            raise JobNotFound(job_id)
+        if n:
+            self.r.sadd(ACTIVE_JOBS, job_id)
+        return n
+
+    def is_paused(self, job_id: str) -> bool:
+        return self.r.hget(job_key(job_id), "paused") == "1"
+
+    def hold(self, job_id: str, frames: list[int], worker: str) -> list[int]:
+        """A paused job's chunk hands back the frames it claimed and did not start: they are held."""
+        out = self._hold(keys=[job_key(job_id), frames_key(job_id)], args=[worker, *map(str, frames)])
+        return sorted(int(f) for f in out)
+
+    def release(self, job_id: str, frames: list[int]) -> list[int]:
+        """Frames whose dependencies are done: waiting -> queued (unsent); returns those changed."""
+        if not frames:
+            return []
+        out = self._release(keys=[job_key(job_id), frames_key(job_id)], args=[time.time(), *map(str, frames)])
+        return sorted(int(f) for f in out)

@@ -24,15 +24,27 @@ from dataclasses import dataclass
 
 import redis
 
-from mlfarm.keys import HOLDS_PREFIX, alive_key, holds_key
+from mlfarm.keys import HOLDS_PREFIX, WORKER_SLOTS, alive_key, holds_key
 
 #: Seconds a consumer may take from kombu's unacknowledged write to registering the message
 #: (the same thread, right after): a report older than that may predate the message.
 HOLD_MARGIN = 2.0
 
 
-def mark_alive(client: redis.Redis, worker: str, dead_after: float) -> None:
-    client.set(alive_key(worker), "1", ex=max(1, int(dead_after)))
+def mark_alive(client: redis.Redis, worker: str, dead_after: float, slots: int = 1) -> None:
+    """Renew ``worker``'s key; ``slots``: the tasks it runs at once, which the farm's share per job
+    counts (broker/jobs.py, feed)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.set(alive_key(worker), "1", ex=max(1, int(dead_after)))
+    pipe.hset(WORKER_SLOTS, worker, json.dumps({"n": max(1, slots), "exp": time.time() + dead_after}))
+    pipe.execute()
+
+
+def forget_gone(client: redis.Redis, now: float | None = None) -> int:
+    """Drop the slot counts of workers gone for a day (the reconciler calls it now and then)."""
+    now = time.time() if now is None else now
+    gone = [w for w, raw in client.hgetall(WORKER_SLOTS).items() if json.loads(raw).get("exp", 0) < now - 86400]
+    return client.hdel(WORKER_SLOTS, *gone) if gone else 0
 
 
 def dead(client: redis.Redis, workers: set[str]) -> set[str]:

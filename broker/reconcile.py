@@ -40,8 +40,9 @@ from mlfarm.settings import Settings
 from mlfarm.temporal import direction_of, stream_origin
 
 from .celery_app import CHUNK_TASK, PRIORITY_STEPS, QUEUES, TRAIN_TASK
-from .dispatch import enqueue
-from .jobs import ACTIVE_JOBS, QUEUED, RUNNING, JobNotFound, JobStore
+from .dependencies import release
+from .dispatch import feed
+from .jobs import ACTIVE_JOBS, HELD, QUEUED, RUNNING, WAITING, JobNotFound, JobStore
 from .liveness import Holdings, dead, holdings
 
 log = logging.getLogger(__name__)
@@ -158,9 +159,12 @@ def find_lost(client: redis.Redis, store: JobStore, grace: float, holders: Holdi
             continue
         if store.is_cancelled(job_id):
             continue
-        pending = {f: r for f, r in store.frame_records(job_id).items() if r.get("s") in (QUEUED, RUNNING)}
+        records = store.frame_records(job_id)
+        # Unsent frames (``u``) have no message on purpose: the job's next feed sends them.
+        pending = {f: r for f, r in records.items() if r.get("s") in (QUEUED, RUNNING) and not r.get("u")}
         if not pending:
-            client.srem(ACTIVE_JOBS, job_id)
+            if not any(r.get("s") in (QUEUED, WAITING, HELD) for r in records.values()):
+                client.srem(ACTIVE_JOBS, job_id)  # nothing left to send, release or resume
             continue
         start = stream_origin(spec.frames, spec.prompts) if spec.temporal == "sequence" else None
         stale = [f for f, r in pending.items()
@@ -197,7 +201,7 @@ def reconcile(app: Celery, settings: Settings, client: redis.Redis, store: JobSt
     for job_id, frames in _seen_twice(find, settle).items():
         reclaimed = store.reclaim(job_id, frames)
         if reclaimed:
-            enqueue(app, settings, store.spec(job_id), reclaimed)
+            feed(app, settings, store, store.spec(job_id))
             requeued[job_id] = reclaimed
             log.warning("job %s: frames %s had no chunk message that a living worker holds (the broker lost "
                         "it, or a worker dropped it unstarted when its broker connection broke or it was "
@@ -232,9 +236,28 @@ def requeue_orphans(app: Celery, settings: Settings, client: redis.Redis, store:
     for (job_id, worker), frames in found.items():
         reclaimed = store.reclaim(job_id, frames, dead_worker=worker)
         if reclaimed:
-            enqueue(app, settings, store.spec(job_id), reclaimed)
+            feed(app, settings, store, store.spec(job_id))
             requeued[job_id] += reclaimed
             log.warning("job %s: frames %s were running on worker %s, which has sent no heartbeat for %ss "
                         "(killed, out of memory, or its host is gone); queued them again", job_id,
                         ",".join(map(str, reclaimed)), worker, settings.worker_dead_after)
     return dict(requeued)
+
+
+def keep_moving(app: Celery, settings: Settings, store: JobStore, client: redis.Redis) -> dict[str, int]:
+    """Release what waits on jobs now done and send what fits each job's share: what workers do as
+    chunks end (worker/scheduling.py), done again for every active job in case one was missed (Redis
+    away as a chunk ended, a worker killed between recording a frame and releasing its dependents).
+    Returns the tasks sent per job."""
+    sent: dict[str, int] = {}
+    for job_id in client.smembers(ACTIVE_JOBS):
+        try:
+            spec = store.spec(job_id)
+        except JobNotFound:
+            continue
+        if spec.after or spec.after_frames:
+            release(app, settings, store, spec)
+        n = feed(app, settings, store, spec)
+        if n:
+            sent[job_id] = n
+    return sent

@@ -12,6 +12,8 @@ tests and the benchmarks; scripts use it the same way::
     status = farm.status(spec.id)      # JobStatus: state, counts, failed frames with reasons
     farm.cancel(spec.id)               # queued frames dropped, running ones stop at their next batch
     farm.retry(spec.id)                # failed and cancelled frames queued again; done ones stay
+    farm.pause(spec.id); farm.resume(spec.id)  # queued frames held, then queued again; none lost
+    mattes = farm.submit("sam2", ..., after_frames=spec.id)  # frame f once frame f of spec is done
 
 Everything is checked before anything is queued: the model exists, every option has the right
 type, choice and range, the patterns expand, the output lies under the storage root and the
@@ -32,8 +34,22 @@ from typing import Any
 
 from mlfarm.broker.celery_app import make_celery
 from mlfarm.broker.connection import broker_url, redis_client
-from mlfarm.broker.dispatch import enqueue
-from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobSpec, JobStatus, JobStore
+from mlfarm.broker.dependencies import DependencyError, check_dependencies, release
+from mlfarm.broker.dispatch import feed
+from mlfarm.broker.jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    HELD,
+    QUEUED,
+    RUNNING,
+    WAITING,
+    JobNotFound,
+    JobSpec,
+    JobStatus,
+    JobStore,
+    new_job_id,
+)
 from mlfarm.broker.registry import read_catalog
 from mlfarm.frames import PatternError, check_pattern, frame_path
 from mlfarm.models.options import validate_options
@@ -41,8 +57,8 @@ from mlfarm.prompts import PromptError, Prompts, check_prompts
 from mlfarm.settings import Settings, get_settings
 from mlfarm.storage import StorageError, confined_path
 
-__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Farm", "JobNotFound", "JobSpec", "JobStatus",
-           "SubmitError"]
+__all__ = ["CANCELLED", "DONE", "FAILED", "HELD", "QUEUED", "RUNNING", "WAITING", "Farm", "JobNotFound", "JobSpec",
+           "JobStatus", "SubmitError"]
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +147,9 @@ class Farm:
     def submit(self, model: str, input: str, output: str, frames: Sequence[int],
                options: Mapping[str, Any] | None = None, chunk: int | None = None, priority: int = 50,
                name: str = "", include_local: bool = True, prompts: Prompts | None = None,
-               image_size: tuple[int, int] | None = None, force: bool = False) -> JobSpec:
+               image_size: tuple[int, int] | None = None, force: bool = False,
+               after: Sequence[str] = (), after_frames: str = "", max_workers: int = 0,
+               job_id: str | None = None) -> JobSpec:
         """Queue ``frames`` of ``input`` through ``model`` into ``output``; SubmitError says why not.
 
         ``options`` are checked and typed against the model's description; ``chunk`` frames go in
@@ -141,6 +159,12 @@ class Farm:
         checked against the frames and the image (``image_size`` as (width, height), else read from
         the input's header where OpenImageIO is installed). Frames whose exact result is already on
         the storage are not rendered again (the frame cache) unless ``force``.
+
+        ``after``: jobs that must be done before any frame is queued (the job waits, nothing sent to
+        Celery); ``after_frames``: a job whose frame f must be done before frame f is queued (and
+        its neighbours, for a window model); unknown jobs and cycles are refused. ``max_workers``:
+        at most this many chunks of the job in flight at once (0: its share of the farm).
+        ``job_id``: a pipeline's own id for the job (default: a new random one).
         """
         desc = self.describe(model, include_local)
         typed = validate_options(desc, dict(options or {}))
@@ -172,14 +196,35 @@ class Farm:
             raise SubmitError("--chunk must be at least 1")
         if not 0 <= priority <= 100:
             raise SubmitError("priority must be between 0 and 100")
+        if max_workers < 0:
+            raise SubmitError("--max-workers must be 0 (no limit) or more")
+        after = [a for a in dict.fromkeys(str(a).strip() for a in after) if a]
+        if after_frames and temporal == "sequence":
+            raise SubmitError("model %s runs a shot's frames in order: it can wait on a whole job (--after), not "
+                              "frame by frame (--after-frames)" % model)
         spec = JobSpec(model=model, input=os.path.abspath(input), output=os.path.abspath(output),
                        frames=list(frames), options=typed, chunk=chunk, priority=priority,
                        queue="cpu" if desc.get("device") == "cpu" else "gpu",
                        model_version=str(desc.get("version", "")), name=name, temporal=temporal,
-                       prompts=prompts.to_json() if prompts is not None else None, force=bool(force))
+                       prompts=prompts.to_json() if prompts is not None else None, force=bool(force),
+                       after=after, after_frames=after_frames,
+                       after_reach=int(desc.get("window", 0)) if after_frames and temporal == "window" else 0,
+                       max_workers=int(max_workers), id=job_id or new_job_id())
+        if job_id is not None and self.store.exists(job_id):
+            raise SubmitError("a job %s exists already" % job_id)
+        try:
+            check_dependencies(self.store, spec)
+        except DependencyError as exc:
+            raise SubmitError(str(exc)) from None
         self.store.create(spec)
-        tasks = self._enqueue(spec, spec.frames)
-        log.info("job %s: %d frames of %s queued in %d tasks", spec.id, len(spec.frames), model, tasks)
+        if spec.after or spec.after_frames:
+            released = release(self.app, self.settings, self.store, spec)
+            log.info("job %s: %d frames of %s, %d released now, the rest wait on %s", spec.id, len(spec.frames),
+                     model, len(released), ", ".join(spec.after + [spec.after_frames] if spec.after_frames
+                                                     else spec.after))
+        else:
+            tasks = feed(self.app, self.settings, self.store, spec)
+            log.info("job %s: %d frames of %s, %d tasks sent", spec.id, len(spec.frames), model, tasks)
         return spec
 
     def _check_prompts(self, model: str, desc: Mapping[str, Any], prompts: Prompts | None, input: str,
@@ -199,9 +244,6 @@ class Farm:
         except PromptError as exc:
             raise SubmitError("prompts: %s" % exc) from None
 
-    def _enqueue(self, spec: JobSpec, frames: list[int]) -> int:
-        return enqueue(self.app, self.settings, spec, frames)
-
     # --- following and changing jobs -----------------------------------------------------
     def status(self, job_id: str) -> JobStatus:
         """Where the job stands; JobNotFound once its record expired (MLFARM_JOB_TTL) or never was."""
@@ -212,12 +254,30 @@ class Farm:
         return self.store.cancel(job_id)
 
     def retry(self, job_id: str, failed_only: bool = False) -> list[int]:
-        """Requeue failed frames (and, unless ``failed_only``, cancelled ones); done frames stay."""
+        """Requeue failed frames (and, unless ``failed_only``, cancelled ones); done frames stay. A job
+        that waits on others waits again for what is not done there."""
         states = (FAILED,) if failed_only else (FAILED, CANCELLED)
-        frames = self.store.requeue(job_id, states)
+        spec = self.store.spec(job_id)
+        depends = bool(spec.after or spec.after_frames)
+        frames = self.store.requeue(job_id, states, to=WAITING if depends else QUEUED)
         if frames:
-            self._enqueue(self.store.spec(job_id), frames)
+            if depends:
+                release(self.app, self.settings, self.store, spec)
+            else:
+                feed(self.app, self.settings, self.store, spec)
         return frames
+
+    def pause(self, job_id: str) -> int:
+        """Hold the job: queued frames are neither run nor lost, running chunks finish the frame they
+        are on and hold the rest (a sequence stops at a frame boundary). Returns the frames held now."""
+        return self.store.pause(job_id)
+
+    def resume(self, job_id: str) -> int:
+        """Queue a paused job's held frames again (a sequence goes on from its last written frame);
+        returns how many."""
+        n = self.store.resume(job_id)
+        feed(self.app, self.settings, self.store, self.store.spec(job_id))
+        return n
 
     def jobs(self, limit: int = 20) -> list[JobStatus]:
         return [self.store.status(j) for j in self.store.list_jobs(limit)]

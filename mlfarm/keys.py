@@ -25,6 +25,11 @@ def frames_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:frames"
 
 
+def dependents_key(job_id: str) -> str:
+    """The jobs that wait on ``job_id`` (``--after``, ``--after-frames``): released as its frames end."""
+    return f"{PREFIX}:job:{job_id}:dependents"
+
+
 # --- the frame cache (worker/frame_cache.py) ----------------------------------------------------
 CACHE_TTL = 90 * 86400  # how long an output stays findable by its key after it was last written or found
 
@@ -35,6 +40,9 @@ def cache_key(frame_key: str) -> str:
 
 
 # --- workers ---------------------------------------------------------------------------------
+#: Each living worker process's task slots, {"n": slots, "exp": expiry}: a job's default share of
+#: the farm (broker/jobs.py, feed) is twice the farm's slots.
+WORKER_SLOTS = PREFIX + ":workers:slots"
 ALIVE_PREFIX = PREFIX + ":alive:"  # renewed by each worker; frame records ask it who is silent
 HOLDS_PREFIX = PREFIX + ":holds:"  # the task messages each worker's consumer holds
 WORKER_STATS_TTL = 86400  # a gone worker's metrics linger a day for Flower and wranglers

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlfarm.broker.jobs import CACHED, DONE, FAILED, RUNNING, JobStatus
+from mlfarm.broker.jobs import CACHED, DONE, FAILED, RUNNING, JobStatus, describe_wait
 from mlfarm.frames import format_frames
 
 
@@ -68,6 +68,15 @@ def status_table(status: JobStatus) -> Table:
     if cached:
         table.add_row("cached", f"{format_frames(cached)}: already on the storage, not rendered again "
                                 "(submit with --force to render them)")
+    if spec.after or spec.after_frames:
+        table.add_row("after", ", ".join(spec.after + ([f"{spec.after_frames} (frame by frame)"]
+                                                        if spec.after_frames else [])))
+    for wait in status.waiting_on:
+        table.add_row("[yellow]waiting on", describe_wait(wait))
+    if spec.max_workers:
+        table.add_row("max workers", f"{spec.max_workers} chunk{'s' if spec.max_workers > 1 else ''} in flight")
+    if status.paused:
+        table.add_row("[yellow]paused", f"mlfarm resume {spec.id} queues its held frames again")
     eta = status.eta_seconds()
     if eta is not None:
         table.add_row("eta", f"{eta:.0f}s")

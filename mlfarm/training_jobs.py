@@ -96,7 +96,7 @@ def submit_training(farm: Any, config: TrainConfig, resume: bool = False, explic
     spec = JobSpec(model=config.name, input=config.data, output=str(folder), frames=list(range(done + 1,
                    config.epochs + 1)), options=config.to_dict(), chunk=config.epochs - done, priority=priority,
                    queue="train", kind="train", name=name or f"train {config.name}")
-    farm.store.create(spec)
+    farm.store.create(spec, unsent=False)  # its one task is sent here
     enqueue_training(farm.app, farm.settings, spec)
     log.info("job %s: training %s (%s), epochs %d-%d", spec.id, config.name, config.template, done + 1, config.epochs)
     return spec

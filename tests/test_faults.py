@@ -146,7 +146,7 @@ def test_a_chunk_a_worker_holds_for_later_is_not_lost_when_its_broker_connection
     plate = make_plate(harness.storage / "plate", [1, 2])
     spec = JobSpec(model="passthrough", input=plate, output=str(harness.storage / "out" / "o.####.exr"),
                    frames=[1, 2], queue="cpu")
-    client.store.create(spec)
+    client.store.create(spec, unsent=False)
     app = make_celery(harness.settings(), harness.url)
     app.send_task(CHUNK_TASK, kwargs={"job_id": spec.id, "model": spec.model, "frames": "1,2"}, queue="cpu",
                   countdown=60)
@@ -348,7 +348,7 @@ def test_frames_whose_message_was_lost_are_queued_again_and_nothing_is_doubled(f
     plate = make_plate(farm.storage / "plate", range(1, 7))
     lost = JobSpec(model="passthrough", input=plate, output=str(farm.storage / "lost" / "o.####.exr"),
                    frames=[1, 2, 3], queue="cpu")
-    client.store.create(lost)  # the record exists, its messages never reached a queue
+    client.store.create(lost, unsent=False)  # the record exists, its messages never reached a queue
     backlog = client.submit("passthrough", plate, str(farm.storage / "backlog" / "o.####.exr"), [4, 5, 6],
                             chunk=1)
     time.sleep(1.5)  # both are now older than the grace; only the first is uncovered
@@ -372,7 +372,7 @@ def test_frames_lost_just_before_a_reconnect_are_found_once_the_grace_has_passed
     worker = farm.start_worker()  # connecting kicks its reconciler: the first look comes 5 s later
     lost = JobSpec(model="passthrough", input=plate, output=str(farm.storage / "lost" / "o.####.exr"),
                    frames=[1, 2, 3], queue="cpu")
-    client.store.create(lost)  # the record exists, its messages never reached a queue
+    client.store.create(lost, unsent=False)  # the record exists, its messages never reached a queue
     status = farm.wait_job(lost.id, timeout=60)  # far less than the 300 s interval
     assert status.state == "done", status.summary()
     worker.wait_log(f"job {lost.id}: frames 1,2,3 had no chunk message")
@@ -433,7 +433,7 @@ def test_lost_frame_detection_reads_real_broker_messages_for_chunks_and_training
                      frames=list(range(1, 9)), chunk=2, queue="cpu")
     train = JobSpec(model="grade", input="", output="", frames=[1, 2, 3], kind="train", queue="train")
     for spec in (render, train):
-        client.store.create(spec)
+        client.store.create(spec, unsent=False)
     enqueue(app, farm.settings(), render, [1, 2, 5, 6])  # chunks 3-4 and 7-8 "lost"
     time.sleep(0.3)
     assert find_lost(client.redis, client.store, grace=0.1) == {render.id: [3, 4, 7, 8], train.id: [1, 2, 3]}
@@ -469,7 +469,7 @@ def test_a_taken_message_covers_its_frames_only_while_a_living_worker_holds_it(f
     app = make_celery(farm.settings(), farm.url)
     spec = JobSpec(model="passthrough", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
                    frames=[1, 2, 3, 4], chunk=2, queue="cpu")
-    store.create(spec)
+    store.create(spec, unsent=False)
     enqueue(app, farm.settings(), spec, spec.frames)
     message = take_without_acknowledging(app, "cpu")
     task_id = message.headers["id"]
@@ -495,7 +495,7 @@ def test_a_taken_message_covers_its_frames_only_while_a_living_worker_holds_it(f
 
     # A training run's message likewise: taken and dropped, its epochs wait for nobody.
     train = JobSpec(model="grade", input="", output="", frames=[1, 2, 3], kind="train", queue="train")
-    store.create(train)
+    store.create(train, unsent=False)
     app.send_task(TRAIN_TASK, kwargs={"job_id": train.id}, queue="train")
     taken = take_without_acknowledging(app, "train")
     time.sleep(0.3)
@@ -604,7 +604,7 @@ def test_only_frames_of_workers_whose_heartbeat_is_gone_count_as_orphaned(farm):
     store, r = client.store, client.redis
     spec = JobSpec(model="passthrough", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
                    frames=list(range(1, 7)), chunk=2, queue="cpu")
-    store.create(spec)
+    store.create(spec, unsent=False)
     store.start_frames(spec.id, [1, 2], "alive@a:1")
     store.start_frames(spec.id, [3, 4], "dead@b:2")
     store.finish_frame(spec.id, 4, "done", worker="dead@b:2")

@@ -116,7 +116,7 @@ def test_interrupted_names_the_frames_a_dead_worker_left_running(farm):
     store = farm.farm().store
     spec = JobSpec(model="passthrough", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
                    frames=[1, 2, 3, 4], chunk=2, queue="cpu")
-    store.create(spec)
+    store.create(spec, unsent=False)
     assert store.interrupted(spec.id, [1, 2, 3, 4]) == []  # queued: a first delivery
     store.start_frames(spec.id, [1, 2, 3], "dead@host")
     store.finish_frame(spec.id, 1, DONE, worker="dead@host")

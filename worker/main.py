@@ -112,9 +112,13 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
     app = make_celery(settings, url)
     app.conf.worker_consumer = f"{ReconnectingConsumer.__module__}:{ReconnectingConsumer.__name__}"
     app.mlfarm_process = process  # Celery builds the pool itself: TaskThreads finds the process on its app
+    process.app = app
     register_tasks(app, process)
     install_reconciler(app, Reconciler(app, settings, url, hostname))
     reports = contextlib.ExitStack()  # until the process ends, a warm shutdown's last chunks included
+    # One process renders (solo or threads pool): its runtime, and with it its heartbeat and task
+    # slots (which size every job's share of the farm), start now, not with its first chunk.
+    renders_here = concurrency == 1
 
     @worker_ready.connect(weak=False)
     def _publish(sender: Any, **_: object) -> None:
@@ -125,6 +129,8 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int = 1, gpu:
         reports.enter_context(reporting_holdings(client, hostname, settings.worker_dead_after))
         descriptions = Catalog.from_settings(settings).describe_all()
         publish_catalog(client, descriptions, hostname)
+        if renders_here:
+            process.runtime()
         pinned = f" pinned to GPU {gpu} (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
             if gpu is not None else ""
         if cpus:

@@ -55,11 +55,12 @@ class ChunkResult:
     skipped: list[int] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)  # of ``done``: found on the storage, not rendered
+    held: list[int] = field(default_factory=list)  # handed back unstarted: the job was paused
 
     def to_dict(self) -> dict[str, Any]:
         return {"done": format_frames(self.done), "failed": {str(k): v for k, v in self.failed.items()},
                 "skipped": format_frames(self.skipped), "cancelled": format_frames(self.cancelled),
-                "cached": format_frames(self.cached)}
+                "cached": format_frames(self.cached), "held": format_frames(self.held)}
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ChunkRun:
     direction: str | None = None  # a sequence model's stream: "forward" or "backward"
     enqueue: Callable[[list[int]], int] | None = None  # queues frames of this job (a sequence's next segment)
     frame_cache: FrameCache | None = None  # finds frames already rendered; None: every frame renders
+    generation: int = 0  # the job's generation when this chunk was sent (JobStore.start_frames: stale)
     result: ChunkResult = field(default_factory=ChunkResult)
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "infer": 0.0, "write": 0.0,
                                                                       "cache": 0.0})
@@ -92,7 +94,8 @@ class ChunkRun:
     def unfinished(self) -> list[int]:
         """Claimed frames with no outcome yet: what a chunk that dies must hand back."""
         r = self.result
-        return [f for f in self.claimed if f not in r.failed and f not in r.done and f not in r.cancelled]
+        return [f for f in self.claimed
+                if f not in r.failed and f not in r.done and f not in r.cancelled and f not in r.held]
 
     @property
     def label(self) -> str:
@@ -283,13 +286,14 @@ class ChunkRun:
     def run(self, cache: ModelCache) -> ChunkResult:
         for mw in self.middleware:
             mw.before_chunk(self)
-        claims = self.store.start_frames(self.spec.id, self.frames, self.worker, self.settings.max_attempts)
+        claims = self.store.start_frames(self.spec.id, self.frames, self.worker, self.settings.max_attempts,
+                                         self.generation)
         todo = self.claimed
         for f in self.frames:
             state = claims.get(f)
             if state == "run":
                 todo.append(f)
-            elif state == "skip":
+            elif state in ("skip", "held", "waiting", "stale"):  # done, paused, or another message's now
                 self.result.skipped.append(f)
             elif state == "cancelled":
                 self.result.cancelled.append(f)
@@ -327,12 +331,18 @@ class ChunkRun:
     def channels(self, model: BaseModel) -> int:
         return next(iter(model.inputs.values()), 4) or 4
 
-    def cancelled_now(self, frames: list[int]) -> bool:
-        """Whether the job was cancelled; if so ``frames`` are recorded cancelled."""
-        if not self.store.is_cancelled(self.spec.id):
-            return False
-        self._cancel_rest(frames)
-        return True
+    def halted_now(self, frames: list[int]) -> bool:
+        """Whether the job was cancelled or paused since the chunk started: if so ``frames`` (claimed,
+        not started) are recorded cancelled, or held until ``mlfarm resume``."""
+        if self.store.is_cancelled(self.spec.id):
+            self._cancel_rest(frames)
+            return True
+        if self.store.is_paused(self.spec.id):
+            held = self.store.hold(self.spec.id, frames, self.worker)
+            self.result.held.extend(held)
+            log.info("job %s paused: frames %s held", self.spec.id, format_frames(held))
+            return True
+        return False
 
     def _cancel_rest(self, frames: list[int]) -> None:
         for f in frames:

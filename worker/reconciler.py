@@ -7,7 +7,9 @@ broker outage only count as lost once they are older than the grace, and waiting
 interval would leave them for minutes. Every half ``MLFARM_WORKER_DEAD_AFTER`` it also looks for
 frames still "running" on a worker that has died (broker/liveness.py). Neither heartbeats nor the
 workers' reports of the messages they hold are trusted within that time of an outage, when none
-could get through. A Redis lock lets only one worker of the farm do it at a time.
+could get through. At that pace too it keeps jobs moving (``keep_moving``): it releases frames
+whose dependencies are done and sends what fits each job's share, which chunks do as they end, in
+case one could not. A Redis lock lets only one worker of the farm do it at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from celery import Celery, bootsteps
 
 from mlfarm.broker.connection import redis_client
 from mlfarm.broker.jobs import JobStore
-from mlfarm.broker.reconcile import reconcile, requeue_orphans
+from mlfarm.broker.liveness import forget_gone
+from mlfarm.broker.reconcile import keep_moving, reconcile, requeue_orphans
 from mlfarm.keys import RECONCILE_LOCK
 from mlfarm.settings import Settings
 
@@ -80,6 +83,8 @@ class Reconciler(threading.Thread):
                         requeue_orphans(self.app, self.settings, client, store)
                     if full:
                         reconcile(self.app, self.settings, client, store, judge_holders=judge)
+                        forget_gone(client)
+                    keep_moving(self.app, self.settings, store, client)
             except redis.RedisError as exc:  # the broker is away; the next reconnect kicks us again
                 log.info("reconciler: %s", exc)
                 judge_after = time.monotonic() + dead_after

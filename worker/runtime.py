@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
@@ -30,6 +31,7 @@ from .heartbeat import beating
 from .lanes import LanePools, start_io
 from .middleware import Middleware, default_middleware
 from .model_cache import ModelCache
+from .scheduling import Scheduling
 from .sharing import TaskGate
 from .watchdog import Watchdog
 
@@ -97,6 +99,8 @@ class WorkerProcess:
     #: running chunks stop at their next batch and hand their other frames back. (With the solo
     #: pool Celery raises inside the running task instead.)
     stop_now: threading.Event = field(default_factory=threading.Event)
+    #: The Celery app its tasks run in: chunks that end send their job's next ones (worker/scheduling.py).
+    app: Any = None
     _runtime: Runtime | None = field(default=None, init=False, repr=False)
     _building: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -117,14 +121,18 @@ def _build_runtime(process: WorkerProcess) -> Runtime:
     client = redis_client(broker_url(settings), patient=True, role="worker")
     catalog = Catalog.from_settings(settings)
     name = f"{process.name}:{os.getpid()}"
+    store = JobStore(client, settings.job_ttl)
+    middleware = default_middleware(client, name)
+    if process.app is not None:
+        middleware.append(Scheduling(process.app, settings, store))
     rt = Runtime(
         settings=settings,
         client=client,
-        store=JobStore(client, settings.job_ttl),
+        store=store,
         catalog=catalog,
         cache=ModelCache(catalog, settings.model_cache_size, settings.device, settings),
         io=start_io(settings),
-        middleware=default_middleware(client, name),
+        middleware=middleware,
         worker=name,
         frame_cache=FrameCache(client, settings),
         stop_consuming=process._stop_consuming,
@@ -132,7 +140,7 @@ def _build_runtime(process: WorkerProcess) -> Runtime:
     )
     # Beats for the life of the process: one killed outright stops, and the reconciler queues the
     # frames it was rendering again (broker/liveness.py).
-    beat = functools.partial(mark_alive, client, name, settings.worker_dead_after)
+    beat = functools.partial(mark_alive, client, name, settings.worker_dead_after, settings.worker_threads)
     beat()
     rt.liveness.enter_context(beating(beat, settings.worker_dead_after / 4, "alive"))
     return rt

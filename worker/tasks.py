@@ -12,7 +12,7 @@ from celery import Celery
 from celery.exceptions import Reject
 
 from mlfarm.broker.celery_app import CHUNK_TASK
-from mlfarm.broker.dispatch import enqueue
+from mlfarm.broker.dispatch import enqueue, feed
 from mlfarm.frames import format_frames, parse_frames
 
 from .interactive import register_interactive
@@ -56,7 +56,7 @@ def hand_back(app: Celery, rt: Any, run: ChunkRun, exc: BaseException) -> None:
     try:
         reclaimed = rt.store.reclaim(run.spec.id, frames)
         if reclaimed:
-            enqueue(app, rt.settings, run.spec, reclaimed)
+            feed(app, rt.settings, rt.store, run.spec)
         log.warning("job %s: chunk %s stopped (%s: %s); frames %s queued again", run.spec.id, run.label,
                     type(exc).__name__, exc, format_frames(reclaimed))
     except Exception:  # the worker is going down anyway; the reconciler will find these frames
@@ -72,15 +72,18 @@ def register_tasks(app: Celery, process: WorkerProcess) -> None:
     register_training(app, TASK_POLICY, process)  # training runs on the train queue
 
     @app.task(name=CHUNK_TASK, **TASK_POLICY)
-    def chunk(self: Any, job_id: str, model: str, frames: str, direction: str | None = None) -> dict[str, Any]:
+    def chunk(self: Any, job_id: str, model: str, frames: str, direction: str | None = None,
+              generation: int = 0) -> dict[str, Any]:
         """Render ``frames`` (e.g. "1001-1004") of job ``job_id`` with ``model``; for a sequence model,
-        the segment of its ``direction``'s stream (forward or backward) those frames are."""
+        the segment of its ``direction``'s stream (forward or backward) those frames are.
+        ``generation``: the job's when this was sent (frames queued again since are not ours)."""
         rt = process.runtime()
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
                        settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=process.stop_now,
                        watchdog=rt.watchdog, direction=direction, frame_cache=rt.frame_cache,
-                       enqueue=functools.partial(enqueue, self.app, rt.settings, spec))
+                       generation=generation,
+                       enqueue=functools.partial(enqueue, self.app, rt.settings, spec, generation=generation))
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
         # the process ends (worker/watchdog.py), since the stuck thread would otherwise never return.
         # The same hand-back releases the chunk if it is still running when the process ends.

@@ -207,7 +207,7 @@ def _stopped(rt: Runtime, spec: JobSpec, stop: Stopped) -> str:
         return "cancelled"
     if stop.reason == "worker shutting down":
         log.info("job %s: worker stopping; checkpoint at step %d, back on the queue", spec.id, step)
-        store.requeue(spec.id, (RUNNING,))
+        store.requeue(spec.id, (RUNNING,), unsent=False)  # the same message comes back
         raise Reject("worker shutting down; resumes from its checkpoint", requeue=True)
     reason = (f"time limit of {rt.settings.train_time_limit}s reached at step {step} (checkpoint "
               f"{stop.progress.checkpoint}); `mlfarm retry {spec.id}` resumes from it")

@@ -1,4 +1,5 @@
-"""The ``mlfarm`` group and its farm commands: up, worker, models, submit, status, jobs, cancel, retry, demo."""
+"""The ``mlfarm`` group and its farm commands: up, worker, models, submit, status, jobs, cancel, pause, resume,
+retry, demo."""
 
 from __future__ import annotations
 
@@ -151,10 +152,19 @@ def _planes(planes: dict[str, Any]) -> str:
 @click.option("--force", is_flag=True, help="Render every frame, also those whose exact result (same model, "
               "weights, options and input pixels) is already on the storage; by default those are skipped "
               "and counted as cached.")
+@click.option("--after", default="", metavar="JOB[,JOB...]", help="Wait until these jobs are done: the job is "
+              "recorded (state waiting) but nothing is queued until then. If one fails or is cancelled, it keeps "
+              "waiting and status says on which.")
+@click.option("--after-frames", default="", metavar="JOB", help="Frame by frame: frame f is queued as soon as "
+              "frame f of JOB is done (with its neighbours, for a window model), e.g. a matte pass on a render "
+              "still running.")
+@click.option("--max-workers", type=int, default=0, show_default=True, help="At most this many chunks of the job "
+              "in flight at once (0: no limit beyond its share: jobs of one priority take turns).")
 @click.option("--wait", is_flag=True, help="Follow the job; exit 0 only if every frame is done.")
 @click.option("--json", "as_json", is_flag=True)
 def submit(input_: str, frames: str, model: str, options: tuple[str, ...], output: str, chunk: int | None,
-           priority: int, name: str, prompt_args: tuple[str, ...], force: bool, wait: bool, as_json: bool) -> None:
+           priority: int, name: str, prompt_args: tuple[str, ...], force: bool, after: str, after_frames: str,
+           max_workers: int, wait: bool, as_json: bool) -> None:
     """Submit a shot: one task per chunk of frames (a sequence model: one stream per direction)."""
     from mlfarm.client import SubmitError
     from mlfarm.frames import PatternError, parse_frames
@@ -165,14 +175,18 @@ def submit(input_: str, frames: str, model: str, options: tuple[str, ...], outpu
     try:
         prompts = load(prompt_args) if prompt_args else None
         spec = farm.submit(model, input_, output, parse_frames(frames), parse_option_args(options), chunk,
-                           priority, name, prompts=prompts, force=force)
+                           priority, name, prompts=prompts, force=force,
+                           after=[a for a in after.split(",") if a.strip()], after_frames=after_frames.strip(),
+                           max_workers=max_workers)
     except (SubmitError, OptionError, PatternError, PromptError) as exc:
         raise FarmError(str(exc)) from None
     if not wait:
         if as_json:
             click.echo(json.dumps({"id": spec.id, "frames": len(spec.frames), "output": spec.output}))
         else:
-            console.print(f"job {spec.id}: {len(spec.frames)} frames of {model} queued -> {spec.output}")
+            waits = ", ".join(spec.after + ([f"frames of {spec.after_frames}"] if spec.after_frames else []))
+            how = f"waiting on {waits}" if waits else "queued"
+            console.print(f"job {spec.id}: {len(spec.frames)} frames of {model} {how} -> {spec.output}")
         return
     wait_and_exit(farm, spec.id, as_json)
 
@@ -214,6 +228,34 @@ def cancel(job_id: str) -> None:
     except JobNotFound as exc:
         raise FarmError(str(exc)) from None
     console.print(f"job {job_id}: cancelled ({n} queued frames dropped)")
+
+
+@main.command()
+@click.argument("job_id")
+def pause(job_id: str) -> None:
+    """Pause a job: queued frames are held (not run, not lost); running chunks finish their current frame
+    and hold the rest; a sequence stops at a frame boundary."""
+    from mlfarm.broker.jobs import JobNotFound
+
+    try:
+        n = connect().pause(job_id)
+    except JobNotFound as exc:
+        raise FarmError(str(exc)) from None
+    console.print(f"job {job_id}: paused ({n} queued frames held; running ones finish their current frame). "
+                  f"mlfarm resume {job_id} queues them again")
+
+
+@main.command()
+@click.argument("job_id")
+def resume(job_id: str) -> None:
+    """Resume a paused job: its held frames are queued again (a sequence goes on from its last written frame)."""
+    from mlfarm.broker.jobs import JobNotFound
+
+    try:
+        n = connect().resume(job_id)
+    except JobNotFound as exc:
+        raise FarmError(str(exc)) from None
+    console.print(f"job {job_id}: resumed ({n} frames queued again)")
 
 
 @main.command()

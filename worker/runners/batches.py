@@ -77,8 +77,8 @@ def pump(run: Any, model: Any, todo: list[int], prefetch: Callable[[int], None],
                     run._fail(frame, describe_error(exc))
             if not batch:
                 continue
-            # start_frames already saw the cancel flag for the first batch; later batches look again.
-            if checked_cancel and run.cancelled_now([f for f, _ in batch] + list(pending) + list(waiting)):
+            # start_frames already saw the cancel and pause flags for the first batch; later ones look again.
+            if checked_cancel and run.halted_now([f for f, _ in batch] + list(pending) + list(waiting)):
                 pending.clear()
                 waiting.clear()
                 break

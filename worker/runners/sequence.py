@@ -168,9 +168,8 @@ def _stream(chunk: Any, model: Any, todo: list[int], rendering: list[int], direc
         while reads:
             frame, fut = reads.popleft()
             refill()
-            if chunk.store.is_cancelled(spec.id):
-                chunk._cancel_rest([f for f in [frame, *(f for f, _ in reads), *waiting] if f in wanted])
-                cancelled = True
+            if chunk.halted_now([f for f in [frame, *(f for f, _ in reads), *waiting] if f in wanted]):
+                cancelled = True  # or paused: the stream resumes from its last written frame
                 break
             if chunk.stop.is_set():
                 stopped = True
@@ -218,7 +217,7 @@ def _hand_on(chunk: Any, direction: str, todo: list[int], order: list[int]) -> N
     spec = chunk.spec
     unfinished = chunk.unfinished
     if unfinished:
-        chunk.store.reclaim(spec.id, unfinished)
+        chunk.store.reclaim(spec.id, unfinished, unsent=False)  # sent just below
         chunk.handed_back = True
     records = chunk.store.frame_records(spec.id)
     after = order[order.index(in_order(direction, todo)[-1]) + 1:] if todo else []
