@@ -170,13 +170,17 @@ def _script_range() -> tuple:
 def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
            frames: Union[None, str, Sequence[int]] = None, chunk: Optional[int] = None, priority: int = 50,
            output: Optional[str] = None, shot: Optional[str] = None, farm: Any = None,
-           watch: bool = True, prompts_json: Optional[str] = None, force: bool = False) -> Submission:
+           watch: bool = True, prompts_json: Optional[str] = None, force: bool = False,
+           wait_for: str = "") -> Submission:
     """Submit ``node``'s frames to the farm and create a Read node for the results.
 
     ``frames``: None (the node's range), a string such as ``1001-1100x2``, or a list. A Read of EXRs
     on shared storage is read by the farm directly; any other node is first rendered to EXR under the
     storage root. Everything that can be checked is checked before rendering or queueing anything.
     ``force``: render every frame, also those whose exact result the farm already has.
+    ``wait_for``: for the results Read of an earlier job, ``"job"`` waits until that job is done,
+    ``"frames"`` queues each frame as soon as the same frame of it is done (its files need not
+    exist yet); ``""`` submits at once.
     """
     farm = farm or connect()
     settings = farm.settings
@@ -192,13 +196,19 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
     except PatternError as exc:
         raise PlanError(str(exc)) from None
     farm.check_output(out)
+    parent = upstream_job(node) if wait_for else ""
+    if wait_for and not parent:
+        raise PlanError("%s is not the results Read of a farm job: there is no job to wait for" % node.name())
+    if wait_for not in ("", "job", "frames"):
+        raise PlanError("wait_for is job, frames or empty, not %r" % wait_for)
     file_frames = None  # type: Optional[List[int]]
     if source is not None and timing is not None and timing.shift() is not None:
         file_frames = timing.file_frames(frame_list)
         if not file_frames:
             raise PlanError("%s shows none of its files at frames %s (black outside %d-%d)"
                             % (node.name(), format_frames(frame_list), timing.first, timing.last))
-        check_frames_exist(source, file_frames)
+        if not parent:  # a job it waits on writes them later
+            check_frames_exist(source, file_frames)
     if file_frames is not None and reads_directly(node.Class(), source, settings.nuke_read_roots):
         # The farm reads the files themselves: submit their frame numbers, and give the results Read
         # the source's timing so each result lines up with its plate frame in the comp.
@@ -212,7 +222,8 @@ def submit(node: Any, model: str, options: Optional[Dict[str, Any]] = None,
         spec = farm.submit(model, input_pattern, out, job_frames, typed, chunk, priority,
                            name="%s %s" % (shot, node.name()), include_local=False, prompts=prompts,
                            image_size=(node.width(), node.height()) if prompts is not None else None,
-                           force=force)
+                           force=force, after=[parent] if wait_for == "job" else [],
+                           after_frames=parent if wait_for == "frames" else "")
     except Exception:
         if rendered:  # refused (e.g. the chunk size): the render made for it goes too
             shutil.rmtree(os.path.dirname(input_pattern), ignore_errors=True)
@@ -327,7 +338,15 @@ def create_results_read(source: Any, spec: Any, description: Dict[str, Any], ren
     read.addKnob(nuke.PyScript_Knob("mlfarm_retry", "Retry failed", call % "retry_failed_command"))
     read.addKnob(nuke.PyScript_Knob("mlfarm_refresh", "Refresh", call % "refresh_node_command"))
     read.addKnob(nuke.PyScript_Knob("mlfarm_cancel", "Cancel job", call % "cancel_job_command"))
+    read.addKnob(nuke.PyScript_Knob("mlfarm_pause", "Pause", call % "pause_job_command"))
+    read.addKnob(nuke.PyScript_Knob("mlfarm_resume", "Resume", call % "resume_job_command"))
     return read
+
+
+def upstream_job(node: Any) -> str:
+    """The job whose results ``node`` reads (a results Read), or ""."""
+    knob = node.knob(JOB_KNOB) if node.Class() == "Read" else None
+    return knob.value() if knob is not None else ""
 
 
 # --- progress --------------------------------------------------------------------------------------
@@ -408,6 +427,22 @@ def cancel_job(read: Any, farm: Any = None) -> int:
     return dropped
 
 
+def pause_job(read: Any, farm: Any = None) -> int:
+    """Pause a results Read's job: queued frames are held, running ones finish the frame they are on."""
+    farm = farm or connect()
+    held = _job_call(read, farm, farm.pause)
+    refresh_node(read, farm)
+    return held
+
+
+def resume_job(read: Any, farm: Any = None) -> int:
+    """Resume a results Read's paused job: its held frames are queued again."""
+    farm = farm or connect()
+    queued = _job_call(read, farm, farm.resume)
+    refresh_node(read, farm)
+    return queued
+
+
 # --- the panel ----------------------------------------------------------------------------------------
 def make_knob(spec: KnobSpec) -> Any:
     """The Nuke knob for one model option."""
@@ -456,6 +491,17 @@ class _SubmitPanel(object):
         for knob in (self.model, self.frame_mode, self.custom, self.chunk, self.priority, self.shot, self.output,
                      self.skip_rendered):
             self.addKnob(knob)
+        # The results Read of an earlier job as the input: offer to wait for that job.
+        self.parent_job = upstream_job(node)
+        self.wait_for = None  # type: Any
+        if self.parent_job:
+            choices = list(WAIT_CHOICES)
+            self.wait_for = nuke.Enumeration_Knob("wait_for", "wait for job %s" % self.parent_job, choices)
+            self.addKnob(self.wait_for)
+            self.wait_for.setValue(default_wait(farm, self.parent_job))
+            self.wait_for.setTooltip("whole job: nothing is queued until job %s is done. frame by frame: each "
+                                     "frame is queued as soon as the same frame of it is done. no: submit now "
+                                     "(its frames must exist already)." % self.parent_job)
         self.skip_rendered.setValue(True)  # the farm's frame cache: same model, options and pixels
         self.skip_rendered.setTooltip("Frames whose exact result (same model, weights, options and input "
                                       "pixels) is already on the storage are taken from there, not rendered. "
@@ -519,7 +565,21 @@ class _SubmitPanel(object):
     def submit(self, watch: bool = True) -> Submission:
         return submit(self.node, self.model.value(), self.options(), self.frames(), int(self.chunk.value()),
                       int(self.priority.value()), self.output.value(), self.shot.value(), self.farm, watch,
-                      self.prompts_json, force=not self.skip_rendered.value())
+                      self.prompts_json, force=not self.skip_rendered.value(),
+                      wait_for=WAIT_CHOICES[self.wait_for.value()] if self.wait_for is not None else "")
+
+
+#: The submit panel's choices for a results Read input: label -> ``submit(wait_for=...)``.
+WAIT_CHOICES = {"whole job": "job", "frame by frame": "frames", "no": ""}
+
+
+def default_wait(farm: Any, job_id: str) -> str:
+    """Wait for a job still rendering (whole job: safe for every model); not for one that is done."""
+    try:
+        state = farm.status(job_id).state
+    except Exception:  # expired, or the farm did not answer: nothing to wait for that we know of
+        return "no"
+    return "no" if state == "done" else "whole job"
 
 
 _panel_class = None
@@ -583,6 +643,20 @@ def refresh_node_command(read: Any) -> None:
 def cancel_job_command(read: Any) -> None:
     try:
         cancel_job(read)
+    except Exception as exc:
+        _report(exc)
+
+
+def pause_job_command(read: Any) -> None:
+    try:
+        pause_job(read)
+    except Exception as exc:
+        _report(exc)
+
+
+def resume_job_command(read: Any) -> None:
+    try:
+        resume_job(read)
     except Exception as exc:
         _report(exc)
 

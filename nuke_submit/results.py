@@ -41,6 +41,9 @@ class Progress:
     failures: Tuple[Tuple[int, str], ...] = ()
     error: str = ""
     stalled: int = 0  # running frames whose worker stopped responding (queued again soon)
+    held: int = 0  # held by a pause (mlfarm pause, or Pause on the node)
+    waiting: int = 0  # waiting on another job (submitted to wait for it)
+    waiting_on: str = ""  # what they wait on, as the farm says it
 
     @property
     def finished(self) -> bool:
@@ -54,7 +57,8 @@ class Progress:
                    done=c.get("done", 0), failed=c.get("failed", 0), running=c.get("running", 0),
                    queued=c.get("queued", 0), cancelled=c.get("cancelled", 0), cached=c.get("cached", 0),
                    failures=tuple((f.frame, f.reason) for f in status.failed_frames),
-                   stalled=status.stalled)
+                   stalled=status.stalled, held=c.get("held", 0), waiting=c.get("waiting", 0),
+                   waiting_on="; ".join(_wait_text(w) for w in getattr(status, "waiting_on", ())))
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,13 @@ def progress_label(p: Progress, version: str = "") -> str:
         line += ", %d failed" % p.failed
     if p.cancelled:
         line += ", %d cancelled" % p.cancelled
+    if p.held:
+        line += ", %d held" % p.held
+    if p.waiting:
+        line += ", %d waiting" % p.waiting
     text = "mlfarm %s\n%s\n%s [%s]" % (p.job_id, model, line, p.state)
+    if p.waiting_on:
+        text += "\nwaiting on %s" % p.waiting_on
     if p.stalled:
         text += "\n%d on a worker not responding: queued again soon" % p.stalled
     if p.failures:
@@ -131,6 +141,12 @@ def progress_label(p: Progress, version: str = "") -> str:
     if p.error:
         text += "\n%s" % p.error
     return text
+
+
+def _wait_text(wait: Mapping[str, Any]) -> str:
+    """One thing a job waits on, short enough for a node label: "job ab12 (failed)"."""
+    what = "job %s frames %s" % (wait["job"], wait["frames"]) if wait.get("frames") else "job %s" % wait["job"]
+    return "%s (%s)" % (what, wait["state"])
 
 
 def failure_text(failures: Sequence[Tuple[int, str]]) -> str:

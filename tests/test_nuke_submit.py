@@ -496,7 +496,7 @@ def test_a_farm_that_does_not_answer_never_freezes_nuke_longer_than_the_timeout(
     read = nuke.toNode(name)
     pump(nuke, lambda: "farm unreachable" in read["label"].value(), timeout=30)
 
-    for button in ("mlfarm_refresh", "mlfarm_retry", "mlfarm_cancel"):
+    for button in ("mlfarm_refresh", "mlfarm_retry", "mlfarm_cancel", "mlfarm_pause", "mlfarm_resume"):
         before = len(nuke.messages)
         assert timed(read[button].execute) < 2.5, button
         assert len(nuke.messages) == before + 1
@@ -521,7 +521,7 @@ def test_a_results_read_whose_job_record_expired_says_what_happened_and_what_to_
                 "to render again, submit the source node again.")
     expired_label = (f"mlfarm {sub.job_id}\njob record expired on the farm\n"
                      "frames on disk are kept; resubmit to render again")
-    for button in ("mlfarm_refresh", "mlfarm_retry", "mlfarm_cancel"):
+    for button in ("mlfarm_refresh", "mlfarm_retry", "mlfarm_cancel", "mlfarm_pause", "mlfarm_resume"):
         read["label"].setValue("")
         read[button].execute()
         assert nuke.messages[-1] == expected, button
@@ -576,3 +576,44 @@ def test_a_prompt_node_marks_objects_in_nukes_coordinates_and_submits_them_as_th
 
     node["mlfarm_clear_keys"].execute()
     assert node["mlfarm_keyframes"].value() == "" and "no keyframes yet" in node["mlfarm_keyframes_text"].value()
+
+
+def test_a_results_read_offers_to_wait_for_its_job_and_its_tab_pauses_and_resumes_it(farm_env, nuke, ui):
+    farm = farm_env
+    farm.start_worker()
+    f = farm.farm(nuke_poll_interval=0.1)
+    frames = list(range(1, 9))
+    source = nuke.nodes.Read(file=make_plate(farm.storage / "plates", frames), first=1, last=8)
+    first = ui.submit(source, "tally", {"seconds": 0.3}, chunk=2, farm=f)
+
+    # The first job's results Read as the input: the panel offers to wait for that job, by default
+    # for all of it while it still renders; frame by frame queues each frame as soon as it lands.
+    panel = ui.SubmitPanel(first.read, f)
+    assert panel.wait_for is not None and panel.wait_for.value() == "whole job"
+    assert panel.wait_for.values() == ["whole job", "frame by frame", "no"]
+    assert ui.SubmitPanel(source, f).wait_for is None  # a plate has no job to wait for
+    nuke.user_sets(panel, "model", "passthrough")
+    nuke.user_sets(panel, "wait_for", "frame by frame")
+    nuke.user_sets(panel, "chunk", 2)
+    second = panel.submit()
+    assert second.spec.after_frames == first.job_id and second.spec.after == []
+
+    # Pause on the first job's ML Farm tab: its queued frames are held, the label says so.
+    pump(nuke, lambda: done_count(first.read["label"].value()) >= 2)
+    first.read["mlfarm_pause"].execute()
+    pump(nuke, lambda: "[paused]" in first.read["label"].value())
+    assert " held [paused]" in first.read["label"].value()
+    held = f.status(first.job_id).counts["held"]
+    assert held > 0
+    time.sleep(1.0)
+    assert f.status(first.job_id).counts["held"] == held  # nothing of it ran while paused
+    label = second.read["label"].value()
+    assert "waiting" in label and f"waiting on job {first.job_id} frames" in label, label
+
+    first.read["mlfarm_resume"].execute()
+    pump(nuke, lambda: "[done]" in first.read["label"].value())
+    pump(nuke, lambda: "[done]" in second.read["label"].value())
+    parent, child = f.store.frame_records(first.job_id), f.store.frame_records(second.job_id)
+    assert all(child[fr]["t0"] >= parent[fr]["t1"] for fr in frames)
+    np.testing.assert_allclose(second.read.pixels(5), first.read.pixels(5), **HALF)
+    assert nuke.messages == []
