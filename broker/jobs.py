@@ -327,7 +327,6 @@ return out
 _RECLAIM = """
 local dead = ARGV[2]
 local gen = nil
-if dead ~= '' then gen = redis.call('HINCRBY', KEYS[1], 'gen', 1) end
 local out = {}
 for i = 4, #ARGV do
   local raw = redis.call('HGET', KEYS[2], ARGV[i])
@@ -339,7 +338,11 @@ for i = 4, #ARGV do
     if take then
       rec.s = 'queued'
       rec.q = tonumber(ARGV[1])
-      if dead ~= '' then rec.i = 1; rec.g = gen end
+      if dead ~= '' then
+        if gen == nil then gen = redis.call('HINCRBY', KEYS[1], 'gen', 1) end
+        rec.i = 1
+        rec.g = gen
+      end
       if ARGV[3] == '1' then rec.u = 1 else rec.u = nil end
       redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
       out[#out + 1] = ARGV[i]

@@ -514,7 +514,8 @@ def test_a_killed_workers_taken_but_unstarted_chunk_is_queued_again_within_secon
     would hand it out again after MLFARM_VISIBILITY_TIMEOUT (an hour). The reconciler sees that no
     living worker holds it."""
     farm.env_overrides.update({"MLFARM_WORKER_DEAD_AFTER": "4", "MLFARM_RECONCILE_GRACE": "1",
-                               "MLFARM_RECONCILE_INTERVAL": "2"})
+                               "MLFARM_RECONCILE_INTERVAL": "2",
+                               "MLFARM_WORKER_THREADS": "3"})  # takes a chunk while one runs (a GPU worker's way)
 
     client = farm.farm()
     plate = make_plate(farm.storage / "plate", [1, 2])
@@ -541,7 +542,8 @@ def test_a_frame_stuck_past_its_time_limit_fails_with_the_reason_and_its_worker_
     from mlfarm.worker.watchdog import EXIT_HUNG
 
     farm.env_overrides.update({"MLFARM_FRAME_TIME_LIMIT": "2", "MLFARM_CHUNK_SLACK": "2",
-                               "MLFARM_VISIBILITY_TIMEOUT": "8", "MLFARM_RESTORE_INTERVAL": "1"})
+                               "MLFARM_VISIBILITY_TIMEOUT": "8", "MLFARM_RESTORE_INTERVAL": "1",
+                               "MLFARM_WORKER_THREADS": "3"})  # the threads pool, a GPU worker's (worker/sizing.py)
     frames = list(range(1, 7))
     make_plate(farm.storage / "plate", frames)
     write_exr(farm.storage / "plate" / "plate.0002.exr", np.full((48, 64, 4), 9.0, np.float32))
@@ -622,6 +624,9 @@ def test_only_frames_of_workers_whose_heartbeat_is_gone_count_as_orphaned(farm):
     assert store.reclaim(spec.id, [5], dead_worker="dead@b:2") == [5]
     assert store.frame_records(spec.id)[5]["s"] == "queued"
     assert store.interrupted(spec.id, [5, 6]) == [5]  # still a suspect: its chunk runs alone
-    store.start_frames(spec.id, [5], "alive@a:1")
+    # The dead worker's own message, redelivered an hour later, is stale: the frame went out again
+    # in a new generation of the job, whose message runs it.
+    assert store.start_frames(spec.id, [5], "late@c:3") == {5: "stale"}
+    assert store.start_frames(spec.id, [5], "alive@a:1", generation=1) == {5: "run"}
     store.finish_frame(spec.id, 5, "done", worker="alive@a:1")
     assert store.interrupted(spec.id, [5]) == []

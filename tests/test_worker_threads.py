@@ -53,6 +53,7 @@ def test_one_frame_chunks_of_differently_set_jobs_overlap_each_with_its_own_opti
 
 def test_chunks_side_by_side_share_the_lanes(farm):
     """Three chunks of three frames, two at a time: never more batches in the model than lanes=1."""
+    farm.env_overrides["MLFARM_WORKER_THREADS"] = "3"  # a GPU worker's way; a CPU worker's plan takes one
     farm.start_worker()
     frames = list(range(1, 10))
     plate = make_plate(farm.storage / "plate", frames)
