@@ -13,6 +13,8 @@ mean area so the figures can be read against realistic mask sizes.
 (b) network    the streaming session alone on GPU-resident preprocessed frames: one
                ``model(inference_session, frame)`` per frame, nothing copied back; fp32 and bf16.
                Also its GPU memory over the run (flat: the plugin prunes what SAM 2 no longer reads).
+               The farm runs also print the workers' resident memory by frames done (a long shot:
+               ``--frames 2000``; on the CPU with ``--tiny`` that is where the state lives).
 (c) farm       EXR plate on disk -> Farm.submit (what `mlfarm submit --prompt` calls) -> one GPU worker
                process -> EXR planes (rgba, matte.A, instance.id, <name>.A) + sidecar JSON on disk.
 (c4)           four shots submitted at once on the one GPU: one worker process running four streams
@@ -181,6 +183,21 @@ def gpu_busy() -> float:
         return -1.0
 
 
+def workers_rss_mib() -> float:
+    """The resident memory of this process's worker children (Redis excluded), in MiB: flat over a
+    long shot when the sequence holds only what it still needs."""
+    import psutil
+
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "redis" not in child.name():
+                total += child.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / 2**20
+
+
 def farm_fps(env: dict[str, str], tmp: Path, plate: str, frames: list[int], box: list[float], shots: int,
              size: str, name: str) -> tuple[float, float]:
     """Frames/s of ``shots`` jobs submitted at once (all frames of all shots over the wall time), and the
@@ -195,6 +212,7 @@ def farm_fps(env: dict[str, str], tmp: Path, plate: str, frames: list[int], box:
     prompts = from_json([{"frame": frames[0], "object": 1, "name": "disc", "box": box}])
     outs = [str(tmp / "out" / name / f"s{i}" / "seg.####.exr") for i in range(shots)]
     busy: list[float] = []
+    memory: list[tuple[int, float]] = []  # (frames done, the workers' resident memory in MiB)
     t = time.perf_counter()
     specs = [farm.submit("sam2", plate, out, frames, {"size": size}, prompts=prompts, name=f"bench {i}",
                           force=True)  # four copies of one shot: each renders, none from the frame cache
@@ -204,8 +222,13 @@ def farm_fps(env: dict[str, str], tmp: Path, plate: str, frames: list[int], box:
         if all(st.finished for st in states):
             break
         busy.append(gpu_busy())
+        memory.append((sum(st.counts["done"] for st in states), workers_rss_mib()))
         time.sleep(0.25)
     elapsed = time.perf_counter() - t
+    if len(frames) >= 100 and memory:
+        marks = [memory[min(len(memory) - 1, int(len(memory) * q))] for q in (0.1, 0.25, 0.5, 0.75)] + [memory[-1]]
+        print("    worker memory (resident, MiB) by frames done: " +
+              ", ".join(f"{mib:.0f} at {done}" for done, mib in marks), flush=True)
     samples = [b for b in busy[len(busy) // 5:] if b >= 0]  # past the start: the streams' steady state
     if samples:
         print(f"    GPU busy {np.mean(samples):.0f}% (mean of {len(samples)} samples, NVML)", flush=True)

@@ -68,7 +68,7 @@ def releasable(store: JobStore, spec: JobSpec, near: list[int] | None = None) ->
         return []
     for parent in spec.after:
         try:
-            if store.state(parent) != DONE:
+            if store.in_flight(parent) or store.state(parent) != DONE:  # the first: cheap, on every chunk
                 return []
         except JobNotFound:
             return []

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from mlfarm.frames import format_frames
-from mlfarm.keys import ACTIVE_JOBS, JOB_TTL, JOBS_INDEX, WORKER_SLOTS, dependents_key, frames_key, job_key
+from mlfarm.keys import ACTIVE_JOBS, JOB_TTL, JOBS_INDEX, WORKER_SLOTS, dependents_key, frames_key, job_key, unsent_key
 
 from .liveness import dead
 
@@ -207,9 +207,35 @@ class JobNotFound(KeyError):
 
 
 # --- Lua: every transition is atomic on the server ------------------------------------------
-# KEYS[1] job hash, KEYS[2] frames hash. Frame records are JSON objects.
+# KEYS[1] job hash, KEYS[2] frames hash, KEYS[3] the job's unsent frames (a sorted set). Frame
+# records are JSON objects: s state, a attempts (b: at the last retry), q queued at, t0/t1 started
+# and ended, w worker, r reason, k stuck past its time limit, i interrupted (its worker died), c
+# found in the frame cache, g generation (messages sent before it are stale), u unsent (queued, no
+# message yet: the job's next feed sends it), f fed (sent by a feed and not finished: in flight).
+#
+# So that feeding a job costs the same on a 10,000-frame shot as on a short one, the job hash
+# counts its frames in flight (``inflight``) and waiting (``waiting``), and the unsent frames are
+# kept in order in KEYS[3]; every script keeps them true through the helpers below, and the
+# reconciler recounts them now and then from the records (``_RECOUNT``).
+_HELPERS = """
+local function left_flight(rec)
+  if rec.f == 1 then rec.f = nil; redis.call('HINCRBY', KEYS[1], 'inflight', -1) end
+end
+local function left_unsent(f, rec)
+  if rec.u == 1 then rec.u = nil; redis.call('ZREM', KEYS[3], f) end
+end
+local function left_queue(f, rec)
+  left_flight(rec)
+  left_unsent(f, rec)
+  if rec.s == 'waiting' then redis.call('HINCRBY', KEYS[1], 'waiting', -1) end
+end
+local function to_unsent(f, rec)
+  left_flight(rec)
+  if rec.u ~= 1 then rec.u = 1; redis.call('ZADD', KEYS[3], tonumber(f), f) end
+end
+"""
 
-_START = """
+_START = _HELPERS + """
 local cancelled = redis.call('HGET', KEYS[1], 'cancelled') == '1'
 local max_attempts = tonumber(ARGV[4])
 local gen = tonumber(ARGV[5])
@@ -228,12 +254,14 @@ for i = 6, #ARGV do
     elseif (rec.g or 0) > gen and rec.s ~= 'cancelled' and not cancelled then
       out[#out + 1] = 'stale'
     elseif cancelled or rec.s == 'cancelled' then
+      left_queue(f, rec)
       rec.s = 'cancelled'
       redis.call('HSET', KEYS[2], f, cjson.encode(rec))
       out[#out + 1] = 'cancelled'
     elseif rec.s == 'failed' and rec.k == 1 then
       out[#out + 1] = 'stuck'
     elseif max_attempts > 0 and (rec.a or 0) - (rec.b or 0) >= max_attempts then
+      left_queue(f, rec)
       rec.s = 'failed'
       rec.r = 'frame ' .. f .. ': gave up after ' .. ((rec.a or 0) - (rec.b or 0)) ..
               ' attempts that each ended without a result ' ..
@@ -242,10 +270,14 @@ for i = 6, #ARGV do
       redis.call('HSET', KEYS[2], f, cjson.encode(rec))
       out[#out + 1] = 'giveup'
     else
+      if rec.u == 1 then  -- claimed before its feed: in flight now
+        left_unsent(f, rec)
+        rec.f = 1
+        redis.call('HINCRBY', KEYS[1], 'inflight', 1)
+      end
       rec.s = 'running'
       rec.a = (rec.a or 0) + 1
       rec.i = nil
-      rec.u = nil
       rec.w = ARGV[1]
       rec.t0 = tonumber(ARGV[2])
       rec.r = ''
@@ -259,11 +291,12 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 return out
 """
 
-_FINISH = """
+_FINISH = _HELPERS + """
 local raw = redis.call('HGET', KEYS[2], ARGV[1])
 if not raw then return 0 end
 local rec = cjson.decode(raw)
 if rec.s == 'done' and ARGV[2] ~= 'done' then return 0 end
+left_queue(ARGV[1], rec)
 rec.s = ARGV[2]
 rec.r = ARGV[3]
 rec.w = ARGV[4]
@@ -275,7 +308,7 @@ redis.call('HSET', KEYS[1], 'updated', ARGV[5])
 return 1
 """
 
-_CANCEL = """
+_CANCEL = _HELPERS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 redis.call('HSET', KEYS[1], 'cancelled', '1')
 local n = 0
@@ -283,8 +316,8 @@ local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local rec = cjson.decode(all[i + 1])
   if rec.s == 'queued' or rec.s == 'waiting' or rec.s == 'held' then
+    left_queue(all[i], rec)
     rec.s = 'cancelled'
-    rec.u = nil
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     n = n + 1
   end
@@ -292,7 +325,9 @@ end
 return n
 """
 
-_REQUEUE = """
+# Retry: ARGV[1] ttl, ARGV[2] now, ARGV[3] the state they go to (queued, or waiting for a job
+# that depends on others), ARGV[4] '1': unsent (the caller feeds the job), ARGV[5..] the states taken.
+_REQUEUE = _HELPERS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local wanted = {}
 for i = 5, #ARGV do wanted[ARGV[i]] = true end
@@ -302,8 +337,17 @@ local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local rec = cjson.decode(all[i + 1])
   if wanted[rec.s] then
+    local running = rec.s == 'running'
     rec.s = ARGV[3]
-    if ARGV[4] == '1' and rec.s == 'queued' then rec.u = 1 else rec.u = nil end
+    if rec.s == 'waiting' then
+      left_flight(rec)
+      left_unsent(all[i], rec)
+      redis.call('HINCRBY', KEYS[1], 'waiting', 1)
+    elseif ARGV[4] == '1' then
+      to_unsent(all[i], rec)
+    elseif not running then
+      left_unsent(all[i], rec)
+    end
     rec.r = ''
     rec.b = rec.a or 0  -- a retry is a new go: the attempt cap counts from here, 'a' keeps the total
     rec.k = nil
@@ -315,16 +359,17 @@ for i = 1, #all, 2 do
 end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[1])
 return out
 """
 
 # Frames whose chunk message was lost (see broker/reconcile.py), or that were running on a worker
 # that died (broker/liveness.py): back to queued, unless they finished meanwhile or another worker
-# took them. KEYS as above; ARGV[1] now, ARGV[2] the dead worker ('' for lost messages), whose
-# frames are marked interrupted (``i``: their chunk runs alone, see JobStore.interrupted), ARGV[3]
-# '1': they go out with the job's next feed (``u``), ARGV[4..] frames. A dead worker's frames get a
-# new generation: its chunk message, redelivered an hour later, is stale for them.
-_RECLAIM = """
+# took them. ARGV[1] now, ARGV[2] the dead worker ('' for lost messages), whose frames are marked
+# interrupted (``i``: their chunk runs alone, see JobStore.interrupted), ARGV[3] '1': they go out
+# with the job's next feed (``u``), ARGV[4..] frames. A dead worker's frames get a new generation:
+# its chunk message, redelivered an hour later, is stale for them.
+_RECLAIM = _HELPERS + """
 local dead = ARGV[2]
 local gen = nil
 local out = {}
@@ -343,7 +388,7 @@ for i = 4, #ARGV do
         rec.i = 1
         rec.g = gen
       end
-      if ARGV[3] == '1' then rec.u = 1 else rec.u = nil end
+      if ARGV[3] == '1' then to_unsent(ARGV[i], rec) else left_unsent(ARGV[i], rec) end
       redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
       out[#out + 1] = ARGV[i]
     end
@@ -353,37 +398,30 @@ return out
 """
 
 
-# Sending a job's unsent frames (``u``) within its share of the farm. KEYS as above, KEYS[3] the
-# workers' task slots (WORKER_SLOTS). ARGV[1] now, ARGV[2] the chunk, ARGV[3] the job's limit in
-# chunks (0: twice the living workers' slots, at least 2), ARGV[4] '1': every unsent frame at once
-# (a sequence's streams, a training run). Returns {generation, frames...}: the frames to send, their
-# records no longer unsent. Frames in flight (sent, or running) count against the limit; a part of
-# a chunk goes only when nothing of the job is in flight or nothing waits any more, so frames
-# released one by one (--after-frames) still go out in whole chunks.
-_FEED = """
+# Sending a job's unsent frames within its share of the farm. KEYS[4] the workers' task slots
+# (WORKER_SLOTS). ARGV[1] now, ARGV[2] the chunk, ARGV[3] the job's limit in chunks (0: twice the
+# living workers' slots, at least 2), ARGV[4] '1': every unsent frame at once (a sequence's streams,
+# a training run), ARGV[5] ttl. Returns {generation, frames...}: the frames to send, now in flight.
+# A part of a chunk goes only when nothing of the job is in flight or nothing waits any more, so
+# frames released one by one (--after-frames) still go out in whole chunks. Costs the frames it
+# sends, not the job's length.
+_FEED = _HELPERS + """
 if redis.call('HGET', KEYS[1], 'cancelled') == '1' or redis.call('HGET', KEYS[1], 'paused') == '1' then
   return {0}
 end
 local gen = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+local unsent = redis.call('ZCARD', KEYS[3])
+if unsent == 0 then return {gen} end
 local chunk = tonumber(ARGV[2])
-local inflight, waiting = 0, 0
-local unsent = {}
-local all = redis.call('HGETALL', KEYS[2])
-for i = 1, #all, 2 do
-  local rec = cjson.decode(all[i + 1])
-  if rec.s == 'queued' and rec.u == 1 then unsent[#unsent + 1] = tonumber(all[i])
-  elseif rec.s == 'running' or rec.s == 'queued' then inflight = inflight + 1
-  elseif rec.s == 'waiting' then waiting = waiting + 1 end
-end
-if #unsent == 0 then return {gen} end
-table.sort(unsent)
-local take = #unsent
+local take = unsent
 if ARGV[4] ~= '1' then
+  local inflight = math.max(0, tonumber(redis.call('HGET', KEYS[1], 'inflight') or '0'))
+  local waiting = tonumber(redis.call('HGET', KEYS[1], 'waiting') or '0')
   local limit = tonumber(ARGV[3])
   if limit <= 0 then
     local slots = 0
     local now = tonumber(ARGV[1])
-    local workers = redis.call('HGETALL', KEYS[3])
+    local workers = redis.call('HGETALL', KEYS[4])
     for i = 1, #workers, 2 do
       local w = cjson.decode(workers[i + 1])
       if tonumber(w.exp) > now then slots = slots + tonumber(w.n) end
@@ -391,24 +429,33 @@ if ARGV[4] ~= '1' then
     limit = math.max(2, 2 * slots)
   end
   local room = (limit - math.ceil(inflight / chunk)) * chunk
-  take = math.min(#unsent, math.max(room, 0))
-  if take < #unsent or waiting > 0 then take = take - take % chunk end
-  if take == 0 and inflight == 0 then take = math.min(#unsent, chunk) end
+  take = math.min(unsent, math.max(room, 0))
+  if take < unsent or waiting > 0 then take = take - take % chunk end
+  if take == 0 and inflight == 0 then take = math.min(unsent, chunk) end
 end
 local out = {gen}
-for i = 1, take do
-  local f = tostring(unsent[i])
-  local rec = cjson.decode(redis.call('HGET', KEYS[2], f))
-  rec.u = nil
-  redis.call('HSET', KEYS[2], f, cjson.encode(rec))
-  out[#out + 1] = f
+if take == 0 then return out end
+local frames = redis.call('ZRANGE', KEYS[3], 0, take - 1)
+for _, f in ipairs(frames) do
+  local raw = redis.call('HGET', KEYS[2], f)
+  if raw then
+    local rec = cjson.decode(raw)
+    rec.u = nil
+    if rec.s == 'queued' then
+      if rec.f ~= 1 then rec.f = 1; redis.call('HINCRBY', KEYS[1], 'inflight', 1) end
+      out[#out + 1] = f
+    end
+    redis.call('HSET', KEYS[2], f, cjson.encode(rec))
+  end
+  redis.call('ZREM', KEYS[3], f)
 end
+redis.call('EXPIRE', KEYS[3], ARGV[5])
 return out
 """
 
-# Pausing: KEYS as above. Queued and unsent frames are held; running ones finish (their chunk
-# holds the rest, ``_HOLD``). Returns how many were held, -1 for an unknown job.
-_PAUSE = """
+# Pausing: queued frames are held; running ones finish (their chunk holds the rest, ``_HOLD``).
+# Returns how many were held, -1 for an unknown job.
+_PAUSE = _HELPERS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 redis.call('HSET', KEYS[1], 'paused', '1')
 local n = 0
@@ -416,8 +463,8 @@ local all = redis.call('HGETALL', KEYS[2])
 for i = 1, #all, 2 do
   local rec = cjson.decode(all[i + 1])
   if rec.s == 'queued' then
+    left_queue(all[i], rec)
     rec.s = 'held'
-    rec.u = nil
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     n = n + 1
   end
@@ -427,7 +474,7 @@ return n
 
 # Resuming: held frames are queued, unsent, in a new generation (chunk messages sent before the
 # pause are stale for them). ARGV[1] now. Returns how many, -1 for an unknown job.
-_RESUME = """
+_RESUME = _HELPERS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 redis.call('HDEL', KEYS[1], 'paused')
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
@@ -437,7 +484,7 @@ for i = 1, #all, 2 do
   local rec = cjson.decode(all[i + 1])
   if rec.s == 'held' then
     rec.s = 'queued'
-    rec.u = 1
+    to_unsent(all[i], rec)
     rec.g = gen
     rec.q = tonumber(ARGV[1])
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
@@ -449,13 +496,14 @@ return n
 
 # A chunk of a paused job stops at a frame boundary: ARGV[1] the worker, ARGV[2..] the frames it
 # claimed and did not finish. Those still running there are held. Returns them.
-_HOLD = """
+_HOLD = _HELPERS + """
 local out = {}
 for i = 2, #ARGV do
   local raw = redis.call('HGET', KEYS[2], ARGV[i])
   if raw then
     local rec = cjson.decode(raw)
     if rec.s == 'running' and rec.w == ARGV[1] then
+      left_queue(ARGV[i], rec)
       rec.s = 'held'
       rec.a = math.max(0, (rec.a or 1) - 1)  -- not an attempt: the frame was never started
       redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
@@ -467,15 +515,16 @@ return out
 """
 
 # Frames whose dependencies are done: waiting -> queued, unsent. ARGV[1] now, ARGV[2..] frames.
-_RELEASE = """
+_RELEASE = _HELPERS + """
 local out = {}
 for i = 2, #ARGV do
   local raw = redis.call('HGET', KEYS[2], ARGV[i])
   if raw then
     local rec = cjson.decode(raw)
     if rec.s == 'waiting' then
+      redis.call('HINCRBY', KEYS[1], 'waiting', -1)
       rec.s = 'queued'
-      rec.u = 1
+      to_unsent(ARGV[i], rec)
       rec.q = tonumber(ARGV[1])
       redis.call('HSET', KEYS[2], ARGV[i], cjson.encode(rec))
       out[#out + 1] = ARGV[i]
@@ -483,6 +532,33 @@ for i = 2, #ARGV do
   end
 end
 return out
+"""
+
+# The counts the job hash keeps, and its unsent set, recounted from the records (the reconciler,
+# now and then: whatever a lost write or an old record left wrong is right again). ARGV[1] ttl.
+_RECOUNT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local inflight, waiting = 0, 0
+redis.call('DEL', KEYS[3])
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local rec = cjson.decode(all[i + 1])
+  local changed = false
+  if rec.s == 'queued' and rec.u == 1 then
+    redis.call('ZADD', KEYS[3], tonumber(all[i]), all[i])
+  elseif rec.u == 1 then
+    rec.u = nil; changed = true
+  end
+  if rec.f == 1 then
+    if (rec.s == 'queued' and rec.u ~= 1) or rec.s == 'running' then inflight = inflight + 1
+    else rec.f = nil; changed = true end
+  end
+  if rec.s == 'waiting' then waiting = waiting + 1 end
+  if changed then redis.call('HSET', KEYS[2], all[i], cjson.encode(rec)) end
+end
+redis.call('HSET', KEYS[1], 'inflight', inflight, 'waiting', waiting)
+redis.call('EXPIRE', KEYS[3], ARGV[1])
+return inflight
 """
 
 
@@ -502,19 +578,29 @@ class JobStore:
         self._resume = client.register_script(_RESUME)
         self._hold = client.register_script(_HOLD)
         self._release = client.register_script(_RELEASE)
+        self._recount = client.register_script(_RECOUNT)
+
+    @staticmethod
+    def _keys(job_id: str) -> list[str]:
+        return [job_key(job_id), frames_key(job_id), unsent_key(job_id)]
 
     # --- creating and reading ------------------------------------------------------------
     def create(self, spec: JobSpec, unsent: bool = True) -> None:
         """Record a new job. Its frames wait when it depends on other jobs; else they are queued and
         ``unsent``: the next ``feed`` sends them (False: the caller sends them itself)."""
         now = time.time()
-        if spec.after or spec.after_frames:
+        waits = bool(spec.after or spec.after_frames)
+        if waits:
             initial = json.dumps({"s": WAITING, "a": 0, "q": now})
         else:
             initial = json.dumps({"s": QUEUED, "a": 0, "q": now, **({"u": 1} if unsent else {})})
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(job_key(spec.id), mapping={"spec": spec.to_json(), "updated": now})
+        pipe.hset(job_key(spec.id), mapping={"spec": spec.to_json(), "updated": now, "inflight": 0,
+                                             "waiting": len(spec.frames) if waits else 0})
         pipe.hset(frames_key(spec.id), mapping={str(f): initial for f in spec.frames})
+        if unsent and not waits:
+            pipe.zadd(unsent_key(spec.id), {str(f): f for f in spec.frames})
+            pipe.expire(unsent_key(spec.id), self.ttl)
         pipe.expire(job_key(spec.id), self.ttl)
         pipe.expire(frames_key(spec.id), self.ttl)
         pipe.zadd(JOBS_INDEX, {spec.id: spec.created})
@@ -632,7 +718,7 @@ class JobStore:
         ``max_attempts`` attempts (0: no limit) and is now failed; held (the job is paused), waiting
         (on another job), or stale: the frame was queued again after this message was sent
         (``generation``: the message's), by a resume or from a dead worker, and another message has it."""
-        result = self._start(keys=[job_key(job_id), frames_key(job_id)],
+        result = self._start(keys=self._keys(job_id),
                              args=[worker, time.time(), self.ttl, max_attempts, generation,
                                    *[str(f) for f in frames]])
         return dict(zip(frames, result))
@@ -652,13 +738,13 @@ class JobStore:
         its exact result on the storage."""
         if state not in (DONE, FAILED, CANCELLED):
             raise ValueError(f"a frame cannot finish as {state!r}")
-        self._finish(keys=[job_key(job_id), frames_key(job_id)],
+        self._finish(keys=self._keys(job_id),
                      args=[str(frame), state, reason, worker, time.time(), "1" if stuck else "0",
                            "1" if cached and state == DONE else "0"])
 
     def cancel(self, job_id: str) -> int:
         """Cancel what has not started; running frames stop at the next frame boundary."""
-        n = self._cancel(keys=[job_key(job_id), frames_key(job_id)])
+        n = self._cancel(keys=self._keys(job_id))
         if n < 0:
             raise JobNotFound(job_id)
         return n
@@ -671,14 +757,14 @@ class JobStore:
         """Mark frames whose messages were lost, or (``dead_worker``) that were running on a worker
         that died, as queued again; returns those it changed. ``unsent``: the job's next ``feed``
         sends them; False: the caller sends them itself."""
-        out = self._reclaim(keys=[job_key(job_id), frames_key(job_id)],
+        out = self._reclaim(keys=self._keys(job_id),
                             args=[time.time(), dead_worker, "1" if unsent else "0", *map(str, frames)])
         return sorted(int(f) for f in out)
 
     def requeue(self, job_id: str, states: tuple[str, ...], to: str = QUEUED, unsent: bool = True) -> list[int]:
         """Put frames in ``states`` back to ``to`` (queued, or waiting for a job that depends on others):
         ``unsent``, the job's next ``feed`` sends them; else the caller enqueues them."""
-        out = self._requeue(keys=[job_key(job_id), frames_key(job_id)],
+        out = self._requeue(keys=self._keys(job_id),
                             args=[self.ttl, time.time(), to, "1" if unsent else "0", *states])
         if out == -1:
             raise JobNotFound(job_id)
@@ -693,21 +779,22 @@ class JobStore:
         in flight, else twice the living workers' task slots), marking them sent: returns the job's
         generation (which the messages carry) and those frames, for the caller to send.
         ``all_at_once``: every unsent frame (a sequence's streams, a training run)."""
-        out = self._feed(keys=[job_key(spec.id), frames_key(spec.id), WORKER_SLOTS],
-                         args=[time.time(), max(1, spec.chunk), max(0, spec.max_workers), "1" if all_at_once else "0"])
+        out = self._feed(keys=[*self._keys(spec.id), WORKER_SLOTS],
+                         args=[time.time(), max(1, spec.chunk), max(0, spec.max_workers), "1" if all_at_once else "0",
+                               self.ttl])
         return int(out[0]), [int(f) for f in out[1:]]
 
     def pause(self, job_id: str) -> int:
         """Hold the job's queued frames (running ones finish their current frame, then hold the
         rest); returns how many were held."""
-        n = self._pause(keys=[job_key(job_id), frames_key(job_id)])
+        n = self._pause(keys=self._keys(job_id))
         if n < 0:
             raise JobNotFound(job_id)
         return n
 
     def resume(self, job_id: str) -> int:
         """Queue the held frames again (unsent: the caller feeds the job); returns how many."""
-        n = self._resume(keys=[job_key(job_id), frames_key(job_id)], args=[time.time()])
+        n = self._resume(keys=self._keys(job_id), args=[time.time()])
         if n < 0:
             raise JobNotFound(job_id)
         if n:
@@ -719,12 +806,27 @@ class JobStore:
 
     def hold(self, job_id: str, frames: list[int], worker: str) -> list[int]:
         """A paused job's chunk hands back the frames it claimed and did not start: they are held."""
-        out = self._hold(keys=[job_key(job_id), frames_key(job_id)], args=[worker, *map(str, frames)])
+        out = self._hold(keys=self._keys(job_id), args=[worker, *map(str, frames)])
         return sorted(int(f) for f in out)
+
+    def in_flight(self, job_id: str) -> int:
+        """Frames of the job sent (by a feed) and not finished, and frames not sent yet: a job with
+        any is not done. O(1), unlike ``state``."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(job_key(job_id), "inflight")
+        pipe.zcard(unsent_key(job_id))
+        inflight, unsent = pipe.execute()
+        return max(0, int(inflight or 0)) + int(unsent or 0)
+
+    def recount(self, job_id: str) -> int:
+        """Recount the job's frames in flight and waiting, and its unsent set, from the records (the
+        reconciler, now and then; every transition keeps them true, this mends what a lost write
+        left wrong). Returns the frames in flight."""
+        return int(self._recount(keys=self._keys(job_id), args=[self.ttl]))
 
     def release(self, job_id: str, frames: list[int]) -> list[int]:
         """Frames whose dependencies are done: waiting -> queued (unsent); returns those changed."""
         if not frames:
             return []
-        out = self._release(keys=[job_key(job_id), frames_key(job_id)], args=[time.time(), *map(str, frames)])
+        out = self._release(keys=self._keys(job_id), args=[time.time(), *map(str, frames)])
         return sorted(int(f) for f in out)

@@ -244,17 +244,21 @@ def requeue_orphans(app: Celery, settings: Settings, client: redis.Redis, store:
     return dict(requeued)
 
 
-def keep_moving(app: Celery, settings: Settings, store: JobStore, client: redis.Redis) -> dict[str, int]:
+def keep_moving(app: Celery, settings: Settings, store: JobStore, client: redis.Redis,
+                recount: bool = False) -> dict[str, int]:
     """Release what waits on jobs now done and send what fits each job's share: what workers do as
     chunks end (worker/scheduling.py), done again for every active job in case one was missed (Redis
     away as a chunk ended, a worker killed between recording a frame and releasing its dependents).
-    Returns the tasks sent per job."""
+    ``recount``: first recount each job's frames in flight from its records (a full pass, now and
+    then). Returns the tasks sent per job."""
     sent: dict[str, int] = {}
     for job_id in client.smembers(ACTIVE_JOBS):
         try:
             spec = store.spec(job_id)
         except JobNotFound:
             continue
+        if recount:
+            store.recount(job_id)
         if spec.after or spec.after_frames:
             release(app, settings, store, spec)
         n = feed(app, settings, store, spec)

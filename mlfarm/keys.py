@@ -25,6 +25,11 @@ def frames_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:frames"
 
 
+def unsent_key(job_id: str) -> str:
+    """The job's frames queued but not sent yet, in order: its next feed takes them (broker/jobs.py)."""
+    return f"{PREFIX}:job:{job_id}:unsent"
+
+
 def dependents_key(job_id: str) -> str:
     """The jobs that wait on ``job_id`` (``--after``, ``--after-frames``): released as its frames end."""
     return f"{PREFIX}:job:{job_id}:dependents"

@@ -30,6 +30,16 @@ def wait_for(predicate, what: str, timeout: float = 60, every: float = 0.02):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def assert_settled(client, job_id: str) -> None:
+    """A finished job's counts, as every transition kept them, agree with a recount from its records:
+    nothing in flight, waiting or unsent."""
+    from mlfarm.keys import job_key, unsent_key
+
+    kept = client.redis.hmget(job_key(job_id), ["inflight", "waiting"])
+    assert [int(v) for v in kept] == [0, 0] and client.redis.zcard(unsent_key(job_id)) == 0, kept
+    assert client.store.recount(job_id) == 0
+
+
 def chunk_spans(records: dict[int, dict]) -> list[tuple[float, float]]:
     """(start, end) of each chunk that ran: its frames share the claim time ``t0``."""
     by_claim: dict[float, list[float]] = {}
@@ -55,6 +65,8 @@ def test_a_dependent_job_waits_unqueued_then_starts_within_a_second_of_its_paren
 
     farm.start_worker()
     assert farm.wait_job(child.id).state == "done"
+    assert_settled(client, parent.id)
+    assert_settled(client, child.id)
     last_parent_frame = max(r["t1"] for r in client.store.frame_records(parent.id).values())
     first_child_frame = min(r["t0"] for r in client.store.frame_records(child.id).values())
     assert 0 <= first_child_frame - last_parent_frame < 1.0, first_child_frame - last_parent_frame
@@ -129,6 +141,7 @@ def test_frame_by_frame_dependency_starts_before_its_parent_ends(farm):
     p, c = client.store.frame_records(parent.id), client.store.frame_records(child.id)
     for f in frames:
         assert c[f]["t0"] >= p[f]["t1"], f"frame {f} of the child started before the parent's was done"
+    assert_settled(client, child.id)
     assert min(r["t1"] for r in c.values()) < max(r["t1"] for r in p.values()), "the child waited for the whole parent"
 
 
@@ -161,6 +174,7 @@ def test_pause_holds_frames_loses_none_and_resume_renders_none_twice(farm):
     rendered = renders(log)
     assert len(rendered) == 12 and len(set(rendered)) == 12, rendered  # each frame once
     assert all(f.attempts == 1 for f in st.frames), [(f.frame, f.attempts) for f in st.frames]
+    assert_settled(client, spec.id)
 
 
 def test_pause_from_the_cli_before_any_worker_then_resume(farm):
@@ -240,3 +254,49 @@ def test_jobs_of_one_priority_take_turns_instead_of_first_come_first_served(farm
     # First come, first served would run all six chunks of A before any of B.
     assert b_starts[0] < a_starts[-1], "job B waited for the whole of job A"
     assert a_starts[0] < b_starts[-1]
+
+
+def test_feeding_costs_the_frames_it_sends_and_the_counts_survive_every_transition(farm):
+    """No worker: the records are driven as workers and wranglers drive them, and after each step
+    the counts the job keeps agree with a recount from its records."""
+    from mlfarm.broker.jobs import JobSpec
+    from mlfarm.keys import job_key, unsent_key
+
+    store, r = farm.farm().store, farm.farm().redis
+    spec = JobSpec(model="tally", input="/s/p.####.exr", output=str(farm.storage / "o.####.exr"),
+                   frames=list(range(1, 21)), chunk=4, max_workers=2, queue="cpu")
+    store.create(spec)
+
+    def kept() -> tuple[int, int, int]:
+        inflight, waiting = r.hmget(job_key(spec.id), ["inflight", "waiting"])
+        return int(inflight), int(waiting), r.zcard(unsent_key(spec.id))
+
+    def check(expected: tuple[int, int, int]) -> None:
+        assert kept() == expected
+        store.recount(spec.id)
+        assert kept() == expected, "the counts drifted from the records"
+
+    gen, sent = store.feed(spec)
+    assert (gen, sent) == (0, list(range(1, 9)))  # two chunks of four: its --max-workers
+    check((8, 0, 12))
+    assert store.feed(spec) == (0, [])  # no room
+    store.start_frames(spec.id, [1, 2, 3, 4], "w@a:1")
+    for f in (1, 2, 3, 4):
+        store.finish_frame(spec.id, f, "done", worker="w@a:1")
+    check((4, 0, 12))
+    assert store.feed(spec)[1] == [9, 10, 11, 12]
+    check((8, 0, 8))
+    assert store.pause(spec.id) == 16  # 5-20: queued, sent or not
+    check((0, 0, 0))
+    assert store.resume(spec.id) == 16
+    check((0, 0, 16))
+    gen, sent = store.feed(spec)
+    assert gen == 1 and sent == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert store.start_frames(spec.id, [5], "w@a:1") == {5: "stale"}  # a message from before the pause
+    store.start_frames(spec.id, [5, 6], "w@a:1", generation=1)
+    assert store.reclaim(spec.id, [5, 6], dead_worker="w@a:1") == [5, 6]  # its worker died
+    check((6, 0, 10))
+    assert store.cancel(spec.id) == 16
+    check((0, 0, 0))
+    store.requeue(spec.id, ("cancelled",))
+    check((0, 0, 16))

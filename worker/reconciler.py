@@ -84,7 +84,7 @@ class Reconciler(threading.Thread):
                     if full:
                         reconcile(self.app, self.settings, client, store, judge_holders=judge)
                         forget_gone(client)
-                    keep_moving(self.app, self.settings, store, client)
+                    keep_moving(self.app, self.settings, store, client, recount=full)
             except redis.RedisError as exc:  # the broker is away; the next reconnect kicks us again
                 log.info("reconciler: %s", exc)
                 judge_after = time.monotonic() + dead_after
