@@ -47,6 +47,7 @@ class Runtime:
     middleware: list[Middleware]
     worker: str
     frame_cache: FrameCache
+    node: str = ""  # the Celery worker's name (``worker`` is it with this process's id)
     stop_consuming: Callable[[], None] = lambda: None  # the consumer takes no more tasks (WorkerProcess)
     stop_now: threading.Event = field(default_factory=threading.Event)  # WorkerProcess.stop_now
     lanes: LanePools = field(default_factory=LanePools)
@@ -117,15 +118,17 @@ def _build_runtime(process: WorkerProcess) -> Runtime:
     client = redis_client(broker_url(settings), patient=True, role="worker")
     catalog = Catalog.from_settings(settings)
     name = f"{process.name}:{os.getpid()}"
+    cache = ModelCache(catalog, settings.model_cache_size, settings.device, settings)
     rt = Runtime(
         settings=settings,
         client=client,
         store=JobStore(client, settings.job_ttl),
         catalog=catalog,
-        cache=ModelCache(catalog, settings.model_cache_size, settings.device, settings),
+        cache=cache,
         io=start_io(settings),
-        middleware=default_middleware(client, name),
+        middleware=default_middleware(client, name, process.name, cache.warm),
         worker=name,
+        node=process.name,
         frame_cache=FrameCache(client, settings),
         stop_consuming=process._stop_consuming,
         stop_now=process.stop_now,
