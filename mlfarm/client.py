@@ -35,6 +35,8 @@ from mlfarm.broker.connection import broker_url, redis_client
 from mlfarm.broker.dispatch import enqueue
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, QUEUED, RUNNING, JobNotFound, JobSpec, JobStatus, JobStore
 from mlfarm.broker.registry import read_catalog
+from mlfarm.broker.requirements import RequirementError, normalise, queue_for, register_queue
+from mlfarm.broker.workers import WorkerInfo, list_workers
 from mlfarm.frames import PatternError, check_pattern, frame_path
 from mlfarm.models.options import validate_options
 from mlfarm.prompts import PromptError, Prompts, check_prompts
@@ -42,7 +44,7 @@ from mlfarm.settings import Settings, get_settings
 from mlfarm.storage import StorageError, confined_path
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "RUNNING", "Farm", "JobNotFound", "JobSpec", "JobStatus",
-           "SubmitError"]
+           "SubmitError", "WorkerInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +133,8 @@ class Farm:
     def submit(self, model: str, input: str, output: str, frames: Sequence[int],
                options: Mapping[str, Any] | None = None, chunk: int | None = None, priority: int = 50,
                name: str = "", include_local: bool = True, prompts: Prompts | None = None,
-               image_size: tuple[int, int] | None = None, force: bool = False) -> JobSpec:
+               image_size: tuple[int, int] | None = None, force: bool = False,
+               require: Sequence[str] | str | None = None) -> JobSpec:
         """Queue ``frames`` of ``input`` through ``model`` into ``output``; SubmitError says why not.
 
         ``options`` are checked and typed against the model's description; ``chunk`` frames go in
@@ -140,7 +143,9 @@ class Farm:
         (0-100) runs first. A promptable model (SAM 2) needs ``prompts`` (``mlfarm.prompts``),
         checked against the frames and the image (``image_size`` as (width, height), else read from
         the input's header where OpenImageIO is installed). Frames whose exact result is already on
-        the storage are not rendered again (the frame cache) unless ``force``.
+        the storage are not rendered again (the frame cache) unless ``force``. ``require``: tags
+        (``80gb``) or worker facts (``gpu_memory_gb>=24``) a worker must have to take its chunks,
+        besides those the model declares (its ``requires``).
         """
         desc = self.describe(model, include_local)
         typed = validate_options(desc, dict(options or {}))
@@ -172,12 +177,18 @@ class Farm:
             raise SubmitError("--chunk must be at least 1")
         if not 0 <= priority <= 100:
             raise SubmitError("priority must be between 0 and 100")
+        try:
+            required = normalise(list(normalise(require)) + list(desc.get("requires") or ()))
+        except RequirementError as exc:
+            raise SubmitError(str(exc)) from None
         spec = JobSpec(model=model, input=os.path.abspath(input), output=os.path.abspath(output),
                        frames=list(frames), options=typed, chunk=chunk, priority=priority,
                        queue="cpu" if desc.get("device") == "cpu" else "gpu",
                        model_version=str(desc.get("version", "")), name=name, temporal=temporal,
-                       prompts=prompts.to_json() if prompts is not None else None, force=bool(force))
+                       prompts=prompts.to_json() if prompts is not None else None, force=bool(force),
+                       require=required)
         self.store.create(spec)
+        register_queue(self.redis, queue_for(spec.queue, spec.require))  # before its chunks: workers subscribe
         tasks = self._enqueue(spec, spec.frames)
         log.info("job %s: %d frames of %s queued in %d tasks", spec.id, len(spec.frames), model, tasks)
         return spec
@@ -218,6 +229,11 @@ class Farm:
         if frames:
             self._enqueue(self.store.spec(job_id), frames)
         return frames
+
+    def workers(self) -> list[WorkerInfo]:
+        """The living workers: host, GPU, tags, models loaded, the jobs they render, frames done and
+        failed in the last hour, last heartbeat (``mlfarm workers``)."""
+        return list_workers(self.redis)
 
     def jobs(self, limit: int = 20) -> list[JobStatus]:
         return [self.store.status(j) for j in self.store.list_jobs(limit)]
