@@ -143,6 +143,23 @@ def test_a_worker_that_fails_a_job_goes_bad_and_another_worker_renders_it(farm):
     assert client.retry(spec.id) == [] and client.status(spec.id).workers == []
 
 
+def test_a_model_that_will_not_load_counts_once_a_chunk_and_its_frames_render_elsewhere(farm):
+    broken, good = start_workers(farm, {"FLAKY_BROKEN": "load"}, {})
+    frames = list(range(1, 9))
+    plate = make_plate(farm.storage / "plate", frames)
+    spec = farm.farm().submit("flaky", plate, str(farm.storage / "out" / "o.####.exr"), frames,
+                              {"seconds": 0.2}, chunk=2)
+    status = farm.wait_job(spec.id)
+    assert status.state == "done", status.summary()
+    assert all(f.worker.startswith(good.name + ":") for f in status.frames)
+    [record] = status.workers  # the good worker renders a chunk in 0.4 s: the broken one takes another meanwhile
+    assert record["name"] == broken.name and record["failures"] >= 1
+    assert "model flaky could not be loaded: RuntimeError: CUDA error: no kernel image" in record["reason"]
+    # One failure per chunk it could not load, not one per frame: each such chunk's 2 frames ran twice.
+    assert sum(1 for f in status.frames if f.attempts == 2) == 2 * record["failures"]
+    assert all(f.attempts <= 2 for f in status.frames)
+
+
 def test_input_errors_do_not_make_a_worker_bad(farm):
     farm.start_worker()
     frames = list(range(1, 7))
