@@ -19,6 +19,7 @@ from mlfarm.temporal import split, stream_origin
 
 from .celery_app import CHUNK_TASK, celery_priority
 from .jobs import JobSpec, JobStore
+from .requirements import queue_for
 
 
 def chunk_kwargsrepr(spec: JobSpec, kwargs: Mapping[str, Any]) -> str:
@@ -28,6 +29,8 @@ def chunk_kwargsrepr(spec: JobSpec, kwargs: Mapping[str, Any]) -> str:
     literal, so Flower's search takes ``kwargs:job_id=ID``. Never options or pixels."""
     shown = dict(kwargs, name=spec.name) if spec.name else dict(kwargs)
     shown["output"] = spec.output
+    if spec.require:  # which workers may take it (its queue says so too: broker/requirements.py)
+        shown["require"] = ",".join(spec.require)
     return repr(shown)
 
 
@@ -78,6 +81,7 @@ def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int], g
                  for d, fs in sequence_streams(spec, frames)]
     else:
         tasks = [(format_frames(c), None, settings.chunk_time_limit(len(c))) for c in chunked(frames, spec.chunk)]
+    queue = queue_for(spec.queue, spec.require)  # a requirement's own queue: only workers meeting it consume it
     with app.producer_or_acquire() as producer:
         for text, direction, limit in tasks:
             kwargs: dict[str, Any] = {"job_id": spec.id, "model": spec.model, "frames": text}
@@ -89,7 +93,7 @@ def enqueue(app: Celery, settings: Settings, spec: JobSpec, frames: list[int], g
                 CHUNK_TASK,
                 kwargs=kwargs,
                 kwargsrepr=chunk_kwargsrepr(spec, kwargs),
-                queue=spec.queue,
+                queue=queue,
                 priority=celery_priority(spec.priority),
                 time_limit=limit,
                 soft_time_limit=max(1, limit - 30),

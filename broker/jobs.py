@@ -19,9 +19,21 @@ from typing import Any
 import redis
 
 from mlfarm.frames import format_frames
-from mlfarm.keys import ACTIVE_JOBS, JOB_TTL, JOBS_INDEX, WORKER_SLOTS, dependents_key, frames_key, job_key, unsent_key
+from mlfarm.keys import (
+    ACTIVE_JOBS,
+    JOB_TTL,
+    JOBS_INDEX,
+    WORKER_SLOTS,
+    dependents_key,
+    frames_key,
+    job_key,
+    job_workers_key,
+    unsent_key,
+)
 
 from .liveness import dead
+from .requirements import describe as describe_requirement
+from .workers import able, living_workers
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 #: Not queued to Celery yet: the jobs it waits on (``--after``, ``--after-frames``) are not done.
@@ -60,6 +72,9 @@ class JobSpec:
     after_frames: str = ""  # a job whose frame f (and its ``after_reach`` neighbours) must be done before f
     after_reach: int = 0  # neighbours each frame needs of ``after_frames`` (a window model's k)
     max_workers: int = 0  # at most this many chunks in flight at once (0: no limit but the farm's share)
+    # Tags and fact comparisons a worker must meet to take its chunks (broker/requirements.py):
+    # --require plus the model's own; its chunks go to the requirement's queue.
+    require: list[str] = field(default_factory=list)
     id: str = field(default_factory=new_job_id)
     user: str = field(default_factory=getpass.getuser)
     host: str = field(default_factory=socket.gethostname)
@@ -98,6 +113,14 @@ class JobStatus:
     paused: bool = False
     #: What the waiting frames wait on: {"job", "state", "frames" (frame-by-frame: those not done yet)}.
     waiting_on: list[dict[str, Any]] = field(default_factory=list)
+    #: Workers that failed frames of this job for reasons not the input's: name, failures, last
+    #: reason, and whether that made them bad for it (MLFARM_BAD_WORKER_FAILURES).
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    no_worker: str = ""  # why queued frames wait: no living worker can take them
+
+    @property
+    def bad_workers(self) -> list[dict[str, Any]]:
+        return [w for w in self.workers if w.get("bad")]
 
     @property
     def total(self) -> int:
@@ -144,6 +167,10 @@ class JobStatus:
         if self.silent:
             line += (f" ({self.stalled} on {', '.join(self.silent)}, which stopped responding: they are "
                      "queued again within MLFARM_WORKER_DEAD_AFTER)")
+        if self.no_worker:
+            line += f"; {self.no_worker}"
+        if self.bad_workers:
+            line += "; bad workers: " + ", ".join(w["name"] for w in self.bad_workers)
         if self.progress.get("total_steps"):
             line += f"; step {self.progress.get('step', 0)}/{self.progress['total_steps']}"
             if self.progress.get("loss") is not None:
@@ -167,6 +194,9 @@ class JobStatus:
             "silent_workers": self.silent,
             "paused": self.paused,
             "waiting_on": self.waiting_on,
+            "bad_workers": self.bad_workers,
+            "worker_failures": self.workers,
+            "no_worker": self.no_worker,
         }
 
 
@@ -199,6 +229,19 @@ def job_state(counts: dict[str, int], cancelled: bool, paused: bool, started: bo
     if counts[CANCELLED]:
         return CANCELLED
     return DONE
+
+
+def worker_failures(raw: dict[str, str]) -> list[dict[str, Any]]:
+    """A job's workers hash as a list: name, failures, last reason, when, bad."""
+    out = []
+    for name, text in sorted(raw.items()):
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            continue
+        out.append({"name": name, "failures": int(rec.get("n", 0)), "reason": rec.get("r", ""),
+                    "last": rec.get("t"), "bad": bool(rec.get("bad"))})
+    return out
 
 
 class JobNotFound(KeyError):
@@ -352,6 +395,7 @@ for i = 1, #all, 2 do
     rec.b = rec.a or 0  -- a retry is a new go: the attempt cap counts from here, 'a' keeps the total
     rec.k = nil
     rec.i = nil
+    rec.x = nil  -- the workers that failed it: a retry gives each a new chance
     rec.q = tonumber(ARGV[2])
     redis.call('HSET', KEYS[2], all[i], cjson.encode(rec))
     out[#out + 1] = all[i]
@@ -561,6 +605,102 @@ redis.call('EXPIRE', KEYS[3], ARGV[1])
 return inflight
 """
 
+# A frame failed on a worker for a reason that is not its input's (a model error, a model that would
+# not load, CUDA, out of memory): the worker's count for the job goes up (ARGV[8] '1'), and the
+# frame is queued again for another worker while a living one that can take the job (ARGV[9..])
+# has neither failed this frame nor gone bad for the job; else it fails, saying so. Such an attempt
+# does not count against max_attempts (b). A frame queued again stays in flight: the worker sends it
+# straight back (ChunkRun.send_back_requeued). KEYS job, frames, unsent, the job's workers hash. ARGV[1] frame,
+# [2] reason, [3] worker process, [4] worker (node), [5] now, [6] threshold (0: never bad, never
+# elsewhere), [7] ttl, [8] count it, [9..] other living workers able to take the job.
+_WORKER_FAULT = _HELPERS + """
+local threshold = tonumber(ARGV[6])
+local node = ARGV[4]
+local wraw = redis.call('HGET', KEYS[4], node)
+local w = {n = 0}
+if wraw then w = cjson.decode(wraw) end
+if ARGV[8] == '1' then w.n = (w.n or 0) + 1 end
+w.r = ARGV[2]
+w.t = tonumber(ARGV[5])
+local bad = threshold > 0 and w.n >= threshold
+if bad then w.bad = 1 end
+redis.call('HSET', KEYS[4], node, cjson.encode(w))
+redis.call('EXPIRE', KEYS[4], ARGV[7])
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw then return {'unknown', w.n, ''} end
+local rec = cjson.decode(raw)
+if rec.s == 'done' then return {'skip', w.n, ''} end
+local tried = {}
+local seen = false
+if type(rec.x) == 'table' then
+  for _, n in ipairs(rec.x) do
+    tried[#tried + 1] = n
+    if n == node then seen = true end
+  end
+end
+if not seen then tried[#tried + 1] = node end
+rec.x = tried
+local cancelled = redis.call('HGET', KEYS[1], 'cancelled') == '1'
+local others = #ARGV - 8
+local left = 0
+if threshold > 0 and not cancelled then
+  for i = 9, #ARGV do
+    local mine = false
+    for _, n in ipairs(tried) do if n == ARGV[i] then mine = true end end
+    if not mine then
+      local oraw = redis.call('HGET', KEYS[4], ARGV[i])
+      local on = 0
+      if oraw then on = cjson.decode(oraw).n or 0 end
+      if on < threshold then left = left + 1 end
+    end
+  end
+end
+rec.w = ARGV[3]
+rec.t1 = tonumber(ARGV[5])
+rec.k = nil
+if left > 0 then
+  rec.s = 'queued'
+  rec.r = ''
+  rec.lr = ARGV[2]
+  rec.b = (rec.b or 0) + 1
+  rec.q = tonumber(ARGV[5])
+  rec.i = nil
+  redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(rec))
+  return {'requeue', w.n, ''}
+end
+local reason = ARGV[2]
+if threshold > 0 and not cancelled then
+  if others > 0 then
+    reason = reason .. ' (failed on ' .. table.concat(tried, ', ') .. ': every living worker that can take ' ..
+             'this job has failed this frame or is bad for the job)'
+  elseif bad then
+    reason = reason .. ' (' .. node .. ' is bad for this job after ' .. w.n .. ' such failures, and no other ' ..
+             'living worker can take it)'
+  end
+end
+left_queue(ARGV[1], rec)
+rec.s = 'failed'
+rec.r = reason
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(rec))
+redis.call('HSET', KEYS[1], 'updated', ARGV[5])
+return {'failed', w.n, reason}
+"""
+
+# A failure charged to a worker without touching frames (a frame past its time limit, recorded
+# apart): KEYS[1] the job's workers hash; ARGV node, reason, now, ttl, threshold.
+_NOTE_FAULT = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local w = {n = 0}
+if raw then w = cjson.decode(raw) end
+w.n = (w.n or 0) + 1
+w.r = ARGV[2]
+w.t = tonumber(ARGV[3])
+if tonumber(ARGV[5]) > 0 and w.n >= tonumber(ARGV[5]) then w.bad = 1 end
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(w))
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return w.n
+"""
+
 
 class JobStore:
     """Reads and changes job records. Safe to share between threads."""
@@ -579,6 +719,8 @@ class JobStore:
         self._hold = client.register_script(_HOLD)
         self._release = client.register_script(_RELEASE)
         self._recount = client.register_script(_RECOUNT)
+        self._worker_fault = client.register_script(_WORKER_FAULT)
+        self._note_fault = client.register_script(_NOTE_FAULT)
 
     @staticmethod
     def _keys(job_id: str) -> list[str]:
@@ -627,7 +769,8 @@ class JobStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hgetall(job_key(job_id))
         pipe.hgetall(frames_key(job_id))
-        job, raw_frames = pipe.execute()
+        pipe.hgetall(job_workers_key(job_id))
+        job, raw_frames, raw_workers = pipe.execute()
         if not job or "spec" not in job:
             raise JobNotFound(job_id)
         spec = JobSpec.from_json(job["spec"])
@@ -644,16 +787,19 @@ class JobStore:
             counts[key] = counts.get(key, 0) + 1
         starts = [f.started for f in frames if f.started]
         ends = [f.ended for f in frames if f.ended]
-        paused = job.get("paused") == "1"
-        state = job_state(counts, job.get("cancelled") == "1", paused, bool(starts))
+        paused, cancelled = job.get("paused") == "1", job.get("cancelled") == "1"
+        state = job_state(counts, cancelled, paused, bool(starts))
         finished = state in (DONE, FAILED, CANCELLED)
+        workers = worker_failures(raw_workers)
         return JobStatus(spec=spec, state=state, counts=counts, frames=frames,
                          started=min(starts) if starts else None,
                          ended=max(ends) if ends and finished else None,
                          progress=json.loads(job.get("progress") or "{}"),
                          silent=sorted(dead(self.r, {f.worker for f in frames if f.state == RUNNING and f.worker})),
                          paused=paused,
-                         waiting_on=self._waiting_on(spec, frames) if counts[WAITING] else [])
+                         waiting_on=self._waiting_on(spec, frames) if counts[WAITING] else [],
+                         workers=workers,
+                         no_worker=self.no_worker(spec, workers) if counts[QUEUED] and not cancelled else "")
 
     def state(self, job_id: str) -> str:
         """A job's state alone (as ``status`` derives it), without the per-frame detail."""
@@ -692,6 +838,27 @@ class JobStore:
             if needed:
                 out.append({"job": spec.after_frames, "state": parent_state, "frames": format_frames(needed)})
         return out
+
+    def no_worker(self, spec: JobSpec, failures: list[dict[str, Any]] | None = None) -> str:
+        """Why a job's queued frames wait, when no living worker can take them; else ""."""
+        living = living_workers(self.r)
+        takers = able(living, spec.queue, spec.require)
+        bad = {w["name"] for w in failures or () if w.get("bad")}
+        if any(w.name not in bad for w in takers):
+            return ""
+        n = len(living)
+        some = f"none of the {n} living worker{'s' if n != 1 else ''}"
+        if not living:
+            return "waiting for a worker: none is running"
+        if spec.require and not takers:
+            return f"waiting for a worker with {describe_requirement(spec.require)} ({some} has them)"
+        if not takers:
+            return f"waiting for a worker that takes queue {spec.queue} ({some} does)"
+        names = ", ".join(sorted(w.name for w in takers))
+        return f"waiting for a worker: every living worker that can take it is bad for this job ({names})"
+
+    def worker_failures(self, job_id: str) -> list[dict[str, Any]]:
+        return worker_failures(self.r.hgetall(job_workers_key(job_id)))
 
     def set_progress(self, job_id: str, progress: dict[str, Any]) -> None:
         """Record how far a training job is (step, loss...); shown by status beside the epoch counts."""
@@ -742,6 +909,34 @@ class JobStore:
                      args=[str(frame), state, reason, worker, time.time(), "1" if stuck else "0",
                            "1" if cached and state == DONE else "0"])
 
+    def fail_on_worker(self, job_id: str, frame: int, reason: str, worker: str, node: str, threshold: int,
+                       others: list[str], count: bool = True) -> tuple[str, int, str]:
+        """Frame ``frame`` failed on ``node`` (process ``worker``) for a reason not its input's.
+        ``others``: the other living workers that can take the job. Returns (outcome, the node's
+        failures for the job, the reason recorded): ``requeue`` (queued again for another worker:
+        the caller enqueues it), ``failed`` or ``skip`` (done meanwhile). ``count``: whether this
+        failure counts towards the node going bad (a model that would not load counts once a chunk)."""
+        out = self._worker_fault(keys=[*self._keys(job_id), job_workers_key(job_id)],
+                                 args=[str(frame), reason, worker, node, time.time(), threshold, self.ttl,
+                                       "1" if count else "0", *others])
+        return str(out[0]), int(out[1]), str(out[2])
+
+    def note_worker_failure(self, job_id: str, node: str, reason: str, threshold: int) -> int:
+        """Count a failure against ``node`` for the job without touching frames; returns its count."""
+        return int(self._note_fault(keys=[job_workers_key(job_id)],
+                                    args=[node, reason, time.time(), self.ttl, threshold]))
+
+    def tried_by(self, job_id: str, frames: list[int]) -> dict[int, list[str]]:
+        """Of ``frames``, those queued again after failing on workers for reasons not their input's,
+        with those workers."""
+        raw = self.r.hmget(frames_key(job_id), [str(f) for f in frames])
+        records = [(f, json.loads(rec)) for f, rec in zip(frames, raw) if rec]
+        return {f: list(rec["x"]) for f, rec in records if rec.get("s") == QUEUED and isinstance(rec.get("x"), list)}
+
+    def is_bad(self, job_id: str, node: str) -> bool:
+        raw = self.r.hget(job_workers_key(job_id), node)
+        return bool(raw and json.loads(raw).get("bad"))
+
     def cancel(self, job_id: str) -> int:
         """Cancel what has not started; running frames stop at the next frame boundary."""
         n = self._cancel(keys=self._keys(job_id))
@@ -768,6 +963,7 @@ class JobStore:
                             args=[self.ttl, time.time(), to, "1" if unsent else "0", *states])
         if out == -1:
             raise JobNotFound(job_id)
+        self.r.delete(job_workers_key(job_id))  # a retry gives bad workers a new chance too
         if out:
             self.r.sadd(ACTIVE_JOBS, job_id)
         order = {f: i for i, f in enumerate(self.spec(job_id).frames)}

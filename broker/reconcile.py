@@ -44,6 +44,7 @@ from .dependencies import release
 from .dispatch import feed
 from .jobs import ACTIVE_JOBS, HELD, QUEUED, RUNNING, WAITING, JobNotFound, JobStore
 from .liveness import Holdings, dead, holdings
+from .requirements import requirement_queues
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,11 @@ UNACKED = "unacked"  # kombu's default unacked_key
 UNACKED_INDEX = "unacked_index"  # kombu's default unacked_index_key: when each message was taken
 
 
-def queue_keys() -> list[str]:
-    """The Redis lists kombu keeps for our queues, one per priority step (``gpu``, ``gpu:3``...)."""
-    return [q if step == 0 else f"{q}:{step}" for q in QUEUES for step in PRIORITY_STEPS]
+def queue_keys(client: redis.Redis | None = None) -> list[str]:
+    """The Redis lists kombu keeps for our queues, one per priority step (``gpu``, ``gpu:3``...); with
+    ``client``, those of the requirement queues in use too (``gpu@80gb``, broker/requirements.py)."""
+    queues = list(QUEUES) + (requirement_queues(client) if client is not None else [])
+    return [q if step == 0 else f"{q}:{step}" for q in queues for step in PRIORITY_STEPS]
 
 
 class TaskMessage(NamedTuple):
@@ -126,7 +129,7 @@ def coverage(client: redis.Redis, holders: Holdings | None = None) -> Coverage:
     """``holders``: what the living consumers hold; None counts every unacknowledged message as held
     (right after a broker outage, when the living have not reported again yet)."""
     pipe = client.pipeline(transaction=False)
-    for key in queue_keys():
+    for key in queue_keys(client):
         pipe.lrange(key, 0, -1)
     pipe.hgetall(UNACKED)
     pipe.zrange(UNACKED_INDEX, 0, -1, withscores=True)

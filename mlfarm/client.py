@@ -51,6 +51,8 @@ from mlfarm.broker.jobs import (
     new_job_id,
 )
 from mlfarm.broker.registry import read_catalog
+from mlfarm.broker.requirements import RequirementError, normalise, queue_for, register_queue
+from mlfarm.broker.workers import WorkerInfo, list_workers
 from mlfarm.frames import PatternError, check_pattern, frame_path
 from mlfarm.models.options import validate_options
 from mlfarm.prompts import PromptError, Prompts, check_prompts
@@ -58,7 +60,7 @@ from mlfarm.settings import Settings, get_settings
 from mlfarm.storage import StorageError, confined_path
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "HELD", "QUEUED", "RUNNING", "WAITING", "Farm", "JobNotFound", "JobSpec",
-           "JobStatus", "SubmitError"]
+           "JobStatus", "SubmitError", "WorkerInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,7 @@ class Farm:
                name: str = "", include_local: bool = True, prompts: Prompts | None = None,
                image_size: tuple[int, int] | None = None, force: bool = False,
                after: Sequence[str] = (), after_frames: str = "", max_workers: int = 0,
-               job_id: str | None = None) -> JobSpec:
+               job_id: str | None = None, require: Sequence[str] | str | None = None) -> JobSpec:
         """Queue ``frames`` of ``input`` through ``model`` into ``output``; SubmitError says why not.
 
         ``options`` are checked and typed against the model's description; ``chunk`` frames go in
@@ -165,6 +167,8 @@ class Farm:
         its neighbours, for a window model); unknown jobs and cycles are refused. ``max_workers``:
         at most this many chunks of the job in flight at once (0: its share of the farm).
         ``job_id``: a pipeline's own id for the job (default: a new random one).
+        ``require``: tags (``80gb``) or worker facts (``gpu_memory_gb>=24``) a worker must have to
+        take its chunks, besides those the model declares (its ``requires``).
         """
         desc = self.describe(model, include_local)
         typed = validate_options(desc, dict(options or {}))
@@ -202,6 +206,10 @@ class Farm:
         if after_frames and temporal == "sequence":
             raise SubmitError("model %s runs a shot's frames in order: it can wait on a whole job (--after), not "
                               "frame by frame (--after-frames)" % model)
+        try:
+            required = normalise(list(normalise(require)) + list(desc.get("requires") or ()))
+        except RequirementError as exc:
+            raise SubmitError(str(exc)) from None
         spec = JobSpec(model=model, input=os.path.abspath(input), output=os.path.abspath(output),
                        frames=list(frames), options=typed, chunk=chunk, priority=priority,
                        queue="cpu" if desc.get("device") == "cpu" else "gpu",
@@ -209,7 +217,7 @@ class Farm:
                        prompts=prompts.to_json() if prompts is not None else None, force=bool(force),
                        after=after, after_frames=after_frames,
                        after_reach=int(desc.get("window", 0)) if after_frames and temporal == "window" else 0,
-                       max_workers=int(max_workers), id=job_id or new_job_id())
+                       max_workers=int(max_workers), id=job_id or new_job_id(), require=required)
         if job_id is not None and self.store.exists(job_id):
             raise SubmitError("a job %s exists already" % job_id)
         try:
@@ -217,6 +225,7 @@ class Farm:
         except DependencyError as exc:
             raise SubmitError(str(exc)) from None
         self.store.create(spec)
+        register_queue(self.redis, queue_for(spec.queue, spec.require))  # before its chunks: workers subscribe
         if spec.after or spec.after_frames:
             released = release(self.app, self.settings, self.store, spec)
             log.info("job %s: %d frames of %s, %d released now, the rest wait on %s", spec.id, len(spec.frames),
@@ -278,6 +287,11 @@ class Farm:
         n = self.store.resume(job_id)
         feed(self.app, self.settings, self.store, self.store.spec(job_id))
         return n
+
+    def workers(self) -> list[WorkerInfo]:
+        """The living workers: host, GPU, tags, models loaded, the jobs they render, frames done and
+        failed in the last hour, last heartbeat (``mlfarm workers``)."""
+        return list_workers(self.redis)
 
     def jobs(self, limit: int = 20) -> list[JobStatus]:
         return [self.store.status(j) for j in self.store.list_jobs(limit)]

@@ -35,6 +35,18 @@ def dependents_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:dependents"
 
 
+def job_workers_key(job_id: str) -> str:
+    """Per worker (its Celery name), the frames of this job it failed for reasons not the input's
+    (model errors, a model that would not load, CUDA, out of memory, time limits) and the last
+    reason: a worker with MLFARM_BAD_WORKER_FAILURES of them is bad for the job (broker/jobs.py)."""
+    return f"{PREFIX}:job:{job_id}:workers"
+
+
+#: Requirement queues in use (``gpu@80gb+h200``): added at submission, polled by every worker,
+#: which consumes those it satisfies (broker/requirements.py).
+REQUIREMENT_QUEUES = PREFIX + ":queues:require"
+
+
 # --- the frame cache (worker/frame_cache.py) ----------------------------------------------------
 CACHE_TTL = 90 * 86400  # how long an output stays findable by its key after it was last written or found
 
@@ -63,6 +75,16 @@ def holds_key(worker: str) -> str:
 
 def worker_stats_key(worker: str) -> str:
     return f"{PREFIX}:worker:{worker}"
+
+
+WORKER_NODE_PREFIX = PREFIX + ":node:"  # what each worker is (host, GPU, tags, queues); expires with it
+WORKER_NODES = PREFIX + ":nodes"  # the names of the workers that published one (expired ones are dropped on read)
+
+
+def worker_node_key(node: str) -> str:
+    """A worker's (its Celery name's) description, renewed with its holdings heartbeat: it expires
+    MLFARM_WORKER_DEAD_AFTER after the worker stops (broker/workers.py)."""
+    return WORKER_NODE_PREFIX + node
 
 
 CATALOG_KEY = PREFIX + ":catalog"  # the models the workers can run, as they published them

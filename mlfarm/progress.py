@@ -77,9 +77,17 @@ def status_table(status: JobStatus) -> Table:
         table.add_row("max workers", f"{spec.max_workers} chunk{'s' if spec.max_workers > 1 else ''} in flight")
     if status.paused:
         table.add_row("[yellow]paused", f"mlfarm resume {spec.id} queues its held frames again")
+    if spec.require:
+        table.add_row("requires", ", ".join(spec.require))
     eta = status.eta_seconds()
     if eta is not None:
         table.add_row("eta", f"{eta:.0f}s")
+    if status.no_worker:
+        table.add_row("[yellow]no worker", status.no_worker)
+    for w in status.workers:
+        label = "[red]bad worker" if w.get("bad") else "[yellow]worker failures"
+        table.add_row(label, f"{w['name']}: {w['failures']} failure{'s' if w['failures'] != 1 else ''} not caused "
+                             f"by the input; last: {w['reason']}")
     for worker in status.silent:
         held = format_frames([f.frame for f in status.frames if f.state == RUNNING and f.worker == worker])
         table.add_row("[yellow]not responding", f"{worker}: frames {held} are queued again once its heartbeat "

@@ -151,6 +151,13 @@ class Settings(_FarmSettings):
         default=3, ge=0, description="Attempts a frame gets when each one ends without a result (worker killed, "
         "crashed, stopped); then it fails with that reason instead of taking down worker after worker. 0: no limit.",
     )
+    bad_worker_failures: int = Field(
+        default=3, ge=0, description="Frames a worker may fail of one job for reasons that are not the input's "
+        "(model errors, a model that will not load, CUDA errors, out of memory, time limits) before it is bad for "
+        "that job: it takes none of its chunks any more and hands them back. Such a frame is queued again for "
+        "another worker (not counted against MLFARM_MAX_ATTEMPTS) while a living worker that has not failed it "
+        "and is not bad for the job can take it; then it fails, saying so. 0: never bad, no retry elsewhere.",
+    )
     worker_dead_after: int = Field(
         default=60, ge=4, description="Seconds without a heartbeat after which a worker process counts as dead "
         "(killed, out of memory, its host gone): the frames it was rendering are queued again. Workers beat "
@@ -170,6 +177,11 @@ class Settings(_FarmSettings):
 
     # --- worker --------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where GPU models run.")
+    worker_tags: str = Field(
+        default="", description="Comma-separated tags of this worker (as `mlfarm worker --tags 80gb,h200`), "
+        "matched against jobs' requirements (`mlfarm submit --require`). Empty: derived from its GPU (a memory "
+        "class like 80gb, a model like h200, and gpu), or cpu for a CPU worker.",
+    )
     worker_threads: int = Field(
         default=0, ge=0, le=8, description="Tasks a worker process (`mlfarm worker`, one per GPU) takes at once, "
         "on threads sharing its models: the next chunk's frames are read while the last batches of the one "

@@ -29,6 +29,10 @@ class BaseModel:
     #: The plugin's own settings group, a ``mlfarm.settings.PluginSettings`` subclass (e.g. Mask
     #: R-CNN's ``mrcnn_*``); the worker reads it at load time into ``context.plugin_settings``.
     settings_class: Any = None
+    #: What a worker must have to run this model (broker/requirements.py): plain tags (``"80gb"``)
+    #: or comparisons on worker facts (``"gpu_memory_gb>=24"``). Published in the catalog and merged
+    #: into every job's requirement at submission, so its chunks only reach workers that meet it.
+    requires: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.name = "Base model"
@@ -240,6 +244,7 @@ class BaseModel:
             "temporal": self.temporal,
             "window": int(self.window),
             "promptable": bool(self.promptable),
+            "requires": [str(r) for r in self.requires],
         }
 
     @staticmethod

@@ -188,7 +188,7 @@ class FarmHarness:
             return f"{message.id} {message.kwargs}" if message and message.kwargs.get("job_id") == job_id else ""
 
         lines = []
-        for key in queue_keys():
+        for key in queue_keys(client):
             lines += [f"queue {key}: {m}" for raw in client.lrange(key, 0, -1) if (m := ours(raw))]
         taken_at = dict(client.zrange(UNACKED_INDEX, 0, -1, withscores=True))
         lines += [f"unacked {tag} since {taken_at.get(tag)}: {m}"

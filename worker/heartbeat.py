@@ -56,13 +56,17 @@ def beating(beat: Callable[[], None], interval: float, what: str, now: bool = Fa
 
 
 @contextlib.contextmanager
-def reporting_holdings(client: redis.Redis, worker: str, dead_after: float) -> Iterator[None]:
+def reporting_holdings(client: redis.Redis, worker: str, dead_after: float,
+                       also: Callable[[], None] | None = None) -> Iterator[None]:
     """Report the task messages this process's Celery consumer holds (taken, waiting their turn,
     scheduled or running) every quarter of ``dead_after``: a message no living consumer holds is
-    one the reconciler may queue again (broker/liveness.py, broker/reconcile.py)."""
+    one the reconciler may queue again (broker/liveness.py, broker/reconcile.py). ``also``: called
+    on the same beat, after the report (the worker's description, worker/nodes.py)."""
     def beat() -> None:
         at = time.time()  # before reading: a message taken after this may be missing from the copy
         mark_holding(client, worker, worker_state.requests.copy(), dead_after, at)
+        if also is not None:
+            also()
 
     with beating(beat, dead_after / 4, "holdings", now=True):
         yield

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
+from mlfarm.broker.workers import able, living_workers
 from mlfarm.exr.io import read_image, sidecar_path, write_json, write_planes
 from mlfarm.frames import format_frames, frame_path
 from mlfarm.models.base import BaseModel
@@ -38,7 +39,7 @@ from mlfarm.storage import sweep_once
 from mlfarm.temporal import window_reads
 from mlfarm.tensors import is_tensor
 
-from .errors import describe_error
+from .errors import INPUT, WORKER, describe_error, failure_kind
 from .frame_cache import KEY_ATTRIBUTE, FrameCache, digests
 from .lanes import LanePools
 from .middleware import Middleware
@@ -56,11 +57,14 @@ class ChunkResult:
     cancelled: list[int] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)  # of ``done``: found on the storage, not rendered
     held: list[int] = field(default_factory=list)  # handed back unstarted: the job was paused
+    #: Failed here for a reason not the input's, and queued again for another worker (bad workers).
+    requeued: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"done": format_frames(self.done), "failed": {str(k): v for k, v in self.failed.items()},
                 "skipped": format_frames(self.skipped), "cancelled": format_frames(self.cancelled),
-                "cached": format_frames(self.cached), "held": format_frames(self.held)}
+                "cached": format_frames(self.cached), "held": format_frames(self.held),
+                "requeued": format_frames(self.requeued)}
 
 
 @dataclass
@@ -89,13 +93,17 @@ class ChunkRun:
     handed_back: bool = False  # its unfinished frames went back to the queue (once)
     started: float = field(default_factory=time.perf_counter)
     first_done: float | None = None  # when the first frame was written: the pipeline's ramp-up
+    node: str = ""  # the Celery worker's name (``worker`` less the process id): who goes bad for a job
+    _others: list[str] | None = None  # the other living workers that can take this job (asked once)
+    _sent_back: int = 0  # how many of result.requeued have been enqueued
 
     @property
     def unfinished(self) -> list[int]:
         """Claimed frames with no outcome yet: what a chunk that dies must hand back."""
         r = self.result
         return [f for f in self.claimed
-                if f not in r.failed and f not in r.done and f not in r.cancelled and f not in r.held]
+                if f not in r.failed and f not in r.done and f not in r.cancelled and f not in r.held
+                and f not in r.requeued]
 
     @property
     def label(self) -> str:
@@ -116,8 +124,108 @@ class ChunkRun:
         for mw in self.middleware:
             mw.after_frame(self, frame, error)
 
-    def _fail(self, frame: int, reason: str) -> None:
-        self._finish(frame, f"frame {frame}: {reason}")
+    def _fail(self, frame: int, reason: str, kind: str = INPUT, count: bool = True) -> None:
+        """``kind``: whose fault (``worker/errors.py``). A ``WORKER`` failure counts against this worker
+        for the job (``count``: a model that would not load counts once a chunk, not once a frame) and
+        queues the frame again for another worker while one can take it (MLFARM_BAD_WORKER_FAILURES)."""
+        if kind == WORKER and self.settings.bad_worker_failures > 0:
+            self._worker_fault(frame, f"frame {frame}: {reason}", count)
+        else:
+            self._finish(frame, f"frame {frame}: {reason}")
+
+    # --- bad workers ------------------------------------------------------------------------
+    @property
+    def node_name(self) -> str:
+        return self.node or self.worker.rsplit(":", 1)[0]
+
+    def other_workers(self) -> list[str]:
+        """The other living workers whose queues and tags take this job (asked once a chunk)."""
+        if self._others is None and self.spec.temporal == "sequence":
+            self._others = []  # a stream's frame is not sent elsewhere on its own: it fails here (counted)
+        if self._others is None:
+            try:
+                takers = able(living_workers(self.store.r), self.spec.queue, self.spec.require)
+            except Exception as exc:  # without them the frame fails here, as it would have anyway
+                log.warning("job %s: cannot tell which workers are alive: %s", self.spec.id, describe_error(exc))
+                takers = []
+            self._others = [w.name for w in takers if w.name != self.node_name]
+        return self._others
+
+    def _worker_fault(self, frame: int, reason: str, count: bool = True) -> None:
+        threshold = self.settings.bad_worker_failures
+        outcome, failures, recorded = self.store.fail_on_worker(
+            self.spec.id, frame, reason, self.worker, self.node_name, threshold, self.other_workers(), count)
+        if outcome == "requeue":
+            self.result.requeued.append(frame)
+            log.warning("job %s: %s; queued again for another worker (%s: %d of %d failures before it is bad "
+                        "for this job)", self.spec.id, reason, self.node_name, failures, threshold)
+        elif outcome == "failed":
+            self.result.failed[frame] = recorded
+        if failures == threshold and count:
+            log.warning("job %s: worker %s is bad for this job after %d failures not caused by the input; it "
+                        "takes none of its chunks any more", self.spec.id, self.node_name, failures)
+        for mw in self.middleware:
+            mw.after_frame(self, frame, recorded or reason)
+
+    def _pass_on(self) -> list[int]:
+        """Frames of the chunk queued again after failing on this worker, which another living worker
+        that has not failed them and is not bad for the job can take: queued again for it, not tried
+        here a second time. Returns them."""
+        if self.settings.bad_worker_failures <= 0 or self.spec.temporal == "sequence":
+            return []
+        tried = self.store.tried_by(self.spec.id, self.frames)
+        here = {f: workers for f, workers in tried.items() if self.node_name in workers}
+        if not here:
+            return []
+        bad = {w["name"] for w in self.store.worker_failures(self.spec.id) if w.get("bad")}
+        others = [n for n in self.other_workers() if n not in bad]
+        passed = sorted(f for f, workers in here.items() if any(n not in workers for n in others))
+        if passed and self.enqueue is not None:
+            time.sleep(0.5)  # a moment for another worker to be the one that takes them
+            self.enqueue(passed)
+            self.result.skipped.extend(passed)
+            log.info("job %s: frames %s failed on this worker before; queued again for another (%s)", self.spec.id,
+                     format_frames(passed), ", ".join(others))
+            return passed
+        return []
+
+    def send_back_requeued(self) -> None:
+        """Enqueue the frames queued again for another worker (once each)."""
+        frames = self.result.requeued[self._sent_back:]
+        if not frames or self.enqueue is None:
+            return
+        self._sent_back += len(frames)
+        self.enqueue(sorted(frames))
+
+    def _turn_away(self) -> bool:
+        """This worker is bad for the job: hand the chunk back to the others, or, with none left that
+        can take it, fail its frames saying so. True if it did either."""
+        threshold = self.settings.bad_worker_failures
+        if threshold <= 0 or not self.store.is_bad(self.spec.id, self.node_name):
+            return False
+        failures = {w["name"]: w for w in self.store.worker_failures(self.spec.id)}
+        mine = failures.get(self.node_name, {})
+        good = [n for n in self.other_workers() if not failures.get(n, {}).get("bad")]
+        if good and self.enqueue is not None:
+            time.sleep(1.0)  # a moment for the others to take it rather than this worker again
+            self.enqueue(list(self.frames))
+            self.result.skipped.extend(self.frames)
+            log.warning("job %s: worker %s is bad for this job (%d failures, last: %s); chunk %s handed back for "
+                        "%s", self.spec.id, self.node_name, mine.get("failures", 0), mine.get("reason", ""),
+                        self.label, ", ".join(good))
+            return True
+        claims = self.store.start_frames(self.spec.id, self.frames, self.worker, 0)
+        bad = sorted(n for n, w in failures.items() if w.get("bad"))
+        for f in self.frames:
+            if claims.get(f) == "run":
+                self.claimed.append(f)
+                self._finish(f, f"frame {f}: not rendered: every living worker that can take this job is bad for it "
+                                f"({', '.join(bad)}; {self.node_name}'s last failure: {mine.get('reason', '')})")
+            elif claims.get(f) == "skip":
+                self.result.skipped.append(f)
+            elif claims.get(f) == "cancelled":
+                self.result.cancelled.append(f)
+        return True
 
     def _limit(self, frames: list[int], stage: str) -> contextlib.AbstractContextManager[None]:
         """``stage`` of ``frames`` must end within MLFARM_FRAME_TIME_LIMIT per frame (``worker/watchdog.py``).
@@ -140,6 +248,12 @@ class ChunkRun:
                       "the worker restarted to free the stuck thread")
             self.store.finish_frame(self.spec.id, f, FAILED, reason, worker=self.worker, stuck=True)
             self.result.failed[f] = reason
+        if self.settings.bad_worker_failures > 0:  # the frames stay failed (a retry runs them); the worker is charged
+            try:
+                self.store.note_worker_failure(self.spec.id, self.node_name, f"{stage} took longer than its time "
+                                               f"limit of {limit}s", self.settings.bad_worker_failures)
+            except Exception:
+                log.exception("job %s: could not count a time limit against worker %s", self.spec.id, self.node_name)
         if self.on_stuck is not None:
             self.on_stuck()
 
@@ -163,7 +277,7 @@ class ChunkRun:
         except Exception as exc:
             reason = describe_error(exc)
             out_path = frame_path(self.spec.output, frame)
-            self._fail(frame, reason if out_path in reason else f"{out_path}: {reason}")
+            self._fail(frame, reason if out_path in reason else f"{out_path}: {reason}", failure_kind(exc, "write"))
             return
         finally:
             self.stage_seconds["write"] += time.perf_counter() - t
@@ -268,16 +382,18 @@ class ChunkRun:
                 if len(outs) != len(batch):
                     raise RuntimeError(f"infer_batch returned {len(outs)} results for {len(batch)} frames")
                 return [(f, list(o)) for (f, _), o in zip(batch, outs)]
-            except Exception:
-                if len(batch) == 1:
-                    raise
+            except Exception as exc:
+                if len(batch) == 1:  # that frame fails alone (a worker's fault: see worker/errors.py)
+                    self._fail(batch[0][0], f"model {self.spec.model}: {describe_error(exc)}",
+                               failure_kind(exc, "model"))
+                    return []
             ok = []
             for frame, item in batch:
                 try:
                     with self._limit([frame], f"model {self.spec.model}"):
                         ok.append((frame, list(model.infer_batch([item])[0])))
                 except Exception as exc:
-                    self._fail(frame, f"model {self.spec.model}: {describe_error(exc)}")
+                    self._fail(frame, f"model {self.spec.model}: {describe_error(exc)}", failure_kind(exc, "model"))
             return ok
         finally:
             self.stage_seconds["infer"] += time.perf_counter() - t
@@ -286,7 +402,20 @@ class ChunkRun:
     def run(self, cache: ModelCache) -> ChunkResult:
         for mw in self.middleware:
             mw.before_chunk(self)
-        claims = self.store.start_frames(self.spec.id, self.frames, self.worker, self.settings.max_attempts,
+        try:
+            return self._run(cache)
+        finally:
+            for mw in self.middleware:
+                mw.chunk_ended(self)
+
+    def _run(self, cache: ModelCache) -> ChunkResult:
+        if self._turn_away():
+            for mw in self.middleware:
+                mw.after_chunk(self)
+            return self.result
+        passed = set(self._pass_on())
+        mine = [f for f in self.frames if f not in passed]
+        claims = self.store.start_frames(self.spec.id, mine, self.worker, self.settings.max_attempts,
                                          self.generation)
         todo = self.claimed
         for f in self.frames:
@@ -304,6 +433,7 @@ class ChunkRun:
         if todo:
             sweep_once(Path(frame_path(self.spec.output, todo[0])).parent)
             self._run_frames(cache, todo)
+        self.send_back_requeued()
         for mw in self.middleware:
             mw.after_chunk(self)
         return self.result
@@ -312,13 +442,13 @@ class ChunkRun:
         try:
             model = cache.get(self.spec.model).with_options(self.spec.options)
         except Exception as exc:
-            for f in todo:
-                self._fail(f, f"model {self.spec.model} could not be loaded: {describe_error(exc)}")
+            for i, f in enumerate(todo):  # one failure of this worker, however many frames it fails
+                self._fail(f, f"model {self.spec.model} could not be loaded: {describe_error(exc)}", WORKER, i == 0)
             return
         not_ready = model.check_ready(self.settings)
         if not_ready:
-            for f in todo:
-                self._fail(f, f"model {self.spec.model}: {not_ready}")
+            for i, f in enumerate(todo):
+                self._fail(f, f"model {self.spec.model}: {not_ready}", WORKER, i == 0)
             return
         from .runners import runner_for
 

@@ -49,6 +49,7 @@ class Runtime:
     middleware: list[Middleware]
     worker: str
     frame_cache: FrameCache
+    node: str = ""  # the Celery worker's name (``worker`` is it with this process's id)
     stop_consuming: Callable[[], None] = lambda: None  # the consumer takes no more tasks (WorkerProcess)
     stop_now: threading.Event = field(default_factory=threading.Event)  # WorkerProcess.stop_now
     lanes: LanePools = field(default_factory=LanePools)
@@ -122,7 +123,8 @@ def _build_runtime(process: WorkerProcess) -> Runtime:
     catalog = Catalog.from_settings(settings)
     name = f"{process.name}:{os.getpid()}"
     store = JobStore(client, settings.job_ttl)
-    middleware = default_middleware(client, name)
+    cache = ModelCache(catalog, settings.model_cache_size, settings.device, settings)
+    middleware = default_middleware(client, name, process.name, cache.warm)
     if process.app is not None:
         middleware.append(Scheduling(process.app, settings, store))
     rt = Runtime(
@@ -130,10 +132,11 @@ def _build_runtime(process: WorkerProcess) -> Runtime:
         client=client,
         store=store,
         catalog=catalog,
-        cache=ModelCache(catalog, settings.model_cache_size, settings.device, settings),
+        cache=cache,
         io=start_io(settings),
         middleware=middleware,
         worker=name,
+        node=process.name,
         frame_cache=FrameCache(client, settings),
         stop_consuming=process._stop_consuming,
         stop_now=process.stop_now,

@@ -50,6 +50,10 @@ def hand_back(app: Celery, rt: Any, run: ChunkRun, exc: BaseException) -> None:
         if run.handed_back:
             return
         run.handed_back = True
+    try:  # frames it failed here and queued again for another worker (bad workers) need their message too
+        run.send_back_requeued()
+    except Exception:  # the reconciler will find them
+        log.exception("job %s: could not enqueue frames queued again for another worker", run.spec.id)
     frames = run.unfinished
     if not frames:
         return
@@ -82,7 +86,7 @@ def register_tasks(app: Celery, process: WorkerProcess) -> None:
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
                        settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=process.stop_now,
                        watchdog=rt.watchdog, direction=direction, frame_cache=rt.frame_cache,
-                       generation=generation,
+                       generation=generation, node=rt.node,
                        enqueue=functools.partial(enqueue, self.app, rt.settings, spec, generation=generation))
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and
         # the process ends (worker/watchdog.py), since the stuck thread would otherwise never return.

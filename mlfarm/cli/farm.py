@@ -1,10 +1,11 @@
-"""The ``mlfarm`` group and its farm commands: up, worker, models, submit, status, jobs, cancel, pause, resume,
-retry, demo."""
+"""The ``mlfarm`` group and its farm commands: up, worker, workers, models, submit, status, cancel, pause,
+resume, retry, demo."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -77,8 +78,10 @@ def up(workers: int, queues: str, concurrency: int) -> None:
 @click.option("--concurrency", default=1, show_default=True, help="1: one process (GPU layout); N: prefork.")
 @click.option("--name", default=None, help="Worker name as shown in Flower (with --gpus: may hold {gpu}).")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--tags", default=None, help="This worker's tags, e.g. 80gb,h200, matched against jobs' --require "
+              "(default MLFARM_WORKER_TAGS, else derived from the GPU: memory class, model and gpu; cpu without one).")
 def worker(queues: str, gpu: int | None, gpus: str | None, cpus: str | None, concurrency: int, name: str | None,
-           loglevel: str) -> None:
+           loglevel: str, tags: str | None) -> None:
     """Run one worker process that renders frames from the queues."""
     from mlfarm.broker.connection import InsecureBrokerError, NoBrokerError
     from mlfarm.cpus import parse_cpus
@@ -92,9 +95,11 @@ def worker(queues: str, gpu: int | None, gpus: str | None, cpus: str | None, con
 
             if gpu is not None:
                 raise ValueError("use --gpu N (this process on one GPU) or --gpus (one process per GPU), not both")
+            if tags is not None:  # each GPU's worker is its own `mlfarm worker`: it reads them from there
+                os.environ["MLFARM_WORKER_TAGS"] = tags
             sys.exit(run_gpu_workers(load_settings(), gpus, queues, concurrency, name, loglevel, cores))
         run_worker(load_settings(), [q.strip() for q in queues.split(",") if q.strip()], concurrency, gpu, name,
-                   loglevel, cores)
+                   loglevel, cores, tags)
     except (NoBrokerError, InsecureBrokerError, ValueError) as exc:
         raise FarmError(str(exc)) from None
 
@@ -160,11 +165,13 @@ def _planes(planes: dict[str, Any]) -> str:
               "still running.")
 @click.option("--max-workers", type=int, default=0, show_default=True, help="At most this many chunks of the job "
               "in flight at once (0: no limit beyond its share: jobs of one priority take turns).")
+@click.option("--require", "require", multiple=True, help="TAG[,TAG]: only workers with these tags (mlfarm worker "
+              "--tags) or facts (gpu_memory_gb>=24) take its chunks, besides what the model requires; repeatable.")
 @click.option("--wait", is_flag=True, help="Follow the job; exit 0 only if every frame is done.")
 @click.option("--json", "as_json", is_flag=True)
 def submit(input_: str, frames: str, model: str, options: tuple[str, ...], output: str, chunk: int | None,
            priority: int, name: str, prompt_args: tuple[str, ...], force: bool, after: str, after_frames: str,
-           max_workers: int, wait: bool, as_json: bool) -> None:
+           max_workers: int, require: tuple[str, ...], wait: bool, as_json: bool) -> None:
     """Submit a shot: one task per chunk of frames (a sequence model: one stream per direction)."""
     from mlfarm.client import SubmitError
     from mlfarm.frames import PatternError, parse_frames
@@ -177,7 +184,7 @@ def submit(input_: str, frames: str, model: str, options: tuple[str, ...], outpu
         spec = farm.submit(model, input_, output, parse_frames(frames), parse_option_args(options), chunk,
                            priority, name, prompts=prompts, force=force,
                            after=[a for a in after.split(",") if a.strip()], after_frames=after_frames.strip(),
-                           max_workers=max_workers)
+                           max_workers=max_workers, require=[t for item in require for t in item.split(",")])
     except (SubmitError, OptionError, PatternError, PromptError) as exc:
         raise FarmError(str(exc)) from None
     if not wait:
@@ -187,6 +194,9 @@ def submit(input_: str, frames: str, model: str, options: tuple[str, ...], outpu
             waits = ", ".join(spec.after + ([f"frames of {spec.after_frames}"] if spec.after_frames else []))
             how = f"waiting on {waits}" if waits else "queued"
             console.print(f"job {spec.id}: {len(spec.frames)} frames of {model} {how} -> {spec.output}")
+            waiting = farm.store.no_worker(spec)
+            if waiting:
+                console.print(f"[yellow]{waiting}")
         return
     wait_and_exit(farm, spec.id, as_json)
 
@@ -215,6 +225,29 @@ def status(job_id: str | None, as_json: bool, watch: bool) -> None:
         click.echo(json.dumps(st.to_dict()))
     else:
         console.print(status_table(st))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def workers(as_json: bool) -> None:
+    """The living workers: host, GPU, tags, models loaded, current job, frames done/failed in the last hour."""
+    found = connect().workers()
+    if as_json:
+        click.echo(json.dumps([w.to_dict() for w in found]))
+        return
+    if not found:
+        console.print("no living workers (start one with `mlfarm worker`, or `mlfarm up`)")
+        return
+    table = Table(title=f"{len(found)} living worker{'s' if len(found) != 1 else ''}", title_justify="left")
+    for col in ("worker", "host", "gpu", "tags", "models", "job", "done 1h", "failed 1h", "heartbeat"):
+        table.add_column(col, justify="right" if col in ("done 1h", "failed 1h") else "left")
+    now = time.time()
+    for w in found:
+        gpu = f"{w.gpu} ({w.facts.get('gpu_memory_gb', 0):g} GiB)" if w.gpu else "-"
+        beat = f"{now - w.heartbeat:.0f}s ago" if w.heartbeat else "-"
+        table.add_row(w.name, w.host, gpu, ",".join(w.tags) or "-", ",".join(w.models) or "-",
+                      ",".join(w.jobs) or "idle", str(w.done_last_hour), str(w.failed_last_hour), beat)
+    console.print(table)
 
 
 @main.command()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
 from typing import Any
 
-from ..errors import WorkerStopping, describe_error
+from ..errors import WorkerStopping, describe_error, failure_kind
 from ..lanes import io_threads
 
 
@@ -74,7 +74,7 @@ def pump(run: Any, model: Any, todo: list[int], prefetch: Callable[[int], None],
                 try:
                     batch.append((frame, resolve(frame)))
                 except Exception as exc:
-                    run._fail(frame, describe_error(exc))
+                    run._fail(frame, describe_error(exc), failure_kind(exc, "read"))
             if not batch:
                 continue
             # start_frames already saw the cancel and pause flags for the first batch; later ones look again.

@@ -28,7 +28,7 @@ from mlfarm.frames import format_frames, frame_path
 from mlfarm.prompts import Prompts, from_json
 from mlfarm.temporal import Seed, in_order, resume_point, split, stream_origin
 
-from ..errors import WorkerStopping, describe_error
+from ..errors import WorkerStopping, describe_error, failure_kind
 from ..frame_cache import digests, header_key
 from ..lanes import io_threads
 
@@ -182,7 +182,7 @@ def _stream(chunk: Any, model: Any, todo: list[int], rendering: list[int], direc
                 item = fut.result()
             except Exception as exc:  # the state goes on past a frame it cannot read
                 if frame in wanted:
-                    chunk._fail(frame, describe_error(exc))
+                    chunk._fail(frame, describe_error(exc), failure_kind(exc, "read"))
                 continue
             here = prompts.at(frame) if prompts else []
             t = time.perf_counter()
@@ -191,7 +191,7 @@ def _stream(chunk: Any, model: Any, todo: list[int], rendering: list[int], direc
                     outputs = lane.submit(model.step, state, frame, item, here).result()
             except Exception as exc:
                 if frame in wanted:
-                    chunk._fail(frame, f"model {spec.model}: {describe_error(exc)}")
+                    chunk._fail(frame, f"model {spec.model}: {describe_error(exc)}", failure_kind(exc, "model"))
                 continue
             finally:
                 took = time.perf_counter() - t
