@@ -229,7 +229,7 @@ def test_a_model_requirement_is_merged_routed_and_reported(farm):
     assert coverage(client.redis).frames[spec.id] == {1, 2}  # the reconciler sees the chunk: not lost
     message = json.loads(client.redis.lindex(key, 0))
     assert "'require': 'gpu_memory_gb>=24,h200'" in message["headers"]["kwargsrepr"]
-    assert client.status(spec.id).waiting == "waiting for a worker: none is running"
+    assert client.status(spec.id).no_worker == "waiting for a worker: none is running"
     with pytest.raises(Exception, match="neither a tag"):
         client.submit("bigmem", plate, str(farm.storage / "out2" / "o.####.exr"), [1], require=["80 gb"])
 
