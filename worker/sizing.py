@@ -7,7 +7,8 @@ own pool to every core, so on a small CPU machine they competed for the same cor
 development machine the farm blurred at half the speed of a plain loop (issue #25). ``plan``
 sizes them together; ``apply`` sets them up at process start, before torch runs anything.
 
-The choices were measured (docs/benchmarks.md, "CPU workers"), not guessed. GPU workers keep what
+The choices were measured (docs/benchmarks.md, "CPU workers"), not guessed: a CPU worker runs two
+chunks side by side, torch on half the cores each. GPU workers keep what
 was measured good there (three tasks in flight on H100s, the I/O pool of the cores less two, torch
 and OpenEXR on every core: the GPU does the model's work, torch's CPU threads mostly wait).
 Explicit settings (MLFARM_WORKER_THREADS, MLFARM_IO_THREADS, MLFARM_EXR_THREADS,
@@ -64,13 +65,17 @@ def plan(cores: int, device: str, *, processes: int = 1, tasks: int = 0, io_thre
                "less two (one feeds the GPU), torch and OpenEXR on every core (torch's CPU threads mostly wait)")
         interop = cores
     else:
-        # One task at a time: the blur model's batches take every core, and a second task's reads and
-        # writes then only compete with them. torch on every core, the I/O threads (niced) fill the
-        # gaps between batches; OpenEXR decodes each frame on the thread that reads it (measured:
-        # docs/benchmarks.md, "CPU workers").
-        auto = {"tasks": 1, "io_threads": 2, "torch_threads": cores, "exr_threads": -1}
-        why = ("CPU worker: one task at a time, torch on every core, 2 I/O threads overlapping reads and writes "
-               "with inference, OpenEXR decoding on the reading thread (measured on 2 cores, docs/benchmarks.md)")
+        # Two chunks side by side, each torch operator on half the cores: while one chunk reads or
+        # writes (OpenEXR, outside torch) the other infers, and together they fill the cores. With one
+        # chunk and torch on every core, the I/O threads preempt torch's OpenMP threads, which then
+        # wait on one another: on 2 cores the farm ran at 0.73-1.12x a plain loop that way, at
+        # 0.98-1.07x this way (docs/benchmarks.md, "CPU workers"). OpenEXR decodes each frame on the
+        # thread that reads it: no third pool.
+        side = 2 if cores >= 2 and processes == 1 else 1  # a prefork child takes one at a time
+        auto = {"tasks": side, "io_threads": 2, "torch_threads": max(1, cores // side), "exr_threads": -1}
+        why = (f"CPU worker: {side} task{'s' if side > 1 else ''} side by side, torch on "
+               f"{max(1, cores // side)} of the cores each, 2 I/O threads, OpenEXR decoding on the reading "
+               "thread (measured on 2 cores, docs/benchmarks.md)")
         interop = 1  # eager inference runs no inter-op work; one thread instead of one per core
     if processes > 1:
         auto["tasks"] = 1
