@@ -181,7 +181,9 @@ def test_input_errors_do_not_make_a_worker_bad(farm):
 
 
 def test_the_last_worker_fails_the_frames_saying_so_instead_of_looping(farm):
-    [worker] = start_workers(farm, {"FLAKY_BROKEN": "infer"})
+    # One chunk at a time, so the frames fail in order (two side by side, a CPU worker's plan, can both
+    # have started before the third failure makes the worker bad).
+    [worker] = start_workers(farm, {"FLAKY_BROKEN": "infer", "MLFARM_WORKER_THREADS": "1"})
     frames = list(range(1, 7))
     plate = make_plate(farm.storage / "plate", frames)
     spec = farm.farm().submit("flaky", plate, str(farm.storage / "out" / "o.####.exr"), frames, chunk=1)
