@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,7 +80,7 @@ def depth_figures(torch, folder: Path, images: list[np.ndarray], device: str) ->
     gpu = [((torch.nn.functional.interpolate(torch.from_numpy(im).permute(2, 0, 1)[None].to(device), size=(nh, nw),
                                               mode="bicubic", antialias=True) - mean) / std) for im in images]
     for bf16 in (False, True):
-        for batch in (1, 4):
+        for batch in (1, 4, 8):
             groups = [torch.cat(gpu[i:i + batch]) for i in range(0, len(gpu) - batch + 1, batch)]
 
             def network(groups=groups, bf16=bf16) -> None:
@@ -131,18 +132,70 @@ def flow_figures(torch, weights: Path, images: list[np.ndarray], device: str) ->
     return out
 
 
+def stage_totals(log: Path) -> dict[str, float]:
+    """Seconds each stage took over every chunk in a worker's log (read, infer, write, cache, wall)."""
+    import re
+
+    totals: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        m = re.search(r" in ([0-9.]+)s \((.*?)(?:, first frame|\))", line)
+        if not m or "done (" not in line:
+            continue
+        totals["wall"] = totals.get("wall", 0.0) + float(m.group(1))
+        for part in m.group(2).split(", "):
+            name, _, secs = part.partition(" ")
+            if secs.endswith("s"):
+                totals[name] = totals.get(name, 0.0) + float(secs[:-1])
+    return totals
+
+
+def check_outputs(model: str, out: str, frames: list[int]) -> str:
+    """Every tenth output decodes and holds together: for depth, the preview's grey is depth.Z
+    normalised (mode inverse); for flow, finite vectors and an opaque preview. Planes compressed
+    before the network's stream finished them would break this."""
+    from mlfarm.exr.io import read_image
+    from mlfarm.frames import frame_path
+
+    worst = 0.0
+    for f in frames[:: max(1, len(frames) // 10)]:
+        image = read_image(frame_path(out, f))
+        px = {c: image.pixels[..., i] for i, c in enumerate(image.channels)}
+        assert np.all(px["A"] == 1), f"frame {f}: preview alpha is not 1"
+        if model == "depth":
+            z = px["depth.Z"]
+            grey = (z - z.min()) / max(float(z.max() - z.min()), 1e-12)
+            worst = max(worst, float(np.abs(grey - px["R"]).max()))
+            assert worst < 2e-3, f"frame {f}: rgba is not depth.Z normalised (off by {worst})"
+        else:
+            for c in ("forward.u", "forward.v", "backward.u", "backward.v"):
+                assert np.isfinite(px[c]).all(), f"frame {f}: {c} not finite"
+    return f"outputs checked (preview against planes, largest difference {worst:.1e})"
+
+
 def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: list[int], options: dict,
-              chunk: int) -> float:
-    """Frames/s of one job through one GPU worker (a warm-up job first: loading is not counted)."""
+              per_gpu: int, logs: Path | None = None, profile: Path | None = None) -> float:
+    """Frames/s of one job through ``per_gpu`` worker processes on GPU 0, each on its own share of the
+    cores as `mlfarm worker --gpus` places them (a warm-up job first: loading is not counted)."""
+    from bench_mrcnn import start_profile
+
     from mlfarm.client import Farm
+    from mlfarm.cpus import format_cpus, split_cpus
     from mlfarm.settings import Settings
 
-    procs = [start([sys.executable, "-m", "mlfarm", "worker", "--queues", "gpu", "--name", f"{model}@bench",
-                    "--gpu", "0"], env, tmp / f"{model}.log", f"{model}@bench ready.", 180)]
+    shares = split_cpus(per_gpu) if per_gpu > 1 else [None]
+    procs = []
+    for i, share in enumerate(shares):
+        cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", "gpu", "--name", f"{model}{i}@bench", "--gpu", "0"]
+        if share:
+            cmd += ["--cpus", format_cpus(share)]
+        procs.append(start(cmd, env, tmp / f"{model}{i}.log", f"{model}{i}@bench ready.", 180))
     try:
         farm = Farm(Settings(), env["MLFARM_BROKER_URL"])
         result = 0.0
-        for run, todo in (("warm", frames[:4]), ("timed", frames)):
+        chunk = Settings().default_chunk  # what `mlfarm submit` sends
+        for run, todo in (("warm", frames[:chunk * 3 * per_gpu]), ("timed", frames)):
+            spy = start_profile(str(profile / f"{model}-worker0.txt"), procs[0].pid, 6) if profile and run == "timed" \
+                else None
             t = time.perf_counter()
             spec = farm.submit(model, plate, str(tmp / "out" / model / run / "o.####.exr"), todo, options,
                                chunk=chunk, force=True)  # timed: never from the frame cache
@@ -150,11 +203,23 @@ def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: li
                 time.sleep(0.05)
             if st.state != "done":
                 raise RuntimeError(f"{st.summary()}: {[f.reason for f in st.failed_frames[:2]]}\n"
-                                   f"{(tmp / f'{model}.log').read_text()[-4000:]}")
+                                   f"{(tmp / f'{model}0.log').read_text()[-4000:]}")
             result = len(todo) / (time.perf_counter() - t)
+            print(f"    {model} {run}: {check_outputs(model, str(tmp / 'out' / model / run / 'o.####.exr'), todo)}",
+                  flush=True)
+            if spy is not None:
+                spy.wait(60)
+        for i in range(len(procs)):
+            totals = stage_totals(tmp / f"{model}{i}.log")
+            print(f"    {model} worker {i}: stage seconds over all its chunks (warm-up included): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items())), flush=True)
         return result
     finally:
         stop(procs)
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+            for i in range(len(procs)):
+                shutil.copy(tmp / f"{model}{i}.log", logs / f"{model}{i}.log")
 
 
 def main() -> None:
@@ -165,6 +230,10 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--skip", default="")
+    ap.add_argument("--workers-per-gpu", default="auto",
+                    help="worker processes on the GPU (default auto: as `mlfarm worker --gpus` chooses)")
+    ap.add_argument("--logs", default="", help="copy the workers' logs into this folder")
+    ap.add_argument("--profile", default="", help="with py-spy installed: sample worker 0 into this folder")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -173,6 +242,14 @@ def main() -> None:
     from mlfarm.models.builtin.flow.weights import ARCHITECTURES
 
     skip = set(filter(None, args.skip.split(",")))
+    from mlfarm.worker.supervisor import gpu_memory_gib, workers_per_gpu
+
+    per_gpu, why = workers_per_gpu(args.workers_per_gpu, gpu_memory_gib(["0"]), len(os.sched_getaffinity(0)))
+    print(f"(c) {per_gpu} worker process(es) on the GPU ({why})", flush=True)
+    logs = Path(args.logs) if args.logs else None
+    profile = Path(args.profile) if args.profile else None
+    if profile:
+        profile.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench-passes-"))
     weights = tmp / "weights"
     weights.mkdir()
@@ -195,7 +272,7 @@ def main() -> None:
             d = depth_figures(torch, weights / "depth-anything-v2-small", images, args.device)
             del images
             torch.cuda.empty_cache()
-            d["c"] = farm_rate(env, tmp, "depth", plate, frames, {"size": "small"}, 4)
+            d["c"] = farm_rate(env, tmp, "depth", plate, frames, {"size": "small"}, per_gpu, logs, profile)
             best = max(v for k, v in d.items() if k.startswith("b_"))
             print(f"depth (a) naive {d['a']:.1f} fps; (b) network " + ", ".join(
                 f"{k[2:]} {v:.1f}" for k, v in d.items() if k.startswith("b_")) + f"; (c) mlfarm {d['c']:.1f} fps; "
@@ -208,7 +285,7 @@ def main() -> None:
             f = flow_figures(torch, weights, images, args.device)
             del images
             torch.cuda.empty_cache()
-            fps = farm_rate(env, tmp, "flow", plate, ff, {"arch": "raft_large"}, 4)
+            fps = farm_rate(env, tmp, "flow", plate, ff, {"arch": "raft_large"}, per_gpu, logs, profile)
             f["c_pairs"] = fps * (2 * len(ff) - 2) / len(ff)
             best = max(v for k, v in f.items() if k.startswith("b_"))
             print(f"flow (a) naive {f['a']:.2f} pairs/s; (b) network " + ", ".join(

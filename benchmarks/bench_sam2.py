@@ -252,13 +252,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of base-plus (script check)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,c4")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,c4,c4_threads")
     ap.add_argument("--json", default="", help="write the figures to this file too")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from mlfarm.broker.embedded import EmbeddedRedis
+    from mlfarm.cpus import format_cpus, split_cpus
 
     skip = set(filter(None, args.skip.split(",")))
     tmp = Path(tempfile.mkdtemp(prefix="bench-sam2-"))
@@ -308,8 +309,9 @@ def main() -> None:
     os.environ.update({k: v for k, v in base_env.items() if k.startswith("MLFARM_")})  # this process submits
     variants = [("c", 1, {}, 1)]
     if "c4" not in skip:
-        variants += [("c4_threads", args.shots, {"MLFARM_WORKER_THREADS": str(args.shots)}, 1),
-                     ("c4_processes", args.shots, {"MLFARM_WORKER_THREADS": "1"}, args.shots)]
+        if "c4_threads" not in skip:
+            variants += [("c4_threads", args.shots, {"MLFARM_WORKER_THREADS": str(args.shots)}, 1)]
+        variants += [("c4_processes", args.shots, {"MLFARM_WORKER_THREADS": "1"}, args.shots)]
     try:
         for name, shots, extra, processes in variants:
             if name == "c" and "c" in skip:
@@ -317,10 +319,14 @@ def main() -> None:
             env = {**base_env, **extra}
             procs = []
             try:
+                # As `mlfarm worker --gpus` places several processes on a GPU: each on its own share of the cores.
+                shares = split_cpus(processes) if processes > 1 else [None]
                 for i in range(processes):
                     cmd = [sys.executable, "-m", "mlfarm", "worker", "--queues", "gpu", "--name", f"{name}{i}@bench"]
                     if device.startswith("cuda"):
                         cmd += ["--gpu", "0"]
+                    if shares[i]:
+                        cmd += ["--cpus", format_cpus(shares[i])]
                     procs.append(start(cmd, env, tmp / f"{name}{i}.log", f"{name}{i}@bench ready.", 180))
                 farm_fps(env, tmp, plate, frames[:min(len(frames), 8)], box, 1, size, f"{name}-warm")  # loads
                 fps, area = farm_fps(env, tmp, plate, frames, box, shots, size, name)

@@ -31,6 +31,7 @@ import numpy as np
 
 from mlfarm.broker.jobs import CANCELLED, DONE, FAILED, JobSpec, JobStore
 from mlfarm.broker.workers import able, living_workers
+from mlfarm.exr import gpu as gpu_exr
 from mlfarm.exr.io import read_image, sidecar_path, write_json, write_planes
 from mlfarm.frames import format_frames, frame_path
 from mlfarm.models.base import BaseModel
@@ -268,10 +269,14 @@ class ChunkRun:
         finally:
             self.stage_seconds["read"] += time.perf_counter() - t
 
-    def _write(self, frame: int, model: BaseModel, outputs: list[Any], layout: Any = None) -> None:
+    def _write(self, frame: int, model: BaseModel, outputs: list[Any], layout: Any = None, ready: Any = None
+               ) -> None:
+        """``ready``: the event ``mark_ready`` recorded after the work that made device outputs."""
         t = time.perf_counter()
         try:
             with self._limit([frame], "writing"):
+                if ready is not None:
+                    gpu_exr.take_over(outputs, ready)
                 self._write_frame(frame, model, outputs, layout)
             self._remember(frame)
         except Exception as exc:

@@ -60,6 +60,40 @@ def thread_stream(torch: Any) -> Any:
     return stream
 
 
+def mark_ready(outputs: Sequence[Any]) -> Any:
+    """On the thread that made ``outputs`` (a lane): an event on its current stream, recorded after
+    the work that makes them, where any output is a CUDA tensor; None otherwise.
+
+    Why: a model returns device planes as soon as their work is queued, and the I/O thread that
+    writes them runs on a stream of its own (``thread_stream``); without this its compression could
+    read planes the network's stream has not finished.
+    """
+    from mlfarm.tensors import is_tensor
+
+    cuda = next((o for o in outputs if is_tensor(o) and o.device.type == "cuda"), None)
+    if cuda is None:
+        return None
+    import torch
+
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(cuda.device))
+    return ready
+
+
+def take_over(outputs: Sequence[Any], ready: Any) -> None:
+    """On the thread that writes ``outputs``: its stream waits for ``ready`` (``mark_ready``), and each
+    CUDA output's memory stays theirs until this stream's work on it is done."""
+    import torch
+
+    from mlfarm.tensors import is_tensor
+
+    stream = thread_stream(torch)
+    stream.wait_event(ready)
+    for o in outputs:
+        if is_tensor(o) and o.device.type == "cuda":
+            o.record_stream(stream)
+
+
 # --- the header --------------------------------------------------------------------------
 def _attribute(name: str, kind: str, value: bytes) -> bytes:
     return name.encode() + b"\0" + kind.encode() + b"\0" + struct.pack("<i", len(value)) + value

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, wait
 from typing import Any
 
+from mlfarm.exr.gpu import mark_ready
+
 from ..errors import WorkerStopping, describe_error, failure_kind
 from ..lanes import io_threads
 
@@ -54,8 +56,10 @@ def pump(run: Any, model: Any, todo: list[int], prefetch: Callable[[int], None],
 
     def infer_then_write(batch: list[tuple[int, Any]]) -> None:
         # Writes go to the I/O threads, never onto the lane that inferred them (other chunks wait there).
-        for frame, outputs in run._infer(model, batch):
-            writes.append(run.io.submit(run._write, frame, model, outputs))
+        done = run._infer(model, batch)
+        ready = mark_ready([o for _, outputs in done for o in outputs])  # device planes: done on this stream first
+        for frame, outputs in done:
+            writes.append(run.io.submit(run._write, frame, model, outputs, None, ready))
 
     def refill() -> None:
         while waiting and len(pending) < lookahead:

@@ -23,6 +23,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from mlfarm.broker.jobs import DONE, QUEUED
+from mlfarm.exr.gpu import mark_ready
 from mlfarm.exr.io import read_planes
 from mlfarm.frames import format_frames, frame_path
 from mlfarm.prompts import Prompts, from_json
@@ -188,7 +189,7 @@ def _stream(chunk: Any, model: Any, todo: list[int], rendering: list[int], direc
             t = time.perf_counter()
             try:
                 with chunk._limit([frame], f"model {spec.model}"):
-                    outputs = lane.submit(model.step, state, frame, item, here).result()
+                    outputs, ready = lane.submit(_step, model, state, frame, item, here).result()
             except Exception as exc:
                 if frame in wanted:
                     chunk._fail(frame, f"model {spec.model}: {describe_error(exc)}", failure_kind(exc, "model"))
@@ -199,7 +200,7 @@ def _stream(chunk: Any, model: Any, todo: list[int], rendering: list[int], direc
                 chunk.stage_seconds["infer"] += took
             last = frame
             if frame in wanted:
-                writes.append(chunk.io.submit(chunk._write, frame, model, list(outputs), layout))
+                writes.append(chunk.io.submit(chunk._write, frame, model, outputs, layout, ready))
     finally:
         for w in writes:
             w.result()
@@ -208,6 +209,12 @@ def _stream(chunk: Any, model: Any, todo: list[int], rendering: list[int], direc
     if cancelled:
         return
     _hand_on(chunk, direction, todo, order)
+
+
+def _step(model: Any, state: Any, frame: int, item: Any, prompts: list[Any]) -> tuple[list[Any], Any]:
+    """One frame through the stream, on the lane, and the event its device outputs are ready at."""
+    outputs = list(model.step(state, frame, item, prompts))
+    return outputs, mark_ready(outputs)
 
 
 def _hand_on(chunk: Any, direction: str, todo: list[int], order: list[int]) -> None:

@@ -19,6 +19,7 @@ the plate's full size on the device; only the finished planes are copied to the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from mlfarm.models import BaseModel
@@ -64,6 +65,15 @@ def network_size(height: int, width: int, size: int, multiple: int = 14) -> tupl
         return int(out) if out > 0 else int(math.ceil(value / multiple) * multiple)
 
     return fit(scale_h * height), fit(scale_w * width)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A frame ready for the network (``preprocess``): its input ``(3, h, w)`` on the model's device,
+    and the plate's ``(height, width)`` the depth is resized back to."""
+
+    pixels: Any
+    size: tuple[int, int]
 
 
 class Model(BaseModel):
@@ -147,40 +157,74 @@ class Model(BaseModel):
         return self._nets.get(size, build)
 
     # --- frames ------------------------------------------------------------------------------------
+    def preprocess(self, image_list: list[Any]) -> Prepared:
+        """On the I/O threads: the frame uploaded, made display-referred, resized to the network's size
+        and normalised, on that thread's own CUDA stream, so the lane that runs the network only stacks
+        small ready tensors (stacking and uploading 1080p frames there capped the farm below the network)."""
+        torch = self.torch
+        _, prep = self._network()
+        image = image_list[0]
+        height, width = image.shape[:2]
+        cuda = str(self.torch_device).startswith("cuda")
+        if cuda:
+            from mlfarm.exr.gpu import thread_stream
+
+            stream = thread_stream(torch)
+        with torch.inference_mode():
+            linear = torch.as_tensor(image)[..., :3].to(self.torch_device).permute(2, 0, 1)[None].float()
+            pixels = self._network_input(prep, linear)[0]
+        if cuda:
+            done = torch.cuda.Event(blocking=True)  # wait without spinning or holding the GIL
+            done.record(stream)
+            done.synchronize()
+        return Prepared(pixels, (int(height), int(width)))
+
     def inference(self, image_list: list[Any]) -> list[Any]:
         return self.infer_batch([image_list])[0]
 
-    def infer_batch(self, batch: list[list[Any]]) -> list[list[Any]]:
+    def infer_batch(self, batch: list[Any]) -> list[list[Any]]:
+        """``batch``: what ``preprocess`` made of each frame (raw image lists are prepared here)."""
         torch = self.torch
         net, prep = self._network()
+        items = [item if isinstance(item, Prepared) else self.preprocess(item) for item in batch]
         out: list[list[Any]] = [[] for _ in batch]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, image_list in enumerate(batch):
-            groups.setdefault(tuple(image_list[0].shape), []).append(i)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault((tuple(item.pixels.shape), item.size), []).append(i)
+        cuda = str(self.torch_device).startswith("cuda")
         with torch.inference_mode():
-            for idx in groups.values():
-                frames = torch.stack([torch.as_tensor(batch[i][0]) for i in idx]).to(self.torch_device)
-                z, rgba = self._planes(net, prep, frames[..., :3].permute(0, 3, 1, 2).float())
+            for (_, size), idx in groups.items():
+                if cuda:  # made on an I/O thread's stream: not reused there before this stream is done
+                    for i in idx:
+                        items[i].pixels.record_stream(torch.cuda.current_stream())
+                pixels = torch.stack([items[i].pixels for i in idx])
+                z, rgba = self._planes(net, pixels, size)
                 if not self.planes_stay:
                     z, rgba = z.cpu().numpy(), rgba.cpu().numpy()
                 for j, i in enumerate(idx):
                     out[i] = [rgba[j], z[j]]
         return out
 
-    def _planes(self, net: Any, prep: dict[str, Any], linear: Any) -> tuple[Any, Any]:
-        """Scene-linear frames ``(B, 3, H, W)`` on the device to ``(depth.Z, rgba)``, all on the device."""
+    def _network_input(self, prep: dict[str, Any], linear: Any) -> Any:
+        """Scene-linear frames ``(B, 3, H, W)`` to the network's input, as its image processor makes it:
+        display-referred, resized (bicubic, antialiased) to ``network_size``, normalised."""
         torch = self.torch
-        f = torch.nn.functional
         height, width = linear.shape[-2:]
         srgb = linear_to_srgb(linear, torch).clamp_(0.0, 1.0)
         h, w = network_size(height, width, prep["size"], prep["multiple"])
-        pixels = f.interpolate(srgb, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-        pixels = (pixels - prep["mean"]) / prep["std"]
+        pixels = torch.nn.functional.interpolate(srgb, size=(h, w), mode="bicubic", align_corners=False,
+                                                 antialias=True)
+        mean, std = prep["mean"].to(pixels.device), prep["std"].to(pixels.device)
+        return (pixels - mean) / std
+
+    def _planes(self, net: Any, pixels: Any, size: tuple[int, int]) -> tuple[Any, Any]:
+        """Network inputs ``(B, 3, h, w)`` to ``(depth.Z, rgba)`` at the plate's ``size``, on the device."""
+        torch = self.torch
         if self.autocast is not None:
             with torch.autocast("cuda", dtype=self.autocast):
                 predicted = net(pixel_values=pixels).predicted_depth
         else:
             predicted = net(pixel_values=pixels).predicted_depth
-        inverse = f.interpolate(predicted[:, None].float(), size=(height, width), mode="bicubic",
-                                align_corners=False)[:, 0]
+        inverse = torch.nn.functional.interpolate(predicted[:, None].float(), size=size, mode="bicubic",
+                                                  align_corners=False)[:, 0]
         return depth_planes(inverse, self.mode.value, torch)

@@ -18,6 +18,7 @@ at least 128) and the flow cropped back.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from mlfarm.models import BaseModel
@@ -49,6 +50,13 @@ def pad_size(height: int, width: int) -> tuple[int, int]:
         return max(MIN_SIDE, -(-v // 8) * 8)
 
     return side(height), side(width)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A frame ready for RAFT (``preprocess``): (3, H, W) sRGB in [-1, 1] on the model's device."""
+
+    pixels: Any
 
 
 class Model(BaseModel):
@@ -124,11 +132,30 @@ class Model(BaseModel):
         return self._nets.get(arch, build)
 
     # --- frames ------------------------------------------------------------------------------------
-    def _prepare(self, item: Any) -> Any:
-        """A frame as RAFT takes it: (3, H, W) sRGB in [-1, 1] on the device."""
+    def preprocess(self, image_list: list[Any]) -> Frame:
+        """On the I/O threads: the frame as RAFT takes it, (3, H, W) sRGB in [-1, 1] on the device,
+        made on that thread's own CUDA stream, so the lane only runs the network."""
         torch = self.torch
-        linear = torch.as_tensor(item[0]).to(self.torch_device)[..., :3].permute(2, 0, 1).float()
-        return linear_to_srgb(linear, torch).clamp_(0.0, 1.0) * 2.0 - 1.0
+        cuda = str(self.torch_device).startswith("cuda")
+        if cuda:
+            from mlfarm.exr.gpu import thread_stream
+
+            stream = thread_stream(torch)
+        with torch.inference_mode():
+            linear = torch.as_tensor(image_list[0]).to(self.torch_device)[..., :3].permute(2, 0, 1).float()
+            pixels = linear_to_srgb(linear, torch).clamp_(0.0, 1.0) * 2.0 - 1.0
+        if cuda:
+            done = torch.cuda.Event(blocking=True)  # wait without spinning or holding the GIL
+            done.record(stream)
+            done.synchronize()
+        return Frame(pixels)
+
+    def _prepare(self, item: Any) -> Any:
+        """What ``preprocess`` made of a frame (a raw image list is prepared here), for this lane's stream."""
+        frame = item if isinstance(item, Frame) else self.preprocess(item)
+        if str(self.torch_device).startswith("cuda"):  # made on an I/O thread's stream: kept until this one is done
+            frame.pixels.record_stream(self.torch.cuda.current_stream())
+        return frame.pixels
 
     def flows(self, pairs: list[tuple[Any, Any]]) -> list[Any]:
         """RAFT's flow (2, H, W) for each (first, second) pair of prepared frames of one size: pixels,
@@ -139,7 +166,9 @@ class Model(BaseModel):
         height, width = pairs[0][0].shape[-2:]
         ph, pw = pad_size(height, width)
         net = self._network()
-        per_call = self._batch_for(height, width)
+        most = self._batch_for(height, width)
+        calls = -(-len(pairs) // most)
+        per_call = -(-len(pairs) // calls)  # evenly: 8 pairs at most 6 a call go as 4 + 4, not 6 + 2
         out: list[Any] = []
         with torch.inference_mode():
             for start in range(0, len(pairs), per_call):
