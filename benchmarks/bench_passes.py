@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_farm import start, stop
-from bench_sam2 import srgb_frames, sync, write_plate
+from bench_sam2 import gpu_busy, srgb_frames, sync, write_plate
 
 
 def depth_small(folder: Path, seed: int = 0) -> Path:
@@ -199,12 +199,18 @@ def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: li
             t = time.perf_counter()
             spec = farm.submit(model, plate, str(tmp / "out" / model / run / "o.####.exr"), todo, options,
                                chunk=chunk, force=True)  # timed: never from the frame cache
+            busy: list[float] = []
             while not (st := farm.status(spec.id)).finished:
+                busy.append(gpu_busy())
                 time.sleep(0.05)
             if st.state != "done":
                 raise RuntimeError(f"{st.summary()}: {[f.reason for f in st.failed_frames[:2]]}\n"
                                    f"{(tmp / f'{model}0.log').read_text()[-4000:]}")
             result = len(todo) / (time.perf_counter() - t)
+            samples = [b for b in busy[len(busy) // 5:] if b >= 0]
+            if run == "timed" and samples:
+                print(f"    {model}: GPU busy {np.mean(samples):.0f}% (NVML, {len(samples)} samples past the start)",
+                      flush=True)
             print(f"    {model} {run}: {check_outputs(model, str(tmp / 'out' / model / run / 'o.####.exr'), todo)}",
                   flush=True)
             if spy is not None:
