@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of base-plus (script check)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,c4,c4_threads")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,c4,c4_threads,c4_2x2")
     ap.add_argument("--json", default="", help="write the figures to this file too")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -310,7 +310,11 @@ def main() -> None:
     variants = [("c", 1, {}, 1)]
     if "c4" not in skip:
         if "c4_threads" not in skip:
-            variants += [("c4_threads", args.shots, {"MLFARM_WORKER_THREADS": str(args.shots)}, 1)]
+            variants += [("c4_threads", args.shots, {"MLFARM_WORKER_THREADS": str(args.shots),
+                                                     "MLFARM_SAM2_LANES": str(args.shots)}, 1)]
+        if "c4_2x2" not in skip and args.shots % 2 == 0:  # two processes, each stepping half the shots at once
+            half = str(args.shots // 2)
+            variants += [("c4_2x2", args.shots, {"MLFARM_WORKER_THREADS": half, "MLFARM_SAM2_LANES": half}, 2)]
         variants += [("c4_processes", args.shots, {"MLFARM_WORKER_THREADS": "1"}, args.shots)]
     try:
         for name, shots, extra, processes in variants:
@@ -344,7 +348,7 @@ def main() -> None:
     ref = figures.get("a_bf16", figures.get("a_fp32"))
     if "c" in figures and ref:
         print(f"(c)/(a) {figures['c'] / ref:.2f}x against the reference at the worker's precision", flush=True)
-    for key in ("c4_threads", "c4_processes"):
+    for key in ("c4_threads", "c4_2x2", "c4_processes"):
         if key in figures and "c" in figures:
             print(f"({key})/(c) {figures[key] / figures['c']:.2f}x", flush=True)
     print(json.dumps(figures), flush=True)

@@ -79,6 +79,7 @@ class Model(BaseModel):
         self.weights_dir = context.settings.weights_dir
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         self.dtype = "bfloat16" if own.sam2_precision in ("auto", "bf16") and bf16 else "float32"
+        self.lanes = int(own.sam2_lanes) if device.startswith("cuda") else 1
         self.planes_stay = context.outputs_on_device
 
     def unload(self) -> None:
@@ -108,6 +109,7 @@ class Model(BaseModel):
     def start_sequence(self, direction: str, prompts: Any, seed: Any = None) -> dict[str, Any]:
         """A SAM 2 session for one direction; from ``seed`` (the planes written on the frame before and
         that frame's input) when resuming."""
+        self._own_stream()
         session = self._tracker().session()
         state = {"session": session, "prompts": prompts, "objects": list(prompts.object_ids),
                  "names": dict(prompts.names)}
@@ -127,8 +129,17 @@ class Model(BaseModel):
             return image_list
         return [self.torch.from_numpy(image_list[0][..., :3]).pin_memory()]
 
+    def _own_stream(self) -> None:
+        """With several lanes, each lane thread steps its shots on its own CUDA stream (kept as the
+        thread's current stream, so what the worker records after a step is on it too)."""
+        if self.lanes > 1:
+            from mlfarm.exr.gpu import thread_stream
+
+            thread_stream(self.torch)
+
     def step(self, state: dict[str, Any], frame: int, item: Any, prompts: list[Any]) -> list[Any]:
         torch = self.torch
+        self._own_stream()
         plate = self._upload(item)
         result = state["session"].step(self._display(plate), prompts)
         planes = compose(plate, result.logits, result.object_ids, state["names"], state["objects"])
