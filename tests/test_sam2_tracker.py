@@ -121,3 +121,27 @@ def test_frames_are_resized_and_normalised_on_the_device_as_the_image_processor_
     assert size == [96, 128] and [int(v) for v in theirs.original_sizes[0]] == size
     assert ours.shape == theirs.pixel_values[0].shape
     torch.testing.assert_close(ours, theirs.pixel_values[0], atol=1e-5, rtol=0)  # bilinear, antialiased: the same
+
+
+def test_a_session_tracks_exactly_as_the_librarys_own_streaming_calls(tracker):
+    """Our session hands SAM 2 each frame's image features (made by the tracker's encoder, a CUDA
+    graph on a GPU) before the model's call; the masks must be the library's own, bit for bit."""
+    frames = plate(6)
+    box = parse_inline(["0:obj:box=8,6,40,30"]).at(0)
+    ours = tracker.session()
+    mine = [ours.step(frames[0], box).logits] + [ours.step(f).logits for f in frames[1:]]
+
+    processor, model = tracker.processor, tracker.model
+    state = processor.init_video_session(inference_device="cpu", dtype=torch.float32)
+    theirs = []
+    with torch.inference_mode():
+        for k, f in enumerate(frames):
+            pixels, size = ours._pixels(f)
+            if k == 0:
+                processor.add_inputs_to_inference_session(state, frame_idx=0, obj_ids=[1],
+                                                          input_boxes=[[[8.0, 6.0, 40.0, 30.0]]], original_size=size)
+            out = model(inference_session=state, frame=pixels, frame_idx=k)
+            theirs.append(processor.post_process_masks([out.pred_masks], original_sizes=[size], binarize=False)[0][:, 0])
+    assert len(mine) == len(theirs) == 6
+    for k, (a, b) in enumerate(zip(mine, theirs)):
+        assert torch.equal(a, b), f"frame {k}: logits differ by {(a - b).abs().max()}"

@@ -80,6 +80,7 @@ class Model(BaseModel):
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         self.dtype = "bfloat16" if own.sam2_precision in ("auto", "bf16") and bf16 else "float32"
         self.lanes = int(own.sam2_lanes) if device.startswith("cuda") else 1
+        self.cuda_graphs = bool(own.sam2_cuda_graphs)
         self.planes_stay = context.outputs_on_device
 
     def unload(self) -> None:
@@ -94,7 +95,7 @@ class Model(BaseModel):
             reason = missing_message(self.weights_dir, size)
             if reason:
                 raise RuntimeError(reason)
-            return Sam2Tracker(folder(self.weights_dir, size), self.torch_device, self.dtype)
+            return Sam2Tracker(folder(self.weights_dir, size), self.torch_device, self.dtype, self.cuda_graphs)
 
         return self._trackers.get(size, build)
 

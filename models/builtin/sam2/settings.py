@@ -17,3 +17,6 @@ class Sam2Settings(PluginSettings):
         default=1, ge=1, le=8, description="Shots a SAM 2 worker process steps at once, each on its own thread and "
         "CUDA stream (with MLFARM_WORKER_THREADS at least as many), so the GPU works on one while Python "
         "dispatches another. CPU: always 1.")
+    sam2_cuda_graphs: bool = Field(
+        default=True, description="Replay SAM 2's image encoder as a CUDA graph on a GPU (one call instead of "
+        "hundreds of kernel launches a frame); false: eager, to compare or to rule it out.")

@@ -53,7 +53,7 @@ class FrameMasks:
 class Sam2Tracker:
     """A SAM 2 video model and its processor loaded from a ``save_pretrained`` folder."""
 
-    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str = "float32"):
+    def __init__(self, folder: str | Path, device: str = "cpu", dtype: str = "float32", cuda_graphs: bool = True):
         import torch
         from transformers import Sam2VideoModel, Sam2VideoProcessor
 
@@ -71,6 +71,11 @@ class Sam2Tracker:
         cfg = self.model.config
         #: How far back SAM 2 looks: older per-frame outputs are dropped.
         self.history = max(int(cfg.num_maskmem), int(getattr(cfg, "max_object_pointers_in_encoder", 16)))
+        from mlfarm.models.cuda_graphs import GraphedFunction
+
+        #: The image encoder, replayed as a CUDA graph on a GPU (its few hundred kernels in one call:
+        #: a stream is bound by the host's time per frame, not the GPU's); eager elsewhere.
+        self.encoder = GraphedFunction(self._features, enabled=cuda_graphs)
         self._ious = threading.local()  # the mask decoder's IoU estimates, per calling thread
         self.model.mask_decoder.register_forward_hook(self._capture_iou)
 
@@ -78,6 +83,20 @@ class Sam2Tracker:
         calls = getattr(self._ious, "calls", None)
         if calls is not None and len(output) > 1:
             calls.append(output[1].detach().float().amax(-1).flatten())
+
+    def _features(self, pixels: Any) -> tuple[list[Any], list[Any]]:
+        """The image encoder's outputs SAM 2's tracking reads, for a batch ``(B, 3, S, S)``: the
+        feature maps and their position encodings, as ``get_image_features`` gives them."""
+        out = self.model.get_image_features(pixels, return_dict=True)
+        return list(out.fpn_hidden_states), list(out.fpn_position_encoding)
+
+    def features(self, pixels: Any) -> dict[str, Any]:
+        """One frame's ``(3, S, S)`` features as the session caches them. Copies: a graph's outputs are
+        its own buffers, overwritten by the next replay on this thread."""
+        feats, pos = self.encoder(pixels[None])
+        if self.encoder.enabled and pixels.is_cuda:
+            feats, pos = [f.clone() for f in feats], [p.clone() for p in pos]
+        return {"vision_feats": feats, "vision_pos_embeds": pos}
 
     def session(self) -> Session:
         """A new streaming session: one shot, one direction."""
@@ -120,6 +139,8 @@ class Session:
             raise ValueError("SAM 2: no object to follow yet (the first frame needs prompts or seed masks)")
         ious: dict[int, float] = {}
         with torch.inference_mode():
+            # The frame's features go into the session's cache first: the model finds them there.
+            self.state.cache.cache_vision_features(k, self.tracker.features(pixels))
             # One object's inputs a call: the processor keeps only the last call's objects as "new".
             for oid, kwargs in inputs:
                 processor.add_inputs_to_inference_session(self.state, frame_idx=k, obj_ids=[oid], **kwargs)
