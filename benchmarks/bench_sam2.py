@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of base-plus (script check)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,c4,c4_threads,c4_2x2")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,c_eager,c4,c4_threads,c4_2x2")
     ap.add_argument("--json", default="", help="write the figures to this file too")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -308,6 +308,8 @@ def main() -> None:
                 "PYTHONUNBUFFERED": "1"}
     os.environ.update({k: v for k, v in base_env.items() if k.startswith("MLFARM_")})  # this process submits
     variants = [("c", 1, {}, 1)]
+    if "c_eager" not in skip:  # the image encoder without its CUDA graph: what the graph is worth
+        variants += [("c_eager", 1, {"MLFARM_SAM2_CUDA_GRAPHS": "false"}, 1)]
     if "c4" not in skip:
         if "c4_threads" not in skip:
             variants += [("c4_threads", args.shots, {"MLFARM_WORKER_THREADS": str(args.shots),
