@@ -141,7 +141,8 @@ def test_a_session_tracks_exactly_as_the_librarys_own_streaming_calls(tracker):
                 processor.add_inputs_to_inference_session(state, frame_idx=0, obj_ids=[1],
                                                           input_boxes=[[[8.0, 6.0, 40.0, 30.0]]], original_size=size)
             out = model(inference_session=state, frame=pixels, frame_idx=k)
-            theirs.append(processor.post_process_masks([out.pred_masks], original_sizes=[size], binarize=False)[0][:, 0])
+            masks = processor.post_process_masks([out.pred_masks], original_sizes=[size], binarize=False)
+            theirs.append(masks[0][:, 0])
     assert len(mine) == len(theirs) == 6
     for k, (a, b) in enumerate(zip(mine, theirs)):
         assert torch.equal(a, b), f"frame {k}: logits differ by {(a - b).abs().max()}"
