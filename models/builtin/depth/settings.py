@@ -14,4 +14,4 @@ class DepthSettings(PluginSettings):
         default=4, ge=1, le=64, description="Frames Depth Anything runs through the network at once.")
     depth_precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="Depth Anything arithmetic: bf16 autocast on a GPU that supports it (auto), "
-        "or fp32. The CPU always runs fp32. benchmarks/bench_depth.py measures both and the largest difference.")
+        "or fp32. The CPU always runs fp32. benchmarks/bench_passes.py measures both and the largest difference.")
