@@ -18,13 +18,14 @@ and an offset table.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import struct
 import threading
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,22 @@ def thread_stream(torch: Any) -> Any:
         stream = _local.stream = torch.cuda.Stream()
     torch.cuda.set_stream(stream)
     return stream
+
+
+@contextlib.contextmanager
+def finished_here(torch: Any, device: str) -> Iterator[None]:
+    """On a CUDA ``device``: the block's work runs on this thread's own stream (``thread_stream``),
+    and the block ends once that work is done (waiting without spinning or holding the GIL). How a
+    plugin's ``preprocess`` makes a frame ready on an I/O thread for the lane that runs the network.
+    Elsewhere: nothing."""
+    if not str(device).startswith("cuda"):
+        yield
+        return
+    stream = thread_stream(torch)
+    yield
+    done = torch.cuda.Event(blocking=True)
+    done.record(stream)
+    done.synchronize()
 
 
 def mark_ready(outputs: Sequence[Any]) -> Any:

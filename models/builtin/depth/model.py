@@ -165,18 +165,11 @@ class Model(BaseModel):
         _, prep = self._network()
         image = image_list[0]
         height, width = image.shape[:2]
-        cuda = str(self.torch_device).startswith("cuda")
-        if cuda:
-            from mlfarm.exr.gpu import thread_stream
+        from mlfarm.exr.gpu import finished_here
 
-            stream = thread_stream(torch)
-        with torch.inference_mode():
+        with finished_here(torch, self.torch_device), torch.inference_mode():
             linear = torch.as_tensor(image)[..., :3].to(self.torch_device).permute(2, 0, 1)[None].float()
             pixels = self._network_input(prep, linear)[0]
-        if cuda:
-            done = torch.cuda.Event(blocking=True)  # wait without spinning or holding the GIL
-            done.record(stream)
-            done.synchronize()
         return Prepared(pixels, (int(height), int(width)))
 
     def inference(self, image_list: list[Any]) -> list[Any]:

@@ -135,19 +135,12 @@ class Model(BaseModel):
     def preprocess(self, image_list: list[Any]) -> Frame:
         """On the I/O threads: the frame as RAFT takes it, (3, H, W) sRGB in [-1, 1] on the device,
         made on that thread's own CUDA stream, so the lane only runs the network."""
-        torch = self.torch
-        cuda = str(self.torch_device).startswith("cuda")
-        if cuda:
-            from mlfarm.exr.gpu import thread_stream
+        from mlfarm.exr.gpu import finished_here
 
-            stream = thread_stream(torch)
-        with torch.inference_mode():
+        torch = self.torch
+        with finished_here(torch, self.torch_device), torch.inference_mode():
             linear = torch.as_tensor(image_list[0]).to(self.torch_device)[..., :3].permute(2, 0, 1).float()
             pixels = linear_to_srgb(linear, torch).clamp_(0.0, 1.0) * 2.0 - 1.0
-        if cuda:
-            done = torch.cuda.Event(blocking=True)  # wait without spinning or holding the GIL
-            done.record(stream)
-            done.synchronize()
         return Frame(pixels)
 
     def _prepare(self, item: Any) -> Any:
