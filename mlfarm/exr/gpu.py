@@ -106,9 +106,21 @@ def take_over(outputs: Sequence[Any], ready: Any) -> None:
 
     stream = thread_stream(torch)
     stream.wait_event(ready)
-    for o in outputs:
-        if is_tensor(o) and o.device.type == "cuda":
-            o.record_stream(stream)
+    used_here([o for o in outputs if is_tensor(o) and o.device.type == "cuda"], stream)
+
+
+def used_here(tensors: Sequence[Any], stream: Any = None) -> None:
+    """CUDA tensors made on another thread's stream (``finished_here``, ``mark_ready``) and used on
+    ``stream`` (default: this thread's current one): their memory is not handed out again before
+    that stream's work on them is done."""
+    if not tensors:
+        return
+    if stream is None:
+        import torch
+
+        stream = torch.cuda.current_stream(tensors[0].device)
+    for t in tensors:
+        t.record_stream(stream)
 
 
 # --- the header --------------------------------------------------------------------------

@@ -187,9 +187,10 @@ class Model(BaseModel):
         cuda = str(self.torch_device).startswith("cuda")
         with torch.inference_mode():
             for (_, size), idx in groups.items():
-                if cuda:  # made on an I/O thread's stream: not reused there before this stream is done
-                    for i in idx:
-                        items[i].pixels.record_stream(torch.cuda.current_stream())
+                if cuda:  # made on an I/O thread's stream
+                    from mlfarm.exr.gpu import used_here
+
+                    used_here([items[i].pixels for i in idx])
                 pixels = torch.stack([items[i].pixels for i in idx])
                 z, rgba = self._planes(net, pixels, size)
                 if not self.planes_stay:
@@ -207,8 +208,7 @@ class Model(BaseModel):
         h, w = network_size(height, width, prep["size"], prep["multiple"])
         pixels = torch.nn.functional.interpolate(srgb, size=(h, w), mode="bicubic", align_corners=False,
                                                  antialias=True)
-        mean, std = prep["mean"].to(pixels.device), prep["std"].to(pixels.device)
-        return (pixels - mean) / std
+        return (pixels - prep["mean"]) / prep["std"]
 
     def _planes(self, net: Any, pixels: Any, size: tuple[int, int]) -> tuple[Any, Any]:
         """Network inputs ``(B, 3, h, w)`` to ``(depth.Z, rgba)`` at the plate's ``size``, on the device."""

@@ -146,8 +146,10 @@ class Model(BaseModel):
     def _prepare(self, item: Any) -> Any:
         """What ``preprocess`` made of a frame (a raw image list is prepared here), for this lane's stream."""
         frame = item if isinstance(item, Frame) else self.preprocess(item)
-        if str(self.torch_device).startswith("cuda"):  # made on an I/O thread's stream: kept until this one is done
-            frame.pixels.record_stream(self.torch.cuda.current_stream())
+        if str(self.torch_device).startswith("cuda"):  # made on an I/O thread's stream
+            from mlfarm.exr.gpu import used_here
+
+            used_here([frame.pixels])
         return frame.pixels
 
     def flows(self, pairs: list[tuple[Any, Any]]) -> list[Any]:
