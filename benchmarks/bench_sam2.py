@@ -15,6 +15,8 @@ mean area so the figures can be read against realistic mask sizes.
                Also its GPU memory over the run (flat: the plugin prunes what SAM 2 no longer reads).
                The farm runs also print the workers' resident memory by frames done (a long shot:
                ``--frames 2000``; on the CPU with ``--tiny`` that is where the state lives).
+(b_streams)    the plugin's own step (GPU-side preprocessing, the encoder's CUDA graph), one shot and
+               --shots shots at once on their own threads and streams: the ceiling for (c) and (c4).
 (c) farm       EXR plate on disk -> Farm.submit (what `mlfarm submit --prompt` calls) -> one GPU worker
                process -> EXR planes (rgba, matte.A, instance.id, <name>.A) + sidecar JSON on disk.
 (c4)           four shots submitted at once on the one GPU: one worker process running four streams
@@ -33,6 +35,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +175,59 @@ def network_fps(torch, folder: Path, images: list[np.ndarray], box: list[float],
     return (len(pixels) - 1) / (time.perf_counter() - t), memory
 
 
+def sessions_fps(torch, folder: Path, images: list[np.ndarray], box: list[float], device: str, bf16: bool,
+                 shots: int) -> tuple[float, float]:
+    """The plugin's own streaming step (``Session.step``: GPU-side resize and normalisation, the CUDA
+    graph of the image encoder, masks at plate size left on the GPU) for ``shots`` shots at once, each
+    on its own thread and CUDA stream as the worker's lanes run them, frames already on the GPU.
+
+    The ceiling for (c) (one shot) and (c4) (``shots`` in one process): frames/s over all shots, and
+    the GPU's mean busy percentage (NVML) meanwhile."""
+    import threading
+
+    from mlfarm.models.builtin.sam2.tracker import Sam2Tracker
+    from mlfarm.prompts import from_json
+
+    tracker = Sam2Tracker(folder, device, "bfloat16" if bf16 else "float32")
+    prompts = list(from_json([{"frame": 0, "object": 1, "name": "disc", "box": box}]).keys)
+    frames = [torch.from_numpy(im).to(device) for im in images]
+    gate = threading.Barrier(shots + 1)
+    errors: list[BaseException] = []
+    ends: list[float] = []
+
+    def shot() -> None:
+        stream = torch.cuda.Stream() if device.startswith("cuda") else None
+        try:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                session = tracker.session()
+                for warm in range(3):  # the prompted frame, then the graph's warm call and its capture
+                    session.step(frames[warm], prompts if warm == 0 else ())
+                sync(torch, device)
+                gate.wait()
+                for im in frames[3:]:
+                    session.step(im)
+                sync(torch, device)
+                ends.append(time.perf_counter())
+        except BaseException as e:  # reported after the join
+            errors.append(e)
+            gate.abort()
+
+    threads = [threading.Thread(target=shot, daemon=True) for _ in range(shots)]
+    for th in threads:
+        th.start()
+    gate.wait()
+    t = time.perf_counter()
+    busy = []
+    while any(th.is_alive() for th in threads):
+        busy.append(gpu_busy())
+        time.sleep(0.25)
+    if errors:
+        raise errors[0]
+    elapsed = max(ends) - t
+    samples = [b for b in busy[len(busy) // 5:] if b >= 0]
+    return shots * (len(images) - 3) / elapsed, float(np.mean(samples)) if samples else -1.0
+
+
 # --- (c) through the farm ---------------------------------------------------------------------------
 def gpu_busy() -> float:
     """The GPU's utilisation over NVML's last sample period (percent), or -1 where NVML is not there."""
@@ -252,7 +308,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shots", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of base-plus (script check)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,c_eager,c4,c4_threads,c4_2x2")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated parts to skip: a,b,b_streams,c,c_eager,c4,c4_threads,c4_2x2")
     ap.add_argument("--json", default="", help="write the figures to this file too")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -283,7 +340,7 @@ def main() -> None:
     box = prompt_box(frames[0], args.width, args.height)
     figures: dict[str, object] = {"device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
                                   "frames": len(frames), "size": f"{args.width}x{args.height}", "model": size}
-    images = srgb_frames(plate, frames) if not {"a", "b"} <= skip else []
+    images = srgb_frames(plate, frames) if not {"a", "b", "b_streams"} <= skip else []
     bf16_ok = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     for bf16 in ([False, True] if bf16_ok else [False]):
         tag = "bf16" if bf16 else "fp32"
@@ -298,6 +355,13 @@ def main() -> None:
             figures[f"b_{tag}"] = round(fps, 2)
             flat = f", GPU memory {memory[0]:.2f} -> {memory[-1]:.2f} GiB over the run" if memory else ""
             print(f"(b) network alone {tag}: {fps:.2f} frames/s{flat}", flush=True)
+            torch.cuda.empty_cache() if device.startswith("cuda") else None
+    if "b_streams" not in skip:  # the plugin's step, 1 and --shots shots at once: (c)'s and (c4)'s ceiling
+        for shots in (1, args.shots):
+            fps, busy = sessions_fps(torch, folder, images, box, device, bf16_ok, shots)
+            figures[f"b_streams{shots}"] = round(fps, 2)
+            print(f"(b_streams) plugin step, {shots} shot(s) on {shots} thread(s) and stream(s), "
+                  f"{'bf16' if bf16_ok else 'fp32'}: {fps:.2f} frames/s (GPU busy {busy:.0f}%)", flush=True)
             torch.cuda.empty_cache() if device.startswith("cuda") else None
     del images
 

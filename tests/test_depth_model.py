@@ -52,3 +52,35 @@ def test_a_tiny_depth_anything_runs_through_the_real_loading_code(tmp_path):
     inverse = model.infer_batch(frames[:1])[0][1]
     np.testing.assert_allclose(out[0][1], 1.0 / np.maximum(inverse, EPSILON), rtol=1e-5)
     assert model.with_options({"mode": "depth"}).frame_metadata()["mlfarm/depth.Z"] == MEANING["depth"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_graphed_network_gives_the_eager_planes(monkeypatch, tmp_path):
+    """With MLFARM_DEPTH_CUDA_GRAPHS the network is replayed from a CUDA graph after the first batch of
+    a shape: each later batch, of new frames, must give the planes eager runs give, and the planes of
+    one batch must not change when the next batch replays the graph (its output buffer is reused)."""
+    from mlfarm.settings import get_settings
+
+    settings = Settings(weights_dir=tmp_path / "weights", storage_root=tmp_path / "storage")
+    depth_anything(settings.weights_dir / "depth-anything-v2-small")
+    monkeypatch.setenv("MLFARM_DEPTH_PRECISION", "fp32")
+    rng = np.random.default_rng(2)
+    batches = [[[rng.random((48, 64, 3), dtype=np.float32)] for _ in range(2)] for _ in range(4)]
+    results = {}
+    for graphs in (True, False):
+        monkeypatch.setenv("MLFARM_DEPTH_CUDA_GRAPHS", str(graphs).lower())
+        get_settings.cache_clear()
+        try:
+            model = Model()
+            model.setup(LoadContext.for_model(model, "cuda", settings))
+            outs = [model.infer_batch([model.preprocess(f) for f in frames]) for frames in batches]
+            results[graphs] = [[[np.array(torch.as_tensor(p).cpu()) for p in planes] for planes in out]
+                               for out in outs]  # read after every batch ran: replays must not reach them
+            assert model._network()[1]["predict"].graphs == (1 if graphs else 0)
+        finally:
+            get_settings.cache_clear()
+    for graphed, eager in zip(results[True], results[False]):
+        for g, e in zip(graphed, eager):
+            for gp, ep in zip(g, e):
+                np.testing.assert_allclose(gp, ep, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(results[True][0][0][1], results[True][1][0][1])  # different frames, different depth

@@ -18,6 +18,7 @@ the plate's full size on the device; only the finished planes are copied to the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,7 @@ class Model(BaseModel):
         self.device = "gpu"
         self.batch_size = 4
         self._nets: Variants[tuple[Any, dict[str, Any]]] = Variants()  # per size
+        self.cuda_graphs = False  # set by load()
 
     # --- before anything runs ----------------------------------------------------------------
     def weight_variants(self) -> tuple[str, ...]:
@@ -128,12 +130,14 @@ class Model(BaseModel):
         bf16 = cuda and torch.cuda.is_bf16_supported()
         self.autocast = torch.bfloat16 if own.depth_precision in ("auto", "bf16") and bf16 else None
         self.planes_stay = context.outputs_on_device
+        self.cuda_graphs = cuda and bool(own.depth_cuda_graphs)
 
     def unload(self) -> None:
         self._nets.clear()
 
     def _network(self) -> tuple[Any, dict[str, Any]]:
-        """The network for the chosen size and its processor's settings, loaded on first use."""
+        """The network for the chosen size and its processor's settings, loaded on first use. ``prep``'s
+        ``predict`` runs the network on a batch of inputs: replayed as a CUDA graph where enabled."""
         size = self.size.value
 
         def build() -> tuple[Any, dict[str, Any]]:
@@ -152,7 +156,13 @@ class Model(BaseModel):
                 "mean": torch.tensor(proc.image_mean, device=self.torch_device).view(1, 3, 1, 1),
                 "std": torch.tensor(proc.image_std, device=self.torch_device).view(1, 3, 1, 1),
             }
-            return net.to(self.torch_device).eval(), prep
+            net = net.to(self.torch_device).eval()
+            from mlfarm.models.cuda_graphs import GraphedFunction
+
+            # The graph's output is its own buffer, overwritten by the lane's next replay: _planes
+            # makes new tensors from it on the same stream before that.
+            prep["predict"] = GraphedFunction(functools.partial(self._predict, net), enabled=self.cuda_graphs)
+            return net, prep
 
         return self._nets.get(size, build)
 
@@ -178,7 +188,7 @@ class Model(BaseModel):
     def infer_batch(self, batch: list[Any]) -> list[list[Any]]:
         """``batch``: what ``preprocess`` made of each frame (raw image lists are prepared here)."""
         torch = self.torch
-        net, prep = self._network()
+        _, prep = self._network()
         items = [item if isinstance(item, Prepared) else self.preprocess(item) for item in batch]
         out: list[list[Any]] = [[] for _ in batch]
         groups: dict[tuple[Any, ...], list[int]] = {}
@@ -192,7 +202,7 @@ class Model(BaseModel):
 
                     used_here([items[i].pixels for i in idx])
                 pixels = torch.stack([items[i].pixels for i in idx])
-                z, rgba = self._planes(net, pixels, size)
+                z, rgba = self._planes(prep["predict"], pixels, size)
                 if not self.planes_stay:
                     z, rgba = z.cpu().numpy(), rgba.cpu().numpy()
                 for j, i in enumerate(idx):
@@ -210,14 +220,17 @@ class Model(BaseModel):
                                                  antialias=True)
         return (pixels - prep["mean"]) / prep["std"]
 
-    def _planes(self, net: Any, pixels: Any, size: tuple[int, int]) -> tuple[Any, Any]:
+    def _predict(self, net: Any, pixels: Any) -> Any:
+        """The network's relative inverse depth ``(B, h, w)`` for inputs ``(B, 3, h, w)``."""
+        if self.autocast is not None:
+            with self.torch.autocast("cuda", dtype=self.autocast):
+                return net(pixel_values=pixels).predicted_depth
+        return net(pixel_values=pixels).predicted_depth
+
+    def _planes(self, predict: Any, pixels: Any, size: tuple[int, int]) -> tuple[Any, Any]:
         """Network inputs ``(B, 3, h, w)`` to ``(depth.Z, rgba)`` at the plate's ``size``, on the device."""
         torch = self.torch
-        if self.autocast is not None:
-            with torch.autocast("cuda", dtype=self.autocast):
-                predicted = net(pixel_values=pixels).predicted_depth
-        else:
-            predicted = net(pixel_values=pixels).predicted_depth
+        predicted = predict(pixels)
         inverse = torch.nn.functional.interpolate(predicted[:, None].float(), size=size, mode="bicubic",
                                                   align_corners=False)[:, 0]
         return depth_planes(inverse, self.mode.value, torch)
