@@ -127,6 +127,15 @@ class JobStatus:
         return len(self.frames)
 
     @property
+    def completed(self) -> int:
+        """Frames whose result is on the storage: rendered (``done``) or found there (``cached``).
+
+        A worker killed between renaming a frame's output into place and recording it leaves a
+        whole file with the frame's key; the frame's next attempt finds it and counts it cached.
+        """
+        return self.counts[DONE] + self.counts[CACHED]
+
+    @property
     def finished(self) -> bool:
         return self.state in (DONE, FAILED, CANCELLED)
 
@@ -140,7 +149,7 @@ class JobStatus:
         return [f for f in self.frames if f.state == FAILED]
 
     def eta_seconds(self, now: float | None = None) -> float | None:
-        done = self.counts[DONE] + self.counts[CACHED] + self.counts[FAILED]
+        done = self.completed + self.counts[FAILED]
         if not self.started or done == 0 or self.finished:
             return None
         elapsed = (now or time.time()) - self.started
@@ -150,7 +159,7 @@ class JobStatus:
     def summary(self) -> str:
         c = self.counts
         unit = " epochs" if self.spec.kind == "train" else ""
-        line = f"job {self.spec.id} {self.state}: {c[DONE] + c[CACHED]}/{self.total}{unit} done"
+        line = f"job {self.spec.id} {self.state}: {self.completed}/{self.total}{unit} done"
         if c[CACHED]:
             line += f" ({c[CACHED]} cached, {c[DONE]} rendered)"
         line += f", {c[FAILED]} failed"

@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from mlfarm.broker.jobs import CACHED, DONE, FAILED, RUNNING, JobStatus, describe_wait
+from mlfarm.broker.jobs import FAILED, RUNNING, JobStatus, describe_wait
 from mlfarm.frames import format_frames
 
 
@@ -33,7 +33,7 @@ def follow(poll: Callable[[], JobStatus], console: Console, interval: float = 0.
         task = bar.add_task(f"{status.spec.model} {status.spec.id}", total=status.total, failed=0, state="", note="")
         while True:
             c = status.counts
-            bar.update(task, completed=c[DONE] + c[CACHED] + c[FAILED], failed=c[FAILED], state=status.state,
+            bar.update(task, completed=status.completed + c[FAILED], failed=c[FAILED], state=status.state,
                        note=progress_note(status))
             if status.finished or (deadline and time.monotonic() > deadline):
                 return status
