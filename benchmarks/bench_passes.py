@@ -7,14 +7,19 @@ depth  (a) naive: per frame, the image processor on the host, the model, the dep
            plate (``post_process_depth_estimation``) and copied to the host. fp32.
        (b) the network alone on GPU-resident preprocessed frames, batch 1 and 4, fp32 and bf16
            autocast; and the largest difference bf16 makes to the prediction, relative to its range.
-       (c) mlfarm: EXR on disk -> Farm.submit -> one GPU worker -> depth.Z + rgba EXRs on disk.
+       (c) mlfarm: EXR on disk -> Farm.submit -> GPU workers -> depth.Z + rgba EXRs on disk;
+           (c_graphs) the same with the network replayed as a CUDA graph (MLFARM_DEPTH_CUDA_GRAPHS=true).
 flow   (a) naive: per pair, ``raft_large(first, second)`` and the flow copied to the host.
        (b) the network alone on GPU-resident pairs, batch 1 and 4.
-       (c) mlfarm: two pairs per frame (forward and backward; the ends have one), pairs/s.
+       (c) mlfarm: two pairs per frame (forward and backward; the ends have one), pairs/s, with the
+           worker processes `mlfarm worker --gpus` places on the GPU and, where that is several, with one.
 
-       (c_graphs) the same with the network replayed as a CUDA graph (MLFARM_DEPTH_CUDA_GRAPHS=true).
+(a) and (b) hold their frames in memory; (c) can run longer than they do, on hard links to the
+written frames (``--farm-frames``, ``--flow-farm-frames``), so its figure is the farm's steady state,
+not its ramp-up.
 
-Run: python benchmarks/bench_passes.py [--frames 100] [--flow-frames 40] [--skip depth,flow,c_graphs]
+Run: python benchmarks/bench_passes.py [--frames 100] [--flow-frames 40] [--farm-frames 600]
+     [--flow-farm-frames 120] [--skip depth,flow,c_graphs,flow_1]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_farm import start, stop
-from bench_sam2 import gpu_busy, srgb_frames, sync, write_plate
+from bench_sam2 import extend_plate, gpu_busy, srgb_frames, sync, write_plate
 
 
 def depth_small(folder: Path, seed: int = 0) -> Path:
@@ -237,6 +242,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=1920)
     ap.add_argument("--height", type=int, default=1080)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--farm-frames", type=int, default=0,
+                    help="frames in depth's farm run (c): past --frames, hard links to the written frames")
+    ap.add_argument("--flow-farm-frames", type=int, default=0, help="the same for flow's farm run")
     ap.add_argument("--skip", default="")
     ap.add_argument("--workers-per-gpu", default="auto",
                     help="worker processes on the GPU (default auto: as `mlfarm worker --gpus` chooses)")
@@ -280,9 +288,10 @@ def main() -> None:
             d = depth_figures(torch, weights / "depth-anything-v2-small", images, args.device)
             del images
             torch.cuda.empty_cache()
-            d["c"] = farm_rate(env, tmp, "depth", plate, frames, {"size": "small"}, per_gpu, logs, profile)
+            farm = extend_plate(plate, frames, args.farm_frames)
+            d["c"] = farm_rate(env, tmp, "depth", plate, farm, {"size": "small"}, per_gpu, logs, profile)
             if "c_graphs" not in skip:  # the network replayed as a CUDA graph per lane
-                d["c_graphs"] = farm_rate({**env, "MLFARM_DEPTH_CUDA_GRAPHS": "true"}, tmp, "depth", plate, frames,
+                d["c_graphs"] = farm_rate({**env, "MLFARM_DEPTH_CUDA_GRAPHS": "true"}, tmp, "depth", plate, farm,
                                           {"size": "small"}, per_gpu)
                 print(f"    depth (c_graphs) with MLFARM_DEPTH_CUDA_GRAPHS=true: {d['c_graphs']:.1f} fps", flush=True)
             best = max(v for k, v in d.items() if k.startswith("b_"))
@@ -298,12 +307,18 @@ def main() -> None:
             f = flow_figures(torch, weights, images, args.device)
             del images
             torch.cuda.empty_cache()
-            fps = farm_rate(env, tmp, "flow", plate, ff, {"arch": "raft_large"}, per_gpu, logs, profile)
-            f["c_pairs"] = fps * (2 * len(ff) - 2) / len(ff)
+            farm = extend_plate(plate, ff, args.flow_farm_frames)
+            fps = farm_rate(env, tmp, "flow", plate, farm, {"arch": "raft_large"}, per_gpu, logs, profile)
+            f["c_pairs"] = fps * (2 * len(farm) - 2) / len(farm)
+            if per_gpu > 1 and "flow_1" not in skip:  # one process: RAFT alone on the GPU, all its memory for batches
+                one = farm_rate(env, tmp, "flow", plate, farm, {"arch": "raft_large"}, 1)
+                f["c1_pairs"] = one * (2 * len(farm) - 2) / len(farm)
+                print(f"    flow (c) with 1 worker process: {f['c1_pairs']:.2f} pairs/s", flush=True)
             best = max(v for k, v in f.items() if k.startswith("b_"))
             print(f"flow (a) naive {f['a']:.2f} pairs/s; (b) network " + ", ".join(
                 f"{k[2:]} {v:.2f}" for k, v in f.items() if k.startswith("b_")) + f"; (c) mlfarm {f['c_pairs']:.2f} "
-                f"pairs/s ({fps:.2f} frames/s); (c)/(b best) {f['c_pairs'] / best:.2f}x", flush=True)
+                f"pairs/s ({fps:.2f} frames/s, {per_gpu} process(es)); (c)/(b best) "
+                f"{max(f['c_pairs'], f.get('c1_pairs', 0.0)) / best:.2f}x (the better)", flush=True)
             figures["flow"] = f
     finally:
         server.stop()
