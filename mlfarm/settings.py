@@ -125,8 +125,10 @@ class Settings(_FarmSettings):
     exr_threads: int = Field(
         default=0,
         ge=-1,
-        description="OpenImageIO's OpenEXR threads per process, decoding every EXR read (outputs are encoded on "
-        "the I/O thread that writes them): N exactly N, -1 none (each I/O thread decodes its own frames), 0 (auto): "
+        description="OpenImageIO's OpenEXR threads per process, decoding the EXRs OpenImageIO reads (tiled, deep or "
+        "multi-part ones; a plain scanline EXR is decoded by OpenEXR's binding on the I/O thread that reads it, and "
+        "outputs are encoded on the I/O thread that writes them): N exactly N, -1 none (each I/O thread decodes "
+        "its own frames), 0 (auto): "
         "a worker sizes it with its other pools (worker/sizing.py): one per core it may use on a GPU worker, none "
         "on a CPU worker; outside a worker, one per core.",
     )

@@ -54,6 +54,10 @@ class BaseModel:
         # view of the file's float32 channels. For a preprocess that copies them anyway, e.g. into
         # pinned memory for the GPU.
         self.raw_frames = False
+        # True: a plate stored as half reaches preprocess as float16 (float data stays float32), for a
+        # model that converts frames on its device: the host decodes without widening them and uploads
+        # half the bytes. False: always float32.
+        self.half_frames = False
         self.sidecar_json = False  # True: non-image results are also written as <frame>.json beside each frame
         # How the model sees time (mlfarm.temporal): "frames" (independent frames, batched), "window"
         # (infer_batch gets a mlfarm.temporal.Window per frame: frames f-window .. f+window) or

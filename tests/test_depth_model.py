@@ -52,6 +52,12 @@ def test_a_tiny_depth_anything_runs_through_the_real_loading_code(tmp_path):
     inverse = model.infer_batch(frames[:1])[0][1]
     np.testing.assert_allclose(out[0][1], 1.0 / np.maximum(inverse, EPSILON), rtol=1e-5)
     assert model.with_options({"mode": "depth"}).frame_metadata()["mlfarm/depth.Z"] == MEANING["depth"]
+    # Half plates reach the plugin as half (half_frames) and give exactly what their float32 values give.
+    assert model.half_frames
+    halves = [[f[0].astype(np.float16)] for f in frames]
+    for got, want in zip(model.infer_batch(halves), model.infer_batch([[h[0].astype(np.float32)] for h in halves])):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -43,7 +43,7 @@ def test_missing_and_corrupt_frames_fail_alone_and_retry_reruns_only_them(farm):
     assert set(reasons) == {3, 6}
     assert reasons[3] == f"frame 3: {frame_path(plate, 3)}: file not found"
     assert reasons[6].startswith(f"frame 6: {frame_path(plate, 6)}: ")
-    assert reasons[6].endswith("Some scanline chunks were missing or corrupted")
+    assert reasons[6].endswith("some scanline chunks were missing or corrupted")
     for f in frames:
         assert os.path.exists(frame_path(out, f)) == (f not in (3, 6))
     done_mtimes = {f: os.stat(frame_path(out, f)).st_mtime_ns for f in frames if f not in (3, 6)}

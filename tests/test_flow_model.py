@@ -93,4 +93,11 @@ def test_raft_loads_random_weights_from_a_file_and_runs_on_small_frames(tmp_path
     assert "mlfarm models fetch flow --arch raft_large" in Model().check_ready(Settings(weights_dir=tmp_path / "w"))
     out = model.infer_batch(windows(moving_plate(3)))
     assert [o[1].shape for o in out] == [(40, 56, 2)] * 3 and all(np.isfinite(o[1]).all() for o in out)
+    # Half plates reach the plugin as half (half_frames) and give exactly what their float32 values give.
+    assert model.half_frames
+    halves = [p.astype(np.float16) for p in moving_plate(3)]
+    got, want = model.infer_batch(windows(halves)), model.infer_batch(windows([h.astype(np.float32) for h in halves]))
+    for a, b in zip(got, want):
+        for x, y in zip(a[:3], b[:3]):
+            np.testing.assert_array_equal(x, y)
     assert pad_size(40, 56) == (128, 128) and pad_size(1080, 1920) == (1080, 1920) and pad_size(130, 7) == (136, 128)

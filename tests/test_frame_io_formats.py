@@ -1,14 +1,18 @@
 """Frame I/O formats: half frames read without conversion, all-half outputs written as given,
-mixed outputs still keep float data planes, and OpenEXR's thread pool follows the settings."""
+mixed outputs still keep float data planes, and OpenEXR's thread pool follows the settings.
+Plain EXRs are decoded by OpenEXR's binding, the rest by OpenImageIO: both give OpenImageIO's
+pixels and channel order, and damage is an error."""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import OpenImageIO as oiio
 import pytest
 
+from mlfarm.exr.common import FrameError
 from mlfarm.exr.io import assemble_planes, configure_openexr, read_image, write_exr
 from mlfarm.settings import Settings
 
@@ -40,6 +44,98 @@ def test_a_half_plate_is_read_as_float32_with_the_same_values(tmp_path):
     image = read_image(str(tmp_path / "h.exr"))
     assert image.pixels.dtype == np.float32
     np.testing.assert_array_equal(image.rgba(4), pixels.astype(np.float32))
+
+
+def openimageio_read(path) -> tuple[np.ndarray, list[str]]:
+    """What OpenImageIO alone decodes: the reference for every read path."""
+    inp = oiio.ImageInput.open(str(path))
+    spec = inp.spec()
+    pixels = np.asarray(inp.read_image(0, 0, 0, spec.nchannels, "float"))
+    inp.close()
+    return pixels.reshape(spec.height, spec.width, spec.nchannels), list(spec.channelnames)
+
+
+def write_spec(path, spec: oiio.ImageSpec, pixels: np.ndarray) -> None:
+    out = oiio.ImageOutput.create("openexr")
+    assert out.open(str(path), spec), oiio.geterror()
+    assert out.write_image(pixels)
+    assert out.close()
+
+
+def exr_variants(folder) -> dict[str, str]:
+    """EXRs the binding decodes (half zip, float piz with layers and a shifted data window, dwaa,
+    luminance only) and ones left to OpenImageIO (an integer channel, tiles)."""
+    rng = np.random.default_rng(11)
+    made = {}
+
+    def spec(name, channels, fmt, **attrs):
+        sp = oiio.ImageSpec(37, 21, len(channels), fmt)
+        sp.channelnames = channels
+        for key, value in attrs.items():
+            if key in ("x", "y", "tile_width", "tile_height"):
+                setattr(sp, key, value)
+            elif key == "formats":
+                sp.channelformats = value
+            else:
+                sp.attribute(key, value)
+        path = str(folder / f"{name}.exr")
+        write_spec(path, sp, rng.uniform(-1, 60, (21, 37, len(channels))).astype(np.float32))
+        made[name] = path
+
+    spec("half_zip", ("R", "G", "B", "A"), oiio.HALF, compression="zip")
+    spec("float_layers", ("R", "G", "B", "A", "depth.Z", "zz", "forward.u"), oiio.FLOAT, compression="piz", x=3, y=9)
+    spec("dwaa", ("R", "G", "B"), oiio.HALF, compression="dwaa")
+    spec("luminance", ("Y",), oiio.FLOAT)
+    spec("uint_channel", ("R", "G", "id"), oiio.HALF,
+         formats=(oiio.TypeDesc("half"), oiio.TypeDesc("float"), oiio.TypeDesc("uint")))
+    spec("tiled", ("R", "G", "B", "A"), oiio.HALF, tile_width=16, tile_height=16)
+    return made
+
+
+@pytest.mark.parametrize("name", ["half_zip", "float_layers", "dwaa", "luminance", "uint_channel", "tiled"])
+def test_every_exr_reads_as_openimageio_decodes_it(tmp_path, name):
+    path = exr_variants(tmp_path)[name]
+    expected, channels = openimageio_read(path)
+    image = read_image(path)
+    assert image.channels == channels
+    assert image.pixels.dtype == np.float32
+    np.testing.assert_array_equal(image.pixels, expected)
+    kept = read_image(path, half=True)  # half data stays half, float data float32; the values the same
+    assert kept.channels == channels
+    # Half stays half where the binding decodes it; OpenImageIO's path (tiles) always widens.
+    assert kept.pixels.dtype == (np.float16 if name in ("half_zip", "dwaa") else np.float32)
+    np.testing.assert_array_equal(kept.pixels.astype(np.float32), expected)
+
+
+def test_frames_decoded_on_several_threads_at_once_are_each_whole(tmp_path):
+    rng = np.random.default_rng(12)
+    paths, frames = [], []
+    for i in range(8):
+        pixels = rng.uniform(0, 4, (64, 96, 4)).astype(np.float16)
+        write_plate(tmp_path / f"t.{i}.exr", pixels, oiio.HALF)
+        paths.append(str(tmp_path / f"t.{i}.exr"))
+        frames.append(pixels.astype(np.float32))
+    with ThreadPoolExecutor(4) as pool:
+        images = list(pool.map(read_image, paths * 3))
+    for i, image in enumerate(images):
+        np.testing.assert_array_equal(image.pixels, frames[i % 8])
+
+
+@pytest.mark.parametrize("damage", ["cut", "zeroed"])
+def test_damaged_pixel_data_is_an_error_never_partial_pixels(tmp_path, damage):
+    rng = np.random.default_rng(13)
+    write_plate(tmp_path / "good.exr", rng.uniform(0, 4, (64, 96, 4)).astype(np.float16), oiio.HALF)
+    data = (tmp_path / "good.exr").read_bytes()
+    if damage == "cut":
+        data = data[: len(data) * 3 // 4]
+    else:  # a run of zeros inside the last chunk's compressed data: the inflate fails
+        data = data[:-200] + bytes(100) + data[-100:]
+    bad = tmp_path / "bad.exr"
+    bad.write_bytes(data)
+    with pytest.raises(FrameError) as err:
+        read_image(str(bad))
+    assert str(err.value).startswith(f"{bad}: ")
+    assert "missing or corrupted" in str(err.value)
 
 
 def test_a_float_plate_keeps_values_half_cannot_hold(tmp_path):

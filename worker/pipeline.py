@@ -264,7 +264,7 @@ class ChunkRun:
         t = time.perf_counter()
         try:
             with self._limit([frame], "reading"):
-                image = read_image(frame_path(self.spec.input, frame))
+                image = read_image(frame_path(self.spec.input, frame), half=model.half_frames)
                 return model.preprocess([image.rgba(channels, view=model.raw_frames)])
         finally:
             self.stage_seconds["read"] += time.perf_counter() - t

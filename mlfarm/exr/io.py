@@ -1,4 +1,5 @@
-"""Reading frames with OpenImageIO (any format it knows), writing EXRs with OpenEXR.
+"""Reading frames (EXRs through OpenEXR's bindings, any other format through OpenImageIO), writing
+EXRs with OpenEXR.
 
 EXR stores channels sorted by name, so channels are always found by name, never by position.
 Outputs use the names Nuke itself writes: the first output plane is the main ``rgba`` layer
@@ -34,7 +35,7 @@ _ALIASES = {
 
 @dataclass
 class Image:
-    pixels: np.ndarray  # H x W x C float32, top row first
+    pixels: np.ndarray  # H x W x C float32 (float16 where ``read_image(half=True)`` kept it), top row first
     channels: list[str]
 
     def rgba(self, max_channels: int, view: bool = False) -> np.ndarray:
@@ -67,8 +68,9 @@ class Image:
 def configure_openexr(threads: int) -> None:
     """Size OpenImageIO's OpenEXR thread pool for this process (``Settings.exr_threads``).
 
-    It decodes the EXRs read through OpenImageIO (plates); outputs are written through OpenEXR's
-    own bindings, each on the I/O thread that writes it. Every file's chunks go to one
+    It decodes the EXRs ``read_image`` leaves to OpenImageIO (tiled, deep, several parts, integer
+    channels); plain scanline plates are decoded by OpenEXR's binding on the reading thread, and
+    outputs are written through OpenEXR's bindings, each on the I/O thread that writes it. Every file's chunks go to one
     process-wide pool, so a worker whose I/O threads already read several frames at once may do
     better with none (-1): each thread then decodes its own frame. 0 means one pool thread per
     core this process may run on (OpenImageIO's own default counts every core of the host, also
@@ -77,12 +79,17 @@ def configure_openexr(threads: int) -> None:
     oiio.attribute("exr_threads", int(threads) if threads else len(available_cpus()))
 
 
-def read_image(path: str, max_values: int = 1 << 30) -> Image:
+def read_image(path: str, max_values: int = 1 << 30, half: bool = False) -> Image:
     """Read a whole frame as float32; any damage in the file is an error, never partial pixels.
 
-    Always float32, half plates too: OpenImageIO's Python binding hands a float array over as it
-    decoded it, but copies a half one into a new array while holding the GIL (16 MB for a 1080p
-    RGBA frame), which on a GPU worker stalls the thread feeding the GPU (profiled on an H100).
+    OpenImageIO reads the header (every format, and the checks below). A plain EXR (one part,
+    scanlines, half or float channels) is then decoded by OpenEXR's own binding, which lets go of the
+    GIL while it inflates: a worker's I/O threads decode frames side by side, where OpenImageIO's
+    binding read no faster on two threads than on one (``benchmarks/bench_read.py``). Anything
+    else (other formats, tiled, deep, several parts, integer channels) is decoded by OpenImageIO.
+
+    ``half``: a plain EXR stored as half stays half (a model that converts on its GPU uploads half the
+    bytes and spares the host the conversion); float data, and what OpenImageIO decodes, is float32.
     """
     if not os.path.exists(path):
         raise FrameError(f"{path}: file not found")
@@ -94,17 +101,50 @@ def read_image(path: str, max_values: int = 1 << 30) -> Image:
         values = spec.width * spec.height * max(1, spec.nchannels)
         if spec.width <= 0 or spec.height <= 0 or values > max_values:
             raise FrameError(f"{path}: refusing an image of {spec.width}x{spec.height}x{spec.nchannels}")
-        pixels = inp.read_image(0, 0, 0, spec.nchannels, "float")
-        err = inp.geterror()
-        if pixels is None or err:
-            raise FrameError(f"{path}: {err or 'could not read pixels'}")
         channels = list(spec.channelnames)
+        plain = _plain_exr(inp, spec)
+        if not plain:
+            pixels = inp.read_image(0, 0, 0, spec.nchannels, "float")
+            err = inp.geterror()
+            if pixels is None or err:
+                raise FrameError(f"{path}: {err or 'could not read pixels'}")
     finally:
         inp.close()
-    pixels = np.asarray(pixels, dtype=np.float32)
+    if plain:
+        pixels = _decode_exr(path, channels, (spec.height, spec.width), half)
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.float16 or not half:
+        pixels = pixels.astype(np.float32, copy=False)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return Image(pixels=pixels, channels=channels)
+
+
+def _plain_exr(inp: Any, spec: Any) -> bool:
+    """An EXR OpenEXR's binding decodes here: one scanline part of half or float channels."""
+    if inp.format_name() != "openexr" or spec.deep or spec.tile_width:
+        return False
+    formats = list(spec.channelformats) or [spec.format] * spec.nchannels
+    if any(f.basetype not in (oiio.HALF, oiio.FLOAT) for f in formats):
+        return False
+    return not inp.seek_subimage(1, 0)  # a second part: OpenImageIO reads the first, as before
+
+
+def _decode_exr(path: str, channels: Sequence[str], shape: tuple[int, int], half: bool) -> np.ndarray:
+    """The pixels of a plain EXR, channels in ``channels``' order (OpenImageIO's, as the header read gave)."""
+    try:
+        with OpenEXR.File(path, separate_channels=True) as exr:
+            planes = {name: ch.pixels for name, ch in exr.channels().items()}
+    except Exception:  # the binding drops a part it cannot decode, then fails on the missing part
+        raise FrameError(f"{path}: damaged or cut short: some scanline chunks were missing or corrupted") from None
+    missing = [c for c in channels if c not in planes or planes[c].shape != shape]
+    if missing:
+        raise FrameError(f"{path}: channels {', '.join(missing)} could not be decoded as the header describes")
+    keep = half and all(planes[c].dtype == np.float16 for c in channels)
+    out = np.empty((*shape, len(channels)), dtype=np.float16 if keep else np.float32)
+    for i, name in enumerate(channels):
+        out[..., i] = planes[name]
+    return out
 
 
 def channel_names(layer: str, spec: int | Sequence[str], n: int, main: bool) -> list[str]:

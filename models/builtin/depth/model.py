@@ -90,6 +90,7 @@ class Model(BaseModel):
         self.inputs = {"image": 3}
         self.outputs = {"rgba": 4, "depth": ("Z",)}
         self.device = "gpu"
+        self.half_frames = True  # converted to float on the device, after the upload
         self.batch_size = 4
         self._nets: Variants[tuple[Any, dict[str, Any]]] = Variants()  # per size
         self.cuda_graphs = False  # set by load()

@@ -75,6 +75,7 @@ class Model(BaseModel):
         self.inputs = {"image": 3}
         self.outputs = {"rgba": 4, "forward": ("u", "v"), "backward": ("u", "v")}
         self.device = "gpu"
+        self.half_frames = True  # converted to float on the device, after the upload
         self.batch_size = 4
         self.sidecar_json = True
         self._nets: Variants[Any] = Variants()  # per architecture

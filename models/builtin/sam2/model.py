@@ -41,6 +41,7 @@ class Model(BaseModel):
         self.inputs = {"image": 3}
         self.outputs = dict(BASE_OUTPUTS)
         self.device = "gpu"
+        self.half_frames = True  # converted to float on the device, after the upload
         self.sidecar_json = True
         self._trackers: Variants[Any] = Variants()  # per size
 
