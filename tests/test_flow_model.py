@@ -4,6 +4,7 @@ loading path (random weights saved to a file) on small frames."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from mlfarm.models.builtin.flow.model import Model, nuke_planes, pad_size
@@ -101,3 +102,38 @@ def test_raft_loads_random_weights_from_a_file_and_runs_on_small_frames(tmp_path
         for x, y in zip(a[:3], b[:3]):
             np.testing.assert_array_equal(x, y)
     assert pad_size(40, 56) == (128, 128) and pad_size(1080, 1920) == (1080, 1920) and pad_size(130, 7) == (136, 128)
+
+
+def test_a_call_out_of_gpu_memory_is_made_again_with_half_the_pairs(tmp_path, caplog):
+    """Another worker process on the GPU can take memory after this one measured what fits: the call
+    is made again smaller, the smaller size is kept, and the planes are those of calls that fit."""
+    sizes: list[int] = []
+    fits = {"pairs": 2}
+
+    class Tight(ShiftOracle):
+        def forward(self, first, second, num_flow_updates=12):
+            sizes.append(len(first))
+            if len(first) > fits["pairs"]:
+                raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            return super().forward(first, second, num_flow_updates)
+
+    plate = moving_plate(5)
+    roomy = loaded(tmp_path)
+    roomy._nets.get(roomy.arch.value, ShiftOracle)
+    want = roomy.infer_batch(windows(plate))
+    model = loaded(tmp_path)
+    model._nets.get(model.arch.value, Tight)
+    model.batch_size = 8
+    with caplog.at_level("WARNING", logger="mlfarm.models.builtin.flow.model"):
+        got = model.infer_batch(windows(plate))
+    assert sizes == [8, 4, 2, 2, 2, 2]  # 8 pairs: too many, then 4, then four calls of 2
+    assert "out of GPU memory at 8 pairs a call" in caplog.text
+    for a, b in zip(got, want):
+        for x, y in zip(a[:3], b[:3]):
+            np.testing.assert_array_equal(x, y)
+    sizes.clear()
+    model.infer_batch(windows(plate))
+    assert sizes == [2, 2, 2, 2]  # the size that fitted is kept
+    fits["pairs"] = 0  # not even one pair fits: that is the frame's failure, not a loop
+    with pytest.raises(torch.OutOfMemoryError):
+        model.infer_batch(windows(plate))

@@ -18,6 +18,7 @@ at least 128) and the flow cropped back.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,8 @@ from mlfarm.models.variants import Variants
 
 from .settings import FlowSettings
 from .weights import ARCHITECTURES, fetch, load_state_dict, missing_message, path
+
+log = logging.getLogger(__name__)
 
 #: RAFT's smallest side (its correlation pyramid needs /8 feature maps of at least 16).
 MIN_SIDE = 128
@@ -156,33 +159,56 @@ class Model(BaseModel):
     def flows(self, pairs: list[tuple[Any, Any]]) -> list[Any]:
         """RAFT's flow (2, H, W) for each (first, second) pair of prepared frames of one size: pixels,
         dx right and dy down, from the first frame to the second. The pairs go through together, as
-        many a call as the measured memory allows."""
+        many a call as the measured memory allows.
+
+        A call that runs out of GPU memory is not a failed frame: another process on the GPU (workers
+        share one: ``MLFARM_WORKERS_PER_GPU``) can take memory after this one measured what fits, or
+        measure at the same moment. The call is made again with half the pairs, and that size is kept.
+        """
         torch = self.torch
-        f = torch.nn.functional
         height, width = pairs[0][0].shape[-2:]
-        ph, pw = pad_size(height, width)
+        key = (self.arch.value, height, width)
         net = self._network()
-        most = self._batch_for(height, width)
-        calls = -(-len(pairs) // most)
-        per_call = -(-len(pairs) // calls)  # evenly: 8 pairs at most 6 a call go as 4 + 4, not 6 + 2
         out: list[Any] = []
-        with torch.inference_mode():
-            for start in range(0, len(pairs), per_call):
-                group = pairs[start:start + per_call]
-                first = torch.stack([a for a, _ in group])
-                second = torch.stack([b for _, b in group])
-                pad = (0, pw - width, 0, ph - height)
-                if pad != (0, 0, 0, 0):
-                    first, second = f.pad(first, pad, mode="replicate"), f.pad(second, pad, mode="replicate")
-                flow = net(first, second, num_flow_updates=int(self.updates))[-1][..., :height, :width]
-                out.extend(flow.unbind(0))
+        rest = list(pairs)
+        while rest:
+            most = self._batch_for(height, width)
+            calls = -(-len(rest) // most)
+            per_call = -(-len(rest) // calls)  # evenly: 8 pairs at most 6 a call go as 4 + 4, not 6 + 2
+            try:
+                flow = self._call(net, rest[:per_call], height, width)
+            except torch.OutOfMemoryError:
+                if per_call == 1:
+                    raise
+                self._pairs_per_call[key] = per_call // 2
+                log.warning("flow: out of GPU memory at %d pairs a call (%dx%d); %d from now on", per_call, width,
+                            height, per_call // 2)
+                if str(self.torch_device).startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
+            out.extend(flow.unbind(0))
+            rest = rest[per_call:]
         return out
 
+    def _call(self, net: Any, group: list[tuple[Any, Any]], height: int, width: int) -> Any:
+        """One network call over ``group``'s pairs, padded to what RAFT takes and cropped back."""
+        torch = self.torch
+        ph, pw = pad_size(height, width)
+        with torch.inference_mode():
+            first = torch.stack([a for a, _ in group])
+            second = torch.stack([b for _, b in group])
+            pad = (0, pw - width, 0, ph - height)
+            if pad != (0, 0, 0, 0):
+                f = torch.nn.functional
+                first, second = f.pad(first, pad, mode="replicate"), f.pad(second, pad, mode="replicate")
+            return net(first, second, num_flow_updates=int(self.updates))[-1][..., :height, :width]
+
     def _batch_for(self, height: int, width: int) -> int:
-        """Pairs a call: on a GPU, from one pair's measured peak memory and the free memory."""
-        if not str(self.torch_device).startswith("cuda"):
-            return int(self.batch_size)
+        """Pairs a call: on a GPU, from one pair's measured peak memory and the free memory (then as
+        ``flows`` lowered it); elsewhere ``batch_size`` unless lowered."""
         key = (self.arch.value, height, width)
+        if not str(self.torch_device).startswith("cuda"):
+            return self._pairs_per_call.get(key, int(self.batch_size))
         if key not in self._pairs_per_call:
             torch = self.torch
             frame = torch.zeros((3, height, width), device=self.torch_device)
