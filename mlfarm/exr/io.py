@@ -70,8 +70,8 @@ def configure_openexr(threads: int) -> None:
 
     It decodes the EXRs ``read_image`` leaves to OpenImageIO (tiled, deep, several parts, integer
     channels); plain scanline plates are decoded by OpenEXR's binding on the reading thread, and
-    outputs are written through OpenEXR's bindings, each on the I/O thread that writes it. Every file's chunks go to one
-    process-wide pool, so a worker whose I/O threads already read several frames at once may do
+    outputs are written through OpenEXR's bindings, each on the I/O thread that writes it. Every
+    file's chunks go to one process-wide pool, so a worker whose I/O threads already read several frames at once may do
     better with none (-1): each thread then decodes its own frame. 0 means one pool thread per
     core this process may run on (OpenImageIO's own default counts every core of the host, also
     those a pinned worker may not use).
@@ -80,7 +80,8 @@ def configure_openexr(threads: int) -> None:
 
 
 def read_image(path: str, max_values: int = 1 << 30, half: bool = False) -> Image:
-    """Read a whole frame as float32; any damage in the file is an error, never partial pixels.
+    """Read a whole frame as float32 (or as stored half, see ``half``); any damage in the file is an
+    error, never partial pixels.
 
     OpenImageIO reads the header (every format, and the checks below). A plain EXR (one part,
     scanlines, half or float channels) is then decoded by OpenEXR's own binding, which lets go of the
@@ -113,7 +114,7 @@ def read_image(path: str, max_values: int = 1 << 30, half: bool = False) -> Imag
     if plain:
         pixels = _decode_exr(path, channels, (spec.height, spec.width), half)
     pixels = np.asarray(pixels)
-    if pixels.dtype != np.float16 or not half:
+    if pixels.dtype != np.float16:  # float16 only where ``half`` kept it
         pixels = pixels.astype(np.float32, copy=False)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
