@@ -309,10 +309,11 @@ def main() -> None:
             torch.cuda.empty_cache()
             farm = extend_plate(plate, ff, args.flow_farm_frames)
             fps = farm_rate(env, tmp, "flow", plate, farm, {"arch": "raft_large"}, per_gpu, logs, profile)
-            f["c_pairs"] = fps * (2 * len(farm) - 2) / len(farm)
+            pairs_a_frame = (2 * len(farm) - 2) / len(farm)  # forward and backward; the ends have one
+            f["c_pairs"] = fps * pairs_a_frame
             if per_gpu > 1 and "flow_1" not in skip:  # one process: RAFT alone on the GPU, all its memory for batches
                 one = farm_rate(env, tmp, "flow", plate, farm, {"arch": "raft_large"}, 1)
-                f["c1_pairs"] = one * (2 * len(farm) - 2) / len(farm)
+                f["c1_pairs"] = one * pairs_a_frame
                 print(f"    flow (c) with 1 worker process: {f['c1_pairs']:.2f} pairs/s", flush=True)
             best = max(v for k, v in f.items() if k.startswith("b_"))
             print(f"flow (a) naive {f['a']:.2f} pairs/s; (b) network " + ", ".join(
