@@ -276,7 +276,8 @@ def main() -> None:
     torch.save(flow.raft_large(weights=None).state_dict(), weights / ARCHITECTURES["raft_large"][0])
     frames = list(range(1001, 1001 + args.frames))
     plate = write_plate(tmp / "plate", frames, args.width, args.height)
-    figures: dict[str, object] = {"device": torch.cuda.get_device_name(0), "size": f"{args.width}x{args.height}"}
+    name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
+    figures: dict[str, object] = {"device": name, "size": f"{args.width}x{args.height}"}
     server = EmbeddedRedis.start(tmp / "redis")
     env = {**os.environ, "MLFARM_BROKER_URL": server.url, "MLFARM_STORAGE_ROOT": str(tmp),
            "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights),
