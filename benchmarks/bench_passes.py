@@ -8,7 +8,9 @@ depth  (a) naive: per frame, the image processor on the host, the model, the dep
        (b) the network alone on GPU-resident preprocessed frames, batch 1 and 4, fp32 and bf16
            autocast; and the largest difference bf16 makes to the prediction, relative to its range.
        (c) mlfarm: EXR on disk -> Farm.submit -> GPU workers -> depth.Z + rgba EXRs on disk;
-           (c_graphs) the same with the network replayed as a CUDA graph (MLFARM_DEPTH_CUDA_GRAPHS=true).
+           (c_graphs) the same with the network replayed as a CUDA graph (MLFARM_DEPTH_CUDA_GRAPHS=true);
+           (c_host) where plates decode on the GPU (nvCOMP), the same with them decoded on the host's
+           cores instead (MLFARM_EXR_GPU_DECODE=false).
 flow   (a) naive: per pair, ``raft_large(first, second)`` and the flow copied to the host.
        (b) the network alone on GPU-resident pairs, batch 1 and 4.
        (c) mlfarm: two pairs per frame (forward and backward; the ends have one), pairs/s, with the
@@ -18,8 +20,11 @@ flow   (a) naive: per pair, ``raft_large(first, second)`` and the flow copied to
 written frames (``--farm-frames``, ``--flow-farm-frames``), so its figure is the farm's steady state,
 not its ramp-up.
 
+The plate is a flat disc (about 0.15 MB a 1080p frame) unless ``--grain`` gives it film-like noise
+(0.02: about 7.6 MB a frame, as real plates compress), which makes decoding it cost what it costs.
+
 Run: python benchmarks/bench_passes.py [--frames 100] [--flow-frames 40] [--farm-frames 600]
-     [--flow-farm-frames 120] [--skip depth,flow,c_graphs,flow_1]
+     [--flow-farm-frames 120] [--grain 0.02] [--skip depth,flow,c_graphs,c_host,flow_1]
 """
 
 from __future__ import annotations
@@ -245,6 +250,7 @@ def main() -> None:
     ap.add_argument("--farm-frames", type=int, default=0,
                     help="frames in depth's farm run (c): past --frames, hard links to the written frames")
     ap.add_argument("--flow-farm-frames", type=int, default=0, help="the same for flow's farm run")
+    ap.add_argument("--grain", type=float, default=0.0, help="film-like noise on the plate (sigma; 0: none)")
     ap.add_argument("--skip", default="")
     ap.add_argument("--workers-per-gpu", default="auto",
                     help="worker processes on the GPU (default auto: as `mlfarm worker --gpus` chooses)")
@@ -255,6 +261,8 @@ def main() -> None:
     import torch
 
     from mlfarm.broker.embedded import EmbeddedRedis
+    from mlfarm.exr.common import can_decode
+    from mlfarm.frames import frame_path
     from mlfarm.models.builtin.flow.weights import ARCHITECTURES
 
     skip = set(filter(None, args.skip.split(",")))
@@ -275,9 +283,11 @@ def main() -> None:
 
     torch.save(flow.raft_large(weights=None).state_dict(), weights / ARCHITECTURES["raft_large"][0])
     frames = list(range(1001, 1001 + args.frames))
-    plate = write_plate(tmp / "plate", frames, args.width, args.height)
+    plate = write_plate(tmp / "plate", frames, args.width, args.height, args.grain)
     name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else args.device
-    figures: dict[str, object] = {"device": name, "size": f"{args.width}x{args.height}"}
+    figures: dict[str, object] = {"device": name, "size": f"{args.width}x{args.height}", "grain": args.grain,
+                                  "MB_a_frame": round(os.path.getsize(frame_path(plate, frames[0])) / 1e6, 2)}
+    print(f"plate: {figures['MB_a_frame']} MB a frame (grain {args.grain})", flush=True)
     server = EmbeddedRedis.start(tmp / "redis")
     env = {**os.environ, "MLFARM_BROKER_URL": server.url, "MLFARM_STORAGE_ROOT": str(tmp),
            "MLFARM_DATA_DIR": str(tmp / "data"), "MLFARM_WEIGHTS_DIR": str(weights),
@@ -295,6 +305,10 @@ def main() -> None:
                 d["c_graphs"] = farm_rate({**env, "MLFARM_DEPTH_CUDA_GRAPHS": "true"}, tmp, "depth", plate, farm,
                                           {"size": "small"}, per_gpu)
                 print(f"    depth (c_graphs) with MLFARM_DEPTH_CUDA_GRAPHS=true: {d['c_graphs']:.1f} fps", flush=True)
+            if "c_host" not in skip and can_decode(True, args.device):  # what decoding on the GPU is worth
+                d["c_host"] = farm_rate({**env, "MLFARM_EXR_GPU_DECODE": "false"}, tmp, "depth", plate, farm,
+                                        {"size": "small"}, per_gpu)
+                print(f"    depth (c_host) with plates decoded on the host: {d['c_host']:.1f} fps", flush=True)
             best = max(v for k, v in d.items() if k.startswith("b_"))
             c = max(d["c"], d.get("c_graphs", 0.0))  # the better setting
             print(f"depth (a) naive {d['a']:.1f} fps; (b) network " + ", ".join(

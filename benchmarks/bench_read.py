@@ -6,7 +6,10 @@ One run, same files, same machine, three ways of decoding each frame:
   2026-12-06; the binding keeps the GIL while it decodes, so threads take turns);
 - ``read_image``: OpenEXR's binding for a plain EXR, which lets go of the GIL while it inflates;
 - ``read_image(half=True)``: the same, the half data kept half (what depth, flow and SAM 2 take:
-  they widen frames on their GPU).
+  they widen frames on their GPU);
+- on a machine with a CUDA GPU and nvCOMP, ``read_image(half=True, device="cuda")``: the file's bytes
+  read on the host, decoded on the GPU (``mlfarm.exr.gpu_read``; each thread on its own stream),
+  the frame ready there when it returns. Checked against the host's pixels first.
 
 Each with 1 thread and with ``--threads`` threads (default: the cores this process may use), as a
 worker's I/O pool reads. The plate is 1920x1080 RGBA half, zip, with film-like grain (a smooth plate
@@ -96,13 +99,19 @@ def main() -> None:
     ways = {"baseline (OpenImageIO, float32)": openimageio_float,
             "read_image (float32)": read_image,
             "read_image(half=True)": lambda p: read_image(p, half=True)}
+    from mlfarm.exr.common import can_decode
+
+    if can_decode(True, "cuda"):
+        on_gpu = read_image(paths[0], half=True, device="cuda").pixels
+        assert on_gpu.is_cuda and np.array_equal(on_gpu.cpu().numpy(), read_image(paths[0], half=True).pixels)
+        ways["read_image(half=True, device=cuda)"] = lambda p: read_image(p, half=True, device="cuda")
     figures: dict[tuple[str, int], float] = {}
     for name, read in ways.items():
         for n in sorted({1, threads}):
             figures[name, n] = rate(read, paths, n)
     base = {n: figures["baseline (OpenImageIO, float32)", n] for n in sorted({1, threads})}
     for (name, n), fps in figures.items():
-        print(f"{name:32s} {n:2d} thread(s): {fps:7.1f} frames/s  {fps / base[n]:4.2f}x the baseline on as many "
+        print(f"{name:36s} {n:2d} thread(s): {fps:7.1f} frames/s  {fps / base[n]:4.2f}x the baseline on as many "
               f"threads; {1000 * n / fps:5.1f} ms of a thread a frame", flush=True)
 
 

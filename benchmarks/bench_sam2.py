@@ -84,14 +84,20 @@ def disc_frame(f: int, width: int, height: int) -> np.ndarray:
     return img
 
 
-def write_plate(folder: Path, frames: list[int], width: int, height: int) -> str:
+def write_plate(folder: Path, frames: list[int], width: int, height: int, grain: float = 0.0) -> str:
+    """``grain``: the sigma of film-like noise on the colour channels (0: the flat disc, about 0.15 MB a
+    1080p frame; 0.02: about 7.6 MB, as a plate shot on film or a sensor compresses)."""
     folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
     for f in frames:
         spec = oiio.ImageSpec(width, height, 4, oiio.HALF)
         spec.attribute("compression", "zip")
+        pixels = disc_frame(f, width, height)
+        if grain:
+            pixels[..., :3] += rng.normal(0, grain, (height, width, 3)).astype(np.float32)
         out = oiio.ImageOutput.create(str(folder / f"plate.{f:04d}.exr"))
         out.open(str(folder / f"plate.{f:04d}.exr"), spec)
-        out.write_image(disc_frame(f, width, height))
+        out.write_image(pixels)
         out.close()
     return str(folder / "plate.####.exr")
 

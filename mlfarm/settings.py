@@ -108,6 +108,12 @@ class Settings(_FarmSettings):
         description="Compress zips outputs that a model leaves on the GPU there (nvCOMP, from the gpu extra), "
         "instead of on the worker's cores. Off, or without nvCOMP, they are copied back and compressed on the CPU.",
     )
+    exr_gpu_decode: bool = Field(
+        default=True,
+        description="Decode zip, zips and uncompressed EXR plates on the GPU (nvCOMP, from the gpu extra) for models "
+        "that take frames there (depth, flow, SAM 2), so the worker's cores only read the files. Off, without "
+        "nvCOMP, or for other plates, frames are decoded on the worker's cores.",
+    )
     exr_rgba_half: bool = Field(
         default=True,
         description="Write the rgba plane as half; data planes stay float unless the model returns them as half.",

@@ -58,6 +58,9 @@ class BaseModel:
         # model that converts frames on its device: the host decodes without widening them and uploads
         # half the bytes. False: always float32.
         self.half_frames = False
+        # True: preprocess also takes a frame already decoded on ``torch_device`` (a tensor there): a
+        # GPU worker with nvCOMP then decodes zip plates on the GPU (``Settings.exr_gpu_decode``).
+        self.device_frames = False
         self.sidecar_json = False  # True: non-image results are also written as <frame>.json beside each frame
         # How the model sees time (mlfarm.temporal): "frames" (independent frames, batched), "window"
         # (infer_batch gets a mlfarm.temporal.Window per frame: frames f-window .. f+window) or

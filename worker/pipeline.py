@@ -259,12 +259,17 @@ class ChunkRun:
             self.on_stuck()
 
     # --- stages -------------------------------------------------------------------------
+    def _decode_on_device(self, model: BaseModel) -> bool:
+        """Whether this worker decodes plates on ``model``'s GPU (it takes them there; nvCOMP; the setting)."""
+        return gpu_exr.can_decode(self.settings.exr_gpu_decode, model.torch_device)
+
     def _read(self, frame: int, channels: int, model: BaseModel) -> Any:
         """Read a frame and run the model's ``preprocess`` on it, both on an I/O thread."""
         t = time.perf_counter()
         try:
             with self._limit([frame], "reading"):
-                image = read_image(frame_path(self.spec.input, frame), half=model.half_frames)
+                device = model.torch_device if model.device_frames and self._decode_on_device(model) else None
+                image = read_image(frame_path(self.spec.input, frame), half=model.half_frames, device=device)
                 return model.preprocess([image.rgba(channels, view=model.raw_frames)])
         finally:
             self.stage_seconds["read"] += time.perf_counter() - t

@@ -65,6 +65,11 @@ def wanted(compression: str, enabled: bool, device: str) -> bool:
     return enabled and compression == "zips" and str(device).startswith("cuda")
 
 
+def can_decode(enabled: bool, device: str) -> bool:
+    """Whether plates for a model on ``device`` can be decoded there, with this setting (``exr_gpu_decode``)."""
+    return enabled and str(device).startswith("cuda") and nvcomp_available()
+
+
 def can_encode(compression: str, enabled: bool, device: str) -> bool:
     """Whether outputs made on ``device`` can be compressed there, with these settings."""
     return wanted(compression, enabled, device) and nvcomp_available()

@@ -33,7 +33,7 @@ import numpy as np
 
 from mlfarm.storage import atomic_output
 
-from .common import FrameError, can_encode, header_value, nvcomp_available, wanted, write_failure  # noqa: F401
+from .common import FrameError, can_decode, can_encode, header_value, nvcomp_available, wanted, write_failure  # noqa: F401
 
 HALF, FLOAT = 1, 2  # OpenEXR's pixel types
 ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk

@@ -9,6 +9,7 @@ Outputs use the names Nuke itself writes: the first output plane is the main ``r
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from mlfarm.tensors import is_tensor
 
 from .common import FrameError, header_value, write_failure
 
+log = logging.getLogger(__name__)
+
 RGBA = ("R", "G", "B", "A")
 _ALIASES = {
     "R": ("r", "red", "rgba.r", "rgba.red"),
@@ -35,7 +38,9 @@ _ALIASES = {
 
 @dataclass
 class Image:
-    pixels: np.ndarray  # H x W x C float32 (float16 where ``read_image(half=True)`` kept it), top row first
+    # H x W x C float32 (float16 where ``read_image(half=True)`` kept it), top row first; a tensor on
+    # the device where ``read_image(device=...)`` decoded it there.
+    pixels: Any
     channels: list[str]
 
     def rgba(self, max_channels: int, view: bool = False) -> np.ndarray:
@@ -62,7 +67,8 @@ class Image:
             return self.pixels
         if view and picked == list(range(picked[0], picked[0] + len(picked))):
             return self.pixels[:, :, picked[0]:picked[0] + len(picked)]
-        return np.ascontiguousarray(self.pixels[:, :, picked])
+        chosen = self.pixels[:, :, picked]
+        return chosen if is_tensor(chosen) else np.ascontiguousarray(chosen)
 
 
 def configure_openexr(threads: int) -> None:
@@ -79,7 +85,7 @@ def configure_openexr(threads: int) -> None:
     oiio.attribute("exr_threads", int(threads) if threads else len(available_cpus()))
 
 
-def read_image(path: str, max_values: int = 1 << 30, half: bool = False) -> Image:
+def read_image(path: str, max_values: int = 1 << 30, half: bool = False, device: Any = None) -> Image:
     """Read a whole frame as float32 (or as stored half, see ``half``); any damage in the file is an
     error, never partial pixels.
 
@@ -91,6 +97,10 @@ def read_image(path: str, max_values: int = 1 << 30, half: bool = False) -> Imag
 
     ``half``: a plain EXR stored as half stays half (a model that converts on its GPU uploads half the
     bytes and spares the host the conversion); float data, and what OpenImageIO decodes, is float32.
+
+    ``device``: a CUDA device where a plain EXR compressed with zip, zips or nothing may be decoded
+    (``gpu_read``): the pixels are then a tensor there, ready when this returns. Other files, and
+    any device where nvCOMP cannot, decode on the host as above.
     """
     if not os.path.exists(path):
         raise FrameError(f"{path}: file not found")
@@ -111,8 +121,13 @@ def read_image(path: str, max_values: int = 1 << 30, half: bool = False) -> Imag
                 raise FrameError(f"{path}: {err or 'could not read pixels'}")
     finally:
         inp.close()
+    shape = (spec.height, spec.width)
+    if plain and device is not None and str(device).startswith("cuda"):
+        on_device = _decode_on_device(path, channels, shape, half, device)
+        if on_device is not None:
+            return Image(pixels=on_device, channels=channels)
     if plain:
-        pixels = _decode_exr(path, channels, (spec.height, spec.width), half)
+        pixels = _decode_exr(path, channels, shape, half)
     pixels = np.asarray(pixels)
     if pixels.dtype != np.float16:  # float16 only where ``half`` kept it
         pixels = pixels.astype(np.float32, copy=False)
@@ -129,6 +144,44 @@ def _plain_exr(inp: Any, spec: Any) -> bool:
     if any(f.basetype not in (oiio.HALF, oiio.FLOAT) for f in formats):
         return False
     return not inp.seek_subimage(1, 0)  # a second part: OpenImageIO reads the first, as before
+
+
+_device_decode = {"broken": False}  # nvCOMP failed on a file the host then decoded: decode on the host from then on
+
+
+def _decode_on_device(path: str, channels: Sequence[str], shape: tuple[int, int], half: bool, device: Any) -> Any:
+    """The pixels decoded on a CUDA ``device`` as a tensor there (``gpu_read``), or None where the file
+    is not one it decodes (the host does). Damage is a FrameError, as on the host."""
+    if _device_decode["broken"]:
+        return None
+    import torch
+
+    from . import gpu_read
+    from .gpu import thread_stream
+
+    try:
+        file = gpu_read.read_file(torch, path, pin=True)
+    except OSError as exc:
+        raise FrameError(f"{path}: {exc.strerror or exc}") from None
+    lay = gpu_read.layout(file.numpy())
+    if lay is None or (lay.height, lay.width) != shape:
+        return None
+    try:
+        stream = thread_stream(torch)
+        pixels = gpu_read.decode(torch, file, lay, channels, device, half)
+        done = torch.cuda.Event(blocking=True)  # wait without holding the GIL
+        done.record(stream)
+        done.synchronize()
+        gpu_read.check()
+    except FrameError as exc:
+        raise FrameError(f"{path}: {exc}") from None
+    except Exception:  # nvCOMP's own failure: the host decodes this file, and says if it is damaged
+        _decode_exr(path, channels, shape, half)
+        log.warning("decoding plates on %s failed on %s, which the host decodes: decoding on the host from now on",
+                    device, path, exc_info=True)
+        _device_decode["broken"] = True
+        return None
+    return pixels
 
 
 def _decode_exr(path: str, channels: Sequence[str], shape: tuple[int, int], half: bool) -> np.ndarray:

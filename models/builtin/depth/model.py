@@ -91,6 +91,7 @@ class Model(BaseModel):
         self.outputs = {"rgba": 4, "depth": ("Z",)}
         self.device = "gpu"
         self.half_frames = True  # converted to float on the device, after the upload
+        self.device_frames = True  # preprocess takes a frame decoded on the GPU as it is
         self.batch_size = 4
         self._nets: Variants[tuple[Any, dict[str, Any]]] = Variants()  # per size
         self.cuda_graphs = False  # set by load()

@@ -79,6 +79,7 @@ class Model(BaseModel):
         self.outputs = {"rgba": 4, "forward": ("u", "v"), "backward": ("u", "v")}
         self.device = "gpu"
         self.half_frames = True  # converted to float on the device, after the upload
+        self.device_frames = True  # preprocess takes a frame decoded on the GPU as it is
         self.batch_size = 4
         self.sidecar_json = True
         self._nets: Variants[Any] = Variants()  # per architecture

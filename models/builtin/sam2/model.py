@@ -42,6 +42,7 @@ class Model(BaseModel):
         self.outputs = dict(BASE_OUTPUTS)
         self.device = "gpu"
         self.half_frames = True  # converted to float on the device, after the upload
+        self.device_frames = True  # preprocess passes a frame decoded on the GPU on as it is
         self.sidecar_json = True
         self._trackers: Variants[Any] = Variants()  # per size
 
@@ -102,8 +103,15 @@ class Model(BaseModel):
 
     # --- a stream ----------------------------------------------------------------------------------
     def _upload(self, item: Any) -> Any:
-        """The frame's scene-linear RGB on the device (from pinned memory where preprocess put it)."""
-        return self.torch.as_tensor(item[0]).to(self.torch_device, non_blocking=True)[..., :3].float()
+        """The frame's scene-linear RGB on the device (from pinned memory where preprocess put it, or
+        decoded there on an I/O thread's stream, whose memory then stays the frame's until this
+        thread's stream is done with it)."""
+        frame = item[0]
+        if self.torch.is_tensor(frame) and frame.is_cuda:
+            from mlfarm.exr.gpu import used_here
+
+            used_here([frame])
+        return self.torch.as_tensor(frame).to(self.torch_device, non_blocking=True)[..., :3].float()
 
     def _display(self, linear: Any) -> Any:
         return linear_to_srgb(linear, self.torch).clamp(0.0, 1.0)
@@ -127,8 +135,8 @@ class Model(BaseModel):
 
     def preprocess(self, image_list: list[Any]) -> Any:
         """On the I/O threads: the frame into pinned memory, so its upload overlaps the GPU's work."""
-        if not str(self.torch_device).startswith("cuda"):
-            return image_list
+        if not str(self.torch_device).startswith("cuda") or self.torch.is_tensor(image_list[0]):
+            return image_list  # a tensor: decoded on the GPU already (``device_frames``)
         return [self.torch.from_numpy(image_list[0][..., :3]).pin_memory()]
 
     def _own_stream(self) -> None:
