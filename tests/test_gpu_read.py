@@ -188,3 +188,29 @@ def test_a_damaged_plate_is_an_error_on_the_gpu_too(tmp_path):
     (tmp_path / "bad.exr").write_bytes(bytes(data))
     with pytest.raises(FrameError, match="missing or corrupted"):
         read_image(str(tmp_path / "bad.exr"), device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where decoding on CUDA fails")
+def test_where_decoding_on_the_device_fails_the_host_decodes_and_takes_over(tmp_path, caplog):
+    """A fault of the device's decoding (here: no CUDA at all) never fails a good frame: the host's
+    pixels come back, a warning says so, and later frames go straight to the host. A damaged file
+    still fails, with the host's words."""
+    from mlfarm.exr import io
+
+    path = write(tmp_path / "p.exr", ("R", "G", "B", "A"), ("half",) * 4, "zip", plate(32, 48, 4, 10))
+    data = bytearray(open(path, "rb").read())
+    last = int(gpu_read.layout(bytes(data)).offsets[-1])
+    data[last + 20:last + 120] = bytes(100)
+    (tmp_path / "bad.exr").write_bytes(bytes(data))
+    io._device_decode["broken"] = False
+    try:
+        with pytest.raises(FrameError, match=f"^{tmp_path / 'bad.exr'}: .*missing or corrupted"):
+            read_image(str(tmp_path / "bad.exr"), device="cuda")
+        assert not io._device_decode["broken"]  # a damaged file says nothing about the device
+        image = read_image(path, half=True, device="cuda")
+        assert isinstance(image.pixels, np.ndarray)
+        np.testing.assert_array_equal(image.pixels, read_image(path, half=True).pixels)
+        assert io._device_decode["broken"]
+        assert "decoding plates on the host from now on" in caplog.text
+    finally:
+        io._device_decode["broken"] = False

@@ -107,6 +107,7 @@ def read_image(path: str, max_values: int = 1 << 30, half: bool = False, device:
     inp = oiio.ImageInput.open(path)
     if inp is None:
         raise FrameError(f"{path}: {oiio.geterror() or 'not a readable image'}")
+    pixels: Any = None
     try:
         spec = inp.spec()
         values = spec.width * spec.height * max(1, spec.nchannels)
@@ -123,10 +124,10 @@ def read_image(path: str, max_values: int = 1 << 30, half: bool = False, device:
         inp.close()
     shape = (spec.height, spec.width)
     if plain and device is not None and str(device).startswith("cuda"):
-        on_device = _decode_on_device(path, channels, shape, half, device)
-        if on_device is not None:
-            return Image(pixels=on_device, channels=channels)
-    if plain:
+        pixels = _decode_on_device(path, channels, shape, half, device)
+        if pixels is not None and not isinstance(pixels, np.ndarray):
+            return Image(pixels=pixels, channels=channels)
+    if plain and pixels is None:
         pixels = _decode_exr(path, channels, shape, half)
     pixels = np.asarray(pixels)
     if pixels.dtype != np.float16:  # float16 only where ``half`` kept it
@@ -150,8 +151,14 @@ _device_decode = {"broken": False}  # nvCOMP failed on a file the host then deco
 
 
 def _decode_on_device(path: str, channels: Sequence[str], shape: tuple[int, int], half: bool, device: Any) -> Any:
-    """The pixels decoded on a CUDA ``device`` as a tensor there (``gpu_read``), or None where the file
-    is not one it decodes (the host does). Damage is a FrameError, as on the host."""
+    """The pixels decoded on a CUDA ``device``, as a tensor there (``gpu_read``); None where the file is
+    not one it decodes (the host then does).
+
+    Where decoding there fails, the host decodes the file: a damaged file fails as it would have
+    anyway (FrameError), but a file the host reads whole means the device's decoding is at fault
+    (nvCOMP, a driver): the host's pixels (numpy) are returned, a warning logged, and the process
+    decodes on the host from then on, so a fault there never fails good frames.
+    """
     if _device_decode["broken"]:
         return None
     import torch
@@ -161,27 +168,23 @@ def _decode_on_device(path: str, channels: Sequence[str], shape: tuple[int, int]
 
     try:
         file = gpu_read.read_file(torch, path, pin=True)
-    except OSError as exc:
-        raise FrameError(f"{path}: {exc.strerror or exc}") from None
-    lay = gpu_read.layout(file.numpy())
-    if lay is None or (lay.height, lay.width) != shape:
-        return None
-    try:
+        lay = gpu_read.layout(file.numpy())
+        if lay is None or (lay.height, lay.width) != shape:
+            return None
         stream = thread_stream(torch)
         pixels = gpu_read.decode(torch, file, lay, channels, device, half)
         done = torch.cuda.Event(blocking=True)  # wait without holding the GIL
         done.record(stream)
         done.synchronize()
         gpu_read.check()
-    except FrameError as exc:
-        raise FrameError(f"{path}: {exc}") from None
-    except Exception:  # nvCOMP's own failure: the host decodes this file, and says if it is damaged
-        _decode_exr(path, channels, shape, half)
-        log.warning("decoding plates on %s failed on %s, which the host decodes: decoding on the host from now on",
-                    device, path, exc_info=True)
-        _device_decode["broken"] = True
-        return None
-    return pixels
+        return pixels
+    except Exception as exc:
+        error = exc
+    host = _decode_exr(path, channels, shape, half)  # raises where the file is damaged
+    log.warning("decoding plates on %s failed on %s (%s), which the host decoded: decoding plates on the host from "
+                "now on", device, path, error, exc_info=error)
+    _device_decode["broken"] = True
+    return host
 
 
 def _decode_exr(path: str, channels: Sequence[str], shape: tuple[int, int], half: bool) -> np.ndarray:
