@@ -153,6 +153,18 @@ def test_unpredict_undoes_the_writers_predictor(length):
     np.testing.assert_array_equal(gpu_read.unpredict(torch, gpu_exr.predict(torch, rows)).numpy(), rows.numpy())
 
 
+@pytest.mark.parametrize("align", [4, 16])
+def test_streams_are_moved_to_aligned_offsets_whole(align):
+    """Where nvCOMP needs its inputs aligned, each chunk's deflate stream is copied (on the device)
+    to an aligned offset of its own: every byte arrives, in order, nothing of its neighbours."""
+    file = torch.randint(0, 256, (500,), dtype=torch.uint8)
+    starts, sizes = np.array([3, 40, 41, 97, 250], dtype=np.int64), np.array([30, 1, 50, 7, 249], dtype=np.int64)
+    out, at = gpu_read._aligned(torch, file, starts, sizes, align)
+    assert (at % align == 0).all()
+    for s, n, a in zip(starts, sizes, at):
+        np.testing.assert_array_equal(out[a:a + n].numpy(), file[s:s + n].numpy())
+
+
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_exr.nvcomp_available()),
                          reason="needs a CUDA GPU and nvCOMP (pip install 'mlfarm[gpu]')")
 

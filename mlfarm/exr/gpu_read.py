@@ -170,7 +170,8 @@ def decode(torch: Any, file: Any, lay: Layout, names: Sequence[str], device: Any
     ch = chunks(buf, lay)
     device = torch.device(device)
     rows = _inflate(torch, file, buf, ch, device)  # one row per chunk: its lines' bytes, OpenEXR's layout
-    lines = rows.view(-1)[: lay.height * lay.line_bytes].view(lay.height, lay.line_bytes)
+    width = int(ch.raw.max())  # rows may be wider (aligned for nvCOMP)
+    lines = rows[:, :width].reshape(-1)[: lay.height * lay.line_bytes].view(lay.height, lay.line_bytes)
     keep = half and all(found[n] == HALF for n in names)
     out = torch.empty(lay.height, lay.width, len(names), dtype=torch.float16 if keep else torch.float32,
                       device=device)
@@ -188,13 +189,15 @@ def _inflate(torch: Any, file: Any, buf: memoryview, ch: _Chunks, device: Any) -
     """Chunks x widest chunk bytes: each chunk's lines as OpenEXR lays them out (inflated, the
     predictor and the byte split undone; stored chunks copied)."""
     n, width = len(ch.raw), int(ch.raw.max())
-    rows = torch.zeros(n, width, dtype=torch.uint8, device=device)
     if device.type == "cuda":
+        codec = _codec(torch, width)
+        rows = torch.empty(n, -(-width // codec.align) * codec.align, dtype=torch.uint8, device=device)
         file = file.to(device, non_blocking=True)
         packed = np.flatnonzero(ch.packed)
         if len(packed):
-            _nvcomp_inflate(torch, file, rows, ch, packed)
+            _nvcomp_inflate(torch, codec, file, rows, ch, packed)
     else:
+        rows = torch.empty(n, width, dtype=torch.uint8)
         for i in np.flatnonzero(ch.packed):
             s, size = int(ch.starts[i]), int(ch.sizes[i])
             try:
@@ -236,18 +239,18 @@ def unpredict(torch: Any, rows: Any) -> Any:
     return out
 
 
-def _nvcomp_inflate(torch: Any, file: Any, rows: Any, ch: _Chunks, packed: np.ndarray) -> None:
+def _nvcomp_inflate(torch: Any, codec: _Codec, file: Any, rows: Any, ch: _Chunks, packed: np.ndarray) -> None:
     """nvCOMP's raw inflate of each packed chunk's deflate stream (past zlib's 2-byte header, before
     its 4-byte Adler-32) into its row, then each row's Adler-32 checked against the stored one."""
     from .gpu import adler32_lines
 
-    codec = _codec(torch, int(ch.raw.max()))
-    nvcomp, stream = codec.nvcomp, torch.cuda.current_stream(rows.device)
-    starts = (ch.starts[packed] + 2).tolist()
-    sizes = (ch.sizes[packed] - 6).tolist()
-    width = rows.shape[1]
-    src = nvcomp.as_arrays(file, starts, sizes, stream.cuda_stream)
-    dst = nvcomp.as_arrays(rows.view(-1), (packed * width).tolist(), ch.raw[packed].tolist(), stream.cuda_stream)
+    nvcomp, stream = codec.nvcomp, torch.cuda.current_stream(rows.device).cuda_stream
+    starts, sizes = ch.starts[packed] + 2, ch.sizes[packed] - 6
+    source = file
+    if codec.align > 1 and (starts % codec.align).any():  # streams moved to aligned offsets of their own
+        source, starts = _aligned(torch, file, starts, sizes, codec.align)
+    src = nvcomp.as_arrays(source, starts.tolist(), sizes.tolist(), stream)
+    dst = nvcomp.as_arrays(rows.view(-1), (packed * rows.shape[1]).tolist(), ch.raw[packed].tolist(), stream)
     config = codec.codec.decompression_config(codec.codec.compression_config(ch.raw[packed].tolist()))
     codec.codec.decode(src, out=dst, decompression_config=config)
     # zlib's check value: the last 4 bytes of each chunk, big-endian.
@@ -261,6 +264,21 @@ def _nvcomp_inflate(torch: Any, file: Any, rows: Any, ch: _Chunks, packed: np.nd
         mine = torch.from_numpy(np.searchsorted(packed, group)).to(rows.device)
         bad |= (sums != stored[mine]).any()
     _local.bad = bad  # read by ``check`` after the caller's sync
+
+
+def _aligned(torch: Any, file: Any, starts: np.ndarray, sizes: np.ndarray, align: int) -> tuple[Any, np.ndarray]:
+    """The byte ranges ``starts``/``sizes`` of ``file`` (a device tensor) copied on the device into a new
+    buffer, each at an offset that is a multiple of ``align``; the buffer and those offsets."""
+    padded = -(-sizes // align) * align
+    at = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
+    device, total = file.device, int(sizes.sum())
+    within = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.from_numpy(sizes).to(device),
+                                  output_size=total)
+    offset = torch.arange(total, device=device) - torch.from_numpy(within).to(device)[ids]
+    out = torch.empty(int(padded.sum()), dtype=torch.uint8, device=device)
+    out[torch.from_numpy(at).to(device)[ids] + offset] = file[torch.from_numpy(starts).to(device)[ids] + offset]
+    return out, at
 
 
 def check() -> None:
@@ -286,6 +304,7 @@ class _Codec:
         self.chunk_bytes = chunk_bytes
         self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW,
                                   uncomp_chunk_size=chunk_bytes, cuda_stream=self.stream.cuda_stream)
+        self.align = max(1, int(self.codec.get_required_decompression_alignment()))
 
 
 def _codec(torch: Any, chunk_bytes: int) -> _Codec:
