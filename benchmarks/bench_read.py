@@ -33,7 +33,7 @@ import numpy as np
 import OpenImageIO as oiio
 
 
-def grainy_plate(folder: Path, frames: int, width: int, height: int) -> list[str]:
+def grainy_plate(folder: Path, frames: int, width: int, height: int, compression: str = "zip") -> list[str]:
     """Gradients with per-frame grain (sigma 0.02), half RGBA, zip: about 7.6 MB a 1080p frame."""
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -43,7 +43,7 @@ def grainy_plate(folder: Path, frames: int, width: int, height: int) -> list[str
         pixels = base.copy()
         pixels[..., :3] += rng.normal(0, 0.02, (height, width, 3)).astype(np.float32)
         spec = oiio.ImageSpec(width, height, 4, oiio.HALF)
-        spec.attribute("compression", "zip")
+        spec.attribute("compression", compression)
         path = str(folder / f"plate.{1001 + i:04d}.exr")
         out = oiio.ImageOutput.create(path)
         out.open(path, spec)
@@ -86,14 +86,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="threads for the parallel figures (0: the usable cores)")
     ap.add_argument("--width", type=int, default=1920)
     ap.add_argument("--height", type=int, default=1080)
+    ap.add_argument("--compression", default="zip", help="zip (16 lines a chunk) or zips (one, Nuke's default)")
     args = ap.parse_args()
     cores = len(available_cpus())
     threads = args.threads or cores
     configure_openexr(0)  # OpenImageIO's pool as a worker outside sizing has it: one thread per core
-    paths = grainy_plate(Path(tempfile.mkdtemp(prefix="bench-read-")), args.frames, args.width, args.height)
+    paths = grainy_plate(Path(tempfile.mkdtemp(prefix="bench-read-")), args.frames, args.width, args.height,
+                         args.compression)
     size = sum(os.path.getsize(p) for p in paths) / len(paths) / 1e6
-    print(f"plate: {len(paths)} frames {args.width}x{args.height} RGBA half zip with grain, {size:.1f} MB a frame; "
-          f"{cores} usable core(s)", flush=True)
+    print(f"plate: {len(paths)} frames {args.width}x{args.height} RGBA half {args.compression} with grain, "
+          f"{size:.1f} MB a frame; {cores} usable core(s)", flush=True)
     decoded = read_image(paths[0]).pixels  # both ways decode the same pixels
     assert np.array_equal(decoded, openimageio_float(paths[0]).reshape(decoded.shape))
     ways = {"baseline (OpenImageIO, float32)": openimageio_float,

@@ -84,14 +84,15 @@ def disc_frame(f: int, width: int, height: int) -> np.ndarray:
     return img
 
 
-def write_plate(folder: Path, frames: list[int], width: int, height: int, grain: float = 0.0) -> str:
+def write_plate(folder: Path, frames: list[int], width: int, height: int, grain: float = 0.0,
+                compression: str = "zip") -> str:
     """``grain``: the sigma of film-like noise on the colour channels (0: the flat disc, about 0.15 MB a
     1080p frame; 0.02: about 7.6 MB, as a plate shot on film or a sensor compresses)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for f in frames:
         spec = oiio.ImageSpec(width, height, 4, oiio.HALF)
-        spec.attribute("compression", "zip")
+        spec.attribute("compression", compression)
         pixels = disc_frame(f, width, height)
         if grain:
             pixels[..., :3] += rng.normal(0, grain, (height, width, 3)).astype(np.float32)
