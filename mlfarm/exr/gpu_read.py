@@ -164,6 +164,7 @@ def decode(torch: Any, file: Any, lay: Layout, names: Sequence[str], device: Any
 
     On CUDA the work is queued on the current stream; the caller waits for it, then calls ``check``.
     """
+    _local.bad = None  # a check left by an earlier decode that failed before ``check`` is not this file's
     buf = memoryview(file.numpy())
     found = dict(lay.channels)
     if any(n not in found for n in names):
