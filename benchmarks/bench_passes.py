@@ -10,7 +10,11 @@ depth  (a) naive: per frame, the image processor on the host, the model, the dep
        (c) mlfarm: EXR on disk -> Farm.submit -> GPU workers -> depth.Z + rgba EXRs on disk;
            (c_graphs) the same with the network replayed as a CUDA graph (MLFARM_DEPTH_CUDA_GRAPHS=true);
            (c_gpu_decode) where nvCOMP is installed, the same with plates decoded on the GPU
-           (MLFARM_EXR_GPU_DECODE=true) instead of the host's cores.
+           (MLFARM_EXR_GPU_DECODE=true) instead of the host's cores;
+           (c_none) the same with outputs written uncompressed (MLFARM_EXR_COMPRESSION=none): what
+           compressing them costs. Not counted in (c): zips outputs are the farm's default;
+           (c_no_pools) where nvCOMP is installed, the same with nvCOMP's own allocators
+           (MLFARM_EXR_NVCOMP_POOLS=false) instead of mlfarm's pools. Not counted in (c) either.
 flow   (a) naive: per pair, ``raft_large(first, second)`` and the flow copied to the host.
        (b) the network alone on GPU-resident pairs, batch 1 and 4.
        (c) mlfarm: two pairs per frame (forward and backward; the ends have one), pairs/s, with the
@@ -24,7 +28,8 @@ The plate is a flat disc (about 0.15 MB a 1080p frame) unless ``--grain`` gives 
 (0.02: about 7.6 MB a frame, as real plates compress), which makes decoding it cost what it costs.
 
 Run: python benchmarks/bench_passes.py [--frames 100] [--flow-frames 40] [--farm-frames 600]
-     [--flow-farm-frames 120] [--grain 0.02] [--compression zips] [--skip depth,flow,c_graphs,c_gpu_decode,flow_1]
+     [--flow-farm-frames 120] [--grain 0.02] [--compression zips]
+     [--skip depth,flow,c_graphs,c_gpu_decode,c_none,c_no_pools,flow_1]
 """
 
 from __future__ import annotations
@@ -312,6 +317,14 @@ def main() -> None:
                                               {"size": "small"}, per_gpu)
                 print(f"    depth (c_gpu_decode) with plates decoded on the GPU: {d['c_gpu_decode']:.1f} fps",
                       flush=True)
+            if "c_no_pools" not in skip and can_decode(True, args.device):  # nvCOMP's own allocators
+                d["c_no_pools"] = farm_rate({**env, "MLFARM_EXR_NVCOMP_POOLS": "false"}, tmp, "depth", plate, farm,
+                                            {"size": "small"}, per_gpu)
+                print(f"    depth (c_no_pools) with nvCOMP's own allocators: {d['c_no_pools']:.1f} fps", flush=True)
+            if "c_none" not in skip:  # what compressing the outputs costs: written uncompressed instead
+                d["c_none"] = farm_rate({**env, "MLFARM_EXR_COMPRESSION": "none"}, tmp, "depth", plate, farm,
+                                        {"size": "small"}, per_gpu)
+                print(f"    depth (c_none) with outputs written uncompressed: {d['c_none']:.1f} fps", flush=True)
             best = max(v for k, v in d.items() if k.startswith("b_"))
             c = max(d["c"], d.get("c_graphs", 0.0), d.get("c_gpu_decode", 0.0))  # the better setting
             print(f"depth (a) naive {d['a']:.1f} fps; (b) network " + ", ".join(

@@ -50,6 +50,11 @@ class BaseModel:
         # one batch waits on the GPU (a sync for a variable-sized result), the next is dispatched.
         self.lanes = 1
         self.torch_device = "cpu"  # set by load()
+        # True: each batch fills the GPU by itself (compute and memory), so batches of such models run
+        # one at a time on a GPU, across the worker processes sharing it, and the memory one cached is
+        # given back before the next (worker/gpu_turns.py). For models like RAFT; the default suits
+        # models whose batches leave gaps that another process's batch fills.
+        self.gpu_turns = False
         # True: frames reach preprocess as read, with no copy on the I/O thread: possibly a strided
         # view of the file's float32 channels. For a preprocess that copies them anyway, e.g. into
         # pinned memory for the GPU.

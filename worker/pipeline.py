@@ -42,6 +42,7 @@ from mlfarm.tensors import is_tensor
 
 from .errors import INPUT, WORKER, describe_error, failure_kind
 from .frame_cache import KEY_ATTRIBUTE, FrameCache, digests
+from .gpu_turns import GpuTurns, cuda_turn
 from .lanes import LanePools
 from .middleware import Middleware
 from .model_cache import ModelCache
@@ -77,6 +78,7 @@ class ChunkRun:
     settings: Settings
     io: ThreadPoolExecutor
     lanes: LanePools = field(default_factory=LanePools)
+    turns: GpuTurns = field(default_factory=GpuTurns)  # the process's: models with gpu_turns take them
     middleware: Sequence[Middleware] = ()
     stop: threading.Event = field(default_factory=threading.Event)  # set: stop at the next batch
     watchdog: Watchdog | None = None  # enforces MLFARM_FRAME_TIME_LIMIT on every stage
@@ -382,12 +384,21 @@ class ChunkRun:
                 found.add(f)
         return found
 
+    def _turn(self, model: BaseModel) -> contextlib.AbstractContextManager[None]:
+        """A whole-GPU turn for a model that fills the GPU by itself (``gpu_turns``, worker/gpu_turns.py),
+        on CUDA; nothing otherwise."""
+        if not model.gpu_turns or not str(model.torch_device).startswith("cuda"):
+            return contextlib.nullcontext()
+        import torch
+
+        return cuda_turn(self.turns, torch, model.torch_device)
+
     def _infer(self, model: BaseModel, batch: list[tuple[int, Any]]) -> list[tuple[int, list[Any]]]:
         """Infer a batch; if the batch fails, retry frame by frame so one bad frame fails alone."""
         t = time.perf_counter()
         try:
             try:
-                with self._limit([f for f, _ in batch], f"model {self.spec.model}"):
+                with self._limit([f for f, _ in batch], f"model {self.spec.model}"), self._turn(model):
                     outs = model.infer_batch([item for _, item in batch])
                 if len(outs) != len(batch):
                     raise RuntimeError(f"infer_batch returned {len(outs)} results for {len(batch)} frames")
@@ -400,7 +411,7 @@ class ChunkRun:
             ok = []
             for frame, item in batch:
                 try:
-                    with self._limit([frame], f"model {self.spec.model}"):
+                    with self._limit([frame], f"model {self.spec.model}"), self._turn(model):
                         ok.append((frame, list(model.infer_batch([item])[0])))
                 except Exception as exc:
                     self._fail(frame, f"model {self.spec.model}: {describe_error(exc)}", failure_kind(exc, "model"))

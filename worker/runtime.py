@@ -27,6 +27,7 @@ from mlfarm.models.catalog import Catalog
 from mlfarm.settings import Settings
 
 from .frame_cache import FrameCache
+from .gpu_turns import GpuTurns
 from .heartbeat import beating
 from .lanes import LanePools, start_io
 from .middleware import Middleware, default_middleware
@@ -53,6 +54,7 @@ class Runtime:
     stop_consuming: Callable[[], None] = lambda: None  # the consumer takes no more tasks (WorkerProcess)
     stop_now: threading.Event = field(default_factory=threading.Event)  # WorkerProcess.stop_now
     lanes: LanePools = field(default_factory=LanePools)
+    turns: GpuTurns = field(default_factory=GpuTurns)  # whole-GPU turns (models with gpu_turns)
     gate: TaskGate = field(default_factory=TaskGate)  # which tasks run side by side (worker_threads)
     watchdog: Watchdog = field(init=False)  # MLFARM_FRAME_TIME_LIMIT, where Celery's pools do not enforce it
     liveness: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # its heartbeat, for good

@@ -84,8 +84,8 @@ def register_tasks(app: Celery, process: WorkerProcess) -> None:
         rt = process.runtime()
         spec = rt.spec(job_id)
         run = ChunkRun(spec=spec, frames=parse_frames(frames), worker=rt.worker, store=rt.store,
-                       settings=rt.settings, io=rt.io, lanes=rt.lanes, middleware=rt.middleware, stop=process.stop_now,
-                       watchdog=rt.watchdog, direction=direction, frame_cache=rt.frame_cache,
+                       settings=rt.settings, io=rt.io, lanes=rt.lanes, turns=rt.turns, middleware=rt.middleware,
+                       stop=process.stop_now, watchdog=rt.watchdog, direction=direction, frame_cache=rt.frame_cache,
                        generation=generation, node=rt.node,
                        enqueue=functools.partial(enqueue, self.app, rt.settings, spec, generation=generation))
         # A stage past its time limit: its frames fail, the chunk's others go back to the queue, and

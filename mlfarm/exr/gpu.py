@@ -236,6 +236,10 @@ class _NvcompDeflate:
     def __init__(self, torch: Any, stream: Any):
         from nvidia import nvcomp
 
+        from . import nvcomp_memory
+
+        nvcomp_memory.install(torch)
+        nvcomp_memory.on_exit(_forget_codec)
         self.nvcomp = nvcomp
         self.torch = torch
         self.stream = stream
@@ -384,3 +388,8 @@ def _encode(torch: Any, path: str, channels: Sequence[tuple[str, Any]], types: l
     header = header_bytes(width, height, types, metadata)
     table = (len(header) + 8 * height + np.concatenate([[0], np.cumsum(chunk)[:-1]])).astype("<u8")
     return header, table, payload
+
+
+def _forget_codec() -> None:
+    """At exit (``nvcomp_memory.on_exit``): this thread's codec goes while Python still runs."""
+    _local.__dict__.pop("deflate", None)

@@ -299,8 +299,11 @@ class _Codec:
     def __init__(self, torch: Any, chunk_bytes: int):
         from nvidia import nvcomp
 
+        from . import nvcomp_memory
         from .gpu import thread_stream
 
+        nvcomp_memory.install(torch)
+        nvcomp_memory.on_exit(_forget_codec)
         self.nvcomp = nvcomp
         self.stream = thread_stream(torch)
         self.chunk_bytes = chunk_bytes
@@ -314,3 +317,8 @@ def _codec(torch: Any, chunk_bytes: int) -> _Codec:
     if codec is None or codec.stream != torch.cuda.current_stream() or codec.chunk_bytes < chunk_bytes:
         codec = _local.codec = _Codec(torch, max(chunk_bytes, 1 << 16))
     return codec
+
+
+def _forget_codec() -> None:
+    """At exit (``nvcomp_memory.on_exit``): this thread's codec goes while Python still runs."""
+    _local.__dict__.pop("codec", None)

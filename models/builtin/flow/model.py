@@ -81,6 +81,7 @@ class Model(BaseModel):
         self.half_frames = True  # converted to float on the device, after the upload
         self.device_frames = True  # preprocess takes a frame decoded on the GPU as it is
         self.batch_size = 4
+        self.gpu_turns = True  # a batch of pairs fills the GPU: processes sharing it take turns
         self.sidecar_json = True
         self._nets: Variants[Any] = Variants()  # per architecture
         self._pairs_per_call: dict[tuple[str, int, int], int] = {}
