@@ -34,7 +34,7 @@ def pool_with_events() -> tuple[PinnedPool, list[Done]]:
         events.append(Done())
         return events[-1]
 
-    return PinnedPool(lambda n: torch.empty(n, dtype=torch.uint8), lambda s: s, event), events
+    return PinnedPool(lambda n: torch.empty(n, dtype=torch.uint8), lambda: "stream", event), events
 
 
 def test_size_classes():

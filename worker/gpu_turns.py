@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import re
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 def default_folder() -> Path:
@@ -47,7 +43,6 @@ class GpuTurns:
         self._lock = threading.Lock()
         self._threads: dict[str, threading.Lock] = {}
         self._files: dict[str, int] = {}
-        self.waited = 0.0  # seconds spent waiting for turns (logged by whoever cares)
 
     def _for(self, key: str) -> tuple[threading.Lock, int]:
         with self._lock:
@@ -63,10 +58,8 @@ class GpuTurns:
         """The block runs while no other thread or process holds ``key``'s turn; ``finish`` runs at its
         end (also after an exception), still inside the turn."""
         thread_lock, fd = self._for(key)
-        t = time.perf_counter()
         with thread_lock:
             fcntl.flock(fd, fcntl.LOCK_EX)  # waits without the GIL
-            self.waited += time.perf_counter() - t
             try:
                 yield
             finally:

@@ -9,9 +9,12 @@ pool of pinned buffers kept here (host), so a frame's decode or encode allocates
 the pools are warm and waits for nothing but its own stream.
 
 Reuse is ordered by streams, as torch's own allocator does it: device memory goes back to torch's
-pool of the stream it was taken on (nvCOMP works on the stream it gave, the thread's own stream);
-a pinned buffer is handed out again only once the work queued on its stream before it was let go
-has finished (an event per buffer), since nvCOMP copies from it asynchronously.
+pool of the stream it was taken on; a pinned buffer is handed out again only once the work queued on
+its stream before it was let go has finished (an event per buffer), since nvCOMP copies from it
+asynchronously. That stream is the allocating thread's current one: mlfarm makes every codec on
+its thread's own stream and calls it with that stream current (``gpu.thread_stream``). The stream
+object nvCOMP passes to the allocators is not read: the one the pinned allocator gets crashes when
+asked its handle (nvCOMP 6.0, on an H100).
 """
 
 from __future__ import annotations
@@ -58,20 +61,21 @@ def size_class(nbytes: int) -> int:
 class PinnedPool:
     """Pinned host buffers lent to nvCOMP, reused once their stream's work is done.
 
-    ``make(nbytes)`` makes a new buffer (a pinned uint8 tensor), ``streams(stream)`` the torch stream
-    of nvCOMP's, ``event(stream)`` an object recorded on that torch stream with ``query()`` telling
-    whether the work before it finished.
+    ``make(nbytes)`` makes a new buffer (a pinned uint8 tensor), ``current()`` gives the stream nvCOMP
+    works on, ``event(stream)`` an object recorded on it with ``query()`` telling whether the work
+    before it finished.
     """
 
     make: Callable[[int], Any]
-    streams: Callable[[Any], Any]
+    current: Callable[[], Any]
     event: Callable[[Any], Any]
     _free: dict[int, list[tuple[Any, Any]]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     made: int = 0  # buffers made (not reused): the pool's misses
     lent: int = 0
 
-    def take(self, nbytes: int, stream: Any) -> Borrowed:
+    def take(self, nbytes: int, stream: Any = None) -> Borrowed:
+        """A buffer of at least ``nbytes`` (``stream``: nvCOMP's, not read; see the module's docstring)."""
         size = size_class(nbytes)
         buffer = None
         with self._lock:
@@ -86,7 +90,7 @@ class PinnedPool:
                 self.made += 1
         if buffer is None:
             buffer = self.make(size)
-        on = self.streams(stream)  # now: nvCOMP's stream object may be gone when the buffer comes back
+        on = self.current()  # now: the buffer may come back on another thread
         return Borrowed(int(buffer.data_ptr()), lambda: self._give_back(size, buffer, on))
 
     def _give_back(self, size: int, buffer: Any, on: Any) -> None:
@@ -97,17 +101,15 @@ class PinnedPool:
 
 @dataclass
 class DevicePool:
-    """Device memory lent to nvCOMP from torch's caching allocator, on the stream nvCOMP gave."""
+    """Device memory lent to nvCOMP from torch's caching allocator, in its pool of the current stream."""
 
     torch: Any
-    streams: Callable[[Any], Any]  # nvCOMP's stream -> the torch stream it is (``torch_stream``)
     lent: int = 0
 
-    def take(self, nbytes: int, stream: Any) -> Borrowed:
-        torch = self.torch
+    def take(self, nbytes: int, stream: Any = None) -> Borrowed:
+        """``nbytes`` of device memory (``stream``: nvCOMP's, not read; see the module's docstring)."""
         self.lent += 1
-        with torch.cuda.stream(self.streams(stream)):  # torch's pool of that stream
-            tensor = torch.empty(max(1, int(nbytes)), dtype=torch.uint8, device="cuda")
+        tensor = self.torch.empty(max(1, int(nbytes)), dtype=self.torch.uint8, device="cuda")
         holder = [tensor]
         return Borrowed(int(tensor.data_ptr()), holder.clear)
 
@@ -121,14 +123,6 @@ def stats() -> dict[str, int]:
     if pinned is None or device is None:
         return {}
     return {"device_lent": device.lent, "pinned_lent": pinned.lent, "pinned_made": pinned.made}
-
-
-def torch_stream(torch: Any, stream: Any) -> Any:
-    """The torch stream nvCOMP works on: this thread's current one. mlfarm makes every codec on its
-    thread's own stream and calls it with that stream current (``gpu.thread_stream``). nvCOMP's own
-    stream object is not read: the one it passes to the pinned allocator crashes when asked its
-    handle (nvCOMP 6.0, measured on an H100)."""
-    return torch.cuda.current_stream()
 
 
 def install(torch: Any) -> None:
@@ -145,16 +139,14 @@ def install(torch: Any) -> None:
             return
         from nvidia import nvcomp
 
-        def streams(stream: Any) -> Any:
-            return torch_stream(torch, stream)
-
         def event(stream: Any) -> Any:
             done = torch.cuda.Event()
             done.record(stream)
             return done
 
-        device = DevicePool(torch, streams)
-        pinned = PinnedPool(lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True), streams, event)
+        device = DevicePool(torch)
+        pinned = PinnedPool(lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True), torch.cuda.current_stream,
+                            event)
         nvcomp.set_device_allocator(device.take)
         nvcomp.set_pinned_allocator(pinned.take)
         _pools.update(device=device, pinned=pinned)
