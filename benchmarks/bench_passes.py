@@ -14,7 +14,9 @@ depth  (a) naive: per frame, the image processor on the host, the model, the dep
            (c_none) the same with outputs written uncompressed (MLFARM_EXR_COMPRESSION=none): what
            compressing them costs. Not counted in (c): zips outputs are the farm's default;
            (c_no_pools) where nvCOMP is installed, the same with nvCOMP's own allocators
-           (MLFARM_EXR_NVCOMP_POOLS=false) instead of mlfarm's pools. Not counted in (c) either.
+           (MLFARM_EXR_NVCOMP_POOLS=false) instead of mlfarm's pools. Not counted in (c) either;
+           (c_NAME) each ``--variant NAME:MLFARM_X=1,MLFARM_Y=2`` (``workers=N``: N worker processes on
+           the GPU), the same job with those settings. Not counted in (c).
 flow   (a) naive: per pair, ``raft_large(first, second)`` and the flow copied to the host.
        (b) the network alone on GPU-resident pairs, batch 1 and 4.
        (c) mlfarm: two pairs per frame (forward and backward; the ends have one), pairs/s, with the
@@ -30,6 +32,7 @@ The plate is a flat disc (about 0.15 MB a 1080p frame) unless ``--grain`` gives 
 Run: python benchmarks/bench_passes.py [--frames 100] [--flow-frames 40] [--farm-frames 600]
      [--flow-farm-frames 120] [--grain 0.02] [--compression zips]
      [--skip depth,flow,c_graphs,c_gpu_decode,c_none,c_no_pools,flow_1]
+     [--variant effort0:MLFARM_EXR_GPU_DEFLATE_EFFORT=0 --variant w3:workers=3]
 """
 
 from __future__ import annotations
@@ -149,6 +152,14 @@ def flow_figures(torch, weights: Path, images: list[np.ndarray], device: str) ->
     return out
 
 
+def cpu_times() -> tuple[float, float]:
+    """The host's (busy, total) CPU time so far, from /proc/stat (all cores): busy over a job is how
+    much of the machine's cores the farm kept working."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def stage_totals(log: Path) -> dict[str, float]:
     """Seconds each stage took over every chunk in a worker's log (read, infer, write, cache, wall)."""
     import re
@@ -213,7 +224,7 @@ def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: li
         for run, todo in (("warm", frames[:chunk * 3 * per_gpu]), ("timed", frames)):
             spy = start_profile(str(profile / f"{model}-worker0.txt"), procs[0].pid, 6) if profile and run == "timed" \
                 else None
-            t = time.perf_counter()
+            t, cpu0 = time.perf_counter(), cpu_times()
             spec = farm.submit(model, plate, str(tmp / "out" / model / run / "o.####.exr"), todo, options,
                                chunk=chunk, force=True)  # timed: never from the frame cache
             busy: list[float] = []
@@ -224,10 +235,12 @@ def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: li
                 raise RuntimeError(f"{st.summary()}: {[f.reason for f in st.failed_frames[:2]]}\n"
                                    f"{(tmp / f'{model}0.log').read_text()[-4000:]}")
             result = len(todo) / (time.perf_counter() - t)
+            cpu1 = cpu_times()
             samples = [b for b in busy[len(busy) // 5:] if b >= 0]
             if run == "timed" and samples:
-                print(f"    {model}: GPU busy {np.mean(samples):.0f}% (NVML, {len(samples)} samples past the start)",
-                      flush=True)
+                print(f"    {model}: GPU busy {np.mean(samples):.0f}% (NVML, {len(samples)} samples past the start); "
+                      f"host cores busy {(cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1e-9):.0%} "
+                      f"({os.cpu_count()} cores, /proc/stat)", flush=True)
             print(f"    {model} {run}: {check_outputs(model, str(tmp / 'out' / model / run / 'o.####.exr'), todo)}",
                   flush=True)
             if spy is not None:
@@ -243,6 +256,16 @@ def farm_rate(env: dict[str, str], tmp: Path, model: str, plate: str, frames: li
             logs.mkdir(parents=True, exist_ok=True)
             for i in range(len(procs)):
                 shutil.copy(tmp / f"{model}{i}.log", logs / f"{model}{i}.log")
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str], int]:
+    """``NAME:MLFARM_X=1,workers=3`` -> (NAME, {"MLFARM_X": "1"}, 3); workers 0: as (c)."""
+    name, _, rest = text.partition(":")
+    changes = dict(item.split("=", 1) for item in rest.split(",") if item)
+    workers = int(changes.pop("workers", 0))
+    if not name or any(not k.startswith("MLFARM_") for k in changes):
+        raise SystemExit(f"--variant {text!r}: NAME:MLFARM_X=value,...[,workers=N]")
+    return name, changes, workers
 
 
 def main() -> None:
@@ -263,6 +286,8 @@ def main() -> None:
                     help="worker processes on the GPU (default auto: as `mlfarm worker --gpus` chooses)")
     ap.add_argument("--logs", default="", help="copy the workers' logs into this folder")
     ap.add_argument("--profile", default="", help="with py-spy installed: sample worker 0 into this folder")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:MLFARM_X=1,... (workers=N: N processes on the GPU): depth's job again with these")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -325,6 +350,11 @@ def main() -> None:
                 d["c_none"] = farm_rate({**env, "MLFARM_EXR_COMPRESSION": "none"}, tmp, "depth", plate, farm,
                                         {"size": "small"}, per_gpu)
                 print(f"    depth (c_none) with outputs written uncompressed: {d['c_none']:.1f} fps", flush=True)
+            for name, changes, workers in map(parse_variant, args.variant):
+                d[f"c_{name}"] = farm_rate({**env, **changes}, tmp, "depth", plate, farm, {"size": "small"},
+                                           workers or per_gpu)
+                print(f"    depth (c_{name}) with {changes or ''} {f'{workers} processes' if workers else ''}: "
+                      f"{d[f'c_{name}']:.1f} fps", flush=True)
             best = max(v for k, v in d.items() if k.startswith("b_"))
             c = max(d["c"], d.get("c_graphs", 0.0), d.get("c_gpu_decode", 0.0))  # the better setting
             print(f"depth (a) naive {d['a']:.1f} fps; (b) network " + ", ".join(

@@ -6,7 +6,9 @@ One run, same files, same machine, three ways of decoding each frame:
   2026-12-06; the binding keeps the GIL while it decodes, so threads take turns);
 - ``read_image``: OpenEXR's binding for a plain EXR, which lets go of the GIL while it inflates;
 - ``read_image(half=True)``: the same, the half data kept half (what depth, flow and SAM 2 take:
-  they widen frames on their GPU);
+  they widen frames on their GPU). An RGB(A) plate is decoded straight into one interleaved array;
+- half planes gathered: how ``read_image(half=True)`` decoded before 2026-12-06, later that day
+  (each channel decoded to its own plane, then copied into an interleaved array);
 - on a machine with a CUDA GPU and nvCOMP, ``read_image(half=True, device="cuda")``: the file's bytes
   read on the host, decoded on the GPU (``mlfarm.exr.gpu_read``; each thread on its own stream),
   the frame ready there when it returns. Checked against the host's pixels first.
@@ -61,6 +63,19 @@ def openimageio_float(path: str) -> np.ndarray:
     return np.asarray(pixels)
 
 
+def planes_gathered(path: str) -> np.ndarray:
+    """The earlier ``read_image(half=True)``: separate planes from OpenEXR's binding, then interleaved."""
+    import OpenEXR
+
+    with OpenEXR.File(path, separate_channels=True) as exr:
+        planes = {name: ch.pixels for name, ch in exr.channels().items()}
+    first = planes["R"]
+    out = np.empty((*first.shape, 4), dtype=first.dtype)
+    for i, name in enumerate("RGBA"):
+        out[..., i] = planes[name]
+    return out
+
+
 def rate(read: Callable[[str], object], paths: list[str], threads: int, repeats: int = 2) -> float:
     """Frames/s reading every path ``repeats`` times on ``threads`` threads (the best of two rounds)."""
     todo = paths * repeats
@@ -100,7 +115,9 @@ def main() -> None:
     assert np.array_equal(decoded, openimageio_float(paths[0]).reshape(decoded.shape))
     ways = {"baseline (OpenImageIO, float32)": openimageio_float,
             "read_image (float32)": read_image,
-            "read_image(half=True)": lambda p: read_image(p, half=True)}
+            "read_image(half=True)": lambda p: read_image(p, half=True),
+            "half planes gathered (before)": planes_gathered}
+    assert np.array_equal(planes_gathered(paths[0]), read_image(paths[0], half=True).pixels)
     from mlfarm.exr.common import can_decode
 
     if can_decode(True, "cuda"):

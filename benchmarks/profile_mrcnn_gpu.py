@@ -176,7 +176,7 @@ def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
     net_prof, net_wall = results["network"]
     net_gpu = kernels_us(net_prof) / frames / 1000
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, {args.width}x{args.height}, batch {args.batch}, "
-          f"{frames} frames, {DETECTIONS} detections a frame, deflate effort {gpu_exr.DEFLATE_TYPE}, one thread, "
+          f"{frames} frames, {DETECTIONS} detections a frame, deflate effort {gpu_exr.deflate_effort()}, one thread, "
           f"profiler on; files {os.path.getsize(tmp / 'out' / f'f.{count:04d}.exr') / 1e6:.2f} MB")
     print(f"GPU ms a frame (kernels and copies) by step of the worker, with each step's largest "
           f"(wall {wall / frames * 1000:.1f} ms a frame):")

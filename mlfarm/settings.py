@@ -108,6 +108,12 @@ class Settings(_FarmSettings):
         description="Compress zips outputs that a model leaves on the GPU there (nvCOMP, from the gpu extra), "
         "instead of on the worker's cores. Off, or without nvCOMP, they are copied back and compressed on the CPU.",
     )
+    exr_gpu_deflate_effort: int = Field(
+        default=2, ge=0, le=5,
+        description="nvCOMP's deflate effort for outputs compressed on the GPU, 0 (fastest, Huffman coding "
+        "only) to 5 (smallest files). On an H200, 2 gave Mask R-CNN's planes files a third smaller than 1 at "
+        "the same single-thread speed (benchmarks/bench_gpu_zip.py). Any effort writes standard zips EXRs.",
+    )
     exr_nvcomp_pools: bool = Field(
         default=True,
         description="nvCOMP's working memory (GPU compression and decoding) from torch's caching allocator and a "

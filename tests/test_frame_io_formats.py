@@ -89,10 +89,14 @@ def exr_variants(folder) -> dict[str, str]:
     spec("uint_channel", ("R", "G", "id"), oiio.HALF,
          formats=(oiio.TypeDesc("half"), oiio.TypeDesc("float"), oiio.TypeDesc("uint")))
     spec("tiled", ("R", "G", "B", "A"), oiio.HALF, tile_width=16, tile_height=16)
+    spec("float_rgba", ("R", "G", "B", "A"), oiio.FLOAT, compression="zips")
+    spec("mixed_rgba", ("R", "G", "B", "A"), oiio.HALF, compression="zips",  # the binding won't group these
+         formats=(oiio.TypeDesc("half"),) * 3 + (oiio.TypeDesc("float"),))
     return made
 
 
-@pytest.mark.parametrize("name", ["half_zip", "float_layers", "dwaa", "luminance", "uint_channel", "tiled"])
+@pytest.mark.parametrize("name", ["half_zip", "float_layers", "dwaa", "luminance", "uint_channel", "tiled",
+                                  "float_rgba", "mixed_rgba"])
 def test_every_exr_reads_as_openimageio_decodes_it(tmp_path, name):
     path = exr_variants(tmp_path)[name]
     expected, channels = openimageio_read(path)
@@ -105,6 +109,20 @@ def test_every_exr_reads_as_openimageio_decodes_it(tmp_path, name):
     # Half stays half where the binding decodes it; OpenImageIO's path (tiles) always widens.
     assert kept.pixels.dtype == (np.float16 if name in ("half_zip", "dwaa") else np.float32)
     np.testing.assert_array_equal(kept.pixels.astype(np.float32), expected)
+
+
+def test_rgb_and_rgba_plates_decode_straight_into_one_array(tmp_path):
+    """RGB(A) plates of one type are decoded interleaved by the library (no planes to gather);
+    mixed types are not, and go through the planes (the test above checks their pixels)."""
+    from mlfarm.exr.io import _decode_interleaved
+
+    made = exr_variants(tmp_path)
+    for name, group, dtype in (("half_zip", "RGBA", np.float16), ("dwaa", "RGB", np.float16),
+                               ("float_rgba", "RGBA", np.float32)):
+        pixels = _decode_interleaved(made[name], group, (21, 37))
+        assert pixels is not None and pixels.dtype == dtype and pixels.shape == (21, 37, len(group)), name
+        np.testing.assert_array_equal(pixels.astype(np.float32), openimageio_read(made[name])[0])
+    assert _decode_interleaved(made["mixed_rgba"], "RGBA", (21, 37)) is None
 
 
 def test_frames_decoded_on_several_threads_at_once_are_each_whole(tmp_path):

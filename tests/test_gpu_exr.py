@@ -116,6 +116,25 @@ def test_only_zips_on_a_cuda_device_with_nvcomp_is_encoded_there():
     assert gpu_exr.can_encode("zips", True, "cuda:0") == gpu_exr.nvcomp_available()
 
 
+def test_deflate_effort_comes_from_the_settings_and_is_bounded(monkeypatch):
+    from pydantic import ValidationError
+
+    from mlfarm.settings import Settings, get_settings
+
+    monkeypatch.setattr(gpu_exr, "DEFLATE_TYPE", None)
+    monkeypatch.setenv("MLFARM_EXR_GPU_DEFLATE_EFFORT", "0")
+    get_settings.cache_clear()
+    try:
+        assert gpu_exr.deflate_effort() == 0
+        monkeypatch.setattr(gpu_exr, "DEFLATE_TYPE", 4)  # a benchmark's override wins
+        assert gpu_exr.deflate_effort() == 4
+    finally:
+        get_settings.cache_clear()
+    monkeypatch.setenv("MLFARM_EXR_GPU_DEFLATE_EFFORT", "6")
+    with pytest.raises(ValidationError, match="exr_gpu_deflate_effort"):
+        Settings()
+
+
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_exr.nvcomp_available()),
                          reason="needs CUDA and nvCOMP (pip install '.[gpu]' on a GPU host)")
 
@@ -137,6 +156,26 @@ def test_nvcomp_writes_what_openexr_reads_back_bit_exact(tmp_path, width):
     sizes = chunk_sizes(tmp_path / "g.exr", len(header), 270)
     compressed = sum(s < line for s in sizes)
     assert compressed >= 90, f"only {compressed} of 270 lines were compressed on the GPU"
+
+
+@gpu
+def test_every_deflate_effort_writes_what_openexr_reads_back_exact(tmp_path, monkeypatch):
+    """Effort only trades GPU time for size: the pixels are the same, and effort 0 (Huffman only)
+    makes the larger file."""
+    block = planes(64, 1920)
+    device = [torch.from_numpy(np.array(i)).cuda() for i in (block[:, :, :4], block[:, :, 4], block[:, :, 5])]
+    sizes = {}
+    for effort in (0, 2, 5):
+        monkeypatch.setattr(gpu_exr, "DEFLATE_TYPE", effort)
+        gpu_exr._local.__dict__.pop("deflate", None)  # codecs are made per thread: a new one with this effort
+        path = tmp_path / f"e{effort}.exr"
+        write_planes(str(path), tmp_path, OUTPUTS, device, META, "zips")
+        ours, spec = read(path)
+        order = [list(spec.channelnames).index(n) for n in NAMES]
+        np.testing.assert_array_equal(ours[:, :, order], block.astype(np.float32), err_msg=f"effort {effort}")
+        sizes[effort] = path.stat().st_size
+    gpu_exr._local.__dict__.pop("deflate", None)
+    assert sizes[0] > sizes[2] >= sizes[5] * 0.98, sizes
 
 
 @gpu

@@ -37,10 +37,10 @@ from .common import FrameError, can_decode, can_encode, header_value, nvcomp_ava
 
 HALF, FLOAT = 1, 2  # OpenEXR's pixel types
 ZIPS = 2  # OpenEXR's compression code for zip, one scanline a chunk
-# nvCOMP's deflate effort, 0 (fastest) to 5. On H200, 2 ("medium") gave files a third smaller than
-# 1 (8.2 against 10.7 MB for Mask R-CNN's 1080p planes; OpenEXR's own: 7.8) at the same speed or
-# better (benchmarks/bench_gpu_zip.py --deflate-type 0,1,2).
-DEFLATE_TYPE = 2
+# nvCOMP's deflate effort, 0 (fastest) to 5: ``Settings.exr_gpu_deflate_effort`` unless a benchmark sets
+# it here. On H200, 2 ("medium") gave files a third smaller than 1 (8.2 against 10.7 MB for Mask
+# R-CNN's 1080p planes; OpenEXR's own: 7.8) at the same speed or better (bench_gpu_zip.py --deflate-type 0,1,2).
+DEFLATE_TYPE: int | None = None
 MAX_LINE_BYTES = 65536  # nvCOMP's deflate takes chunks up to 64 KiB: wider lines go to the CPU writer
 _ZLIB_HEADER = (0x78, 0x01)  # deflate, 32 KiB window, no preset dictionary (a valid check value)
 
@@ -244,7 +244,7 @@ class _NvcompDeflate:
         self.torch = torch
         self.stream = stream
         self.codec = nvcomp.Codec(algorithm="Deflate", bitstream_kind=nvcomp.BitstreamKind.RAW,
-                                  algorithm_type=DEFLATE_TYPE,
+                                  algorithm_type=deflate_effort(),
                                   uncomp_chunk_size=MAX_LINE_BYTES, cuda_stream=stream.cuda_stream)
         self.align = max(16, int(self.codec.get_required_compression_alignment()))
         self.current: _Plan | None = None
@@ -276,6 +276,15 @@ class _NvcompDeflate:
         done.synchronize()
         sizes = np.asarray(encoded.buffer_sizes, dtype=np.int64)
         return plan.out, plan.offsets, sizes
+
+
+def deflate_effort() -> int:
+    """The deflate effort new codecs use: ``DEFLATE_TYPE`` where set, else the settings'."""
+    if DEFLATE_TYPE is not None:
+        return DEFLATE_TYPE
+    from mlfarm.settings import get_settings
+
+    return get_settings().exr_gpu_deflate_effort
 
 
 def _nvcomp_deflate(torch: Any) -> _NvcompDeflate:
