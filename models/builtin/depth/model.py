@@ -180,7 +180,9 @@ class Model(BaseModel):
         from mlfarm.exr.gpu import finished_here
 
         with finished_here(torch, self.torch_device), torch.inference_mode():
-            linear = torch.as_tensor(image)[..., :3].to(self.torch_device).permute(2, 0, 1)[None].float()
+            # The whole frame goes up and loses its alpha there: slicing RGB out of RGBA on the host is a
+            # strided copy, 8.5 ms of a core for a 1080p half frame against 1.8 for a contiguous one.
+            linear = torch.as_tensor(image).to(self.torch_device)[..., :3].permute(2, 0, 1)[None].float()
             pixels = self._network_input(prep, linear)[0]
         return Prepared(pixels, (int(height), int(width)))
 
