@@ -312,7 +312,7 @@ def main() -> None:
                     help="detections a frame on every side (the issue's: 20; its 1.7 fps naive figure was for 100)")
     ap.add_argument("--net-frames", type=int, default=32)
     ap.add_argument("--io-threads", type=int, default=None,
-                    help="per worker (default: the worker's own, its cores - 2)")
+                    help="per worker (default: the worker's own, one a core)")
     ap.add_argument("--precision", default=None, help="worker MLFARM_MRCNN_PRECISION (default: the setting's)")
     ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     ap.add_argument("--device", default="cuda")
@@ -460,7 +460,7 @@ def main() -> None:
         # For MLFARM_WORKERS_PER_GPU=auto, asked once: one nvidia-smi (or torch) subprocess.
         gpu_memory = gpu_memory_gib([str(i) for i in range(n_gpus)]) if cuda else [None]
         print(f"(c) worker settings: precision {precision}, channels_last {channels_last}, "
-              f"{args.io_threads or 'the default (cores - 2)'} I/O threads, chunk {args.chunk}"
+              f"{args.io_threads or 'the default (one a core)'} I/O threads, chunk {args.chunk}"
               + (f", cores per worker {' / '.join(format_cpus(c) for c in shares)}" if shares else ""), flush=True)
         figures["cores_per_worker"] = [format_cpus(c) for c in shares] if shares else None
         one_gpu: dict[str, list[float]] = {}  # every 1-GPU figure of each variant, in run order

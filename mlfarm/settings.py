@@ -112,7 +112,8 @@ class Settings(_FarmSettings):
         default=2, ge=0, le=5,
         description="nvCOMP's deflate effort for outputs compressed on the GPU, 0 (fastest, Huffman coding "
         "only) to 5 (smallest files). On an H200, 2 gave Mask R-CNN's planes files a third smaller than 1 at "
-        "the same single-thread speed (benchmarks/bench_gpu_zip.py). Any effort writes standard zips EXRs.",
+        "the same single-thread speed (benchmarks/bench_gpu_zip.py); depth in the farm on an H100 ran no faster "
+        "with 0 (116.9 against 115.0, 110.2 against 118.1 frames/s). Any effort writes standard zips EXRs.",
     )
     exr_nvcomp_pools: bool = Field(
         default=True,
@@ -137,7 +138,8 @@ class Settings(_FarmSettings):
     io_threads: int = Field(
         default=0, ge=0, description="Threads per worker reading and writing frames. 0 (auto): sized with the "
         "worker's other pools from its cores (worker/sizing.py; the worker's first log line says what it chose): "
-        "on a GPU worker the cores it may run on less two (at least two), on a CPU worker 2.",
+        "on a GPU worker one a core it may run on (at least two; depth on grainy plates ran 1.15x faster than with "
+        "the cores less two, Mask R-CNN the same), on a CPU worker 2.",
     )
     io_nice: int = Field(
         default=5, ge=0, le=19, description="Niceness added to a worker's I/O threads (and OpenEXR's, which they "

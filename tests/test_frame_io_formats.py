@@ -249,7 +249,7 @@ def test_worker_io_threads_yield_to_the_gpu_thread_and_size_themselves(tmp_path)
     finally:
         pool.shutdown()
         oiio.attribute("exr_threads", before)
-    assert io_threads(settings) == max(2, len(os.sched_getaffinity(0)) - 2)
+    assert io_threads(settings) == max(2, len(os.sched_getaffinity(0)))
     assert io_threads(Settings(io_threads=7, storage_root=tmp_path, data_dir=tmp_path)) == 7
 
 

@@ -30,7 +30,7 @@ def test_a_cpu_worker_never_runs_more_busy_threads_than_its_cores(cores):
 def test_a_gpu_worker_keeps_what_was_measured_good_on_gpus(cores):
     p = plan(cores, "cuda")
     assert (p.cores, p.device, p.tasks) == (cores, "cuda", GPU_TASKS) and GPU_TASKS == 3
-    assert p.io_threads == max(2, cores - 2)  # the I/O pool as before the plan
+    assert p.io_threads == max(2, cores)  # an I/O thread a core, niced
     assert p.torch_threads == p.interop_threads == p.exr_threads == cores
     assert "GPU worker" in p.why
 

@@ -39,9 +39,9 @@ class LanePools:
 
 
 def io_threads(settings: Settings) -> int:
-    """``settings.io_threads``, or with 0 the cores this process may run on less two: one for the
-    thread that feeds the GPU, one for everything else."""
-    return settings.io_threads or max(2, len(available_cpus()) - 2)
+    """``settings.io_threads``, or with 0 one a core this process may run on (at least two), as
+    ``worker/sizing.py`` sizes a GPU worker's: they are niced, so the thread feeding the GPU goes first."""
+    return settings.io_threads or max(2, len(available_cpus()))
 
 
 def _io_thread_start(nice: int) -> None:

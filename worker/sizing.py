@@ -9,8 +9,8 @@ sizes them together; ``apply`` sets them up at process start, before torch runs 
 
 The choices were measured (docs/benchmarks.md, "CPU workers"), not guessed: a CPU worker runs two
 chunks side by side, torch on half the cores each. GPU workers keep what
-was measured good there (three tasks in flight on H100s, the I/O pool of the cores less two, torch
-and OpenEXR on every core: the GPU does the model's work, torch's CPU threads mostly wait).
+was measured good there (three tasks in flight on H100s, an I/O thread a core, torch and OpenEXR on
+every core: the GPU does the model's work, torch's CPU threads mostly wait).
 Explicit settings (MLFARM_WORKER_THREADS, MLFARM_IO_THREADS, MLFARM_EXR_THREADS,
 MLFARM_TORCH_THREADS) override each choice, and the plan says which were overridden.
 """
@@ -60,9 +60,13 @@ def plan(cores: int, device: str, *, processes: int = 1, tasks: int = 0, io_thre
         raise ValueError(f"device must be cpu or cuda, not {device!r}")
     cores = max(1, cores // max(1, processes))
     if device == "cuda":
-        auto = {"tasks": GPU_TASKS, "io_threads": max(2, cores - 2), "torch_threads": cores, "exr_threads": cores}
-        why = (f"GPU worker: {GPU_TASKS} tasks overlap chunk boundaries (measured best on H100s), I/O on the cores "
-               "less two (one feeds the GPU), torch and OpenEXR on every core (torch's CPU threads mostly wait)")
+        # An I/O thread a core: depth decoding grainy plates ran 1.15x faster than with the cores less
+        # two (its I/O threads were the limit, the cores 60% busy), Mask R-CNN within noise (0.98x); the
+        # I/O threads are niced (MLFARM_IO_NICE), so the thread feeding the GPU still gets a core first.
+        auto = {"tasks": GPU_TASKS, "io_threads": max(2, cores), "torch_threads": cores, "exr_threads": cores}
+        why = (f"GPU worker: {GPU_TASKS} tasks overlap chunk boundaries (measured best on H100s), an I/O thread a "
+               "core (niced: the thread feeding the GPU goes first), torch and OpenEXR on every core (torch's CPU "
+               "threads mostly wait)")
         interop = cores
     else:
         # Two chunks side by side, each torch operator on half the cores: while one chunk reads or
