@@ -199,7 +199,7 @@ def _decode_exr(path: str, channels: Sequence[str], shape: tuple[int, int], half
         with OpenEXR.File(path, separate_channels=True) as exr:
             planes = {name: ch.pixels for name, ch in exr.channels().items()}
     except Exception:  # the binding drops a part it cannot decode, then fails on the missing part
-        raise FrameError(f"{path}: damaged or cut short: some scanline chunks were missing or corrupted") from None
+        raise _damaged(path) from None
     missing = [c for c in channels if c not in planes or planes[c].shape != shape]
     if missing:
         raise FrameError(f"{path}: channels {', '.join(missing)} could not be decoded as the header describes")
@@ -210,21 +210,24 @@ def _decode_exr(path: str, channels: Sequence[str], shape: tuple[int, int], half
     return out
 
 
+def _damaged(path: str) -> FrameError:
+    return FrameError(f"{path}: damaged or cut short: some scanline chunks were missing or corrupted")
+
+
 def _decode_interleaved(path: str, group: str, shape: tuple[int, int]) -> np.ndarray | None:
     """An RGB or RGBA plate (``group``) decoded straight into one H x W x C array, as stored (half or
     float): the library lays the channels side by side as it decodes, where filling an interleaved
     array from separate planes took a quarter of a grainy 1080p frame's read (45 against 60 ms of a
-    core, ``benchmarks/bench_read.py``). None where the binding will not group them (channels of
-    mixed types): the caller then decodes them one by one."""
+    core on the 2-core machine; 62 against 71 ms of a thread on 16 threads of an H100 host,
+    ``benchmarks/bench_read.py``). None where the binding will not group them (channels of mixed
+    types): the caller then decodes them one by one."""
     try:
         with OpenEXR.File(path, separate_channels=False) as exr:
             planes = {name: ch.pixels for name, ch in exr.channels().items()}
-    except ValueError as exc:
-        if "coalesce" in str(exc):
+    except Exception as exc:
+        if isinstance(exc, ValueError) and "coalesce" in str(exc):
             return None
-        raise FrameError(f"{path}: damaged or cut short: some scanline chunks were missing or corrupted") from None
-    except Exception:
-        raise FrameError(f"{path}: damaged or cut short: some scanline chunks were missing or corrupted") from None
+        raise _damaged(path) from None
     pixels = planes.get(group)
     if len(planes) != 1 or pixels is None or pixels.shape != (*shape, len(group)):
         return None
