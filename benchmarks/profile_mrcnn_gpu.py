@@ -39,34 +39,34 @@ def device_us(event) -> float:
     return 0.0
 
 
-def on_gpu(prof) -> list:
+def on_gpu(prof, steps: tuple[str, ...] = STEPS) -> list:
     """The profile's kernels and copies (a CPU operation's rows count its kernels' time again, and
     each step's range also has a row on the GPU's timeline, its span: neither is counted)."""
     import torch
 
-    return [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in STEPS]
+    return [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.key not in steps]
 
 
-def step_kernels(prof) -> dict[str, dict[str, float]]:
+def step_kernels(prof, steps: tuple[str, ...] = STEPS) -> dict[str, dict[str, float]]:
     """Per step: each kernel's and copy's time (µs) launched from within the step's range."""
     import torch
 
-    per_step: dict[str, dict[str, float]] = {s: defaultdict(float) for s in STEPS}
+    per_step: dict[str, dict[str, float]] = {s: defaultdict(float) for s in steps}
     for e in prof.events():
-        if e.name not in STEPS or e.device_type != torch.autograd.DeviceType.CPU:
+        if e.name not in steps or e.device_type != torch.autograd.DeviceType.CPU:
             continue
         stack = [e]
         while stack:
             ev = stack.pop()
             for k in ev.kernels:
                 per_step[e.name][k.name] += float(k.duration)
-            stack.extend(c for c in ev.cpu_children if c.name not in STEPS)
+            stack.extend(c for c in ev.cpu_children if c.name not in steps)
     return per_step
 
 
-def kernels_us(prof) -> float:
+def kernels_us(prof, steps: tuple[str, ...] = STEPS) -> float:
     """Every kernel's and copy's time (µs): what the GPU was busy with."""
-    return sum(device_us(e) for e in on_gpu(prof))
+    return sum(device_us(e) for e in on_gpu(prof, steps))
 
 
 def labelled(name: str, fn):
