@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench_passes import depth_small
-from profile_mrcnn_gpu import device_us, kernels_us, labelled, on_gpu, step_kernels
+from profile_mrcnn_gpu import device_us, kernels_us, labelled, on_gpu, profiled, step_kernels
 
 WRITE_PARTS = ("lines", "predict", "deflate", "adler", "chunks")
 STEPS = ("prep", "network", "planes", "write") + WRITE_PARTS
@@ -85,7 +85,6 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     depth_small(tmp / "weights" / "depth-anything-v2-small")
     import numpy as np
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from mlfarm.exr import gpu as gpu_exr
     from mlfarm.exr.io import write_planes
@@ -132,23 +131,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         prep["predict"](stacked)
 
     label_write_parts(gpu_exr)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     batches = max(1, args.frames // args.batch)
     frames = batches * args.batch
-    results = {}
-    for name, step in (("farm", farm_batch), ("network", net_batch)):
-        with torch.inference_mode():
-            for b in range(2):  # warm: cuDNN plans, nvCOMP plans, pinned buffers
-                step(b * args.batch)
-            if cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with profile(activities=activities) as prof:
-                for b in range(batches):
-                    step(b * args.batch)
-                if cuda:
-                    torch.cuda.synchronize()
-            results[name] = (prof, time.perf_counter() - t)
+    results = {name: profiled(step, batches, args.batch, cuda, warm=2)
+               for name, step in (("farm", farm_batch), ("network", net_batch))}
 
     prof, wall = results["farm"]
     farm_gpu = kernels_us(prof, STEPS) / frames / 1000

@@ -79,6 +79,27 @@ def labelled(name: str, fn):
     return run
 
 
+def profiled(step, batches: int, batch: int, cuda: bool, warm: int = 3) -> tuple:
+    """``step(start)`` for ``warm`` batches (cuDNN tuning, nvCOMP plans, pinned buffers), then for
+    ``batches`` under torch's profiler: (the profile, their wall seconds)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode():
+        for b in range(warm):
+            step(b * batch)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for b in range(batches):
+                step(b * batch)
+            if cuda:
+                torch.cuda.synchronize()
+        return prof, time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--frames", type=int, default=32)
@@ -103,7 +124,6 @@ def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
     weights = make_weights(tmp / "weights")
     import numpy as np
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from mlfarm.exr import gpu as gpu_exr
     from mlfarm.exr.io import write_planes
@@ -149,7 +169,6 @@ def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
         stacked = torch.stack([on_device[(start + i) % len(on_device)] for i in range(args.batch)])
         network.run(net, list(stacked))
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     batches = max(1, args.frames // args.batch)
     frames = batches * args.batch
     results = {}
@@ -157,19 +176,7 @@ def profile_steps(args: argparse.Namespace, tmp: Path) -> None:
                        ("unfused", functools.partial(net_batch, net=unfused))):
         if name == "network":
             network.heads = plain_heads
-        with torch.inference_mode():
-            for b in range(3):  # warm: cuDNN tuning, nvCOMP plans, pinned buffers
-                step(b * args.batch)
-            if cuda:
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with profile(activities=activities) as prof:
-                for b in range(batches):
-                    step(b * args.batch)
-                if cuda:
-                    torch.cuda.synchronize()
-            wall = time.perf_counter() - t
-        results[name] = (prof, wall)
+        results[name] = profiled(step, batches, args.batch, cuda)
 
     prof, wall = results["farm"]
     farm_gpu = kernels_us(prof) / frames / 1000
