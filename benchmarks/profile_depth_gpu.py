@@ -87,6 +87,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     import torch
 
     from mlfarm.exr import gpu as gpu_exr
+    from mlfarm.exr.common import can_encode
     from mlfarm.exr.io import write_planes
     from mlfarm.models.builtin.depth.model import Model
     from mlfarm.settings import get_settings
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     settings = get_settings()
     model = Model()
     model.load(args.device)
-    model.planes_stay = settings.exr_gpu_compress and cuda  # as the worker's context sets it
+    model.planes_stay = can_encode(settings.exr_compression, settings.exr_gpu_compress, args.device)  # as the worker
     model._predict = labelled("network", model._predict)  # before the network is built
     model._planes = labelled("planes", model._planes)
     rng = np.random.default_rng(0)
