@@ -6,7 +6,13 @@ block handed over as it is). This times ``assemble_planes`` + the write for 1080
 Mask R-CNN's (one H x W x 8 half block), with zip and rle, on one thread (wall and CPU time) and
 on every core, on a grainy and a clean plate.
 
+``--depth`` times instead what compressing the depth model's planes on the host would cost (a grey
+half ``rgba`` and a float ``depth.Z``, written by ``write_planes`` as a CPU worker writes them): GB/s
+of plane bytes a core, by compression, and the cores that ``--rate`` frames/s would take. It backs
+the arithmetic under "Where depth's GPU time goes" in docs/benchmarks.md.
+
 Run: .venv/bin/python benchmarks/bench_exr_planes.py [--frames 6] [--width 1920 --height 1080]
+     .venv/bin/python benchmarks/bench_exr_planes.py --depth [--rate 334]
 """
 
 from __future__ import annotations
@@ -53,12 +59,54 @@ def write_with_oiio(path: str, pixels: np.ndarray, channels: list[str], compress
     assert out.write_image(pixels) and out.close(), out.geterror()
 
 
+def depth_planes(width: int, height: int) -> list[np.ndarray]:
+    """Planes like the depth model's: a smooth float depth with a little sensor-like noise, and its
+    grey half preview with alpha 1 (the model's order: rgba, then depth.Z)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    noise = np.random.default_rng(0).standard_normal((height, width)).astype(np.float32)
+    z = 0.2 + 0.6 * y / height + 0.05 * np.sin(x / 37) + 0.002 * noise
+    grey = (z / z.max()).astype(np.float16)
+    return [np.stack([grey, grey, grey, np.ones_like(grey)], axis=2), z.astype(np.float32)]
+
+
+def depth_on_host(args: argparse.Namespace, root: Path) -> None:
+    """CPU seconds one thread spends writing depth's planes, as GB/s of plane bytes and cores needed."""
+    from mlfarm.exr.io import configure_openexr, write_planes
+
+    configure_openexr(0)
+    outputs = {"rgba": 4, "depth": ("Z",)}
+    images = depth_planes(args.width, args.height)
+    nbytes = sum(im.nbytes for im in images)
+    print(f"depth's planes {args.width}x{args.height}: {nbytes / 1e6:.1f} MB a frame; "
+          f"at {args.rate:g} frames/s {nbytes * args.rate / 1e9:.1f} GB/s to compress")
+    for compression in ("zips", "zip", "rle", "none"):
+        path = str(root / f"depth.{compression}.exr")
+        write_planes(path, root, outputs, images, {}, compression)  # warm up
+        cpu = time.process_time()
+        for _ in range(args.frames):
+            write_planes(path, root, outputs, images, {}, compression)
+        per_frame = (time.process_time() - cpu) / args.frames
+        print(f"{compression:5s}: {per_frame * 1000:6.1f} CPU ms a frame, {nbytes / per_frame / 1e9:5.2f} GB/s a core, "
+              f"{os.path.getsize(path) / 1e6:5.2f} MB; {args.rate:g} frames/s would take "
+              f"{per_frame * args.rate:5.1f} cores", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--width", type=int, default=1920)
     ap.add_argument("--height", type=int, default=1080)
+    ap.add_argument("--depth", action="store_true", help="depth's planes compressed on the host instead")
+    ap.add_argument("--rate", type=float, default=334.0,
+                    help="with --depth: frames/s to size the cores for (334: 0.8x depth's network alone, H100)")
     args = ap.parse_args()
+    if args.depth:
+        root = Path(tempfile.mkdtemp(prefix="mlfarm-exr-bench-"))
+        try:
+            depth_on_host(args, root)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
 
     from mlfarm.exr.io import assemble_planes, configure_openexr, write_exr
 
