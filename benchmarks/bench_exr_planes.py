@@ -66,7 +66,7 @@ def depth_planes(width: int, height: int) -> list[np.ndarray]:
     noise = np.random.default_rng(0).standard_normal((height, width)).astype(np.float32)
     z = 0.2 + 0.6 * y / height + 0.05 * np.sin(x / 37) + 0.002 * noise
     grey = (z / z.max()).astype(np.float16)
-    return [np.stack([grey, grey, grey, np.ones_like(grey)], axis=2), z.astype(np.float32)]
+    return [np.stack([grey, grey, grey, np.ones_like(grey)], axis=2), z]
 
 
 def depth_on_host(args: argparse.Namespace, root: Path) -> None:
@@ -91,6 +91,49 @@ def depth_on_host(args: argparse.Namespace, root: Path) -> None:
               f"{per_frame * args.rate:5.1f} cores", flush=True)
 
 
+def mask_rcnn_planes(args: argparse.Namespace, root: Path) -> None:
+    """OpenEXR (mlfarm's writer) against OpenImageIO (before) on Mask R-CNN-like planes."""
+    from mlfarm.exr.io import assemble_planes, configure_openexr, write_exr
+
+    configure_openexr(0)  # OpenImageIO's OpenEXR pool as a worker sizes it
+    outputs = {"rgba": 4, "matte": ("A",), "instance": ("id",), "class": ("id",), "score": ("value",)}
+    cores = os.cpu_count() or 1
+    print(f"{cores} cores, {args.width}x{args.height}, {args.frames} frames per measurement, all-half block")
+    for grain in (0.01, 0.0):
+        images = planes(grain, args.width, args.height, True, True)
+        for compression in ("zip", "rle"):
+            results = {}
+            for label in ("OpenImageIO (before)", "OpenEXR (mlfarm)"):
+                def write(i: int, label: str = label, compression: str = compression,
+                          images: list[np.ndarray] = images) -> None:
+                    pixels, names, data = assemble_planes(outputs, images)
+                    path = str(root / f"{label[:4]}.{compression}.{i:04d}.exr")
+                    if label.startswith("OpenImageIO"):
+                        write_with_oiio(path, pixels, names, compression)
+                    else:
+                        write_exr(path, root, pixels, names, data, {"mlfarm/frame": i}, compression)
+
+                write(0)  # warm up
+                t, cpu = time.perf_counter(), time.process_time()
+                for i in range(args.frames):
+                    write(i)
+                one = (time.perf_counter() - t) / args.frames
+                one_cpu = (time.process_time() - cpu) / args.frames
+                t, cpu = time.perf_counter(), time.process_time()
+                with ThreadPoolExecutor(cores) as pool:
+                    list(pool.map(write, range(args.frames * cores)))
+                many = args.frames * cores / (time.perf_counter() - t)
+                many_cpu = (time.process_time() - cpu) / (args.frames * cores)
+                results[label] = (one, many, many_cpu)
+                size = os.path.getsize(root / f"{label[:4]}.{compression}.0000.exr") / 1e6
+                print(f"grain {grain:<5g} {compression:4s} {label:21s}: {one * 1000:6.1f} ms a frame on 1 thread "
+                      f"({one_cpu * 1000:6.1f} ms CPU), {many:6.2f} frames/s on {cores} threads "
+                      f"({many_cpu * 1000:6.1f} CPU ms a frame), {size:.2f} MB", flush=True)
+            (b1, bn, bc), (n1, nn, nc) = results.values()
+            print(f"grain {grain:<5g} {compression:4s} OpenEXR / OpenImageIO: {b1 / n1:.2f}x faster on 1 thread, "
+                  f"{nn / bn:.2f}x the frames/s on {cores}, {nc / bc:.2f}x the CPU a frame", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--frames", type=int, default=6)
@@ -100,55 +143,9 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=334.0,
                     help="with --depth: frames/s to size the cores for (334: 0.8x depth's network alone, H100)")
     args = ap.parse_args()
-    if args.depth:
-        root = Path(tempfile.mkdtemp(prefix="mlfarm-exr-bench-"))
-        try:
-            depth_on_host(args, root)
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
-        return
-
-    from mlfarm.exr.io import assemble_planes, configure_openexr, write_exr
-
-    configure_openexr(0)  # OpenImageIO's OpenEXR pool as a worker sizes it
-    outputs = {"rgba": 4, "matte": ("A",), "instance": ("id",), "class": ("id",), "score": ("value",)}
     root = Path(tempfile.mkdtemp(prefix="mlfarm-exr-bench-"))
-    cores = os.cpu_count() or 1
-    print(f"{cores} cores, {args.width}x{args.height}, {args.frames} frames per measurement, all-half block")
     try:
-        for grain in (0.01, 0.0):
-            images = planes(grain, args.width, args.height, True, True)
-            for compression in ("zip", "rle"):
-                results = {}
-                for label in ("OpenImageIO (before)", "OpenEXR (mlfarm)"):
-                    def write(i: int, label: str = label, compression: str = compression,
-                              images: list[np.ndarray] = images) -> None:
-                        pixels, names, data = assemble_planes(outputs, images)
-                        path = str(root / f"{label[:4]}.{compression}.{i:04d}.exr")
-                        if label.startswith("OpenImageIO"):
-                            write_with_oiio(path, pixels, names, compression)
-                        else:
-                            write_exr(path, root, pixels, names, data, {"mlfarm/frame": i}, compression)
-
-                    write(0)  # warm up
-                    t, cpu = time.perf_counter(), time.process_time()
-                    for i in range(args.frames):
-                        write(i)
-                    one = (time.perf_counter() - t) / args.frames
-                    one_cpu = (time.process_time() - cpu) / args.frames
-                    t, cpu = time.perf_counter(), time.process_time()
-                    with ThreadPoolExecutor(cores) as pool:
-                        list(pool.map(write, range(args.frames * cores)))
-                    many = args.frames * cores / (time.perf_counter() - t)
-                    many_cpu = (time.process_time() - cpu) / (args.frames * cores)
-                    results[label] = (one, many, many_cpu)
-                    size = os.path.getsize(root / f"{label[:4]}.{compression}.0000.exr") / 1e6
-                    print(f"grain {grain:<5g} {compression:4s} {label:21s}: {one * 1000:6.1f} ms a frame on 1 thread "
-                          f"({one_cpu * 1000:6.1f} ms CPU), {many:6.2f} frames/s on {cores} threads "
-                          f"({many_cpu * 1000:6.1f} CPU ms a frame), {size:.2f} MB", flush=True)
-                (b1, bn, bc), (n1, nn, nc) = results.values()
-                print(f"grain {grain:<5g} {compression:4s} OpenEXR / OpenImageIO: {b1 / n1:.2f}x faster on 1 thread, "
-                      f"{nn / bn:.2f}x the frames/s on {cores}, {nc / bc:.2f}x the CPU a frame", flush=True)
+        (depth_on_host if args.depth else mask_rcnn_planes)(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
